@@ -1,0 +1,52 @@
+"""Export a run as Hugging Face checkpoints.
+
+  python -m haf_jax.export --workdir=RUN --out=DIR [--step=best|last|N]
+
+Writes DIR/reward_model (a *ForSequenceClassification checkpoint, num_labels=1, safetensors,
+tokenizer with a pad token distinct from EOS) and DIR/policy (a *ForCausalLM checkpoint, the
+trained LM head), both loadable with transformers' Auto* classes.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by haf_jax.train.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_STEP = flags.DEFINE_string("step", "best", "best | last | a step number.")
+
+
+def export(workdir: str, out: str, *, which: str = "best") -> dict:
+    import jax
+
+    from haf_jax import runs, sharding
+    from haf_jax.model import hf
+
+    if not runs.is_run_dir(workdir):
+        raise FileNotFoundError(f"{workdir} is not a haf_jax run directory (needs checkpoints/ and model_config.json)")
+    mesh = sharding.make_mesh((1, -1, 1))
+    params, model_cfg, tokenizer, info = runs.load_run(workdir, mesh, which=which)
+    params = jax.device_get(params)
+    out = pathlib.Path(out)
+    for kind in ("reward_model", "policy"):
+        hf.save_hf(params, model_cfg, out / kind, kind=kind, tokenizer=tokenizer)
+    return {"step": info["step"], "reward_model": str(out / "reward_model"), "policy": str(out / "policy")}
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value or not _OUT.value:
+        raise app.UsageError("--workdir and --out are required")
+    try:
+        print(json.dumps(export(_WORKDIR.value, _OUT.value, which=_STEP.value)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,302 @@
+"""The training run: build model, data and state from a config, then loop, evaluate, checkpoint.
+
+`train(config, workdir)` is what `python -m haf_jax.train` calls; it returns the run summary.
+Metrics are fetched one step late so the device never waits on Python.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from haf_jax import checkpoint, data, reference, sharding, step as step_lib
+from haf_jax.metrics import MetricsLog, summary_table
+from haf_jax.model import hf
+from haf_jax.model.config import preset
+from haf_jax.optim import make_optimizer
+
+EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
+
+
+class RunError(RuntimeError):
+    """A run that must stop with a clear message (no traceback)."""
+
+
+def log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from the config before the first step."""
+
+    config: object
+    model_config: object
+    tokenizer: object
+    train_ds: object
+    eval_ds: object
+    mesh: object
+    step_cfg: step_lib.StepConfig
+    optimizer: object
+    param_shardings: object
+    init_state: object  # jitted params -> state
+    abstract_state: object
+    checkpoint_dir: pathlib.Path | None
+
+
+def model_source(config):
+    """(ModelConfig, HF dir or None) for the config's checkpoint or preset."""
+    if config.model.checkpoint:
+        path = hf.resolve_checkpoint(config.model.checkpoint)
+        model_cfg, _ = hf.load_hf_config(path)
+    else:
+        path, model_cfg = None, preset(config.model.preset)
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat)), path
+
+
+def initial_params(config, model_cfg, path, mesh, param_shardings):
+    if path is not None:
+        params, info = hf.load_params(path, model_cfg, mesh=mesh)
+        log(f"loaded {path} ({info})")
+        return params
+    return sharding.init_params(model_cfg, jax.random.key(config.train.seed), mesh)
+
+
+def build(config, workdir: pathlib.Path | None) -> Setup:
+    model_cfg, path = model_source(config)
+    tok_source = config.model.tokenizer or (str(path) if path is not None else data.sample_paths()["tokenizer"])
+    tokenizer = data.load_tokenizer(tok_source)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise RunError(f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
+                       f"{model_cfg.vocab_size}")
+    d = config.data
+    train_spec = d.train or data.sample_paths()["data"]
+    common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
+                  eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
+                  process_index=jax.process_index(), process_count=jax.process_count())
+    train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
+    eval_ds = data.load_pairs(d.eval or train_spec, tokenizer, split="eval" if not d.eval else "train",
+                              **{**common, "eval_fraction": d.eval_fraction if not d.eval else 0.0})
+    for name, ds in (("train", train_ds), ("eval", eval_ds)):
+        log(f"data report ({name}):\n{data.format_report(ds.report)}")
+        if workdir is not None and jax.process_index() == 0:
+            (workdir / f"data_report_{name}.json").write_text(json.dumps(ds.report, indent=1, default=str))
+
+    if workdir is not None and jax.process_index() == 0:  # a run directory is self-describing
+        (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+        tokenizer.save_pretrained(str(workdir / "tokenizer"))
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    step_cfg = step_lib.StepConfig(
+        model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
+        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
+        grad_accum=config.optim.grad_accum,
+    )
+    optimizer = optimizer_for(config)
+    param_sh = sharding.param_shardings(model_cfg, mesh)
+    init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh)
+    return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, init_state,
+                 abstract_state, workdir / "checkpoints" if workdir is not None else None)
+
+
+def optimizer_for(config):
+    o = config.optim
+    return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
+                          warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+
+
+def put_batch(batch: dict, keys, mesh) -> dict:
+    """Process-local NumPy batch -> global sharded arrays (keys restricted to what the step takes)."""
+    shardings = step_lib.batch_shardings(mesh, keys)
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
+
+
+def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None) -> dict[str, np.ndarray]:
+    """Precomputed reference log-probs per split: from the workdir, the global cache, or one pass."""
+    ref_fn, keys = step_lib.jit_reference(s.step_cfg, s.mesh, s.param_shardings)
+    out = {}
+    for name, ds in (("train", s.train_ds), ("eval", s.eval_ds)):
+        local = workdir / f"reference_{name}.npy" if workdir is not None else None
+        if local is not None and local.exists():
+            out[name] = np.load(local, allow_pickle=False)
+            continue
+        if params0 is None:
+            raise RunError(f"{local} is missing and the initial weights are not available to recompute it")
+        key = {"weights": reference.params_fingerprint(params0), "data": ds.fingerprint,
+               "model": dataclasses.asdict(s.model_config), "dtype": str(s.step_cfg.compute_dtype),
+               "chunk": s.step_cfg.logprob_chunk}
+        put = lambda b: put_batch(b, keys, s.mesh)
+        bs = s.config.train.eval_batch_size
+        array, hit = reference.cached(key, lambda: reference.compute(ds, params0, ref_fn, put, batch_size=bs,
+                                                                     desc=f"reference log-probs ({name})"))
+        log(f"reference log-probs ({name}, {len(ds)} pairs): {'cache hit' if hit else 'computed'}")
+        if local is not None and jax.process_index() == 0:
+            np.save(local, array, allow_pickle=False)
+        out[name] = array
+    return out
+
+
+def evaluate(s: Setup, eval_fn, keys, params, ref_params, ref_eval) -> dict:
+    """Exact accuracies over the whole eval split (filler pairs masked)."""
+    totals: dict[str, float] = {}
+    for batch in s.eval_ds.batches(s.config.train.eval_batch_size):
+        if ref_eval is not None:
+            batch = {**batch, "ref_logp": ref_eval[batch["index"]]}
+        sums = jax.device_get(eval_fn(params, put_batch(batch, keys, s.mesh), ref_params))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    n = max(totals.get("pairs", 0.0), 1.0)
+    result = {
+        "reward_accuracy": totals["correct_reward"] / n, "dpo_accuracy": totals["correct_dpo"] / n,
+        "reward_margin": totals["margin"] / n, "implicit_margin": totals["implicit_margin"] / n,
+        "pairs": int(totals.get("pairs", 0)),
+    }
+    if not s.step_cfg.loss.needs_reward:
+        result.pop("reward_accuracy"), result.pop("reward_margin")
+    if not s.step_cfg.loss.needs_policy:
+        result.pop("dpo_accuracy"), result.pop("implicit_margin")
+    return result
+
+
+class Preemption:
+    """SIGTERM (and JAX's multi-host preemption sync point) -> save at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step) or self.requested
+            except Exception:  # preemption service not enabled on this platform
+                pass
+        return self.requested
+
+
+def config_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def train(config, workdir: str | pathlib.Path) -> dict:
+    from tqdm import tqdm
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = build(config, workdir)
+    c, lc = config, s.step_cfg.loss
+    best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
+    ckpt = checkpoint.Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
+                                   every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
+                                   best_metric=best_metric)
+    loader = data.PairLoader(s.train_ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
+    start = ckpt.latest_step()
+    if start is not None:
+        breaking, harmless = checkpoint.compare_configs(ckpt.read_config(start), config_dict(config))
+        if breaking:
+            raise RunError(f"{workdir} holds a checkpoint from a different run configuration:\n  "
+                           + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
+        for line in harmless:
+            log(f"config changed since the checkpoint (harmless): {line}")
+        state, data_state, _ = ckpt.restore(start, s.abstract_state)
+        loader.restore(data_state["train"])
+        log(f"resumed from {s.checkpoint_dir} at step {start}")
+    start = start or 0
+    model_cfg, path = s.model_config, (hf.resolve_checkpoint(c.model.checkpoint) if c.model.checkpoint else None)
+    live = lc.needs_reference and c.loss.reference == "live"
+    if c.loss.reference not in ("precompute", "live"):
+        raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
+    need_params0 = start == 0 or live or (lc.needs_reference and not (workdir / "reference_train.npy").exists())
+    params0 = initial_params(c, model_cfg, path, s.mesh, s.param_shardings) if need_params0 else None
+    refs = reference_arrays(s, params0, workdir) if lc.needs_reference and not live else {}
+    ref_params = params0 if live else None
+    if start == 0:
+        state = s.init_state(jax.tree.map(jnp.copy, params0) if params0 is not None and live else params0)
+    params0 = ref_params  # drop the initial weights unless the live reference needs them
+
+    state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
+    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
+                                                   live_reference=live)
+    eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live)
+    metrics_log = MetricsLog(workdir, resume_step=start)
+    preempt = Preemption()
+    best, last_eval, pending, last_train = None, None, None, {}
+    bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+    t0, pairs_done = time.time(), 0
+
+    def flush(item):
+        nonlocal last_train
+        step, metrics = item
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if m.pop("finite") < 1.0:
+            raise RunError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
+                           f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written")
+        if step == 1 or step % c.train.log_every == 0 or step == c.train.steps:
+            elapsed = max(time.time() - t0, 1e-9)
+            m["pairs_per_s"] = pairs_done / elapsed
+            metrics_log.write(step, m)
+        last_train = m
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", refresh=False)
+
+    try:
+        for step in range(start + 1, c.train.steps + 1):
+            batch = next(loader)
+            if "ref_logp" in train_keys:
+                batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
+            state, metrics = train_fn(state, put_batch(batch, train_keys, s.mesh), ref_params)
+            pairs_done += c.train.batch_size
+            if pending is not None:
+                flush(pending)
+            pending = (step, metrics)
+            bar.update(1)
+            is_eval = step % c.train.eval_every == 0 or step == c.train.steps
+            stop = preempt.reached(step)
+            if is_eval or stop or ckpt.should_save(step) or step == c.train.steps:
+                flush(pending)  # never evaluate or save a state whose step was not finite
+                pending = None
+            if is_eval:
+                last_eval = evaluate(s, eval_fn, eval_keys, state["params"], ref_params, refs.get("eval"))
+                metrics_log.write(step, last_eval, split="eval")
+                if best is None or last_eval[best_metric] > best[1][best_metric]:
+                    best = (step, last_eval)
+                log(f"\neval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in last_eval.items()))
+            if stop or ckpt.should_save(step) or step == c.train.steps:
+                ckpt.save(step, state, data_state={"train": loader.state}, config=config_dict(config),
+                          metrics=last_eval if is_eval else None, force=True)
+            if stop:
+                ckpt.wait_until_finished()
+                log(f"preemption requested: checkpoint at step {step} written; exiting")
+                return {"preempted_at": step}
+        if pending is not None:
+            flush(pending)
+    finally:
+        bar.close()
+        ckpt.wait_until_finished()
+        metrics_log.close()
+        loader.close() if hasattr(loader, "close") else None
+
+    summary = {"workdir": str(workdir), "steps": c.train.steps, "objective": lc.objective,
+               "last": {"step": c.train.steps, **(last_eval or {})}, "train": last_train}
+    if best is not None:
+        summary["best"] = {"step": best[0], **best[1]}
+    if jax.process_index() == 0:
+        rows = {"best": summary.get("best", {}), "last": summary["last"]}
+        print(summary_table(rows, ("step",) + tuple(k for k in EVAL_KEYS if k in summary["last"])))
+        acc = summary["last"].get(best_metric)
+        if acc is not None:
+            print(f"eval {best_metric} of the trained model: {acc:.4f} ({summary['last'].get('pairs')} pairs)")
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

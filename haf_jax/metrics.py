@@ -1,0 +1,65 @@
+"""Run metrics: `metrics.jsonl` (the contract in DESIGN.md s3), TensorBoard events, summary table.
+
+Only process 0 writes. Rows are plain JSON objects: train rows carry `step` and the loss
+metrics; eval rows carry `split: "eval"`. On resume, rows after the restored step are dropped
+so the file reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+
+
+class MetricsLog:
+    def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # keep only what the restored state had already produced
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, *, split: str = "train") -> dict:
+        row = {"step": int(step)}
+        if split != "train":
+            row["split"] = split
+        row.update({k: _plain(v) for k, v in metrics.items()})
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+        return row
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    v = float(v) if not isinstance(v, (str, bool, int)) else v
+    return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+def summary_table(rows: dict[str, dict], keys: tuple[str, ...]) -> str:
+    """A small fixed-width table: one line per named row (e.g. best, last), one column per key."""
+    width = max(12, *(len(k) for k in keys))
+    head = "".ljust(8) + "".join(k.rjust(width + 2) for k in keys)
+    lines = [head]
+    for name, row in rows.items():
+        cells = []
+        for k in keys:
+            v = row.get(k, "")
+            cells.append((f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(width + 2))
+        lines.append(name.ljust(8) + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Score preference pairs with a trained run or a Hugging Face reward/causal model.
+
+  python -m haf_jax.score --model=DIR [--reference=DIR] --data=FILE --out=FILE \
+      [--batch_size=N] [--max_length=N] [--beta=0.1]
+
+Writes one JSON object per pair, in input order: reward_chosen, reward_rejected, logp_chosen,
+logp_rejected (summed response log-probs under the model's LM head) and, with --reference,
+ref_logp_chosen, ref_logp_rejected. The last stdout line is a JSON summary.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "Run directory, Hugging Face directory or hub id to score with.")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference model (same forms) for implicit DPO rewards.")
+_DATA = flags.DEFINE_string("data", None, "Preference data: file path or dataset spec (see haf_jax.data).")
+_OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per pair.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Maximum tokens of prompt + response.")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 128, "Maximum prompt tokens (the prompt keeps its end).")
+_TEMPLATE = flags.DEFINE_string("template", "none", "Prompt template: none | phi2 | mistral.")
+_BETA = flags.DEFINE_float("beta", 0.1, "DPO temperature of the implicit reward beta * (logp - ref_logp).")
+_STEP = flags.DEFINE_string("step", "best", "For run directories: best | last | a step number.")
+_CHUNK = flags.DEFINE_integer("logprob_chunk", 128, "Positions per chunk of the log-prob computation.")
+
+
+def score(model: str, data_spec: str, out_path: str, *, reference: str | None = None, batch_size: int = 8,
+          max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
+          step: str = "best", chunk: int = 128) -> dict:
+    """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict."""
+    from tqdm import tqdm
+
+    from haf_jax import data, sharding, step as step_lib
+    from haf_jax.model.heads import forward_pairs
+    from haf_jax.runs import load_model
+
+    mesh = sharding.make_mesh((1, -1, 1))
+    params, model_cfg, tokenizer, info = load_model(model, mesh, which=step)
+    ref_params = None
+    if reference:
+        ref_params, ref_cfg, _, _ = load_model(reference, mesh, which=step)
+        if ref_cfg.vocab_size != model_cfg.vocab_size:
+            raise ValueError(f"--reference vocab_size {ref_cfg.vocab_size} != model vocab_size {model_cfg.vocab_size}")
+    ds = data.load_pairs(data_spec, tokenizer, split="train", max_length=max_length,
+                         max_prompt_length=max_prompt_length, template=template, eval_fraction=0.0,
+                         max_skip_fraction=1.0)
+    print(data.format_report(ds.report), file=sys.stderr)
+    keys = ["tokens", "response_mask", "last_index"]
+    psh = sharding.param_shardings(model_cfg, mesh)
+    bsh = step_lib.batch_shardings(mesh, keys)
+    rep = sharding.replicated(mesh)
+    model_fn = jax.jit(lambda p, b: forward_pairs(p, model_cfg, b, chunk=chunk), in_shardings=(psh, bsh),
+                       out_shardings=rep)
+    ref_fn = None
+    if ref_params is not None:
+        ref_fn = jax.jit(lambda p, b: forward_pairs(p, ref_cfg, b, reward=False, chunk=chunk)["logp_Bx2"],
+                         in_shardings=(sharding.param_shardings(ref_cfg, mesh), bsh), out_shardings=rep)
+    n = len(ds)
+    cols = {k: np.zeros((n, 2), np.float32) for k in ("reward", "logp", "ref_logp")}
+    for batch in tqdm(ds.batches(batch_size), total=-(-n // batch_size), desc="score", unit="batch",
+                      file=sys.stderr):
+        put = {k: jax.make_array_from_process_local_data(bsh[k], np.asarray(batch[k])) for k in keys}
+        out = jax.device_get(model_fn(params, put))
+        idx = batch["index"][batch["valid"]]
+        cols["reward"][idx] = out["reward_Bx2"][batch["valid"]]
+        cols["logp"][idx] = out["logp_Bx2"][batch["valid"]]
+        if ref_fn is not None:
+            cols["ref_logp"][idx] = np.asarray(jax.device_get(ref_fn(ref_params, put)))[batch["valid"]]
+    with open(out_path, "w") as f:
+        for i in range(n):
+            row = {"index": i}
+            if getattr(ds, "ids", None) is not None and ds.ids[i] is not None:
+                row["id"] = ds.ids[i]
+            for name in ("reward", "logp") + (("ref_logp",) if ref_fn is not None else ()):
+                row[f"{name}_chosen"], row[f"{name}_rejected"] = float(cols[name][i, 0]), float(cols[name][i, 1])
+            f.write(json.dumps(row) + "\n")
+    margin = cols["reward"][:, 0] - cols["reward"][:, 1]
+    summary = {
+        "pairs": n, "reward_accuracy": float(np.mean(margin > 0)) if n else 0.0,
+        "mean_margin": float(np.mean(margin)) if n else 0.0, "skipped": ds.report.get("skipped_total", 0),
+        "model": info.get("source"), "out": out_path,
+    }
+    if ref_fn is not None:
+        implicit = beta * ((cols["logp"][:, 0] - cols["ref_logp"][:, 0]) - (cols["logp"][:, 1] - cols["ref_logp"][:, 1]))
+        summary.update(dpo_accuracy=float(np.mean(implicit > 0)) if n else 0.0,
+                       mean_implicit_margin=float(np.mean(implicit)) if n else 0.0, beta=beta)
+    return summary
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag in (_MODEL, _DATA, _OUT):
+        if not flag.value:
+            raise app.UsageError(f"--{flag.name} is required")
+    from haf_jax.data import DataError
+
+    try:
+        summary = score(_MODEL.value, _DATA.value, _OUT.value, reference=_REFERENCE.value, batch_size=_BATCH.value,
+                        max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value,
+                        beta=_BETA.value, step=_STEP.value, chunk=_CHUNK.value)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

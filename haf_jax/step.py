@@ -1,0 +1,185 @@
+"""Pure train and eval steps, jitted once with explicit shardings over the mesh.
+
+train_step(state, batch[, ref_params]) -> (state, metrics)
+  state = {"params": float32 pytree, "opt_state": optax state, "step": int32 scalar}
+  batch = {"tokens" [B,2,L], "response_mask" [B,2,L], "last_index" [B,2], "valid" [B],
+           "ref_logp" [B,2] (precomputed reference; absent in live mode)}
+The state is donated. A non-finite loss or gradient leaves the state unchanged and is reported
+through metrics["finite"] = 0, so the host can stop without the bad state ever existing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from haf_jax import losses, sharding
+from haf_jax.model.config import ModelConfig
+from haf_jax.model.heads import forward_pairs
+
+BATCH_KEYS = ("tokens", "response_mask", "last_index", "valid", "ref_logp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Static loss settings (mirrors the `loss` config section)."""
+
+    objective: str = "haf"
+    alpha: float = 0.2
+    beta: float = 0.1
+    policy: str = "sigmoid"
+    margin: float = 0.0
+    centering: float = 0.0
+    label_smoothing: float = 0.0
+
+    @property
+    def needs_reward(self) -> bool:
+        return self.objective != "dpo"
+
+    @property
+    def needs_policy(self) -> bool:  # the baseline never computes the LM head
+        return self.objective != "baseline"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.needs_policy and self.policy != "simpo"
+
+    @classmethod
+    def from_config(cls, loss_cfg) -> "LossConfig":
+        if loss_cfg.objective not in losses.OBJECTIVES:
+            raise ValueError(f"loss.objective={loss_cfg.objective!r}; allowed: {', '.join(losses.OBJECTIVES)}")
+        if loss_cfg.policy not in losses.POLICY_KINDS:
+            raise ValueError(f"loss.policy={loss_cfg.policy!r}; allowed: {', '.join(losses.POLICY_KINDS)}")
+        return cls(loss_cfg.objective, loss_cfg.alpha, loss_cfg.beta, loss_cfg.policy, loss_cfg.margin,
+                   loss_cfg.centering, loss_cfg.label_smoothing)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    model: ModelConfig
+    loss: LossConfig
+    compute_dtype: Any = jnp.float32
+    logprob_chunk: int = 128
+    grad_accum: int = 1
+
+
+def _outputs(params, cfg: StepConfig, batch, ref_params):
+    """Model outputs for one (micro-)batch, with the reference log-probs attached."""
+    out = forward_pairs(params, cfg.model, batch, reward=cfg.loss.needs_reward, policy=cfg.loss.needs_policy,
+                        chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
+    if cfg.loss.needs_reference:
+        if ref_params is not None:  # live reference: frozen initial weights, same tokens
+            ref = forward_pairs(ref_params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
+                                compute_dtype=cfg.compute_dtype)
+            out["ref_logp_Bx2"] = jax.lax.stop_gradient(ref["logp_Bx2"])
+        else:
+            out["ref_logp_Bx2"] = batch["ref_logp"]
+    return out
+
+
+def _loss(params, cfg: StepConfig, batch, ref_params):
+    out = _outputs(params, cfg, batch, ref_params)
+    lc = cfg.loss
+    loss, metrics = losses.objective(
+        out, objective=lc.objective, alpha=lc.alpha, beta=lc.beta, policy_kind=lc.policy, margin=lc.margin,
+        centering=lc.centering, label_smoothing=lc.label_smoothing, weight_B=batch["valid"].astype(jnp.float32),
+    )
+    return loss, metrics
+
+
+def train_step(state, batch, ref_params, *, cfg: StepConfig, optimizer: optax.GradientTransformation):
+    """One optimizer step; with grad_accum > 1 the batch is split into micro-batches (lax.scan)."""
+    params = state["params"]
+    grad_fn = jax.value_and_grad(_loss, has_aux=True)
+    if cfg.grad_accum == 1:
+        (_, metrics), grads = grad_fn(params, cfg, batch, ref_params)
+    else:
+        a = cfg.grad_accum
+        # Micro-batch j takes rows j, j + a, j + 2a, ...: every device keeps an equal share.
+        micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 1, 0), batch)
+
+        def micro_step(mb):
+            (_, m), g = grad_fn(params, cfg, mb, ref_params)
+            return g, m
+
+        shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, metrics), _ = jax.lax.scan(
+            lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_step(mb)), None), zeros, micro)
+        grads = jax.tree.map(lambda g: g / a, grads)
+        metrics = {k: v if k == "num_pairs" else v / a for k, v in metrics.items()}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    old = {**state, "step": state["step"] + 1}
+    # Keep the previous weights when anything is non-finite: the bad state never exists.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
+def eval_step(params, batch, ref_params, *, cfg: StepConfig):
+    """Per-pair sums over one eval batch: counts of correct pairs and margins (filler pairs masked)."""
+    out = _outputs(params, cfg, batch, ref_params)
+    w = batch["valid"].astype(jnp.float32)
+    per_pair = losses.pair_metrics(out, cfg.loss.beta, policy_kind=cfg.loss.policy)
+    sums = {k[: -len("_B")]: jnp.sum(v * w) for k, v in per_pair.items()}
+    sums["pairs"] = jnp.sum(w)
+    return sums
+
+
+def reference_logprobs(params, batch, *, cfg: StepConfig):
+    """Summed response log-probs [B, 2] of the (initial) weights: the precomputed reference."""
+    return forward_pairs(params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
+                         compute_dtype=cfg.compute_dtype)["logp_Bx2"]
+
+
+def state_layout(model_cfg: ModelConfig, optimizer, mesh):
+    """(jitted params -> state, abstract state carrying shardings): nothing is allocated here.
+
+    Optimizer-state shardings are whatever XLA propagates from the parameter shardings.
+    """
+    param_sh = sharding.param_shardings(model_cfg, mesh)
+    shapes, _ = sharding.abstract_params(model_cfg)
+    abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+
+    def make_state(params):
+        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    state_sh = jax.jit(make_state).lower(abstract_params).compile().output_shardings
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  jax.eval_shape(make_state, abstract_params), state_sh)
+    return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,)), abstract_state
+
+
+def batch_shardings(mesh, batch_keys) -> dict[str, NamedSharding]:
+    ndims = {"tokens": 3, "response_mask": 3, "last_index": 2, "valid": 1, "ref_logp": 2}
+    return {k: sharding.batch_sharding(mesh, ndims[k]) for k in batch_keys}
+
+
+def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shardings, *, live_reference: bool):
+    """train_step jitted once: state donated, batch over (data, fsdp), metrics replicated."""
+    keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+    ref_sh = param_shardings if live_reference else None
+    fn = lambda state, batch, ref: train_step(state, batch, ref, cfg=cfg, optimizer=optimizer)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
+
+
+def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool):
+    keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+    ref_sh = param_shardings if live_reference else None
+    fn = lambda params, batch, ref: eval_step(params, batch, ref, cfg=cfg)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys), ref_sh),
+                   out_shardings=sharding.replicated(mesh)), keys
+
+
+def jit_reference(cfg: StepConfig, mesh, param_shardings):
+    keys = ["tokens", "response_mask", "last_index"]
+    fn = lambda params, batch: reference_logprobs(params, batch, cfg=cfg)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys)),
+                   out_shardings=NamedSharding(mesh, P())), keys

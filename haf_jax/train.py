@@ -1,0 +1,52 @@
+"""Train a reward model: `python -m haf_jax.train --config=configs/gemma.py [--workdir=DIR]`.
+
+With no other argument this runs the tiny preset on the bundled HH-RLHF sample, offline.
+Starting on a workdir that holds a checkpoint resumes from it. Multi-host: run the same command
+on every host; `jax.distributed.initialize()` is called when the launcher says the run spans
+several processes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process run when the environment describes one (TPU pod, SLURM, explicit)."""
+    import jax
+
+    multi = (
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    )
+    if multi:
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from haf_jax.data import DataError
+    from haf_jax.loop import RunError, train
+
+    maybe_initialize_distributed()
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/gemma.py")
+    try:
+        train(config, _WORKDIR.value)
+    except (DataError, RunError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
