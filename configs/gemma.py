@@ -44,6 +44,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.loss.margin = 0.0  # Bradley-Terry margin
     c.loss.centering = 0.0  # reward-centring coefficient
     c.loss.label_smoothing = 0.0  # conservative-DPO smoothing for sigmoid/simpo
+    c.loss.simpo_gamma = 0.5  # SimPO target margin (policy=simpo only)
     c.loss.reference = "precompute"  # precompute (once, cached on disk) | live (frozen copy every step)
 
     c.optim = ConfigDict()

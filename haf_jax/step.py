@@ -35,6 +35,7 @@ class LossConfig:
     margin: float = 0.0
     centering: float = 0.0
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
 
     @property
     def needs_reward(self) -> bool:
@@ -55,7 +56,7 @@ class LossConfig:
         if loss_cfg.policy not in losses.POLICY_KINDS:
             raise ValueError(f"loss.policy={loss_cfg.policy!r}; allowed: {', '.join(losses.POLICY_KINDS)}")
         return cls(loss_cfg.objective, loss_cfg.alpha, loss_cfg.beta, loss_cfg.policy, loss_cfg.margin,
-                   loss_cfg.centering, loss_cfg.label_smoothing)
+                   loss_cfg.centering, loss_cfg.label_smoothing, loss_cfg.simpo_gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _loss(params, cfg: StepConfig, batch, ref_params):
     lc = cfg.loss
     loss, metrics = losses.objective(
         out, objective=lc.objective, alpha=lc.alpha, beta=lc.beta, policy_kind=lc.policy, margin=lc.margin,
-        centering=lc.centering, label_smoothing=lc.label_smoothing, weight_B=batch["valid"].astype(jnp.float32),
+        centering=lc.centering, label_smoothing=lc.label_smoothing, simpo_gamma=lc.simpo_gamma, weight_B=batch["valid"].astype(jnp.float32),
     )
     return loss, metrics
 
@@ -112,7 +113,7 @@ def train_step(state, batch, ref_params, *, cfg: StepConfig, optimizer: optax.Gr
             lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_step(mb)), None), zeros, micro)
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics = {k: v if k == "num_pairs" else v / a for k, v in metrics.items()}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
