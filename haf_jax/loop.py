@@ -83,9 +83,12 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
     common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
                   eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
                   process_index=jax.process_index(), process_count=jax.process_count())
-    train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
-    eval_ds = data.load_pairs(d.eval or train_spec, tokenizer, split="eval" if not d.eval else "train",
-                              **{**common, "eval_fraction": d.eval_fraction if not d.eval else 0.0})
+    if d.eval:  # separate files: each is used whole
+        train_ds = data.load_pairs(train_spec, tokenizer, split="all", **common)
+        eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common)
+    else:  # one source: a deterministic eval carve (eval_fraction, or the recipe's own rule)
+        train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
+        eval_ds = data.load_pairs(train_spec, tokenizer, split="eval", **common)
     for name, ds in (("train", train_ds), ("eval", eval_ds)):
         log(f"data report ({name}):\n{data.format_report(ds.report)}")
         if workdir is not None and jax.process_index() == 0:

@@ -46,7 +46,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
         ref_params, ref_cfg, _, _ = load_model(reference, mesh, which=step)
         if ref_cfg.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"--reference vocab_size {ref_cfg.vocab_size} != model vocab_size {model_cfg.vocab_size}")
-    ds = data.load_pairs(data_spec, tokenizer, split="train", max_length=max_length,
+    ds = data.load_pairs(data_spec, tokenizer, split="all", max_length=max_length,
                          max_prompt_length=max_prompt_length, template=template, eval_fraction=0.0,
                          max_skip_fraction=1.0)
     print(data.format_report(ds.report), file=sys.stderr)

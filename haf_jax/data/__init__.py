@@ -1,0 +1,36 @@
+"""Preference data: sources, record forms, tokenisation contract, batches, iterator.
+
+    from haf_jax.data import load_pairs, load_tokenizer, PairLoader, format_report, sample_paths
+    tok = load_tokenizer(sample_paths()["tokenizer"])        # or an HF dir / hub id
+    ds = load_pairs("sample", tok, split="train")            # carves eval_fraction=0.05 for eval
+    print(format_report(ds.report))
+    loader = PairLoader(ds, 16, seed=0)                      # infinite, resumable: loader.state
+    batch = next(loader)                                     # tokens [B, 2, L], ... (batching.py)
+
+Spec grammar (`load_pairs(spec, ...)`)::
+
+    SPEC   := SOURCE | "recipe:" RECIPE [":" SOURCE]
+    SOURCE := PATH (.jsonl .jsonl.gz .json .json.gz .parquet .csv) | "sample"
+            | "hf:" NAME [":" (CONFIG | "data_dir=" DIR)] ":" SPLIT | "tfds:" NAME ":" SPLIT
+    RECIPE := hh_helpful | hh_harmless | beavertails_safe | alpaca_human_pref | chatbot_arena
+
+or a dict config block: {"path": P} | {"hf": NAME, "config", "data_dir", "split"} |
+{"tfds": NAME, "split"}, each optionally with "recipe": RECIPE.
+Record forms and recipes: formats.py. Sources and errors: sources.py. Contract: tokenize.py.
+
+Train/eval wiring for the trainer (config keys data.train / data.eval):
+- data.eval == "": train = load_pairs(T, split="train"), eval = load_pairs(T, split="eval") with
+  the same eval_fraction and seed (alpaca_human_pref / chatbot_arena use their fixed first-N% rule);
+- otherwise: load_pairs(T, split="all") and load_pairs(E, split="all").
+Bad data raises `DataError` (message names file, line/row, field): print it and exit non-zero;
+`python -m haf_jax.data SPEC` checks a spec that way.
+"""
+from haf_jax.data.batching import PairLoader, length_buckets
+from haf_jax.data.dataset import PairDataset, format_report, load_pairs
+from haf_jax.data.errors import DataError
+from haf_jax.data.formats import RECIPES, TEMPLATES
+from haf_jax.data.tokenize import load_tokenizer, tokenizer_fingerprint
+from haf_jax.samples import sample_paths
+
+__all__ = ["DataError", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "format_report",
+           "length_buckets", "load_pairs", "load_tokenizer", "sample_paths", "tokenizer_fingerprint"]

@@ -1,0 +1,433 @@
+"""Checkpoints: every orbax call of haf_jax lives here.
+
+`DIR/<step>/` (orbax layout) holds four items: `state` (params, opt_state, step, rng; orbax
+StandardSave, restorable onto any mesh), `data` (iterator position), `config` (the run config)
+and `meta` (eval metrics, per-leaf layout and checksums); the last three are JSON.
+
+Policies (each tested in tests/test_checkpoint.py):
+- When: every `every_steps` steps, after `every_minutes` (process 0 decides, all hosts follow),
+  at JAX's preemption sync point, or `save(force=True)` (SIGTERM, end of run).  Saves are async:
+  `save` returns after the device-to-host copy; `wait_until_finished()`/`close()` before exit.
+- Keep: the last `keep` steps AND the best by `meta.metrics[best_metric]` (orbax
+  `AnyPreservationPolicy(LatestN(keep), BestN(1))`; orbax's `max_to_keep` + `best_fn` would keep
+  the best `keep` by metric and could drop the newest).  Metrics live in `meta`, not orbax's
+  `metrics` item, because orbax parses those when the manager starts: one garbled file there
+  would make the whole directory unreadable.
+- NaN/Inf: `save` raises FloatingPointError naming the step instead of writing such a state.
+- Integrity: a step is usable when orbax committed it (it writes `<step>.orbax-checkpoint-tmp-*`
+  and renames on commit, so a half-written step is invisible), its items exist and their JSON
+  parses (`latest_step`), it reads back without error and its per-leaf checksums (position-
+  weighted uint32 sums of the bits: exact, sharding-independent) match (`restore`); checksums
+  catch garbled chunk bytes that tensorstore reads back silently.  A bad step is reported with
+  `logging.warning` naming it and why; `restore(None, ...)` walks back to the newest good step.
+  Nothing is deleted: the first `save` after a restore moves the steps newer than the restored
+  one to `DIR/set_aside/<step>.<unix time>`, so retention and step numbers follow the live run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+HARMLESS_PREFIXES = ("train.eval_every", "train.eval_steps", "train.log_every", "checkpoint.",
+                     "workdir", "data.eval", "log.", "logging.")
+_ITEMS = ("state", "data", "config", "meta")
+_MISSING = "<missing>"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A step exists but cannot be read back intact."""
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+@jax.jit
+def _finite_leaves(leaves):
+    flags = [jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+    """True when every float leaf of `tree` is free of NaN/Inf (integer and key leaves pass)."""
+    leaves = [x for x in jax.tree.leaves(tree) if not _is_key(x)]
+    return bool(_fetch(_finite_leaves(leaves)))
+
+
+def _leaf_checksum(x):
+    """Position-weighted wraparound uint32 sum of the bits of x: exact, order-independent."""
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    x = jnp.asarray(x)
+    u = x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+        x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    u = u.astype(jnp.uint32)  # 64-bit types (jax_enable_x64 only) keep their low bits
+    idx = jnp.uint32(0)
+    for d in range(u.ndim):  # flat index from iotas (partitions cleanly, never materialised)
+        stride = int(np.prod(u.shape[d + 1:], dtype=np.uint64) % 2**32)
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride)
+    weight = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)  # odd: any changed element shows
+    return jnp.sum(u * weight, dtype=jnp.uint32)
+
+
+@jax.jit
+def _digest_leaves(leaves):
+    finite = _finite_leaves([x for x in leaves if not _is_key(x)])
+    sums = jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+    return finite, sums
+
+
+def _fetch(x):
+    """Host copy of a small jit output, also when it is a global multi-process array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _layout(tree) -> dict[str, list]:
+    """{leaf path: [shape, dtype]} of arrays or ShapeDtypeStructs."""
+    return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _digest(tree) -> tuple[bool, dict[str, int]]:
+    """(all float leaves finite, {leaf path: checksum}) in one fused jit."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    finite, sums = _digest_leaves([x for _, x in flat])
+    sums = _fetch(sums).tolist()
+    return bool(_fetch(finite)), {jax.tree_util.keystr(p): s for (p, _), s in zip(flat, sums)}
+
+
+def _jsonable(tree):
+    tree = jax.tree.map(lambda v: v.item() if hasattr(v, "item") else v, tree)
+    return json.loads(json.dumps(tree))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def _matches(key: str, prefix: str) -> bool:
+    if prefix.endswith("."):
+        return key.startswith(prefix)
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def compare_configs(saved: dict, current: dict, *,
+                    harmless_prefixes=HARMLESS_PREFIXES) -> tuple[list[str], list[str]]:
+    """Differences between a checkpoint's config and the current one, as (breaking, harmless).
+
+    Nested dicts are flattened to dotted keys and compared after a JSON round trip (so a tuple
+    equals a list).  Each difference reads "key: saved=X current=Y" (`<missing>` for a key on one
+    side only).  Policy: a key is harmless when it equals one of `harmless_prefixes` or lies
+    under it ("a.b" covers "a.b" and "a.b.*"; "a." covers "a.*") -- by default eval/log cadence,
+    checkpoint options, the workdir and the eval data, which never change the trained state.
+    Everything else is breaking (model shape, objective, loss weights, data, seed, batch size,
+    optimizer, train.steps via the LR schedule, keys that appeared or disappeared): the caller
+    refuses to resume on breaking differences and logs harmless ones.
+    """
+    a, b = _flatten(_jsonable(saved)), _flatten(_jsonable(current))
+    breaking, harmless = [], []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key, _MISSING), b.get(key, _MISSING)
+        if x == y:
+            continue
+        line = f"{key}: saved={x!r} current={y!r}"
+        (harmless if any(_matches(key, p) for p in harmless_prefixes) else breaking).append(line)
+    return breaking, harmless
+
+
+def _everyone(ok: bool) -> bool:
+    """True only when `ok` holds on every process (a no-op on one process)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class _LastKPlusBest:
+    """orbax PreservationPolicy: LatestN(keep) OR BestN(1) by a score read from our meta item."""
+
+    def __init__(self, keep: int, score_of: Callable[[int], float | None], mode: str):
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if mode:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m["score"], reverse=(mode == "min"), n=1,
+                keep_checkpoints_without_metrics=False))
+        self._policy = ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+        self._score_of = score_of
+
+    def should_preserve(self, checkpoints, *, context):
+        infos = []
+        for c in checkpoints:
+            s = self._score_of(c.step)
+            infos.append(types.SimpleNamespace(
+                step=c.step, time=c.time, metrics=None if s is None else {"score": s}))
+        return self._policy.should_preserve(infos, context=context)
+
+
+class Checkpointer:
+    """Saves and restores training state in `directory`; see the module docstring for policies."""
+
+    def __init__(self, directory, *, every_steps: int, every_minutes: float = 0.0, keep: int = 3,
+                 best_metric: str | None = "reward_accuracy", best_mode: str = "max",
+                 async_save: bool = True, read_only: bool = False):
+        if best_mode not in ("max", "min") or keep < 1:
+            raise ValueError(f"need best_mode in ('max', 'min') and keep >= 1: {best_mode!r}, {keep}")
+        self.directory = epath.Path(directory)
+        self.every_steps, self.every_minutes = every_steps, every_minutes
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self._scores: dict[int, float | None] = {}
+        self._bad: dict[int, str] = {}  # step -> why it is unusable
+        self._stale: list[int] = []  # steps newer than the one restore() returned
+        self._decision: tuple[int, bool] | None = None
+        self._last_save = time.monotonic()
+        self._swept = read_only  # leftover tmp dirs are removed before this writer's first save
+        self.restored_step: int | None = None  # set by restore(): the step actually used
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_LastKPlusBest(keep, self._score_of, best_metric and best_mode),
+            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        """every_steps, the every_minutes timer, or JAX's preemption sync point (same on all hosts)."""
+        if self._decision is not None and self._decision[0] == step:
+            return self._decision[1]
+        due = self.every_steps > 0 and step % self.every_steps == 0
+        if not due and self.every_minutes > 0:
+            due = time.monotonic() - self._last_save >= 60.0 * self.every_minutes
+            if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
+                due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        due = due or self._mngr.reached_preemption(step)
+        self._decision = (step, due)
+        return due
+
+    def save(self, step: int, state, *, data_state: dict, config: dict,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        """Starts an async save of `state` at `step`; True when a save was started.
+
+        `state` is the {"params", "opt_state", "step", "rng"} pytree (sharded jax arrays are
+        fine); `data_state` and `config` are JSON dicts; `metrics` are the eval metrics of this
+        state (None when no eval ran at this step).  Raises FloatingPointError when any float
+        leaf is NaN/Inf.  A step that already exists is not overwritten (returns False).
+        """
+        if not force and not self.should_save(step):
+            return False
+        if step in self._bad:
+            self._stale.append(step)
+        self._set_aside_stale()
+        self._sweep_tmp()
+        if step in self._mngr.all_steps():
+            log.info("checkpoint step %d already exists in %s; not saving it again", step,
+                     self.directory)
+            return False
+        finite, checksums = _digest(state)
+        if not finite:
+            raise FloatingPointError(
+                f"step {step}: the state holds NaN/Inf values; refusing to checkpoint it")
+        metrics = None if metrics is None else _jsonable(metrics)
+        self._scores[step] = self._score(metrics)
+        if metrics and self.best_metric and self._scores[step] is None:
+            log.warning("step %d: metrics have no finite %r (keys: %s); this step cannot be the "
+                        "best checkpoint", step, self.best_metric, sorted(metrics))
+        meta = {"format": 1, "step": int(step), "metrics": metrics, "checksums": checksums,
+                "layout": _layout(state)}
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_jsonable(data_state)),
+            config=ocp.args.JsonSave(_jsonable(config)),
+            meta=ocp.args.JsonSave(meta),
+        ), force=True)
+        self._last_save = time.monotonic()
+        return True
+
+    def _sweep_tmp(self):
+        """Removes `<step>.orbax-checkpoint-tmp-*` dirs of dead writers (orbax ignores them).
+
+        Done lazily by the writer, not in __init__ as orbax's `cleanup_tmp_directories` would,
+        so that a reader (score/export next to a live run) never deletes an in-flight save.
+        """
+        if not self._swept and jax.process_index() == 0:
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                log.info("removing the unfinished checkpoint %s", tmp)
+                tmp.rmtree()
+        self._swept = True
+
+    def _set_aside_stale(self):
+        """Moves steps newer than the restored one to DIR/set_aside/ (never deletes them)."""
+        if not self._stale:
+            return
+        if jax.process_index() == 0:
+            (self.directory / "set_aside").mkdir(parents=True, exist_ok=True)
+            for s in sorted(set(self._stale)):
+                src = self.directory / str(s)
+                if src.exists():
+                    dst = self.directory / "set_aside" / f"{s}.{int(time.time())}"
+                    log.warning("moving checkpoint step %d aside to %s (%s)", s, dst,
+                                self._bad.get(s, "newer than the step training resumed from"))
+                    src.rename(dst)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("haf_jax_checkpoint_set_aside")
+        self._stale = []
+        self._mngr.reload()
+
+    def _score(self, metrics: dict | None) -> float | None:
+        value = (metrics or {}).get(self.best_metric) if self.best_metric else None
+        if isinstance(value, (int, float)) and np.isfinite(value):
+            return float(value)
+        return None
+
+    def _read_json(self, step: int, item: str):
+        return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / item)
+
+    def _score_of(self, step: int) -> float | None:
+        if step not in self._scores:
+            try:
+                self._scores[step] = self._score(self._read_json(step, "meta").get("metrics"))
+            except Exception:  # unreadable: no score (it still counts for "last K")
+                self._scores[step] = None
+        return self._scores[step]
+
+    def _problem(self, step: int) -> str | None:
+        """Cheap structural check of a committed step; None when it looks complete."""
+        if step in self._bad:
+            return self._bad[step]
+        root = self.directory / str(step)
+        for item in _ITEMS:
+            if not (root / item).is_dir():
+                return f"item {item!r} is missing"
+        for item in ("data", "config", "meta"):
+            try:
+                value = self._read_json(step, item)
+            except Exception as e:
+                return f"item {item!r} is unreadable ({type(e).__name__}: {e})"
+            if not isinstance(value, dict):
+                return f"item {item!r} is not a JSON object"
+        manifest = root / "state" / "manifest.ocdbt"
+        if not manifest.exists() or manifest.stat().length == 0:
+            return "state/manifest.ocdbt is missing or empty"
+        if (root / "state" / "_METADATA").exists():
+            try:
+                json.loads((root / "state" / "_METADATA").read_text())
+            except Exception as e:
+                return f"state/_METADATA is unreadable ({type(e).__name__})"
+        return None
+
+    def _mark_bad(self, step: int, why: str):
+        if step not in self._bad:
+            log.warning("checkpoint step %d in %s is unusable, skipping it: %s", step,
+                        self.directory, why)
+            self._bad[step] = why
+
+    def all_steps(self) -> list[int]:
+        """Committed steps that are not known to be bad, oldest first."""
+        return [s for s in self._mngr.all_steps() if s not in self._bad]
+
+    def latest_step(self) -> int | None:
+        """Newest committed step that passes the structural check (bad ones are reported)."""
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            problem = self._problem(step)
+            if problem is None:
+                return step
+            self._mark_bad(step, problem)
+        return None
+
+    def best_step(self) -> int | None:
+        """Step with the best `best_metric` (ties: the newest); None when no step has one."""
+        scored = [(self._score_of(s), s) for s in self.all_steps()]
+        scored = [(v if self.best_mode == "max" else -v, s) for v, s in scored if v is not None]
+        return max(scored)[1] if scored else None
+
+    def read_config(self, step: int | None = None) -> dict:
+        """The config saved with `step` (default: the latest good step); reads only JSON."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return dict(self._read_json(step, "config"))
+
+    def restore(self, step: int | None, abstract_state) -> tuple[Any, dict, dict]:
+        """Returns (state, data_state, config) of `step`, laid out as `abstract_state` says.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set; the arrays
+        come back with exactly those shardings, whatever mesh wrote them.  With step=None the
+        newest good step is used, walking back past unusable ones (each reported); an explicit
+        step that is unusable raises CorruptCheckpointError.  FileNotFoundError when empty.
+        """
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}")
+            out = self._restore_one(step, abstract_state)
+            self._stale, self.restored_step = [t for t in steps if t > step], step
+            return out
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for s in steps:
+            try:
+                out, why = self._restore_one(s, abstract_state), None
+            except CorruptCheckpointError as e:
+                out, why = None, str(e)
+            if _everyone(why is None):
+                self._stale, self.restored_step = [t for t in steps if t > s], s
+                return out
+            self._mark_bad(s, why or "another process could not read it")
+        self._stale = steps
+        raise CorruptCheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(
+            f"step {s}: {self._bad.get(s)}" for s in steps))
+
+    def _restore_one(self, step: int, abstract_state):
+        problem = self._problem(step)
+        if problem is None:  # a different model is the caller's error, not a corrupt step
+            saved, want = self._read_json(step, "meta").get("layout") or {}, _layout(abstract_state)
+            diff = [f"{k}: saved={saved.get(k, _MISSING)} wanted={want.get(k, _MISSING)}"
+                    for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+            if diff:
+                raise ValueError(f"checkpoint step {step} in {self.directory} holds a state of "
+                                 f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
+            try:
+                r = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # tensorstore/orbax raise many types for damaged files
+                problem = f"reading it failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        if problem is None:
+            _, sums = _digest(r["state"])
+            saved = r["meta"].get("checksums") or {}
+            wrong = [k for k, v in sums.items() if saved.get(k) != v]
+            if wrong:
+                problem = f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}"
+        if problem is not None:
+            self._mark_bad(step, problem)
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
+        return r["state"], dict(r["data"]), dict(r["config"])
+
+    def wait_until_finished(self):
+        """Blocks until async saves are committed; call before the process exits."""
+        self._mngr.wait_until_finished()
+
+    def close(self):
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # waits for pending saves, also when the body raised
+        self.close()

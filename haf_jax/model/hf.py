@@ -1,0 +1,234 @@
+"""Hugging Face checkpoints <-> haf_jax parameters (safetensors only; no torch, no pickle, no remote code).
+
+Import: `load_params(dir, config)` reads `model.safetensors` or a sharded `model.safetensors.index.json`
+one tensor at a time and renames it onto the Flax tree (parameter names mirror HF, see gemma.py).
+Accepted tensor prefixes: whatever precedes `embed_tokens.weight` ("model.", "model.language_model.",
+"language_model.model.", ...). A `*ForSequenceClassification` checkpoint with num_labels=1 fills the
+reward head from `score.weight`; a causal LM gets a zero reward head. `lm_head.weight`, when present,
+must equal the embedding (Gemma ties them). Vision-tower / projector tensors of a multimodal Gemma 3
+checkpoint are skipped and listed in info["ignored"]; any OTHER unexpected tensor is an error (a
+silently dropped weight would be a silently different model).
+
+Export: `save_hf(params, config, dir, kind=...)` writes config.json + model.safetensors (+ tokenizer)
+that `transformers` Auto* classes load.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from haf_jax import sharding
+from haf_jax.model.config import ModelConfig
+
+_SKIPPED_PARTS = ("vision_tower.", "multi_modal_projector.", "vision_model.")
+_OFFLINE_VALUES = ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(path_or_hub_id) -> pathlib.Path:
+    """A local checkpoint directory, or a hub snapshot (config, safetensors, tokenizer) when online."""
+    path = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"checkpoint {name!r} is not a directory (nor a hub id of the form 'org/name')")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES:
+        raise FileNotFoundError(
+            f"checkpoint {name!r} is not a local directory and HF_HUB_OFFLINE is set, so it cannot be "
+            f"downloaded from the Hugging Face hub; download it first or pass a local directory"
+        )
+    from huggingface_hub import snapshot_download
+
+    return pathlib.Path(snapshot_download(
+        name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+
+
+def load_hf_config(directory) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, parsed config.json) of a checkpoint directory."""
+    path = pathlib.Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    hf = json.loads(path.read_text())
+    return ModelConfig.from_hf(hf), hf
+
+
+def _hf_name(path: str) -> str:
+    """'layers_3/self_attn/q_norm/scale' -> 'layers.3.self_attn.q_norm.weight'."""
+    path = re.sub(r"layers_(\d+)", r"layers.\1", path)
+    path = path.removesuffix("/scale")
+    return path.replace("/", ".") + ".weight"
+
+
+def _layout(path: str) -> str:
+    """How an HF [out, in] matrix maps to ours: 'in_first' ([in, *out]), 'out_last' ([*in, out]) or 'same'."""
+    if path.endswith("o_proj") or path.endswith("down_proj"):
+        return "out_last"
+    if path == "reward_head" or re.search(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)$", path):
+        return "in_first"
+    return "same"
+
+
+def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    if layout == "in_first":
+        return (math.prod(shape[1:]), shape[0])
+    if layout == "out_last":
+        return (shape[-1], math.prod(shape[:-1]))
+    return tuple(shape)
+
+
+def _to_ours(w: np.ndarray, shape, layout: str) -> np.ndarray:
+    return w.reshape(shape) if layout == "same" else w.T.reshape(shape)
+
+
+def _to_hf(w: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "in_first":
+        return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+    if layout == "out_last":
+        return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+    return np.ascontiguousarray(w)
+
+
+def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """tensor name -> safetensors file holding it (single file or sharded index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {directory} (found {found}); "
+            f"only safetensors weights are read (never pickle/.bin)")
+    with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def _num_labels(hf: dict) -> int:
+    if hf.get("id2label"):
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", 2))  # transformers' default for classification heads is 2
+
+
+def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, mesh=None):
+    """Parameters of the checkpoint in `directory` as `dtype` arrays, laid out like abstract_params(config).
+
+    Returns (params, info) with info = {"architecture", "reward_head": "loaded" | "zero-initialised",
+    "prefix", "ignored": [skipped tensor names]}. With `mesh`, each array is placed with
+    sharding.param_shardings as soon as it is read, so the host holds one tensor at a time.
+    """
+    directory = pathlib.Path(directory)
+    _, hf = load_hf_config(directory)  # validates model_type
+    arch = (hf.get("architectures") or ["?"])[0]
+    is_classifier = arch.endswith("ForSequenceClassification")
+    if is_classifier and _num_labels(hf) != 1:
+        raise ValueError(f"{arch} in {directory} has num_labels={_num_labels(hf)}; a reward model needs "
+                         f"num_labels=1 (score.weight of shape [1, hidden_size])")
+    files = _tensor_files(directory)
+    embeds = [n for n in files if n.endswith("embed_tokens.weight") and not any(p in n for p in _SKIPPED_PARTS)]
+    if len(embeds) != 1:
+        raise ValueError(f"expected exactly one '*embed_tokens.weight' tensor in {directory}, found {embeds}")
+    prefix = embeds[0][: -len("embed_tokens.weight")]
+
+    shapes, _ = sharding.abstract_params(config)
+    flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
+    shardings = traverse_util.flatten_dict(sharding.param_shardings(config, mesh), sep="/") if mesh else {}
+    wanted = {}  # hf name -> our path
+    for path in flat_shapes:
+        wanted["score.weight" if path == "reward_head" else prefix + _hf_name(path)] = path
+    ignored, unexpected = [], []
+    for name in files:
+        if name in wanted or name == "lm_head.weight":
+            continue
+        (ignored if any(p in name for p in _SKIPPED_PARTS) else unexpected).append(name)
+    if unexpected:
+        raise ValueError(f"unexpected tensors in {directory} (not part of a {config.family} model with "
+                         f"{config.num_layers} layers): {sorted(unexpected)[:10]}"
+                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+
+    np_dtype = jnp.dtype(dtype)
+    handles: dict[pathlib.Path, object] = {}
+
+    def read(name):
+        file = files[name]
+        if file not in handles:
+            handles[file] = safe_open(file, framework="numpy")
+        return handles[file].get_tensor(name)
+
+    flat, info = {}, {"architecture": arch, "prefix": prefix, "ignored": sorted(ignored)}
+    for name, path in wanted.items():
+        shape = tuple(flat_shapes[path].shape)
+        layout = _layout(path)
+        if name not in files:
+            if path == "reward_head" and not is_classifier:
+                array = np.zeros(shape, np_dtype)
+                info["reward_head"] = "zero-initialised"
+            else:
+                raise ValueError(f"tensor {name!r} is missing from {directory} (expected shape "
+                                 f"{list(_hf_shape(shape, layout))} for {path})")
+        else:
+            w = read(name)
+            expected = _hf_shape(shape, layout)
+            if tuple(w.shape) != expected:
+                raise ValueError(f"tensor {name!r} has shape {list(w.shape)} but the config needs "
+                                 f"{list(expected)} (for {path} {list(shape)})")
+            if name == prefix + "embed_tokens.weight" and "lm_head.weight" in files:
+                head = read("lm_head.weight")
+                if head.shape != w.shape or not np.array_equal(head, w):
+                    raise ValueError("lm_head.weight differs from embed_tokens.weight: untied LM heads are "
+                                     "not supported (Gemma ties them)")
+                del head
+            array = _to_ours(w, shape, layout).astype(np_dtype)
+            if path == "reward_head":
+                info["reward_head"] = "loaded"
+        flat[path] = jax.device_put(array, shardings[path]) if mesh else jnp.asarray(array)
+        del array
+    return traverse_util.unflatten_dict(flat, sep="/"), info
+
+
+def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model", tokenizer=None,
+            dtype=np.float32) -> None:
+    """Writes a Hugging Face checkpoint: `kind="reward_model"` -> <Family>ForSequenceClassification
+    (num_labels=1, score.weight = reward head), `kind="policy"` -> <Family>ForCausalLM (tied LM head).
+
+    The reward model's pad token must differ from EOS: transformers finds the last real token as the
+    last non-pad token, which would be wrong if padding were EOS. Parameters are gathered to the host
+    (single-process only).
+    """
+    if kind not in ("reward_model", "policy"):
+        raise ValueError(f"kind must be 'reward_model' or 'policy', got {kind!r}")
+    out = pathlib.Path(out_dir)
+    pad, eos = config.pad_token_id, config.eos_token_id
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos
+    if kind == "reward_model" and (pad is None or pad == eos):
+        raise ValueError(f"reward model export needs a pad token distinct from EOS (pad_token_id={pad}, "
+                         f"eos_token_id={eos}): transformers reads the reward at the last non-pad token")
+    extra = {"pad_token_id": pad, "eos_token_id": eos, "dtype": np.dtype(dtype).name}
+    if kind == "reward_model":
+        hf = config.to_hf("ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                          **extra)
+    else:
+        hf = config.to_hf("ForCausalLM", **extra)
+    tensors = {}
+    for path, value in traverse_util.flatten_dict(params, sep="/").items():
+        if path == "reward_head" and kind == "policy":
+            continue
+        name = "score.weight" if path == "reward_head" else "model." + _hf_name(path)
+        tensors[name] = _to_hf(np.asarray(jax.device_get(value)).astype(dtype), _layout(path))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
