@@ -12,7 +12,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by haf_jax.train.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -39,6 +39,7 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("--workdir and --out are required")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import signal
 import sys
@@ -213,7 +214,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                            + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
         for line in harmless:
             log(f"config changed since the checkpoint (harmless): {line}")
-        state, data_state, _ = ckpt.restore(start, s.abstract_state)
+        state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+        start = ckpt.restored_step
         loader.restore(data_state["train"])
         log(f"resumed from {s.checkpoint_dir} at step {start}")
     start = start or 0
@@ -238,6 +240,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     best, last_eval, pending, last_train = None, None, None, {}
     bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
     t0, pairs_done = time.time(), 0
+    nan_fault_step = int(os.environ.get("HAF_JAX_FAULT_NAN_STEP", "0"))
 
     def flush(item):
         nonlocal last_train
@@ -258,6 +261,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             batch = next(loader)
             if "ref_logp" in train_keys:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
+            if step == nan_fault_step:  # fault injection for tests: poison the weights
+                state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
             state, metrics = train_fn(state, put_batch(batch, train_keys, s.mesh), ref_params)
             pairs_done += c.train.batch_size
             if pending is not None:

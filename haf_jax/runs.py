@@ -42,7 +42,11 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
 
     run_dir = pathlib.Path(run_dir)
     model_cfg = ModelConfig(**_tuples(json.loads((run_dir / "model_config.json").read_text())))
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, best_metric=None)
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
+    if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
+        ckpt.close()
+        ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True,
+                                       best_metric="dpo_accuracy")
     step = select_step(ckpt, which)
     config = ml_collections.ConfigDict(ckpt.read_config(step))
     _, abstract_state = step_lib.state_layout(model_cfg, optimizer_for(config), mesh)

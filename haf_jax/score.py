@@ -14,7 +14,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory, Hugging Face directory or hub id to score with.")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference model (same forms) for implicit DPO rewards.")
@@ -95,6 +95,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     for flag in (_MODEL, _DATA, _OUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")

@@ -40,10 +40,12 @@ def sequence_logprobs(embedding_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
     # [C, N, chunk, ...]: scan over the leading chunk axis.
     split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, chunk, *x.shape[2:]), 1, 0)
-    embedding = embedding_VxD.astype(hidden.dtype)
 
     @jax.checkpoint
     def chunk_logprob(h_NxCxD, t_NxC, m_NxC):
+        # Cast inside the chunk: the embedding's gradient then accumulates across chunks in the
+        # embedding's own (float32 master) dtype, not in the bf16 compute dtype.
+        embedding = embedding_VxD.astype(h_NxCxD.dtype)
         logits = jnp.einsum("ncd,vd->ncv", h_NxCxD, embedding, preferred_element_type=jnp.float32)
         if final_logit_softcap:
             logits = jnp.tanh(logits / final_logit_softcap) * final_logit_softcap
@@ -77,7 +79,7 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
         out["reward_Bx2"] = rewards(params["reward_head"], hidden, last_N).reshape(b, 2)
     if policy:
         logp, n_tok = sequence_logprobs(
-            cast["embed_tokens"], hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length),
+            params["embed_tokens"], hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length),
             final_logit_softcap=config.final_logit_softcap, chunk=chunk,
         )
         out["logp_Bx2"], out["n_tokens_Bx2"] = logp.reshape(b, 2), n_tok.reshape(b, 2)
