@@ -254,7 +254,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             m["pairs_per_s"] = pairs_done / elapsed
             metrics_log.write(step, m)
         last_train = m
-        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", refresh=False)
+        rate = pairs_done / max(time.time() - t0, 1e-9)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", pairs_s=f"{rate:.1f}", refresh=False)
 
     try:
         for step in range(start + 1, c.train.steps + 1):
