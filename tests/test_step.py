@@ -1,5 +1,6 @@
 """The jitted train/eval steps: initial-step values, sharding equivalence, reference modes, learning."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -35,10 +36,10 @@ def synthetic_pairs(rng: np.random.Generator, n: int, length: int = 24):
             "index": np.arange(n)}
 
 
-def make(objective="haf", mesh_shape=(1, 1, 1), devices=None, live=False, lr=3e-3, steps=100, grad_accum=1,
-         policy="sigmoid"):
-    mesh = sharding.make_mesh(mesh_shape, devices=devices or jax.devices()[:math.prod(mesh_shape)])
-    cfg = step_lib.StepConfig(MODEL, step_lib.LossConfig(objective=objective, policy=policy), logprob_chunk=8,
+@functools.lru_cache(maxsize=None)  # each distinct set-up compiles once for the whole module
+def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-3, steps=100):
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
+    cfg = step_lib.StepConfig(MODEL, step_lib.LossConfig(objective=objective), logprob_chunk=8,
                               grad_accum=grad_accum)
     opt = make_optimizer(learning_rate=lr, total_steps=steps)
     init_state, abstract = step_lib.state_layout(MODEL, opt, mesh)
@@ -57,6 +58,11 @@ def put(batch, keys, mesh):
     return {k: jax.device_put(np.asarray(batch[k]), shs[k]) for k in keys}
 
 
+def fresh_state(r):
+    """A new train state from a copy of the shared initial weights (the state gets donated)."""
+    return r["init_state"](jax.tree.map(jnp.copy, r["params0"]))
+
+
 def with_ref(r, batch):
     ref = np.asarray(r["ref"](r["params0"], put(batch, r["ref_keys"], r["mesh"])))
     return {**batch, "ref_logp": ref}
@@ -65,7 +71,7 @@ def with_ref(r, batch):
 def test_first_step_is_ln2_and_zero_accuracy():
     r = make("haf")
     batch = with_ref(r, synthetic_pairs(np.random.default_rng(0), 8))
-    state = r["init_state"](jax.tree.map(jnp.copy, r["params0"]))
+    state = fresh_state(r)
     _, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None)
     m = jax.device_get(m)
     assert m["reward_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -78,10 +84,10 @@ def test_first_step_is_ln2_and_zero_accuracy():
 def test_train_step_8_devices_equals_1_device():
     batch = synthetic_pairs(np.random.default_rng(1), 8)
     results = []
-    for shape, devices in (((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
-        r = make("haf", shape, devices)
+    for shape in ((2, 2, 2), (1, 1, 1)):
+        r = make("haf", shape)
         b = with_ref(r, batch)
-        state = r["init_state"](r["params0"])
+        state = fresh_state(r)
         for _ in range(2):
             state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None)
         results.append((jax.device_get(state["params"]), jax.device_get(m)))
@@ -98,7 +104,7 @@ def test_precomputed_and_live_reference_give_same_losses():
     for live in (False, True):
         r = make("haf", live=live)
         b = batch if live else with_ref(r, batch)
-        state = r["init_state"](jax.tree.map(jnp.copy, r["params0"]))
+        state = fresh_state(r)
         ms = []
         for _ in range(3):  # after the first update, policy != reference
             state, m = r["train"](state, put(b, r["keys"], r["mesh"]), r["params0"] if live else None)
@@ -115,7 +121,7 @@ def test_gradient_accumulation_matches_full_batch():
     params = []
     for accum in (1, 4):
         r = make("baseline", grad_accum=accum)
-        state = r["init_state"](r["params0"])
+        state = fresh_state(r)
         for _ in range(2):
             state, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None)
         params.append(jax.device_get(state["params"]))
@@ -126,7 +132,7 @@ def test_gradient_accumulation_matches_full_batch():
 def test_non_finite_loss_keeps_state_and_reports():
     r = make("baseline")
     batch = synthetic_pairs(np.random.default_rng(4), 8)
-    state = r["init_state"](r["params0"])
+    state = fresh_state(r)
     before = jax.device_get(state["params"])
     bad = jax.tree.map(jnp.copy, state)
     bad["params"]["reward_head"] = jnp.full_like(bad["params"]["reward_head"], jnp.nan)
@@ -139,13 +145,13 @@ def test_non_finite_loss_keeps_state_and_reports():
 @pytest.mark.parametrize("objective", ["haf", "baseline", "dpo"])
 def test_tiny_model_learns_synthetic_rule(objective):
     rng = np.random.default_rng(10)
-    r = make(objective, steps=80, lr=3e-3)
+    r = make(objective)
     eval_batch = synthetic_pairs(rng, 64)
     train_pool = synthetic_pairs(rng, 16 * 80)
     if objective != "baseline":
         eval_batch = with_ref(r, eval_batch)
         train_pool = with_ref(r, train_pool)
-    state = r["init_state"](jax.tree.map(jnp.copy, r["params0"]))
+    state = fresh_state(r)
     for i in range(80):
         b = {k: v[i * 16:(i + 1) * 16] for k, v in train_pool.items()}
         state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None)
