@@ -190,6 +190,31 @@ class Preemption:
         return self.requested
 
 
+def past_metrics(workdir: pathlib.Path, upto: int, best_metric: str):
+    """(best, last_eval, last_train) as metrics.jsonl records them up to step `upto`, so that a resumed
+    run's summary covers the evaluations made before the restart: (None, None, {}) on a fresh run."""
+    best, last_eval, last_train = None, None, {}
+    path = workdir / "metrics.jsonl"
+    if upto <= 0 or jax.process_index() != 0 or not path.exists():
+        return best, last_eval, last_train
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(row, dict) or row.get("step", upto + 1) > upto:
+            continue
+        step, values = row["step"], {k: v for k, v in row.items() if k not in ("step", "split")}
+        if row.get("split") == "eval":
+            last_eval = values
+            if isinstance(values.get(best_metric), (int, float)) and (
+                    best is None or values[best_metric] > best[1][best_metric]):
+                best = (step, values)
+        elif "split" not in row and step == upto:
+            last_train = values
+    return best, last_eval, last_train
+
+
 def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
@@ -237,7 +262,10 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live)
     metrics_log = MetricsLog(workdir, resume_step=start)
     preempt = Preemption()
-    best, last_eval, pending, last_train = None, None, None, {}
+    pending = None
+    best, last_eval, last_train = past_metrics(workdir, start, best_metric)  # a resumed run's history
+    if start >= c.train.steps:
+        log(f"the run in {workdir} is already complete (step {start} of {c.train.steps}); nothing to train")
     bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
     t0, pairs_done = time.time(), 0
     nan_fault_step = int(os.environ.get("HAF_JAX_FAULT_NAN_STEP", "0"))
