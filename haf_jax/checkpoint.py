@@ -335,6 +335,10 @@ class Checkpointer:
                         self.directory, why)
             self._bad[step] = why
 
+    def unusable_steps(self) -> dict[int, str]:
+        """{step: why} of the committed steps found unusable so far (by latest_step/restore)."""
+        return dict(self._bad)
+
     def all_steps(self) -> list[int]:
         """Committed steps that are not known to be bad, oldest first."""
         return [s for s in self._mngr.all_steps() if s not in self._bad]

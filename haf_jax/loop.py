@@ -124,15 +124,35 @@ def put_batch(batch: dict, keys, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
 
 
-def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None) -> dict[str, np.ndarray]:
-    """Precomputed reference log-probs per split: from the workdir, the global cache, or one pass."""
+def _local_reference(local: pathlib.Path | None, ds) -> np.ndarray | None:
+    """The workdir's reference array for `ds`, or None when absent, damaged or made for other data
+    (data.eval may change on resume; a run killed while writing leaves a partial file)."""
+    if local is None or not local.exists() or not local.with_suffix(".json").exists():
+        return None
+    try:
+        meta = json.loads(local.with_suffix(".json").read_text())
+        array = np.load(local, allow_pickle=False)
+    except (ValueError, OSError):
+        return None
+    if not isinstance(meta, dict) or meta.get("data") != ds.fingerprint or array.shape != (len(ds), 2):
+        return None
+    return array
+
+
+def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None, load_params0=None) -> dict[str, np.ndarray]:
+    """Precomputed reference log-probs per split: from the workdir, the global cache, or one pass.
+
+    `params0` are the initial weights, or None with `load_params0()` to get them only when needed."""
     ref_fn, keys = step_lib.jit_reference(s.step_cfg, s.mesh, s.param_shardings)
     out = {}
     for name, ds in (("train", s.train_ds), ("eval", s.eval_ds)):
         local = workdir / f"reference_{name}.npy" if workdir is not None else None
-        if local is not None and local.exists():
-            out[name] = np.load(local, allow_pickle=False)
+        array = _local_reference(local, ds)
+        if array is not None:
+            out[name] = array
             continue
+        if params0 is None and load_params0 is not None:
+            params0 = load_params0()
         if params0 is None:
             raise RunError(f"{local} is missing and the initial weights are not available to recompute it")
         key = {"weights": reference.params_fingerprint(params0), "data": ds.fingerprint,
@@ -143,8 +163,12 @@ def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None) -> dict[st
         array, hit = reference.cached(key, lambda: reference.compute(ds, params0, ref_fn, put, batch_size=bs,
                                                                      desc=f"reference log-probs ({name})"))
         log(f"reference log-probs ({name}, {len(ds)} pairs): {'cache hit' if hit else 'computed'}")
-        if local is not None and jax.process_index() == 0:
-            np.save(local, array, allow_pickle=False)
+        if local is not None and jax.process_index() == 0:  # atomic: a kill never leaves half a file
+            tmp = local.with_name(local.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+            os.replace(tmp, local)
+            local.with_suffix(".json").write_text(json.dumps({"data": ds.fingerprint, "pairs": len(ds)}))
         out[name] = array
     return out
 
@@ -176,7 +200,11 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def close(self):
+        """Puts back the SIGTERM handler that was there before (train() may run inside a bigger program)."""
+        signal.signal(signal.SIGTERM, self._previous)
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -232,14 +260,27 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                    best_metric=best_metric)
     loader = data.PairLoader(s.train_ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
     start = ckpt.latest_step()
+    if start is None and ckpt.unusable_steps():
+        raise RunError(f"{s.checkpoint_dir} holds checkpoints but none is usable ("
+                       + "; ".join(f"step {k}: {v}" for k, v in sorted(ckpt.unusable_steps().items()))
+                       + "); move them away to start afresh, or use a new --workdir")
     if start is not None:
-        breaking, harmless = checkpoint.compare_configs(ckpt.read_config(start), config_dict(config))
+        saved = ckpt.read_config(start)
+        breaking, harmless = checkpoint.compare_configs(saved, config_dict(config))
+        was_eval = (saved.get("data") or {}).get("eval") or ""
+        if bool(was_eval) != bool(c.data.eval):  # "" carves the eval split out of data.train
+            harmless = [line for line in harmless if not line.startswith("data.eval:")]
+            breaking.append(f"data.eval: saved={was_eval!r} current={c.data.eval!r} (an empty data.eval takes "
+                            f"the eval split out of data.train, so this changes the training data)")
         if breaking:
             raise RunError(f"{workdir} holds a checkpoint from a different run configuration:\n  "
                            + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
         for line in harmless:
             log(f"config changed since the checkpoint (harmless): {line}")
-        state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+        try:
+            state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+        except checkpoint.CorruptCheckpointError as e:
+            raise RunError(f"{e}; move them away to start afresh, or use a new --workdir") from None
         start = ckpt.restored_step
         loader.restore(data_state["train"])
         log(f"resumed from {s.checkpoint_dir} at step {start}")
@@ -248,9 +289,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
-    need_params0 = start == 0 or live or (lc.needs_reference and not (workdir / "reference_train.npy").exists())
-    params0 = initial_params(c, model_cfg, path, s.mesh, s.param_shardings) if need_params0 else None
-    refs = reference_arrays(s, params0, workdir) if lc.needs_reference and not live else {}
+    load_params0 = lambda: initial_params(c, model_cfg, path, s.mesh, s.param_shardings)
+    params0 = load_params0() if start == 0 or live else None
+    refs = reference_arrays(s, params0, workdir, load_params0) if lc.needs_reference and not live else {}
     ref_params = params0 if live else None
     if start == 0:
         state = s.init_state(jax.tree.map(jnp.copy, params0) if params0 is not None and live else params0)
@@ -320,6 +361,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         if pending is not None:
             flush(pending)
     finally:
+        preempt.close()
         bar.close()
         ckpt.wait_until_finished()
         metrics_log.close()

@@ -50,8 +50,13 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     step = select_step(ckpt, which)
     config = ml_collections.ConfigDict(ckpt.read_config(step))
     _, abstract_state = step_lib.state_layout(model_cfg, optimizer_for(config), mesh)
-    state, _, _ = ckpt.restore(step, abstract_state)
-    ckpt.close()
+    try:  # "last" walks back past a damaged newest step (reported); an explicit or best step must be intact
+        state, _, _ = ckpt.restore(None if str(which) == "last" else step, abstract_state)
+    except checkpoint.CorruptCheckpointError as e:
+        raise ValueError(f"{e}; choose another with --step=last|N") from None
+    finally:
+        ckpt.close()
+    step = ckpt.restored_step
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     return state["params"], model_cfg, tokenizer, {"source": str(run_dir), "step": step}
 

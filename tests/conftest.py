@@ -22,3 +22,9 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}; real third-party assets unavailable")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """The offline-default run takes minutes: start it first so that, under pytest-xdist, the
+    other worker runs the rest of the suite meanwhile instead of waiting on it at the end."""
+    items.sort(key=lambda item: 0 if item.name == "test_offline_default_run" else 1)

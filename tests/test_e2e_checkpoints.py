@@ -218,12 +218,13 @@ def test_metrics_contract(run_a):
 
 
 def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
-    """SIGKILL after the first committed checkpoint; the restart reproduces run A exactly."""
+    """SIGKILL once a checkpoint after the first eval is committed (so the restart must also carry
+    the pre-kill evals into its summary); the restart reproduces run A exactly."""
     for attempt in range(3):  # a very fast child can finish before the kill lands: try again
         workdir = tmp_path / f"b{attempt}"
         proc = runner.start(workdir)
         try:
-            wait_until(lambda: committed_steps(workdir), proc)
+            wait_until(lambda: any(s > EVAL_EVERY for s in committed_steps(workdir)), proc)
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=60)
         finally:
@@ -236,7 +237,7 @@ def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
     p = runner.train(workdir)
     assert re.search(r"resumed from .* at step \d+", p.stderr), p.stderr[-3000:]
     resumed = int(re.search(r"resumed from .* at step (\d+)", p.stderr).group(1))
-    assert resumed % EVERY == 0 and resumed < STEPS, (resumed, killed_at)
+    assert resumed % EVERY == 0 and EVAL_EVERY < resumed < STEPS, (resumed, killed_at)
     assert_same_losses(run_a, workdir)
 
 
@@ -271,11 +272,16 @@ def test_sigterm_checkpoints_and_exits_cleanly(run_a, runner, tmp_path):
 def test_breaking_config_change_is_refused(run_a, runner, tmp_path):
     workdir = copy_run(run_a, tmp_path / "run")
     before = (workdir / "metrics.jsonl").read_text()
-    p = runner.train(workdir, "--config.loss.objective=dpo", "--config.loss.beta=0.5", check=False)
+    p = runner.train(workdir, "--config.loss.objective=dpo", "--config.loss.beta=0.5",
+                     f"--config.data.eval={runner.data}", "--config.train.eval_every=12", check=False)
     assert p.returncode != 0
     no_traceback(p)
+    assert "different run configuration" in p.stderr, p.stderr[-3000:]
     assert "loss.objective: saved='haf' current='dpo'" in p.stderr, p.stderr[-3000:]
     assert "loss.beta: saved=0.1 current=0.5" in p.stderr, p.stderr[-3000:]
+    # data.eval is harmless between two eval sets, but "" -> a file stops carving eval out of data.train
+    assert "data.eval: saved='' current=" in p.stderr, p.stderr[-3000:]
+    assert "train.eval_every" not in p.stderr.split("different run configuration")[1]
     assert (workdir / "metrics.jsonl").read_text() == before
     assert committed_steps(workdir) == committed_steps(run_a)
 
@@ -293,8 +299,9 @@ def test_harmless_config_change_is_logged_and_accepted(run_a, runner, tmp_path):
     assert (workdir / "metrics.jsonl").read_text() == (run_a / "metrics.jsonl").read_text()
 
 
-@pytest.mark.parametrize("nan_step", [EVERY * 2 + 1, EVERY * 3])  # mid-interval, and on a save+eval step
-def test_nan_stops_run_and_keeps_last_good_checkpoint(runner, tmp_path, nan_step):
+def test_nan_stops_run_and_keeps_last_good_checkpoint(runner, tmp_path):
+    """The poisoned step is a save and eval step: the guard must stop before writing it."""
+    nan_step = 2 * EVAL_EVERY
     workdir = tmp_path / "run"
     p = runner.train(workdir, env={"HAF_JAX_FAULT_NAN_STEP": str(nan_step)}, check=False)
     assert p.returncode != 0
@@ -325,6 +332,37 @@ def test_truncated_checkpoint_is_skipped(run_a, runner, tmp_path):
     assert committed_steps(workdir)[-1] == STEPS  # a good one replaced it
     assert list((workdir / "checkpoints" / "set_aside").iterdir()), "the bad step was not kept aside"
     assert_same_losses(run_a, workdir)
+
+
+def test_no_usable_checkpoint_is_refused(run_a, runner, tmp_path):
+    """Every step damaged: a clear refusal, not a silent fresh start over the run's history."""
+    workdir = copy_run(run_a, tmp_path / "run")
+    for step in committed_steps(workdir):
+        (workdir / "checkpoints" / str(step) / "state" / "manifest.ocdbt").unlink()
+    p = runner.train(workdir, check=False)
+    assert p.returncode != 0
+    no_traceback(p)
+    assert "none is usable" in p.stderr and f"step {STEPS}: state/manifest.ocdbt" in p.stderr, p.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").read_text() == (run_a / "metrics.jsonl").read_text()
+
+
+def test_workdir_reference_is_reused_only_for_its_data(tmp_path):
+    """reference_<split>.npy in a workdir is tied to the data it was computed for (data.eval may change
+    on resume) and is written atomically."""
+    from haf_jax import loop
+
+    ds = type("DS", (), {"fingerprint": "abc", "__len__": lambda self: 3})()
+    local = tmp_path / "reference_eval.npy"
+    assert loop._local_reference(local, ds) is None
+    np.save(local, np.ones((3, 2), np.float32))
+    assert loop._local_reference(local, ds) is None  # no record of its data: recompute
+    local.with_suffix(".json").write_text(json.dumps({"data": "abc", "pairs": 3}))
+    assert loop._local_reference(local, ds).shape == (3, 2)
+    local.with_suffix(".json").write_text(json.dumps({"data": "other", "pairs": 3}))
+    assert loop._local_reference(local, ds) is None
+    local.with_suffix(".json").write_text(json.dumps({"data": "abc", "pairs": 3}))
+    local.write_bytes(local.read_bytes()[:40])  # half-written
+    assert loop._local_reference(local, ds) is None
 
 
 # ----------------------------------------------------------------------------- export / score

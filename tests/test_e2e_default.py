@@ -1,0 +1,39 @@
+"""The offline default, exactly as the README runs it: no argument beyond the config.
+
+One process (a few minutes on a 2-core CPU), nothing shared with other tests: its own reference
+cache, no compilation cache, one CPU device as on a laptop.
+"""
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_offline_default_run(tmp_path):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")
+                or k.startswith("HAF_JAX_FAULT")]:
+        env.pop(key)
+    env.update(HAF_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    workdir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    m = re.search(r"eval reward_accuracy of the trained model: ([0-9.]+) \((\d+) pairs\)", p.stdout)
+    assert m, p.stdout[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["objective"] == "haf" and summary["steps"] == summary["last"]["step"] == 150
+    assert summary["last"]["reward_accuracy"] == pytest.approx(float(m.group(1)), abs=5e-5)
+    assert summary["last"]["pairs"] == int(m.group(2)) > 0
+    assert 0.0 <= summary["last"]["reward_accuracy"] <= 1.0
+    assert summary["best"]["reward_accuracy"] >= summary["last"]["reward_accuracy"]
+    assert (workdir / "metrics.jsonl").is_file() and (workdir / "checkpoints").is_dir()
