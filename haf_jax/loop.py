@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, reference, sharding, step as step_lib
-from haf_jax.metrics import MetricsLog, summary_table
+from haf_jax.metrics import MetricsLog, read_rows, summary_table
 from haf_jax.model import hf
 from haf_jax.model.config import preset
 from haf_jax.optim import make_optimizer
@@ -225,12 +225,8 @@ def past_metrics(workdir: pathlib.Path, upto: int, best_metric: str):
     path = workdir / "metrics.jsonl"
     if upto <= 0 or jax.process_index() != 0 or not path.exists():
         return best, last_eval, last_train
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict) or row.get("step", upto + 1) > upto:
+    for row in read_rows(path):
+        if row.get("step", upto + 1) > upto:
             continue
         step, values = row["step"], {k: v for k, v in row.items() if k not in ("step", "split")}
         if row.get("split") == "eval":

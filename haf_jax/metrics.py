@@ -21,8 +21,7 @@ class MetricsLog:
         if not self.enabled:
             return
         if self.path.exists():  # keep only what the restored state had already produced
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
@@ -44,6 +43,19 @@ class MetricsLog:
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a half-written last line (a kill mid-write) is dropped."""
+    rows = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _plain(v):
