@@ -99,6 +99,12 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
         (workdir / "model_config.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
         tokenizer.save_pretrained(str(workdir / "tokenizer"))
     mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config.train[key] % (n_shards * config.optim.grad_accum if key == "batch_size" else n_shards):
+            raise RunError(f"train.{key}={config.train[key]} must be a multiple of the data-parallel size "
+                           f"{n_shards} (mesh {dict(mesh.shape)})"
+                           + (f" times optim.grad_accum={config.optim.grad_accum}" if key == "batch_size" else ""))
     step_cfg = step_lib.StepConfig(
         model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
         compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,

@@ -5,7 +5,9 @@
 
 Writes one JSON object per pair, in input order: reward_chosen, reward_rejected, logp_chosen,
 logp_rejected (summed response log-probs under the model's LM head) and, with --reference,
-ref_logp_chosen, ref_logp_rejected. The last stdout line is a JSON summary.
+ref_logp_chosen, ref_logp_rejected; `row` is the source record (0-based, counting the records a
+recipe keeps) and `id` the record's id when it has one. A pair the data layer skips (empty or identical responses, ...) gets a row
+{"row", "skipped": reason} in its place. The last stdout line is a JSON summary.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ _DATA = flags.DEFINE_string("data", None, "Preference data: file path or dataset
 _OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per pair.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Maximum tokens of prompt + response.")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 128, "Maximum prompt tokens (the prompt keeps its end).")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 128, "Maximum prompt tokens (the prompt keeps its end); at most max_length // 2.")
 _TEMPLATE = flags.DEFINE_string("template", "none", "Prompt template: none | phi2 | mistral.")
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO temperature of the implicit reward beta * (logp - ref_logp).")
 _STEP = flags.DEFINE_string("step", "best", "For run directories: best | last | a step number.")
@@ -46,10 +48,15 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
         ref_params, ref_cfg, _, _ = load_model(reference, mesh, which=step)
         if ref_cfg.vocab_size != model_cfg.vocab_size:
             raise ValueError(f"--reference vocab_size {ref_cfg.vocab_size} != model vocab_size {model_cfg.vocab_size}")
+    # A short --max_length alone should just work: the prompt then gets at most half of it.
+    max_prompt_length = min(max_prompt_length, max_length // 2)
     ds = data.load_pairs(data_spec, tokenizer, split="all", max_length=max_length,
                          max_prompt_length=max_prompt_length, template=template, eval_fraction=0.0,
                          max_skip_fraction=1.0)
     print(data.format_report(ds.report), file=sys.stderr)
+    # Batches are split over every device: round up to a multiple (filler pairs are masked).
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-batch_size // n_shards) * n_shards
     keys = ["tokens", "response_mask", "last_index"]
     psh = sharding.param_shardings(model_cfg, mesh)
     bsh = step_lib.batch_shardings(mesh, keys)
@@ -71,18 +78,23 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
         cols["logp"][idx] = out["logp_Bx2"][batch["valid"]]
         if ref_fn is not None:
             cols["ref_logp"][idx] = np.asarray(jax.device_get(ref_fn(ref_params, put)))[batch["valid"]]
+    rows = []  # (source row, order within the row, JSON object): input order, skipped rows included
+    for i in range(n):
+        row = {"row": ds.groups[i]} if ds.groups else {}
+        if ds.pairs[i].get("id") is not None:
+            row["id"] = ds.pairs[i]["id"]
+        for name in ("reward", "logp") + (("ref_logp",) if ref_fn is not None else ()):
+            row[f"{name}_chosen"], row[f"{name}_rejected"] = float(cols[name][i, 0]), float(cols[name][i, 1])
+        rows.append((ds.groups[i] if ds.groups else i, i, row))
+    rows += [(g, -1, {"row": g, "skipped": reason}) for g, reason in ds.skipped]
     with open(out_path, "w") as f:
-        for i in range(n):
-            row = {"index": i}
-            if getattr(ds, "ids", None) is not None and ds.ids[i] is not None:
-                row["id"] = ds.ids[i]
-            for name in ("reward", "logp") + (("ref_logp",) if ref_fn is not None else ()):
-                row[f"{name}_chosen"], row[f"{name}_rejected"] = float(cols[name][i, 0]), float(cols[name][i, 1])
+        for _, _, row in sorted(rows, key=lambda r: r[:2]):
             f.write(json.dumps(row) + "\n")
     margin = cols["reward"][:, 0] - cols["reward"][:, 1]
     summary = {
         "pairs": n, "reward_accuracy": float(np.mean(margin > 0)) if n else 0.0,
-        "mean_margin": float(np.mean(margin)) if n else 0.0, "skipped": ds.report.get("skipped_total", 0),
+        "mean_margin": float(np.mean(margin)) if n else 0.0, "skipped": len(ds.skipped),
+        "skipped_by_reason": ds.report.get("skipped_by_reason", {}),
         "model": info.get("source"), "out": out_path,
     }
     if ref_fn is not None:

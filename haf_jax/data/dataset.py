@@ -52,6 +52,8 @@ class PairDataset:
     process_count: int
     report: dict
     fingerprint: str
+    groups: list = dataclasses.field(default_factory=list)  # [N] source row (group) of each pair
+    skipped: list = dataclasses.field(default_factory=list)  # (source row, reason) of skipped pairs
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -160,7 +162,8 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
                        pad_id=tokenize.pad_id(tokenizer), max_length=max_length,
                        buckets=list(buckets or batching.length_buckets(max_length)),
                        process_index=process_index, process_count=process_count,
-                       report=report, fingerprint=fingerprint)
+                       report=report, fingerprint=fingerprint, groups=[p["group"] for p in pairs],
+                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]])
 
 
 def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.ndarray:

@@ -1,0 +1,37 @@
+"""haf_jax.score on a Hugging Face directory: input order, skipped rows kept in place, summary."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from haf_jax import data, sharding
+from haf_jax.model import hf
+from haf_jax.model.config import preset
+from haf_jax.score import score
+
+
+def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):
+    cfg = dataclasses.replace(preset("tiny"), num_layers=1, layer_types=("full_attention",))
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    params = jax.device_get(sharding.init_params(cfg, jax.random.key(0), mesh))
+    params["reward_head"] = np.random.default_rng(0).normal(size=params["reward_head"].shape).astype(np.float32)
+    tok = data.load_tokenizer(str(data.sample_paths()["tokenizer"]))
+    hf.save_hf(params, cfg, tmp_path / "rm", kind="reward_model", tokenizer=tok)
+    records = [
+        {"prompt": "Q: a?", "chosen": " yes it is", "rejected": " no", "id": "r0"},
+        {"prompt": "Q: b?", "chosen": " same", "rejected": " same", "id": "r1"},  # identical: skipped
+        {"prompt": "Q: c?", "chosen": " fine", "rejected": " bad answer here", "id": "r2"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = score(str(tmp_path / "rm"), str(tmp_path / "pairs.jsonl"), str(tmp_path / "out.jsonl"),
+                    batch_size=2, max_length=64)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2]
+    assert [r.get("id") for r in rows] == ["r0", None, "r2"]
+    assert "skipped" in rows[1] and "reward_chosen" not in rows[1]
+    assert summary["pairs"] == 2 and summary["skipped"] == 1
+    margins = [r["reward_chosen"] - r["reward_rejected"] for r in (rows[0], rows[2])]
+    assert summary["reward_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
+    assert summary["mean_margin"] == pytest.approx(np.mean(margins), abs=1e-6)
