@@ -1,1 +1,11 @@
-"""haf_jax: reward models trained with the HaF hybrid objective, in JAX/Flax."""
+"""haf_jax: reward models trained with the HaF hybrid objective, in JAX/Flax.
+
+Entry points are the CLIs `python -m haf_jax.train | score | export | data`; the names below are
+the library surface for people who build on the pieces.
+"""
+from haf_jax.losses import bradley_terry, objective, pair_metrics, policy_loss
+from haf_jax.model.config import ModelConfig, preset
+from haf_jax.model.heads import forward_pairs, rewards, sequence_logprobs
+
+__all__ = ["ModelConfig", "bradley_terry", "forward_pairs", "objective", "pair_metrics", "policy_loss", "preset",
+           "rewards", "sequence_logprobs"]

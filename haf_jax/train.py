@@ -49,5 +49,21 @@ def main(argv) -> None:
         sys.exit(2)
 
 
+def parse_flags(argv):
+    """absl flag parsing with config-override errors (unknown keys, wrong types) as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):  # config file raised: keep its message
+            lines = [lines[0], lines[-1]]
+        print("error: " + "\n".join(lines) + "\nPass --helpfull to see the flags.", file=sys.stderr)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        print(f"error: unknown or invalid config key in {' '.join(bad or argv[1:])} ({type(e).__name__}: {e})\n"
+              "Every key is listed with a comment in the config file.", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

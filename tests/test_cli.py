@@ -1,4 +1,4 @@
-"""haf_jax.score on a Hugging Face directory: input order, skipped rows kept in place, summary."""
+"""CLI behaviour: haf_jax.score (input order, skipped rows kept in place, summary); train flag errors."""
 import dataclasses
 import json
 
@@ -35,3 +35,18 @@ def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):
     margins = [r["reward_chosen"] - r["reward_rejected"] for r in (rows[0], rows[2])]
     assert summary["reward_accuracy"] == pytest.approx(np.mean([m > 0 for m in margins]))
     assert summary["mean_margin"] == pytest.approx(np.mean(margins), abs=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.loss.nope=1", "unknown or invalid config key in --config.loss.nope=1"),
+    ("--config.train.steps=abc", "--config.train.steps=abc"),
+])
+def test_train_cli_rejects_bad_config_overrides(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py",
+                        f"--workdir={tmp_path}", override], capture_output=True, text=True, timeout=120,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert p.returncode == 2
+    assert message in p.stderr and "Traceback" not in p.stderr
