@@ -163,7 +163,7 @@ def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None, load_param
             raise RunError(f"{local} is missing and the initial weights are not available to recompute it")
         key = {"weights": reference.params_fingerprint(params0), "data": ds.fingerprint,
                "model": dataclasses.asdict(s.model_config), "dtype": str(s.step_cfg.compute_dtype),
-               "chunk": s.step_cfg.logprob_chunk}
+               "chunk": s.step_cfg.logprob_chunk, "mesh": dict(s.mesh.shape)}
         put = lambda b: put_batch(b, keys, s.mesh)
         bs = s.config.train.eval_batch_size
         array, hit = reference.cached(key, lambda: reference.compute(ds, params0, ref_fn, put, batch_size=bs,

@@ -63,6 +63,26 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> P:
     return P(*out)
 
 
+def shard_batch_axis(x):
+    """Pins an activation's leading (sequence) axis to (data, fsdp) when traced under a mesh.
+
+    Without it GSPMD may follow the FSDP layout of the weights (embed over fsdp) into the
+    activations and reshard them back and forth; outside a mesh context this is the identity.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+
+
+def under_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` as the context mesh, so shard_batch_axis can take effect."""
+    def wrapped(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return wrapped
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (pair-count) axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

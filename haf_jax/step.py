@@ -166,7 +166,8 @@ def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shar
     """train_step jitted once: state donated, batch over (data, fsdp), metrics replicated."""
     keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
     ref_sh = param_shardings if live_reference else None
-    fn = lambda state, batch, ref: train_step(state, batch, ref, cfg=cfg, optimizer=optimizer)
+    fn = sharding.under_mesh(lambda state, batch, ref: train_step(state, batch, ref, cfg=cfg, optimizer=optimizer),
+                             mesh)
     return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
 
@@ -174,13 +175,13 @@ def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shar
 def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool):
     keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
     ref_sh = param_shardings if live_reference else None
-    fn = lambda params, batch, ref: eval_step(params, batch, ref, cfg=cfg)
+    fn = sharding.under_mesh(lambda params, batch, ref: eval_step(params, batch, ref, cfg=cfg), mesh)
     return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys), ref_sh),
                    out_shardings=sharding.replicated(mesh)), keys
 
 
 def jit_reference(cfg: StepConfig, mesh, param_shardings):
     keys = ["tokens", "response_mask", "last_index"]
-    fn = lambda params, batch: reference_logprobs(params, batch, cfg=cfg)
+    fn = sharding.under_mesh(lambda params, batch: reference_logprobs(params, batch, cfg=cfg), mesh)
     return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys)),
                    out_shardings=NamedSharding(mesh, P())), keys

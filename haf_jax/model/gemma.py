@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from haf_jax.model.config import SLIDING, ModelConfig
+from haf_jax.sharding import shard_batch_axis
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
@@ -148,8 +149,8 @@ class Transformer(nn.Module):
         positions_NxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens_NxL.shape)
         valid_NxL = positions_NxL <= last_index_N[:, None]
         # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as the reference does.
-        x = jnp.take(embedding, tokens_NxL, axis=0) * jnp.asarray(c.embed_scale, dt)
+        x = shard_batch_axis(jnp.take(embedding, tokens_NxL, axis=0) * jnp.asarray(c.embed_scale, dt))
         block = nn.remat(Block) if c.remat else Block
         for i, kind in enumerate(c.layer_types):
-            x = block(c, kind == SLIDING, name=f"layers_{i}")(x, positions_NxL, valid_NxL)
+            x = shard_batch_axis(block(c, kind == SLIDING, name=f"layers_{i}")(x, positions_NxL, valid_NxL))
         return RMSNorm(c.rms_norm_eps, name="norm")(x)
