@@ -52,6 +52,7 @@ class Setup:
     init_state: object  # jitted params -> state
     abstract_state: object
     checkpoint_dir: pathlib.Path | None
+    model_path: pathlib.Path | None  # HF directory the initial weights come from (None: random init)
 
 
 def model_source(config):
@@ -64,7 +65,8 @@ def model_source(config):
     return dataclasses.replace(model_cfg, remat=bool(config.model.remat)), path
 
 
-def initial_params(config, model_cfg, path, mesh, param_shardings):
+def initial_params(config, model_cfg, path, mesh):
+    """The initial weights: the HF checkpoint at `path`, or a random init of `model_cfg` (seeded)."""
     if path is not None:
         params, info = hf.load_params(path, model_cfg, mesh=mesh)
         log(f"loaded {path} ({info})")
@@ -114,7 +116,7 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
     param_sh = sharding.param_shardings(model_cfg, mesh)
     init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh)
     return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, init_state,
-                 abstract_state, workdir / "checkpoints" if workdir is not None else None)
+                 abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
 
 
 def optimizer_for(config):
@@ -249,6 +251,40 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path):
+    """(state, step) restored from the newest usable checkpoint, or (None, 0) for a fresh run.
+
+    Refuses a config that differs from the checkpoint's in a way that matters, and a workdir
+    whose checkpoints are all unusable (starting afresh there would overwrite its history).
+    """
+    start = ckpt.latest_step()
+    if start is None and ckpt.unusable_steps():
+        raise RunError(f"{s.checkpoint_dir} holds checkpoints but none is usable ("
+                       + "; ".join(f"step {k}: {v}" for k, v in sorted(ckpt.unusable_steps().items()))
+                       + "); move them away to start afresh, or use a new --workdir")
+    if start is None:
+        return None, 0
+    saved = ckpt.read_config(start)
+    breaking, harmless = checkpoint.compare_configs(saved, config_dict(config))
+    was_eval = (saved.get("data") or {}).get("eval") or ""
+    if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
+        harmless = [line for line in harmless if not line.startswith("data.eval:")]
+        breaking.append(f"data.eval: saved={was_eval!r} current={config.data.eval!r} (an empty data.eval takes "
+                        f"the eval split out of data.train, so this changes the training data)")
+    if breaking:
+        raise RunError(f"{workdir} holds a checkpoint from a different run configuration:\n  "
+                       + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
+    for line in harmless:
+        log(f"config changed since the checkpoint (harmless): {line}")
+    try:
+        state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+    except checkpoint.CorruptCheckpointError as e:
+        raise RunError(f"{e}; move them away to start afresh, or use a new --workdir") from None
+    loader.restore(data_state["train"])
+    log(f"resumed from {s.checkpoint_dir} at step {ckpt.restored_step}")
+    return state, ckpt.restored_step
+
+
 def train(config, workdir: str | pathlib.Path) -> dict:
     from tqdm import tqdm
 
@@ -261,37 +297,11 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                    every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
                                    best_metric=best_metric)
     loader = data.PairLoader(s.train_ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
-    start = ckpt.latest_step()
-    if start is None and ckpt.unusable_steps():
-        raise RunError(f"{s.checkpoint_dir} holds checkpoints but none is usable ("
-                       + "; ".join(f"step {k}: {v}" for k, v in sorted(ckpt.unusable_steps().items()))
-                       + "); move them away to start afresh, or use a new --workdir")
-    if start is not None:
-        saved = ckpt.read_config(start)
-        breaking, harmless = checkpoint.compare_configs(saved, config_dict(config))
-        was_eval = (saved.get("data") or {}).get("eval") or ""
-        if bool(was_eval) != bool(c.data.eval):  # "" carves the eval split out of data.train
-            harmless = [line for line in harmless if not line.startswith("data.eval:")]
-            breaking.append(f"data.eval: saved={was_eval!r} current={c.data.eval!r} (an empty data.eval takes "
-                            f"the eval split out of data.train, so this changes the training data)")
-        if breaking:
-            raise RunError(f"{workdir} holds a checkpoint from a different run configuration:\n  "
-                           + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
-        for line in harmless:
-            log(f"config changed since the checkpoint (harmless): {line}")
-        try:
-            state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
-        except checkpoint.CorruptCheckpointError as e:
-            raise RunError(f"{e}; move them away to start afresh, or use a new --workdir") from None
-        start = ckpt.restored_step
-        loader.restore(data_state["train"])
-        log(f"resumed from {s.checkpoint_dir} at step {start}")
-    start = start or 0
-    model_cfg, path = s.model_config, (hf.resolve_checkpoint(c.model.checkpoint) if c.model.checkpoint else None)
+    state, start = resume(s, ckpt, loader, config, workdir)
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
-    load_params0 = lambda: initial_params(c, model_cfg, path, s.mesh, s.param_shardings)
+    load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
     params0 = load_params0() if start == 0 or live else None
     refs = reference_arrays(s, params0, workdir, load_params0) if lc.needs_reference and not live else {}
     ref_params = params0 if live else None
@@ -320,13 +330,12 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         if m.pop("finite") < 1.0:
             raise RunError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
                            f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written")
+        m["pairs_per_s"] = pairs_done / max(time.time() - t0, 1e-9)
         if step == 1 or step % c.train.log_every == 0 or step == c.train.steps:
-            elapsed = max(time.time() - t0, 1e-9)
-            m["pairs_per_s"] = pairs_done / elapsed
             metrics_log.write(step, m)
         last_train = m
-        rate = pairs_done / max(time.time() - t0, 1e-9)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", pairs_s=f"{rate:.1f}", refresh=False)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", pairs_s=f"{m['pairs_per_s']:.1f}",
+                        refresh=False)
 
     try:
         for step in range(start + 1, c.train.steps + 1):
@@ -343,7 +352,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             bar.update(1)
             is_eval = step % c.train.eval_every == 0 or step == c.train.steps
             stop = preempt.reached(step)
-            if is_eval or stop or ckpt.should_save(step) or step == c.train.steps:
+            save = stop or ckpt.should_save(step) or step == c.train.steps
+            if is_eval or save:
                 flush(pending)  # never evaluate or save a state whose step was not finite
                 pending = None
             if is_eval:
@@ -353,7 +363,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                     best = (step, last_eval)
                 log(f"\neval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in last_eval.items()))
-            if stop or ckpt.should_save(step) or step == c.train.steps:
+            if save:
                 ckpt.save(step, state, data_state={"train": loader.state}, config=config_dict(config),
                           metrics=last_eval if is_eval else None, force=True)
             if stop:
@@ -367,7 +377,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         bar.close()
         ckpt.wait_until_finished()
         metrics_log.close()
-        loader.close() if hasattr(loader, "close") else None
+        loader.close()
 
     summary = {"workdir": str(workdir), "steps": c.train.steps, "objective": lc.objective,
                "last": {"step": c.train.steps, **(last_eval or {})}, "train": last_train}
