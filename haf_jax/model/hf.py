@@ -49,8 +49,12 @@ def resolve_checkpoint(path_or_hub_id) -> pathlib.Path:
         )
     from huggingface_hub import snapshot_download
 
-    return pathlib.Path(snapshot_download(
-        name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    try:
+        return pathlib.Path(snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+    except Exception as e:  # network, auth (gated models) or a missing repo: one clear line
+        raise FileNotFoundError(f"checkpoint {name!r} could not be fetched from the Hugging Face hub "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load_hf_config(directory) -> tuple[ModelConfig, dict]:
