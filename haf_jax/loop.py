@@ -126,12 +126,6 @@ def optimizer_for(config):
                           weight_decay=o.weight_decay, clip_norm=o.clip_norm)
 
 
-def put_batch(batch: dict, keys, mesh) -> dict:
-    """Process-local NumPy batch -> global sharded arrays (keys restricted to what the step takes)."""
-    shardings = step_lib.batch_shardings(mesh, keys)
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
-
-
 def _local_reference(local: pathlib.Path | None, ds) -> np.ndarray | None:
     """The workdir's reference array for `ds`, or None when absent, damaged or made for other data
     (data.eval may change on resume; a run killed while writing leaves a partial file)."""
@@ -166,7 +160,7 @@ def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None, load_param
         key = {"weights": reference.params_fingerprint(params0), "data": ds.fingerprint,
                "model": dataclasses.asdict(s.model_config), "dtype": str(s.step_cfg.compute_dtype),
                "chunk": s.step_cfg.logprob_chunk, "mesh": dict(s.mesh.shape)}
-        put = lambda b: put_batch(b, keys, s.mesh)
+        put = lambda b: step_lib.put_batch(b, keys, s.mesh)
         bs = s.config.train.eval_batch_size
         array, hit = reference.cached(key, lambda: reference.compute(ds, params0, ref_fn, put, batch_size=bs,
                                                                      desc=f"reference log-probs ({name})"))
@@ -187,7 +181,7 @@ def evaluate(s: Setup, eval_fn, keys, params, ref_params, ref_eval) -> dict:
     for batch in s.eval_ds.batches(s.config.train.eval_batch_size):
         if ref_eval is not None:
             batch = {**batch, "ref_logp": ref_eval[batch["index"]]}
-        sums = jax.device_get(eval_fn(params, put_batch(batch, keys, s.mesh), ref_params))
+        sums = jax.device_get(eval_fn(params, step_lib.put_batch(batch, keys, s.mesh), ref_params))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     n = max(totals.get("pairs", 0.0), 1.0)
@@ -344,7 +338,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
-            state, metrics = train_fn(state, put_batch(batch, train_keys, s.mesh), ref_params)
+            state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params)
             pairs_done += c.train.batch_size
             if pending is not None:
                 flush(pending)

@@ -46,24 +46,37 @@ def params_fingerprint(params) -> str:
     return h.hexdigest()[:32]
 
 
-def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
-    """One in-order pass of `dataset` through `ref_fn` -> float32 [len(dataset), 2]."""
+def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str, np.ndarray]:
+    """One in-order pass of `dataset`: fn(device batch) -> {name: [B, 2]} gives {name: float32 [N, 2]}.
+
+    Rows land by the dataset's pair index (filler pairs dropped), also when each host holds only
+    its slice of every batch. Used for the reference pass and by haf_jax.score.
+    """
     from tqdm import tqdm
 
-    out = np.full((len(dataset), 2), np.nan, np.float32)
+    out: dict[str, np.ndarray] = {}
     n_batches = -(-len(dataset) // batch_size)
     bar = tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, unit="batch",
                disable=jax.process_index() != 0, leave=False)
     for batch in bar:
-        logp = np.asarray(jax.device_get(ref_fn(params, put_batch(batch))))
+        values = jax.device_get(fn(put_batch(batch)))
         index, valid = batch["index"], batch["valid"]
         if jax.process_count() > 1:  # each host holds its slice of the indices
             index = multihost_utils.process_allgather(index, tiled=True)
             valid = multihost_utils.process_allgather(valid, tiled=True)
-        out[index[valid]] = logp[valid]
-    if np.isnan(out).any():
-        raise RuntimeError(f"{desc}: {int(np.isnan(out).any(axis=1).sum())} pairs got no reference log-prob")
+        for name, value in values.items():
+            column = out.setdefault(name, np.full((len(dataset), 2), np.nan, np.float32))
+            column[index[valid]] = np.asarray(value)[valid]
+    for name, column in out.items():
+        if np.isnan(column).any():
+            raise RuntimeError(f"{desc}: {int(np.isnan(column).any(axis=1).sum())} pairs got no {name}")
     return out
+
+
+def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
+    """Reference log-probs of `params` for every pair of `dataset` -> float32 [len(dataset), 2]."""
+    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size,
+                     desc=desc)["logp"]
 
 
 def cached(key_parts: dict, compute_fn, *, cache_dir: pathlib.Path | None = None) -> tuple[np.ndarray, bool]:

@@ -35,9 +35,8 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
           max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
           step: str = "best", chunk: int = 128) -> dict:
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict."""
-    from tqdm import tqdm
-
     from haf_jax import data, sharding, step as step_lib
+    from haf_jax.reference import pair_pass
     from haf_jax.model.heads import forward_pairs
     from haf_jax.runs import load_model
 
@@ -67,17 +66,16 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     if ref_params is not None:
         ref_fn = jax.jit(lambda p, b: forward_pairs(p, ref_cfg, b, reward=False, chunk=chunk)["logp_Bx2"],
                          in_shardings=(sharding.param_shardings(ref_cfg, mesh), bsh), out_shardings=rep)
-    n = len(ds)
-    cols = {k: np.zeros((n, 2), np.float32) for k in ("reward", "logp", "ref_logp")}
-    for batch in tqdm(ds.batches(batch_size), total=-(-n // batch_size), desc="score", unit="batch",
-                      file=sys.stderr):
-        put = {k: jax.make_array_from_process_local_data(bsh[k], np.asarray(batch[k])) for k in keys}
-        out = jax.device_get(model_fn(params, put))
-        idx = batch["index"][batch["valid"]]
-        cols["reward"][idx] = out["reward_Bx2"][batch["valid"]]
-        cols["logp"][idx] = out["logp_Bx2"][batch["valid"]]
+    def score_batch(b):
+        out = model_fn(params, b)
+        cols = {"reward": out["reward_Bx2"], "logp": out["logp_Bx2"]}
         if ref_fn is not None:
-            cols["ref_logp"][idx] = np.asarray(jax.device_get(ref_fn(ref_params, put)))[batch["valid"]]
+            cols["ref_logp"] = ref_fn(ref_params, b)
+        return cols
+
+    n = len(ds)
+    cols = pair_pass(ds, score_batch, lambda b: step_lib.put_batch(b, keys, mesh),
+                     batch_size=batch_size, desc="score")
     rows = []  # (source row, order within the row, JSON object): input order, skipped rows included
     for i in range(n):
         row = {"row": ds.groups[i]} if ds.groups else {}

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -160,6 +161,12 @@ def state_layout(model_cfg: ModelConfig, optimizer, mesh):
 def batch_shardings(mesh, batch_keys) -> dict[str, NamedSharding]:
     ndims = {"tokens": 3, "response_mask": 3, "last_index": 2, "valid": 1, "ref_logp": 2}
     return {k: sharding.batch_sharding(mesh, ndims[k]) for k in batch_keys}
+
+
+def put_batch(batch: dict, keys, mesh) -> dict:
+    """Process-local NumPy batch -> global arrays sharded over (data, fsdp), only the given keys."""
+    shardings = batch_shardings(mesh, keys)
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
 
 
 def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shardings, *, live_reference: bool):
