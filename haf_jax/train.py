@@ -19,7 +19,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkp
 
 
 def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one (TPU pod, SLURM, explicit)."""
+    """Joins a multi-process run when the environment describes one.
+
+    TPU pods and SLURM are detected by JAX itself; anywhere else set JAX_COORDINATOR_ADDRESS
+    (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+    """
     import jax
 
     multi = (
@@ -28,7 +32,9 @@ def maybe_initialize_distributed() -> None:
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     )
     if multi:
-        jax.distributed.initialize()
+        explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                        ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        jax.distributed.initialize(**explicit)
 
 
 def main(argv) -> None:
