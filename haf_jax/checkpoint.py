@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import types
 from typing import Any, Callable
@@ -190,7 +191,7 @@ class Checkpointer:
                  async_save: bool = True, read_only: bool = False):
         if best_mode not in ("max", "min") or keep < 1:
             raise ValueError(f"need best_mode in ('max', 'min') and keep >= 1: {best_mode!r}, {keep}")
-        self.directory = epath.Path(directory)
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))  # orbax needs absolute paths
         self.every_steps, self.every_minutes = every_steps, every_minutes
         self.best_metric, self.best_mode = best_metric, best_mode
         self._scores: dict[int, float | None] = {}

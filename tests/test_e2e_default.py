@@ -24,9 +24,12 @@ def test_offline_default_run(tmp_path):
         env.pop(key)
     env.update(HAF_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-    workdir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # The README's relative --workdir, resolved against the current directory (orbax itself
+    # only takes absolute paths, so this guards that conversion).
+    workdir = tmp_path / "runs" / "default"
+    p = subprocess.run([sys.executable, "-m", "haf_jax.train", f"--config={REPO / 'configs' / 'gemma.py'}",
+                        "--workdir=runs/default"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     m = re.search(r"eval reward_accuracy of the trained model: ([0-9.]+) \((\d+) pairs\)", p.stdout)
     assert m, p.stdout[-3000:]
