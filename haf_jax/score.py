@@ -63,9 +63,10 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     model_fn = jax.jit(lambda p, b: forward_pairs(p, model_cfg, b, chunk=chunk), in_shardings=(psh, bsh),
                        out_shardings=rep)
     ref_fn = None
-    if ref_params is not None:
-        ref_fn = jax.jit(lambda p, b: forward_pairs(p, ref_cfg, b, reward=False, chunk=chunk)["logp_Bx2"],
-                         in_shardings=(sharding.param_shardings(ref_cfg, mesh), bsh), out_shardings=rep)
+    if ref_params is not None:  # the same jitted pass that precomputes a training reference
+        ref_cfg = step_lib.StepConfig(ref_cfg, step_lib.LossConfig(), logprob_chunk=chunk)
+        ref_fn, _ = step_lib.jit_reference(ref_cfg, mesh, sharding.param_shardings(ref_cfg.model, mesh))
+
     def score_batch(b):
         out = model_fn(params, b)
         cols = {"reward": out["reward_Bx2"], "logp": out["logp_Bx2"]}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from haf_jax import losses, sharding
 from haf_jax.model.config import ModelConfig
@@ -75,9 +75,7 @@ def _outputs(params, cfg: StepConfig, batch, ref_params):
                         chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
     if cfg.loss.needs_reference:
         if ref_params is not None:  # live reference: frozen initial weights, same tokens
-            ref = forward_pairs(ref_params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
-                                compute_dtype=cfg.compute_dtype)
-            out["ref_logp_Bx2"] = jax.lax.stop_gradient(ref["logp_Bx2"])
+            out["ref_logp_Bx2"] = jax.lax.stop_gradient(reference_logprobs(ref_params, batch, cfg=cfg))
         else:
             out["ref_logp_Bx2"] = batch["ref_logp"]
     return out
@@ -169,9 +167,14 @@ def put_batch(batch: dict, keys, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
 
 
+def _step_keys(cfg: StepConfig, live_reference: bool) -> list[str]:
+    """Batch keys a train/eval step takes: ref_logp only when a precomputed reference is used."""
+    return [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+
+
 def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shardings, *, live_reference: bool):
     """train_step jitted once: state donated, batch over (data, fsdp), metrics replicated."""
-    keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+    keys = _step_keys(cfg, live_reference)
     ref_sh = param_shardings if live_reference else None
     fn = sharding.under_mesh(lambda state, batch, ref: train_step(state, batch, ref, cfg=cfg, optimizer=optimizer),
                              mesh)
@@ -180,7 +183,7 @@ def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shar
 
 
 def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool):
-    keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+    keys = _step_keys(cfg, live_reference)
     ref_sh = param_shardings if live_reference else None
     fn = sharding.under_mesh(lambda params, batch, ref: eval_step(params, batch, ref, cfg=cfg), mesh)
     return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys), ref_sh),
@@ -191,4 +194,4 @@ def jit_reference(cfg: StepConfig, mesh, param_shardings):
     keys = ["tokens", "response_mask", "last_index"]
     fn = sharding.under_mesh(lambda params, batch: reference_logprobs(params, batch, cfg=cfg), mesh)
     return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys)),
-                   out_shardings=NamedSharding(mesh, P())), keys
+                   out_shardings=sharding.replicated(mesh)), keys
