@@ -25,6 +25,8 @@ Policies (each tested in tests/test_checkpoint.py):
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -160,6 +162,49 @@ def _everyone(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its unfinished tasks run to completion before it closes.
+
+    orbax runs each restore on a fresh event loop and closes it as soon as the first array read
+    fails (`asyncio_utils._run_sync_via_new_loop`: run_until_complete, then close, no task
+    teardown). The sibling reads, still waiting on tensorstore, are abandoned: when tensorstore
+    finishes one it calls `call_soon_threadsafe` on the closed loop (a traceback from a
+    tensorstore thread), and the suspended coroutines are finalised at some later garbage
+    collection, usually at interpreter exit, where orbax turns the GeneratorExit into
+    "Exception ignored in: <coroutine ... _read_array_index_and_device_put>". Finishing them here
+    (their errors collected, never raised) leaves nothing behind.
+    """
+
+    def close(self):
+        if not self.is_closed() and not self.is_running():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _loops_that_drain():
+    """While active, `asyncio.new_event_loop()` (orbax's restore) makes `_DrainingLoop`s."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
+def _first_line(e: BaseException) -> str:
+    """One line of an orbax/tensorstore error (they append multi-line tensorstore specs)."""
+    text = str(e).split(" See full TensorStore details")[0]
+    return (text.splitlines() or [""])[0][:300]
 
 
 class _LastKPlusBest:
@@ -406,12 +451,13 @@ class Checkpointer:
                 raise ValueError(f"checkpoint step {step} in {self.directory} holds a state of "
                                  f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
             try:
-                r = self._mngr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
+                with _loops_that_drain():
+                    r = self._mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore()))
             except Exception as e:  # tensorstore/orbax raise many types for damaged files
-                problem = f"reading it failed ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+                problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
         if problem is None:
             _, sums = _digest(r["state"])
             saved = r["meta"].get("checksums") or {}
