@@ -1,6 +1,7 @@
 """Local file formats, spec grammar, and every bad-input message (file, line/row, field)."""
 import gzip
 import json
+import sys
 
 import pytest
 
@@ -45,9 +46,14 @@ def test_spec_grammar():
     assert parse_source("hf:tatsu-lab/alpaca_farm:alpaca_human_preference:preference") == Source(
         "hf", "tatsu-lab/alpaca_farm", "preference", "alpaca_human_preference", None)
     assert parse_source("tfds:foo:train") == Source("tfds", "foo", "train")
+    assert parse_source("tfds:foo/cfg:data_dir=gs://b/tfds:train[:10%]") == Source(
+        "tfds", "foo/cfg", "train[:10%]", None, "gs://b/tfds")
+    assert parse_source({"tfds": "foo", "split": "test", "data_dir": "/d"}).label == "tfds:foo:data_dir=/d:test"
+    assert parse_source("hf:/data/hh-rlhf:data_dir=harmless-base:test[10:20]") == Source(
+        "hf", "/data/hh-rlhf", "test[10:20]", None, "harmless-base")
     assert parse_source({"hf": "a/b", "split": "test"}) == Source("hf", "a/b", "test")
     assert parse_source("sample").name.endswith(".jsonl.gz")
-    for bad in ("hf:onlyname", "tfds:x", "", {"nope": 1}):
+    for bad in ("hf:onlyname", "tfds:x", "tfds:x:cfg:train", "tfds:x::train", "hf:x:a:b:c", "", {"nope": 1}):
         with pytest.raises(DataError):
             parse_source(bad)
 
@@ -57,6 +63,7 @@ def test_hub_offline_and_tfds_missing_messages(tok, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"hf:nobody/no-such-dataset:train: cannot load hub dataset.*offline"):
         load_pairs("hf:nobody/no-such-dataset:train", tok)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)     # as without the tfds extra
     with pytest.raises(DataError, match=r"tfds:mnist:train: TensorFlow Datasets is not installed.*haf_jax\[tfds\]"):
         list(read_rows(parse_source("tfds:mnist:train")))
     with pytest.raises(DataError, match="unknown recipe 'nope'"):

@@ -11,19 +11,25 @@ Spec grammar (`load_pairs(spec, ...)`)::
 
     SPEC   := SOURCE | "recipe:" RECIPE [":" SOURCE]
     SOURCE := PATH (.jsonl .jsonl.gz .json .json.gz .parquet .csv) | "sample"
-            | "hf:" NAME [":" (CONFIG | "data_dir=" DIR)] ":" SPLIT | "tfds:" NAME ":" SPLIT
+            | "hf:" NAME [":" (CONFIG | "data_dir=" DIR)] ":" SPLIT
+            | "tfds:" NAME [":data_dir=" DIR] ":" SPLIT
     RECIPE := hh_helpful | hh_harmless | beavertails_safe | alpaca_human_pref | chatbot_arena
 
 or a dict config block: {"path": P} | {"hf": NAME, "config", "data_dir", "split"} |
-{"tfds": NAME, "split"}, each optionally with "recipe": RECIPE.
+{"tfds": NAME, "split", "data_dir"}, each optionally with "recipe": RECIPE.
+An hf NAME that is an existing local directory (or starts with / ./ ../ ~) is a dataset
+repository on disk in the hub layout (parquet/jsonl shards, data_dir folders, README `configs:`),
+read offline. tfds reads prepared array_record datasets through tfds.data_source, without
+TensorFlow (extra haf_jax[tfds]), from DIR or $TFDS_DATA_DIR; nothing is downloaded. Hub and TFDS
+SPLITs may be sliced: train[:10%]. Details: sources.py.
 Record forms and recipes: formats.py. Sources and errors: sources.py. Contract: tokenize.py.
 
 Train/eval wiring for the trainer (config keys data.train / data.eval):
 - data.eval == "": train = load_pairs(T, split="train"), eval = load_pairs(T, split="eval") with
   the same eval_fraction and seed (alpaca_human_pref / chatbot_arena use their fixed first-N% rule);
 - otherwise: load_pairs(T, split="all") and load_pairs(E, split="all").
-Bad data raises `DataError` (message names file, line/row, field): print it and exit non-zero;
-`python -m haf_jax.data SPEC` checks a spec that way.
+Bad data raises `DataError` (message names the file or dataset and split, line/row, field):
+print it and exit non-zero; `python -m haf_jax.data SPEC` checks a spec that way.
 """
 from haf_jax.data.batching import PairLoader, length_buckets
 from haf_jax.data.dataset import PairDataset, format_report, load_pairs

@@ -12,7 +12,8 @@ from haf_jax.data import DataError, format_report, load_pairs, load_tokenizer, s
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m haf_jax.data", description=__doc__.splitlines()[0])
-    ap.add_argument("spec", help="file, 'sample', recipe:NAME[:SOURCE], hf:NAME[:CONFIG]:SPLIT, tfds:NAME:SPLIT")
+    ap.add_argument("spec", help="file, 'sample', recipe:NAME[:SOURCE], hf:NAME|DIR[:CONFIG|:data_dir=D]:SPLIT, "
+                    "tfds:NAME[:data_dir=D]:SPLIT")
     ap.add_argument("--tokenizer", default=str(sample_paths()["tokenizer"]))
     ap.add_argument("--split", default="all", choices=("train", "eval", "all"))
     ap.add_argument("--max_length", type=int, default=512)

@@ -22,6 +22,34 @@ class DataError(ValueError):
         super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
+class BadText(bytes):
+    """Bytes from a TFDS/hub value that are not valid UTF-8, kept as read. `formats` reports them
+    (source, row, field and where inside the value) when a record form reads the field, so binary
+    features that nothing uses never stop a run. ``reason`` says which byte is bad."""
+
+    def __new__(cls, raw: bytes, reason: str):
+        obj = super().__new__(cls, raw)
+        obj.reason = reason
+        return obj
+
+
+def find_bad_text(value, path: str = "") -> str | None:
+    """Message for the first `BadText` inside `value` (``[i]`` / ``['key']`` path), else None."""
+    if isinstance(value, BadText):
+        return f"{value.reason}{' in ' + path if path else ''}"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for k, v in items:
+        found = find_bad_text(v, f"{path}[{k!r}]")
+        if found:
+            return found
+    return None
+
+
 def type_name(value) -> str:
     """Short JSON-style name of a value's type for messages ('null', 'number', 'list', ...)."""
     if value is None:

@@ -34,7 +34,7 @@ import collections
 import dataclasses
 from typing import Any, Callable, Iterable
 
-from haf_jax.data.errors import DataError, type_name
+from haf_jax.data.errors import DataError, find_bad_text, type_name
 
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -111,6 +111,10 @@ class _Row:
         value = self.row[name]
         if value is None:
             raise self.error(key, "expected a value, got null")
+        if not isinstance(value, (str, int, float)):
+            bad = find_bad_text(value)          # non-UTF-8 bytes from a TFDS/hub source
+            if bad:
+                raise self.error(key, bad)
         return value
 
     def str(self, key: str) -> str:
@@ -281,7 +285,7 @@ def _beavertails(row: dict, r: _Row):
 
 def _alpaca(row: dict, r: _Row):
     x = r.str("instruction")
-    extra = r.row.get(r.name("input"))
+    extra = r.get("input") if r.row.get(r.name("input")) is not None else None
     if extra is not None and not isinstance(extra, str):
         raise r.error("input", f"expected a string, got {type_name(extra)}")
     if extra and extra.strip():

@@ -7,15 +7,30 @@ Source spec grammar (the part after an optional ``recipe:NAME:`` prefix, see `fo
     hf:NAME:SPLIT                 hub dataset, e.g. hf:PKU-Alignment/PKU-SafeRLHF:train
     hf:NAME:CONFIG:SPLIT          CONFIG may be ``data_dir=DIR``:
                                   hf:Anthropic/hh-rlhf:data_dir=harmless-base:test
-    tfds:NAME:SPLIT               TensorFlow Datasets (optional extra ``haf_jax[tfds]``)
+    hf:LOCAL_DIR[:CONFIG]:SPLIT   NAME that is an existing local directory (or starts with
+                                  ``/ ./ ../ ~``): a dataset repository laid out as on the hub
+                                  (parquet/jsonl shards, ``data_dir`` subfolders, README.md
+                                  ``configs:``), read offline: hf:/data/hh-rlhf:data_dir=harmless-base:test
+    tfds:NAME:SPLIT               TensorFlow Datasets (optional extra ``haf_jax[tfds]``, no
+                                  TensorFlow needed), read from ``$TFDS_DATA_DIR`` (default
+                                  ``~/tensorflow_datasets``); NAME may be ``name/config``
+    tfds:NAME:data_dir=DIR:SPLIT  the same, prepared under DIR (DIR may itself contain ``:``)
 
-or a config block (dict): ``{"path": P}``, ``{"hf": NAME, "config": C, "data_dir": D,
-"split": S}`` or ``{"tfds": NAME, "split": S}``.
+SPLIT may carry a slice (``train[:10%]``) for hub and TFDS sources. Or a config block (dict):
+``{"path": P}``, ``{"hf": NAME, "config": C, "data_dir": D, "split": S}`` or
+``{"tfds": NAME, "split": S, "data_dir": D}``.
+
+TFDS datasets are read through ``tfds.data_source`` (random access, no TensorFlow): they must
+already be prepared in the ``array_record`` (or ``parquet``) file format, e.g. ``tfds build
+--file_format=array_record`` or ``builder.download_and_prepare(file_format="array_record")``;
+nothing is downloaded at read time. Text/bytes features are decoded as UTF-8 and numpy values
+become Python values; a ``Sequence`` of feature dicts (e.g. messages ``{role, content}``) becomes a
+list of dicts, so TFDS rows take the same record forms as every other source (formats.py).
 
 `read_rows(source)` yields ``(where, row)`` with ``where`` = "line N" (1-based, JSON lines and
 CSV) or "row N" (0-based row index, JSON list / parquet / hub / tfds). JSON lines are read here
 line by line (exact line numbers in errors); parquet and CSV go through `datasets` (cached).
-Every problem raises `DataError` naming the file, line/row and field.
+Every problem raises `DataError` naming the file or dataset and split, the line/row and field.
 """
 from __future__ import annotations
 
@@ -26,7 +41,7 @@ import os
 import zlib
 from typing import Any, Iterator
 
-from haf_jax.data.errors import DataError, type_name
+from haf_jax.data.errors import BadText, DataError, type_name
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 
@@ -58,7 +73,7 @@ def parse_source(spec: Any) -> Source:
         if "hf" in spec:
             return Source("hf", spec["hf"], spec.get("split", "train"), spec.get("config"), spec.get("data_dir"))
         if "tfds" in spec:
-            return Source("tfds", spec["tfds"], spec.get("split", "train"))
+            return Source("tfds", spec["tfds"], spec.get("split", "train"), None, spec.get("data_dir"))
         raise DataError(f"data config block needs one of 'path', 'hf', 'tfds'; got keys {sorted(spec)}")
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):
         raise DataError(f"data spec must be a non-empty string or a dict, got {spec!r}")
@@ -67,22 +82,39 @@ def parse_source(spec: Any) -> Source:
         from haf_jax.samples import sample_paths
         return Source("file", str(sample_paths()["data"]))
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise DataError(f"bad hub spec {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+        name, middle, split = _split_spec(spec[3:])
+        if not name or not split or middle == "" or (middle and ":" in middle and not middle.startswith("data_dir=")):
+            raise DataError(f"bad hub spec {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
+                            "(CONFIG may be data_dir=DIR)")
         config = data_dir = None
-        if len(parts) == 3:
-            if parts[1].startswith("data_dir="):
-                data_dir = parts[1][len("data_dir="):]
+        if middle is not None:
+            if middle.startswith("data_dir="):
+                data_dir = middle[len("data_dir="):]
             else:
-                config = parts[1]
-        return Source("hf", parts[0], parts[-1], config, data_dir)
+                config = middle
+        return Source("hf", name, split, config, data_dir)
     if spec.startswith("tfds:"):
-        parts = spec[5:].split(":")
-        if len(parts) != 2 or not all(parts):
-            raise DataError(f"bad TFDS spec {spec!r}: expected tfds:NAME:SPLIT")
-        return Source("tfds", parts[0], parts[1])
+        name, middle, split = _split_spec(spec[5:])
+        if not name or not split or (middle is not None and not middle.startswith("data_dir=")) \
+                or middle == "data_dir=":
+            raise DataError(f"bad TFDS spec {spec!r}: expected tfds:NAME:SPLIT or tfds:NAME:data_dir=DIR:SPLIT")
+        return Source("tfds", name, split, None, middle[len("data_dir="):] if middle else None)
     return Source("file", spec)
+
+
+def _split_spec(rest: str) -> tuple[str, str | None, str]:
+    """'NAME[:MIDDLE]:SPLIT' -> (NAME, MIDDLE or None, SPLIT). NAME ends at the first ':', SPLIT
+    starts after the last ':' outside brackets (so 'train[:10%]' and 'data_dir=gs://b/x' survive)."""
+    name, sep, tail = rest.partition(":")
+    if not sep:
+        return name, None, ""
+    depth = 0
+    for i in range(len(tail) - 1, -1, -1):
+        c = tail[i]
+        depth += (c == "]") - (c == "[")
+        if c == ":" and depth == 0:
+            return name, tail[:i], tail[i + 1:]
+    return name, None, tail
 
 
 def read_rows(source: Source) -> Iterator[tuple[str, dict]]:
@@ -236,20 +268,48 @@ def _read_with_datasets(path: str, suffix: str) -> Iterator[tuple[str, dict]]:
 
 
 # ----------------------------------------------------------------------------- hub and tfds
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` (library errors can run to pages, e.g. lists of names)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def local_repo(name: str, label: str | None = None) -> str | None:
+    """The absolute path when a hub NAME names a local dataset directory, else None. Raises
+    `DataError` when NAME is written as a path (``/``, ``./``, ``../``, ``~``) that is not a directory."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if name.startswith(("/", "./", "../", "~")) or os.path.exists(path):
+        raise DataError(f"local dataset directory {path!r} not found (an hf: NAME that is a path must be "
+                        "a directory laid out as a hub dataset repository)", source=label or f"hf:{name}")
+    return None
+
+
 def _read_hub(source: Source) -> Iterator[tuple[str, dict]]:
     import datasets
 
+    local = local_repo(source.name, source.label)
+    if local is not None and source.data_dir and not os.path.isdir(os.path.join(local, source.data_dir)):
+        raise DataError(f"no folder {source.data_dir!r} in the local dataset directory {local}",
+                        source=source.label)
     try:
-        ds = datasets.load_dataset(source.name, source.config, data_dir=source.data_dir,
+        ds = datasets.load_dataset(local or source.name, source.config, data_dir=source.data_dir,
                                    split=source.split)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = (" (this machine is offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; download the "
-                "dataset once online or pass a local file)" if offline else "")
-        raise DataError(f"cannot load hub dataset ({type(e).__name__}: {e}){hint}",
-                        source=source.label) from None
+                "dataset once online, or pass a local file or a local dataset directory)"
+                if offline and local is None else "")
+        what = "local dataset directory" if local else "hub dataset"
+        raise DataError(f"cannot load {what} ({_first_line(e)}){hint}", source=source.label) from None
     for i, row in enumerate(ds):
-        yield f"row {i}", row
+        where = f"row {i}"
+        yield where, plain(row)
+
+
+TFDS_CHUNK = 1024   # records fetched per random-access call
 
 
 def _read_tfds(source: Source) -> Iterator[tuple[str, dict]]:
@@ -257,26 +317,76 @@ def _read_tfds(source: Source) -> Iterator[tuple[str, dict]]:
         import tensorflow_datasets as tfds
     except ImportError:
         raise DataError("TensorFlow Datasets is not installed; pip install 'haf_jax[tfds]' "
-                        "(tensorflow-datasets; prepared datasets are read through "
-                        "tfds.data_source, which needs no TensorFlow at read time)",
-                        source=source.label) from None
+                        "(tensorflow-datasets without TensorFlow: prepared datasets are read through "
+                        "tfds.data_source)", source=source.label) from None
+    data_dir = source.data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    where_from = (f"data_dir {data_dir}" + ("" if source.data_dir else " (TFDS_DATA_DIR)") if data_dir
+                  else "the default data dir ~/tensorflow_datasets (set TFDS_DATA_DIR or give data_dir=DIR)")
+    if source.data_dir and "://" not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise DataError(f"TFDS data_dir {data_dir!r} is not a directory", source=source.label)
     try:
-        ds = tfds.data_source(source.name, split=source.split)
+        ds = tfds.data_source(source.name, split=source.split,
+                              data_dir=os.path.expanduser(data_dir) if data_dir else None, download=False)
     except Exception as e:
-        raise DataError(f"cannot load TFDS dataset ({type(e).__name__}: {e})",
-                        source=source.label) from None
-    for i in range(len(ds)):
-        yield f"row {i}", _to_python(ds[i])
+        text = str(e)
+        if (type(e).__name__ == "DatasetNotFoundError" or "could not find data" in text.lower()
+                or "not been generated" in text):
+            msg = f"dataset not found (not prepared) in {where_from}"
+        elif "TFRECORD" in text:
+            msg = (f"dataset in {where_from} is prepared as TFRecord, which needs TensorFlow to read; "
+                   "prepare it with file_format='array_record'")
+        elif "split" in text.lower():
+            msg = f"cannot read split {source.split!r} from {where_from} ({_first_line(e)})"
+        else:
+            msg = f"cannot load TFDS dataset from {where_from} ({_first_line(e)})"
+        raise DataError(msg, source=source.label) from None
+    features = getattr(getattr(ds, "dataset_info", None), "features", None)
+    seq, fdict = tfds.features.Sequence, tfds.features.FeaturesDict
+    n = len(ds)
+    for start in range(0, n, TFDS_CHUNK):
+        idx = list(range(start, min(n, start + TFDS_CHUNK)))
+        try:
+            records = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[i] for i in idx]
+        except Exception as e:
+            raise DataError(f"cannot read rows {idx[0]}..{idx[-1]} ({_first_line(e)})", source=source.label) from None
+        for i, rec in zip(idx, records):
+            yield f"row {i}", plain(_tfds_lists(rec, features, seq, fdict))
 
 
-def _to_python(x):
-    """TFDS examples hold bytes and numpy values: make them JSON-like."""
-    if isinstance(x, bytes):
-        return x.decode("utf-8", errors="strict")
+def _tfds_lists(value, feature, seq, fdict):
+    """TFDS decodes a Sequence of feature dicts as a dict of lists: turn it into a list of dicts
+    (the shape messages ``[{role, content}]`` have everywhere else). Guided by the features."""
+    if not isinstance(value, dict) or feature is None:
+        return value
+    if isinstance(feature, seq) and isinstance(feature.feature, fdict):
+        inner = feature.feature
+        cols = {k: _tfds_lists(v, inner[k] if k in inner else None, seq, fdict) for k, v in value.items()}
+        lengths = {len(v) for v in cols.values() if hasattr(v, "__len__")}
+        if len(lengths) == 1 and len(cols) == sum(hasattr(v, "__len__") for v in cols.values()):
+            m = lengths.pop()
+            return [{k: v[j] for k, v in cols.items()} for j in range(m)]
+        return cols
+    if isinstance(feature, fdict):
+        return {k: _tfds_lists(v, feature[k] if k in feature else None, seq, fdict) for k, v in value.items()}
+    return value
+
+
+def plain(x):
+    """JSON-like Python values from TFDS/hub values: numpy -> Python, bytes -> str (UTF-8). Bytes
+    that are not UTF-8 become `BadText` (kept, reported with row and field if a record form reads
+    them, so binary features that nothing uses do not stop a run)."""
+    if isinstance(x, str):
+        return x
+    if isinstance(x, (bytes, bytearray)):
+        try:
+            return bytes(x).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return BadText(bytes(x), f"not valid UTF-8 (byte 0x{bytes(x)[e.start:e.start + 1].hex()} "
+                                     f"at byte offset {e.start})")
     if isinstance(x, dict):
-        return {k: _to_python(v) for k, v in x.items()}
-    if hasattr(x, "tolist"):
-        return _to_python(x.tolist())
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_to_python(v) for v in x]
+        return [plain(v) for v in x]
+    if hasattr(x, "tolist"):            # numpy arrays and scalars (np.bytes_ is bytes: handled above)
+        return plain(x.tolist())
     return x

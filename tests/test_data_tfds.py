@@ -1,0 +1,236 @@
+"""TFDS sources for real: datasets built in the test (tests/tfds_prefs.py, array_record, no
+TensorFlow), read through `tfds:NAME[:data_dir=DIR]:SPLIT`, compared with the same records from
+JSON lines (pairs, fingerprint, batches), sharded, resumed, broken, and trained and scored from."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
+
+import tfds_prefs  # noqa: E402  (tests/ helper: the builders)
+
+from haf_jax.data import DataError, PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
+FIELDS = {"labelled_prefs": tfds_prefs.LABELLED_FIELDS}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(sample_paths()["tokenizer"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tfds")
+    for name in tfds_prefs.BUILDERS:
+        tfds_prefs.prepare(name, d)
+    return d
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def same_batches(a, b, batch_size=4):
+    for x, y in zip(a.batches(batch_size), b.batches(batch_size), strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def same_dataset(a, b):
+    assert a.pairs == b.pairs
+    assert a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.all_lengths, b.all_lengths)
+    same_batches(a, b)
+    with PairLoader(a, 4, seed=3) as la, PairLoader(b, 4, seed=3) as lb:
+        for _ in range(5):
+            x, y = next(la), next(lb)
+            for k in x:
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_each_record_form_reads_like_jsonl(name, data_dir, tok, tmp_path):
+    """Every record form from TFDS: the same pairs, fingerprint and tokenised batches as from a
+    JSON lines file of the same records."""
+    kw = dict(split="all", max_length=64, max_prompt_length=32, fields=FIELDS.get(name))
+    ds = load_pairs(f"tfds:{name}:data_dir={data_dir}:train", tok, **kw)
+    ref = load_pairs(str(write_jsonl(tmp_path / "a.jsonl", tfds_prefs.ROWS[name]["train"])), tok, **kw)
+    assert len(ds) > 0 and ds.report["source"] == f"tfds:{name}:data_dir={data_dir}:train"
+    same_dataset(ds, ref)
+
+
+def test_decoded_values(data_dir, tok):
+    """Text comes back as str (UTF-8), numbers as Python numbers, message Sequences as lists of dicts."""
+    from haf_jax.data.sources import parse_source, read_rows
+
+    rows = list(read_rows(parse_source(f"tfds:explicit_prefs:data_dir={data_dir}:train")))
+    assert rows[3] == ("row 3", tfds_prefs.ROWS["explicit_prefs"]["train"][3])
+    assert type(rows[3][1]["id"]) is int
+    where, row = list(read_rows(parse_source(f"tfds:conversation_prefs:data_dir={data_dir}:train")))[1]
+    assert row["chosen"] == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "Good 1"}]
+    ds = load_pairs(f"tfds:messages_prefs:data_dir={data_dir}:train", tok, split="all")
+    assert ds.pairs[0]["chat"] and ds.pairs[0]["prompt"] == "<bos><|user|>\nHi 0<eos><|assistant|>\n"
+    ds = load_pairs(f"tfds:labelled_prefs:data_dir={data_dir}:train", tok, split="all",
+                    fields=tfds_prefs.LABELLED_FIELDS)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in ds.pairs[:2]] == [("x0?", "A0", "B0"),
+                                                                                 ("x1?", "B1", "A1")]
+
+
+def test_data_dir_forms_recipe_and_slices(data_dir, tok, tmp_path, monkeypatch):
+    """TFDS_DATA_DIR, the config block, a recipe over TFDS, split slices, and the carve."""
+    want = load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:test", tok, split="all")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    assert load_pairs("tfds:hh_prefs:test", tok, split="all").pairs == want.pairs
+    block = load_pairs({"tfds": "hh_prefs", "split": "test", "data_dir": str(data_dir)}, tok, split="all")
+    assert block.pairs == want.pairs and block.report["source"] == f"tfds:hh_prefs:data_dir={data_dir}:test"
+    assert load_pairs("tfds:hh_prefs:test[:5]", tok, split="all").pairs == want.pairs[:5]
+    rows = tfds_prefs.ROWS["hh_prefs"]["train"]
+    jl = write_jsonl(tmp_path / "hh.jsonl", rows)
+    for split in ("train", "eval"):     # the deterministic eval carve picks the same rows
+        a = load_pairs("tfds:hh_prefs:train", tok, split=split, eval_fraction=0.25, seed=1)
+        b = load_pairs(str(jl), tok, split=split, eval_fraction=0.25, seed=1)
+        same_dataset(a, b)
+    a = load_pairs("recipe:hh_harmless:tfds:hh_prefs:train", tok, split="all")
+    b = load_pairs(f"recipe:hh_harmless:{jl}", tok, split="all")
+    assert a.pairs == b.pairs and a.report["filtered_by_reason"] == b.report["filtered_by_reason"]
+
+
+def test_host_sharding_and_resume(data_dir, tok, tmp_path):
+    """Two simulated processes own disjoint pairs exactly as for a file; a stopped loader resumes."""
+    spec = f"tfds:hh_prefs:data_dir={data_dir}:train"
+    jl = str(write_jsonl(tmp_path / "hh.jsonl", tfds_prefs.ROWS["hh_prefs"]["train"]))
+    kw = dict(split="all", max_length=64, max_prompt_length=32, process_count=2)
+    for p in range(2):
+        a, b = load_pairs(spec, tok, process_index=p, **kw), load_pairs(jl, tok, process_index=p, **kw)
+        np.testing.assert_array_equal(a.local_indices, b.local_indices)
+        same_batches(a, b)
+    ds = load_pairs(spec, tok, split="all", max_length=64, max_prompt_length=32)
+    with PairLoader(ds, 8, seed=5) as ref:
+        want = [next(ref) for _ in range(9)]
+    with PairLoader(ds, 8, seed=5) as a:
+        for _ in range(4):
+            next(a)
+        state = json.loads(json.dumps(a.state))
+    with PairLoader(ds, 8, seed=0) as b:
+        b.restore(state)
+        for w in want[4:]:
+            np.testing.assert_array_equal(next(b)["tokens"], w["tokens"])
+
+
+def _error(spec, tok, **kw) -> str:
+    with pytest.raises(DataError) as e:
+        load_pairs(spec, tok, split="all", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+def test_broken_datasets_one_line_errors(data_dir, tok):
+    """Missing feature, non-UTF-8 text (plain and inside a message), bad split, not prepared:
+    one line naming the dataset, split, row and field."""
+    d = data_dir
+    src = f"tfds:broken_prefs:data_dir={d}:train"
+    assert _error(src, tok) == (f"{src} row 0: cannot recognise the record form from fields "
+                                "['answer', 'blob', 'chosen', 'prompt']; expected prompt/chosen/rejected, "
+                                "chosen/rejected (HH dialogues or message lists), response_0/response_1/label "
+                                "or responses/ranking|scores (see fields=)")
+    assert _error(src, tok, fields={"form": "explicit"}).startswith(
+        f"{src} row 0, field 'rejected': missing field (row has ['answer', 'blob', 'chosen', 'prompt'])")
+    assert _error(src, tok, fields={"rejected": "answer"}) == (
+        f"{src} row 2, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 3)")
+    # the binary 'blob' feature is never read: the rows before the bad one load
+    ok = load_pairs(f"tfds:broken_prefs:data_dir={d}:train[:2]", tok, split="all", fields={"rejected": "answer"})
+    assert [p["rejected"] for p in ok.pairs] == ["a0", "a1"]
+    src = f"tfds:broken_messages_prefs:data_dir={d}:train"
+    assert _error(src, tok) == (f"{src} row 1, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 2) "
+                                "in [1]['content']")
+    src = f"tfds:explicit_prefs:data_dir={d}:train"
+    assert _error(f"recipe:beavertails_safe:{src}", tok).startswith(
+        f"{src} row 0, field 'is_response_0_safe': missing field")
+    assert re.fullmatch(rf"tfds:explicit_prefs:data_dir={re.escape(str(d))}:validation: cannot read split "
+                        r"'validation' from data_dir .*Unknown split 'validation'.*",
+                        _error(f"tfds:explicit_prefs:data_dir={d}:validation", tok))
+    assert _error(f"tfds:nothing_here:data_dir={d}:train", tok) == (
+        f"tfds:nothing_here:data_dir={d}:train: dataset not found (not prepared) in data_dir {d}")
+    assert _error(f"tfds:explicit_prefs:data_dir={d}/nope:train", tok) == (
+        f"tfds:explicit_prefs:data_dir={d}/nope:train: TFDS data_dir '{d}/nope' is not a directory")
+    for bad in ("tfds:x", "tfds:x:cfg:train", "tfds:x::train"):
+        assert "bad TFDS spec" in _error(bad, tok)
+
+
+def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
+    from haf_jax.data.__main__ import main
+
+    assert main([f"tfds:hh_prefs:data_dir={data_dir}:test"]) == 0
+    assert "rows read 16" in capsys.readouterr().out
+    src = f"tfds:broken_prefs:data_dir={data_dir}:train"
+    assert main([f"recipe:hh_helpful:{src}"]) == 1
+    assert capsys.readouterr().err.strip() == f"data error: {src} row 0, field 'rejected': missing field " \
+                                              "(row has ['answer', 'blob', 'chosen', 'prompt'])"
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)    # as without the extra
+    assert main(["tfds:hh_prefs:test"]) == 1
+    assert re.fullmatch(r"data error: tfds:hh_prefs:test: TensorFlow Datasets is not installed; "
+                        r"pip install 'haf_jax\[tfds\]' .*", capsys.readouterr().err.strip())
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def child_env(tmp_path, **extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "HAF_JAX_FAULT"))]:
+        env.pop(key)
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+TINY = ["--config.train.steps=2", "--config.train.batch_size=4", "--config.data.max_length=64",
+        "--config.data.max_prompt_length=32", "--config.train.eval_every=2", "--config.train.eval_batch_size=16",
+        "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
+
+
+@pytest.mark.slow
+def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
+    """`python -m haf_jax.train ... --config.data.train=tfds:hh_prefs:train --config.data.eval=
+    tfds:hh_prefs:test` with TFDS_DATA_DIR; the run's data is the JSON lines data, token for token;
+    then `haf_jax.score` scores the TFDS test split."""
+    workdir = tmp_path / "run"
+    env = child_env(tmp_path, TFDS_DATA_DIR=str(data_dir))
+    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
+                        "--config.data.train=tfds:hh_prefs:train", "--config.data.eval=tfds:hh_prefs:test", *TINY],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["last"]["step"] == 2 and summary["last"]["pairs"] == 16
+    kw = dict(split="all", max_length=64, max_prompt_length=32)
+    for split in ("train", "test"):
+        report = json.loads((workdir / f"data_report_{'eval' if split == 'test' else 'train'}.json").read_text())
+        assert report["source"] == f"tfds:hh_prefs:{split}"
+        ref = load_pairs(str(write_jsonl(tmp_path / f"{split}.jsonl", tfds_prefs.ROWS["hh_prefs"][split])), tok, **kw)
+        assert report["fingerprint"] == ref.fingerprint      # rows + tokenizer + tokenisation settings
+        same_batches(load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:{split}", tok, **kw), ref)
+
+    out = tmp_path / "scores.jsonl"
+    p = subprocess.run([sys.executable, "-m", "haf_jax.score", f"--model={workdir}",
+                        f"--data=tfds:hh_prefs:data_dir={data_dir}:test", f"--out={out}", "--max_length=64",
+                        "--batch_size=16"], cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    scores = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["row"] for s in scores] == list(range(16))
+    assert all(np.isfinite([s["reward_chosen"], s["reward_rejected"]]).all() for s in scores)
