@@ -92,8 +92,8 @@ def real_step(ds, batch_size):
     import jax
     import numpy as np
 
-    from haf_jax import sharding, step as step_lib
-    from haf_jax.model.config import preset
+    from haf_jax import params as params_lib, sharding, step as step_lib
+    from haf_jax.model.families import preset
     from haf_jax.optim import make_optimizer
 
     cfg = preset("tiny")
@@ -102,8 +102,8 @@ def real_step(ds, batch_size):
     opt = make_optimizer(learning_rate=1e-3, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
     fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       sharding.param_shardings(cfg, mesh), live_reference=False)
-    state = [init_state(sharding.init_params(cfg, jax.random.key(0), mesh))]
+                                       params_lib.param_shardings(cfg, mesh), live_reference=False)
+    state = [init_state(params_lib.init_params(cfg, jax.random.key(0), mesh))]
 
     def run(batch):
         batch = {**batch, "ref_logp": np.zeros(batch["last_index"].shape, np.float32)}

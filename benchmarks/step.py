@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haf_jax import sharding, step as step_lib
-from haf_jax.model.config import preset
+from haf_jax import params as params_lib, sharding, step as step_lib
+from haf_jax.model import heads
+from haf_jax.model.families import preset
 from haf_jax.optim import make_optimizer
 
 SMALL = dataclasses.replace(preset("tiny"), vocab_size=8192, hidden_size=256, intermediate_size=1024,
@@ -67,9 +68,9 @@ def time_step(cfg, objective: str, b: int, length: int, iters: int):
     opt = make_optimizer(learning_rate=1e-4, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
     fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       sharding.param_shardings(cfg, mesh), live_reference=False)
+                                       params_lib.param_shardings(cfg, mesh), live_reference=False)
     data = {k: v for k, v in batch(cfg, b, length).items() if k in keys}
-    state = init_state(sharding.init_params(cfg, jax.random.key(0), mesh))
+    state = init_state(params_lib.init_params(cfg, jax.random.key(0), mesh))
     xla_flops = (fn.lower(state, data, None).compile().cost_analysis() or {}).get("flops", float("nan"))
     state, m = fn(state, data, None)
     jax.block_until_ready(m)
@@ -92,7 +93,7 @@ def main():
     cfg = SMALL if args.preset == "small" else preset(args.preset)
     peak = peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  peak (f32 matmul): {peak / 1e9:.1f} GFLOP/s")
-    print(f"model: {args.preset} ({sharding.param_count(sharding.abstract_params(cfg)[0]) / 1e6:.1f}M params), "
+    print(f"model: {args.preset} ({params_lib.param_count(heads.abstract_params(cfg)[0]) / 1e6:.1f}M params), "
           f"{args.batch} pairs x 2 x {args.length} tokens")
     rows = {}
     for objective in ("haf", "baseline", "dpo"):

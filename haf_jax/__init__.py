@@ -4,7 +4,8 @@ Entry points are the CLIs `python -m haf_jax.train | score | export | data`; the
 the library surface for people who build on the pieces.
 """
 from haf_jax.losses import bradley_terry, objective, pair_metrics, policy_loss
-from haf_jax.model.config import ModelConfig, preset
+from haf_jax.model.config import ModelConfig
+from haf_jax.model.families import preset
 from haf_jax.model.heads import forward_pairs, rewards, sequence_logprobs
 
 __all__ = ["ModelConfig", "bradley_terry", "forward_pairs", "objective", "pair_metrics", "policy_loss", "preset",

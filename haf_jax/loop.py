@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, reference, sharding, step as step_lib
+from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, read_rows, summary_table
 from haf_jax.model import hf
-from haf_jax.model.config import preset
+from haf_jax.model.families import preset
 from haf_jax.optim import make_optimizer
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
@@ -68,10 +68,10 @@ def model_source(config):
 def initial_params(config, model_cfg, path, mesh):
     """The initial weights: the HF checkpoint at `path`, or a random init of `model_cfg` (seeded)."""
     if path is not None:
-        params, info = hf.load_params(path, model_cfg, mesh=mesh)
+        params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
         log(f"loaded {path} ({info})")
         return params
-    return sharding.init_params(model_cfg, jax.random.key(config.train.seed), mesh)
+    return params_lib.init_params(model_cfg, jax.random.key(config.train.seed), mesh)
 
 
 def build(config, workdir: pathlib.Path | None) -> Setup:
@@ -113,7 +113,7 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
         grad_accum=config.optim.grad_accum,
     )
     optimizer = optimizer_for(config)
-    param_sh = sharding.param_shardings(model_cfg, mesh)
+    param_sh = params_lib.param_shardings(model_cfg, mesh)
     init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh)
     return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, init_state,
                  abstract_state, workdir / "checkpoints" if workdir is not None else None, path)

@@ -127,8 +127,9 @@ def policy_loss(
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(delta_B) - label_smoothing * jax.nn.log_sigmoid(-delta_B)
 
 
-def _get(out: Mapping[str, Any], key: str):
-    value = out.get(key)
+def _get(out, key: str):
+    """A field of model outputs: a heads.PairOutputs or a Mapping with the same keys."""
+    value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
     return None if value is None else _f32(value)
 
 

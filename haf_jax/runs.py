@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from haf_jax import checkpoint, step as step_lib
+from haf_jax import checkpoint, params as params_lib, step as step_lib
 from haf_jax.data import load_tokenizer
 from haf_jax.model import hf
 from haf_jax.model.config import ModelConfig
@@ -41,7 +41,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     from haf_jax.loop import optimizer_for
 
     run_dir = pathlib.Path(run_dir)
-    model_cfg = ModelConfig(**_tuples(json.loads((run_dir / "model_config.json").read_text())))
+    model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
     if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
         ckpt.close()
@@ -67,9 +67,5 @@ def load_model(path_or_id: str, mesh, *, which: str | int = "best"):
         return load_run(path_or_id, mesh, which=which)
     path = hf.resolve_checkpoint(path_or_id)
     model_cfg, _ = hf.load_hf_config(path)
-    params, info = hf.load_params(path, model_cfg, mesh=mesh)
+    params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
     return params, model_cfg, load_tokenizer(str(path)), {"source": str(path), **info}
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

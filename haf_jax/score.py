@@ -35,7 +35,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
           max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
           step: str = "best", chunk: int = 128) -> dict:
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict."""
-    from haf_jax import data, sharding, step as step_lib
+    from haf_jax import data, params as params_lib, sharding, step as step_lib
     from haf_jax.reference import pair_pass
     from haf_jax.model.heads import forward_pairs
     from haf_jax.runs import load_model
@@ -57,7 +57,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // n_shards) * n_shards
     keys = ["tokens", "response_mask", "last_index"]
-    psh = sharding.param_shardings(model_cfg, mesh)
+    psh = params_lib.param_shardings(model_cfg, mesh)
     bsh = step_lib.batch_shardings(mesh, keys)
     rep = sharding.replicated(mesh)
     model_fn = jax.jit(lambda p, b: forward_pairs(p, model_cfg, b, chunk=chunk), in_shardings=(psh, bsh),
@@ -65,11 +65,11 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     ref_fn = None
     if ref_params is not None:  # the same jitted pass that precomputes a training reference
         ref_cfg = step_lib.StepConfig(ref_cfg, step_lib.LossConfig(), logprob_chunk=chunk)
-        ref_fn, _ = step_lib.jit_reference(ref_cfg, mesh, sharding.param_shardings(ref_cfg.model, mesh))
+        ref_fn, _ = step_lib.jit_reference(ref_cfg, mesh, params_lib.param_shardings(ref_cfg.model, mesh))
 
     def score_batch(b):
         out = model_fn(params, b)
-        cols = {"reward": out["reward_Bx2"], "logp": out["logp_Bx2"]}
+        cols = {"reward": out.reward_Bx2, "logp": out.logp_Bx2}
         if ref_fn is not None:
             cols["ref_logp"] = ref_fn(ref_params, b)
         return cols

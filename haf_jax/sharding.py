@@ -1,6 +1,7 @@
 """Device mesh and the ONE logical-axis rules table that places every array.
 
-Parameters carry logical axis names (model/gemma.py); RULES maps each name to mesh axes.
+Parameters and activations carry logical axis names (model/layers.py); RULES maps each name to
+mesh axes. This module knows no model: callers pass shapes and names.
 A mesh axis is dropped for a dimension it does not divide (e.g. one MQA key/value head on a
 tensor axis of 2), so every preset runs on every mesh shape.
 """
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -63,20 +63,21 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> P:
     return P(*out)
 
 
-def shard_batch_axis(x):
-    """Pins an activation's leading (sequence) axis to (data, fsdp) when traced under a mesh.
+def constrain(x, logical_axes):
+    """Pins an activation to the mesh axes its logical names map to, when traced under a mesh.
 
     Without it GSPMD may follow the FSDP layout of the weights (embed over fsdp) into the
-    activations and reshard them back and forth; outside a mesh context this is the identity.
+    activations and reshard them back and forth. Outside a mesh context (see `under_mesh`) this
+    is the identity; a mesh axis that does not divide its dimension is dropped (spec_for).
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+    return jax.lax.with_sharding_constraint(x, spec_for(tuple(logical_axes), x.shape, mesh))
 
 
 def under_mesh(fn, mesh: Mesh):
-    """`fn` traced with `mesh` as the context mesh, so shard_batch_axis can take effect."""
+    """`fn` traced with `mesh` as the context mesh, so `constrain` takes effect."""
     def wrapped(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
@@ -92,35 +93,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def abstract_params(config):
-    """(abstract float32 params, logical axis names) of a preset, without allocating anything."""
-    from haf_jax.model.gemma import Transformer
-
-    def init(rng):
-        tokens = np.zeros((1, 2), np.int32)
-        return Transformer(config).init(rng, tokens, np.ones((1,), np.int32))["params"]
-
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    names = nn.get_partition_spec(boxed)
-    return nn.unbox(boxed), names
-
-
-def param_shardings(config, mesh: Mesh):
-    """NamedSharding for every parameter of `config`'s model on `mesh`."""
-    shapes, names = abstract_params(config)
-    return jax.tree.map(lambda s, n: NamedSharding(mesh, spec_for(tuple(n), s.shape, mesh)), shapes, names,
+def named_shardings(shapes, logical_names, mesh: Mesh):
+    """NamedSharding for every array of `shapes` from its logical axis names (PartitionSpecs of
+    names, as `model.heads.abstract_params` returns them)."""
+    return jax.tree.map(lambda s, n: NamedSharding(mesh, spec_for(tuple(n), s.shape, mesh)), shapes, logical_names,
                         is_leaf=lambda x: isinstance(x, P))
-
-
-def init_params(config, rng, mesh: Mesh):
-    """Random init, jitted with out_shardings so no parameter is ever materialised unsharded."""
-    from haf_jax.model.gemma import Transformer
-
-    def init(key):
-        tokens = np.zeros((1, 2), np.int32)
-        return nn.unbox(Transformer(config).init(key, tokens, np.ones((1,), np.int32))["params"])
-
-    return jax.jit(init, out_shardings=param_shardings(config, mesh))(rng)
 
 
 def param_count(tree) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from haf_jax import losses, sharding
+from haf_jax import losses, params as params_lib, sharding
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.heads import forward_pairs
 
@@ -75,9 +75,9 @@ def _outputs(params, cfg: StepConfig, batch, ref_params):
                         chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
     if cfg.loss.needs_reference:
         if ref_params is not None:  # live reference: frozen initial weights, same tokens
-            out["ref_logp_Bx2"] = jax.lax.stop_gradient(reference_logprobs(ref_params, batch, cfg=cfg))
+            out = out.replace(ref_logp_Bx2=jax.lax.stop_gradient(reference_logprobs(ref_params, batch, cfg=cfg)))
         else:
-            out["ref_logp_Bx2"] = batch["ref_logp"]
+            out = out.replace(ref_logp_Bx2=batch["ref_logp"])
     return out
 
 
@@ -135,7 +135,7 @@ def eval_step(params, batch, ref_params, *, cfg: StepConfig):
 def reference_logprobs(params, batch, *, cfg: StepConfig):
     """Summed response log-probs [B, 2] of the (initial) weights: the precomputed reference."""
     return forward_pairs(params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
-                         compute_dtype=cfg.compute_dtype)["logp_Bx2"]
+                         compute_dtype=cfg.compute_dtype).logp_Bx2
 
 
 def state_layout(model_cfg: ModelConfig, optimizer, mesh):
@@ -143,9 +143,7 @@ def state_layout(model_cfg: ModelConfig, optimizer, mesh):
 
     Optimizer-state shardings are whatever XLA propagates from the parameter shardings.
     """
-    param_sh = sharding.param_shardings(model_cfg, mesh)
-    shapes, _ = sharding.abstract_params(model_cfg)
-    abstract_params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+    abstract_params = params_lib.abstract_params(model_cfg, mesh)
 
     def make_state(params):
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}

@@ -6,16 +6,17 @@ import jax
 import numpy as np
 import pytest
 
+from haf_jax import params as params_lib
 from haf_jax import data, sharding
 from haf_jax.model import hf
-from haf_jax.model.config import preset
+from haf_jax.model.families import preset
 from haf_jax.score import score
 
 
 def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):
     cfg = dataclasses.replace(preset("tiny"), num_layers=1, layer_types=("full_attention",))
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    params = jax.device_get(sharding.init_params(cfg, jax.random.key(0), mesh))
+    params = jax.device_get(params_lib.init_params(cfg, jax.random.key(0), mesh))
     params["reward_head"] = np.random.default_rng(0).normal(size=params["reward_head"].shape).astype(np.float32)
     tok = data.load_tokenizer(str(data.sample_paths()["tokenizer"]))
     hf.save_hf(params, cfg, tmp_path / "rm", kind="reward_model", tokenizer=tok)

@@ -1,8 +1,10 @@
 """Parameter counts of the real-size presets via jax.eval_shape (nothing is allocated)."""
 import pytest
 
+from haf_jax.model import heads
+from haf_jax import params as params_lib
 from haf_jax import sharding
-from haf_jax.model.config import PRESETS
+from haf_jax.model.families import PRESETS
 
 SIGLIP = 0.417e9  # Gemma 3 4b/12b/27b published sizes include a ~417M-parameter SigLIP vision tower
 
@@ -23,9 +25,9 @@ PUBLISHED = {
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_parameter_count(name):
     config = PRESETS[name]
-    shapes, _ = sharding.abstract_params(config)
+    shapes, _ = heads.abstract_params(config)
     # Our tree also holds the D-parameter reward head, which the published LM sizes do not: exclude it.
-    count = sharding.param_count(shapes) - config.hidden_size
+    count = params_lib.param_count(shapes) - config.hidden_size
     assert shapes["reward_head"].shape == (config.hidden_size, 1)
     assert abs(count - PUBLISHED[name]) <= 0.01 * PUBLISHED[name], (name, count, PUBLISHED[name])
     if name in ("gemma-2b", "gemma-7b", "gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-1b"):

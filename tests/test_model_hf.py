@@ -4,6 +4,7 @@ Every torch model is built from a tiny random config with ALL weights perturbed 
 to zero/one and the reward head to zero, which would hide bugs), saved with safetensors, then read
 by haf_jax.model.hf. No downloads.
 """
+import copy
 import functools
 import json
 
@@ -153,22 +154,22 @@ def test_rewards_and_logprobs_match_transformers(ckpt):
     ref = np.array([[_hf_reference(ckpt, batch["tokens"][b, j, :batch["last_index"][b, j] + 1],
                                    batch["response_mask"][b, j, :batch["last_index"][b, j] + 1])
                      for j in range(2)] for b in range(3)])
-    np.testing.assert_allclose(out["reward_Bx2"], ref[..., 0], **TOL)
-    np.testing.assert_allclose(out["logp_Bx2"], ref[..., 1], **TOL)
-    np.testing.assert_array_equal(out["n_tokens_Bx2"], batch["response_mask"][:, :, 1:].sum(-1))
+    np.testing.assert_allclose(out.reward_Bx2, ref[..., 0], **TOL)
+    np.testing.assert_allclose(out.logp_Bx2, ref[..., 1], **TOL)
+    np.testing.assert_array_equal(out.n_tokens_Bx2, batch["response_mask"][:, :, 1:].sum(-1))
     assert np.abs(ref[..., 0]).max() > 0.1  # the reward head is not trivially zero
 
     # padding changes nothing: the short pair alone (its own width) vs inside the long batch
     alone = {k: v[:1, :, :10] if v.ndim == 3 else v[:1] for k, v in batch.items()}
     out_alone = jax.tree.map(np.asarray, _pairs(params, ckpt.config, alone))
-    for key in out_alone:
-        np.testing.assert_allclose(out_alone[key], out[key][:1], atol=1e-5, rtol=1e-6, err_msg=key)
+    for key in ("reward_Bx2", "logp_Bx2", "n_tokens_Bx2"):
+        np.testing.assert_allclose(getattr(out_alone, key), getattr(out, key)[:1], atol=1e-5, rtol=1e-6, err_msg=key)
 
     # transformers' own sequence classifier on the same right-padded batch reads the last real token
     tokens = torch.tensor(batch["tokens"].reshape(6, 40), dtype=torch.long)
     with torch.no_grad():
         hf_padded = ckpt.seq(input_ids=tokens, attention_mask=(tokens != PAD).long()).logits[:, 0].numpy()
-    np.testing.assert_allclose(out["reward_Bx2"].reshape(6), hf_padded, **TOL)
+    np.testing.assert_allclose(out.reward_Bx2.reshape(6), hf_padded, **TOL)
 
 
 def test_export_round_trip(ckpt, tmp_path):
@@ -199,8 +200,8 @@ def test_export_round_trip(ckpt, tmp_path):
         logits = policy(input_ids=tokens, attention_mask=attn).logits.double()
     logp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
     mask = torch.tensor(batch["response_mask"].reshape(4, 20)[:, 1:], dtype=torch.float64)
-    np.testing.assert_allclose(out["reward_Bx2"].reshape(4), rewards, **TOL)
-    np.testing.assert_allclose(out["logp_Bx2"].reshape(4), (logp * mask).sum(-1).numpy(), **TOL)
+    np.testing.assert_allclose(out.reward_Bx2.reshape(4), rewards, **TOL)
+    np.testing.assert_allclose(out.logp_Bx2.reshape(4), (logp * mask).sum(-1).numpy(), **TOL)
 
 
 # ----------------------------------------------------------------------------- loader details / errors
@@ -267,9 +268,13 @@ def test_error_messages(gemma2, tmp_path):
     with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens.weight"):
         hf.load_params(d, cfg)
 
-    d = _rewrite(src, tmp_path / "llama", edit_config=lambda c: c.update(model_type="llama"))
-    with pytest.raises(ValueError, match=r"model_type='llama'"):
+    d = _rewrite(src, tmp_path / "neox", edit_config=lambda c: c.update(model_type="gpt_neox"))
+    with pytest.raises(ValueError, match=r"unsupported architecture model_type='gpt_neox'"):
         hf.load_hf_config(d)
+    # A checkpoint of another family never loads into this config (a Llama norm is x * w, Gemma's x * (1 + w)).
+    d = _rewrite(src, tmp_path / "llama", edit_config=lambda c: c.update(model_type="llama"))
+    with pytest.raises(ValueError, match=r"holds a llama checkpoint but the model config is gemma2"):
+        hf.load_params(d, cfg)
 
     def two_labels(c):
         c.update(id2label={"0": "A", "1": "B"}, label2id={"A": 0, "B": 1})
@@ -352,14 +357,17 @@ def test_real_gemma_tokenizer(shared_data, tmp_path):
     out = jax.tree.map(np.asarray, _pairs(params, config, batch))
     expected = np.array([_hf_reference(ref, np.array(s), batch["response_mask"][0, j, :len(s)])
                          for j, s in enumerate(seqs)])
-    np.testing.assert_allclose(out["reward_Bx2"][0], expected[:, 0], **TOL)
-    np.testing.assert_allclose(out["logp_Bx2"][0], expected[:, 1], **TOL)
+    np.testing.assert_allclose(out.reward_Bx2[0], expected[:, 0], **TOL)
+    np.testing.assert_allclose(out.logp_Bx2[0], expected[:, 1], **TOL)
 
     # export with the tokenizer: pad (<pad>=0) distinct from EOS, written into config.json
     hf.save_hf(params, config, tmp_path / "rm", kind="reward_model", tokenizer=fast)
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["pad_token_id"] == 0
     assert json.loads((tmp_path / "rm" / "tokenizer_config.json").read_text())["pad_token"] == "<pad>"
     assert (tmp_path / "rm" / "tokenizer.json").is_file()
-    eos_pad = types.SimpleNamespace(pad_token_id=1, eos_token_id=1)  # e.g. pad_token = eos_token
-    with pytest.raises(ValueError, match="pad token distinct from EOS"):
-        hf.save_hf(params, config, tmp_path / "bad", kind="reward_model", tokenizer=eos_pad)
+    # a tokenizer whose pad token is its EOS: the export pads with <unk> (3) instead, never with EOS
+    eos_pad = copy.deepcopy(fast)
+    eos_pad.pad_token = eos_pad.eos_token
+    hf.save_hf(params, config, tmp_path / "rm_unk", kind="reward_model", tokenizer=eos_pad)
+    assert json.loads((tmp_path / "rm_unk" / "config.json").read_text())["pad_token_id"] == 3
+    assert eos_pad.pad_token_id == 1  # the caller's tokenizer is not modified

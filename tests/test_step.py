@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from haf_jax import params as params_lib
 from haf_jax import sharding, step as step_lib
-from haf_jax.model.config import preset
+from haf_jax.model.families import preset
 from haf_jax.optim import make_optimizer
 
 MODEL = dataclasses.replace(preset("tiny"), vocab_size=64, sliding_window=8)
@@ -44,12 +45,12 @@ def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-
                               grad_accum=grad_accum, compute_dtype=jnp.bfloat16 if bf16_remat else jnp.float32)
     opt = make_optimizer(learning_rate=lr, total_steps=steps)
     init_state, abstract = step_lib.state_layout(MODEL, opt, mesh)
-    psh = sharding.param_shardings(MODEL, mesh)
+    psh = params_lib.param_shardings(MODEL, mesh)
     train_fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh,
                                              live_reference=live)
     eval_fn, eval_keys = step_lib.jit_eval_step(cfg, mesh, psh, live_reference=live)
     ref_fn, ref_keys = step_lib.jit_reference(cfg, mesh, psh)
-    params0 = sharding.init_params(MODEL, jax.random.key(0), mesh)
+    params0 = params_lib.init_params(MODEL, jax.random.key(0), mesh)
     return dict(mesh=mesh, cfg=cfg, init_state=init_state, train=train_fn, keys=keys, eval=eval_fn,
                 eval_keys=eval_keys, ref=ref_fn, ref_keys=ref_keys, params0=params0, psh=psh)
 

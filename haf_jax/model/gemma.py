@@ -1,156 +1,153 @@
-"""The Gemma 1 / 2 / 3 (text) decoder trunk as Flax Linen modules.
+"""Gemma 1 / 2 / 3 (text): config.json in and out, and presets.
 
-Parameter names follow the Hugging Face checkpoints (q_proj, input_layernorm, ...) so import and
-export are a mechanical renaming; every parameter carries logical axis names (see sharding.py).
-The trunk returns the final-normed hidden states; the two heads (LM head = tied embedding,
-reward head) live in heads.py and read these hidden states.
-
-Shape letters: N sequences, L length, D model width, V vocabulary, F feed-forward width,
-Q query heads, K key/value heads, G = Q // K query heads per key head, H head width.
+What sets Gemma apart: RMSNorm x * (1 + w), embeddings scaled by sqrt(D), GeGLU (tanh GeLU), tied
+LM head; Gemma 2/3 add sandwich norms, soft-caps (2), query_pre_attn_scalar and alternating sliding
+windows; Gemma 3 adds q/k norms and a separate rope base for its sliding layers.
 """
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+from typing import Any
 
-from haf_jax.model.config import SLIDING, ModelConfig
-from haf_jax.sharding import shard_batch_axis
+from haf_jax.model.config import FULL, SLIDING, ModelConfig
+from haf_jax.model.hf_config import first_id
 
-_INIT = nn.initializers.normal(stddev=0.02)
-_NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
-
-
-def _param(module: nn.Module, name: str, init, shape, axes):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+_FAMILY = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+_MODEL_TYPE = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+_ARCH = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3": "Gemma3"}
+_GEMMA = dict(norm="rms", norm_offset=True, embed_scale=True, activation="gelu_tanh", mlp="gated",
+              tie_word_embeddings=True)
 
 
-class RMSNorm(nn.Module):
-    """Gemma RMSNorm: x / rms(x) * (1 + w), computed in float32, w zero-initialised."""
-
-    eps: float
-    axis_name: str = "norm"
-
-    @nn.compact
-    def __call__(self, x):
-        w = _param(self, "scale", nn.initializers.zeros, (x.shape[-1],), (self.axis_name,))
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
-
-
-def rope(x_NxLxHxD, positions_NxL, theta: float, scaling: float):
-    """Rotary embedding on the two halves of the head dimension (the HF `rotate_half` layout)."""
-    h = x_NxLxHxD.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)) / scaling
-    angles = positions_NxL.astype(jnp.float32)[..., None] * inv_freq  # [N, L, H/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x_NxLxHxD.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x_NxLxHxD.dtype)
-    x1, x2 = jnp.split(x_NxLxHxD, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def _rope(hf: dict[str, Any], family: str) -> dict[str, Any]:
+    """Global theta, linear factor on full layers, local theta (Gemma 3) from old or new fields."""
+    default_global = 1_000_000.0 if family == "gemma3" else 10_000.0
+    params = hf.get("rope_parameters") or {}
+    if FULL in params or SLIDING in params:  # transformers >= 5: per layer type
+        full, local = params.get(FULL) or {}, params.get(SLIDING) or {}
+    else:
+        full, local = dict(params or hf.get("rope_scaling") or {}), {}
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear")
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported rope scaling on sliding layers: {local}")
+    out = {"rope_theta": float(full.get("rope_theta", hf.get("rope_theta", default_global))),
+           "rope_type": kind, "rope_factor": float(full.get("factor", 1.0)) if kind == "linear" else 1.0}
+    if family == "gemma3":
+        out["local_rope_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)))
+    return out
 
 
-class Attention(nn.Module):
-    config: ModelConfig
-    sliding: bool
-
-    @nn.compact
-    def __call__(self, x_NxLxD, positions_NxL, valid_NxL):
-        c = self.config
-        d, q, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
-        wq = _param(self, "q_proj", _INIT, (d, q, h), ("embed", "heads", "head_dim"))
-        wk = _param(self, "k_proj", _INIT, (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wv = _param(self, "v_proj", _INIT, (d, k, h), ("embed", "kv_heads", "head_dim"))
-        wo = _param(self, "o_proj", _INIT, (q, h, d), ("heads", "head_dim", "embed"))
-        dt = x_NxLxD.dtype
-        query = jnp.einsum("nld,dqh->nlqh", x_NxLxD, wq.astype(dt))
-        key = jnp.einsum("nld,dkh->nlkh", x_NxLxD, wk.astype(dt))
-        value = jnp.einsum("nld,dkh->nlkh", x_NxLxD, wv.astype(dt))
-        if c.qk_norm:
-            query = RMSNorm(c.rms_norm_eps, "head_dim", name="q_norm")(query)
-            key = RMSNorm(c.rms_norm_eps, "head_dim", name="k_norm")(key)
-        theta, scaling = (c.rope_local_theta, 1.0) if self.sliding else (c.rope_theta, c.rope_scaling)
-        query = rope(query, positions_NxL, theta, scaling)
-        key = rope(key, positions_NxL, theta, scaling)
-
-        n, length = x_NxLxD.shape[:2]
-        query = query.reshape(n, length, k, q // k, h)
-        logits = jnp.einsum("nlkgh,nskh->nkgls", query, key, preferred_element_type=jnp.float32)
-        logits = logits * c.attention_scale
-        if c.attn_logit_softcap:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        q_pos, k_pos = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
-        allowed_LxS = k_pos <= q_pos
-        if self.sliding:
-            allowed_LxS &= k_pos > q_pos - c.sliding_window
-        allowed = allowed_LxS[None] & valid_NxL[:, None, :]  # [N, L, S]: padding keys never attended
-        logits = jnp.where(allowed[:, None, None], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("nkgls,nskh->nlkgh", probs, value).reshape(n, length, q, h)
-        return jnp.einsum("nlqh,qhd->nld", out, wo.astype(dt))
-
-
-class MLP(nn.Module):
-    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x_NxLxD):
-        d, f = self.config.hidden_size, self.config.intermediate_size
-        gate = _param(self, "gate_proj", _INIT, (d, f), ("embed", "mlp"))
-        up = _param(self, "up_proj", _INIT, (d, f), ("embed", "mlp"))
-        down = _param(self, "down_proj", _INIT, (f, d), ("mlp", "embed"))
-        dt = x_NxLxD.dtype
-        hidden = jax.nn.gelu(x_NxLxD @ gate.astype(dt), approximate=True) * (x_NxLxD @ up.astype(dt))
-        return hidden @ down.astype(dt)
+def from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper: its text tower
+        hf = {**hf["text_config"], "model_type": "gemma3_text"}
+        model_type = "gemma3_text"
+    family = _FAMILY[model_type]
+    n_layers = hf["num_hidden_layers"]
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu", "gelu_tanh", "gelu_new"):
+        raise ValueError(f"unsupported hidden activation {act!r}: Gemma uses the tanh-approximated GeLU")
+    if family == "gemma":
+        layer_types: tuple[str, ...] = (FULL,) * n_layers
+    elif hf.get("layer_types"):
+        layer_types = tuple(hf["layer_types"])
+    elif family == "gemma2":  # even layers slide, odd layers are global
+        layer_types = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n_layers))
+    else:
+        pattern = hf.get("sliding_window_pattern", 6)
+        layer_types = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n_layers))
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True (embedding models) is not supported")
+    if hf.get("tie_word_embeddings") is False:
+        raise ValueError("a Gemma config with tie_word_embeddings=false is not a Gemma checkpoint haf_jax knows")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family=family, **_GEMMA, block="pre" if family == "gemma" else "sandwich",
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=n_layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=bool(hf.get("attention_bias")),
+        o_bias=bool(hf.get("attention_bias")),
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family != "gemma" else None,
+        attn_logit_softcap=hf.get("attn_logit_softcapping"), final_logit_softcap=hf.get("final_logit_softcapping"),
+        layer_types=layer_types, sliding_window=hf.get("sliding_window") if SLIDING in layer_types else None,
+        qk_norm=family == "gemma3", **_rope(hf, family),
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
+        bos_token_id=first_id(hf.get("bos_token_id"), 2), eos_token_id=first_id(hf.get("eos_token_id"), 1),
+    )
 
 
-class Block(nn.Module):
-    """One decoder layer. Gemma 1: pre-norms only; Gemma 2/3: 'sandwich' norms around both sublayers."""
+def to_hf(c: ModelConfig, architecture: str) -> dict[str, Any]:
+    prefix = "Gemma3Text" if (c.family == "gemma3" and architecture == "ForSequenceClassification") else _ARCH[c.family]
+    hf: dict[str, Any] = {
+        "architectures": [prefix + architecture], "model_type": _MODEL_TYPE[c.family],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_position_embeddings,
+        "pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "tie_word_embeddings": True, "attention_bias": c.qkv_bias,
+    }
+    if c.family == "gemma":
+        hf.update(hidden_act="gelu_pytorch_tanh", rope_theta=c.rope_theta)
+        return hf
+    hf.update(query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+              attn_logit_softcapping=c.attn_logit_softcap, final_logit_softcapping=c.final_logit_softcap,
+              layer_types=list(c.layer_types), sliding_window=c.sliding_window or 4096)
+    if c.family == "gemma2":
+        hf["rope_theta"] = c.rope_theta
+    else:
+        full = {"rope_type": "default", "rope_theta": c.rope_theta}
+        if c.rope_type == "linear":
+            full = {"rope_type": "linear", "factor": c.rope_factor, "rope_theta": c.rope_theta}
+        hf["rope_parameters"] = {FULL: full, SLIDING: {"rope_type": "default", "rope_theta": c.local_rope_theta}}
+    return hf
 
-    config: ModelConfig
-    sliding: bool
 
-    @nn.compact
-    def __call__(self, x_NxLxD, positions_NxL, valid_NxL):
-        c, eps = self.config, self.config.rms_norm_eps
-        attn = Attention(c, self.sliding, name="self_attn")(
-            RMSNorm(eps, name="input_layernorm")(x_NxLxD), positions_NxL, valid_NxL
-        )
-        if c.sandwich_norm:
-            x = x_NxLxD + RMSNorm(eps, name="post_attention_layernorm")(attn)
-            mlp = MLP(c, name="mlp")(RMSNorm(eps, name="pre_feedforward_layernorm")(x))
-            return x + RMSNorm(eps, name="post_feedforward_layernorm")(mlp)
-        # Gemma 1 calls its pre-MLP norm `post_attention_layernorm`; we keep the HF name.
-        x = x_NxLxD + attn
-        return x + MLP(c, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+def _gemma(family, layers, **kw) -> ModelConfig:
+    block = "pre" if family == "gemma" else "sandwich"
+    return ModelConfig(family=family, num_layers=layers, block=block, bos_token_id=2, eos_token_id=1,
+                       pad_token_id=0, **_GEMMA, **kw)
 
 
-class Transformer(nn.Module):
-    """Embedding, decoder stack, final norm, plus the zero-initialised reward head's parameter.
+def _gemma2(layers, **kw) -> ModelConfig:
+    return _gemma("gemma2", layers, vocab_size=256_000, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                  sliding_window=4096, layer_types=tuple(SLIDING if (i + 1) % 2 else FULL for i in range(layers)),
+                  **kw)
 
-    __call__(tokens_NxL int32, last_index_N int32) -> final-normed hidden states [N, L, D] in the
-    compute dtype (the dtype of the parameters passed to `apply`). Rows are right-padded: every
-    position after last_index is padding and is masked out as an attention key, so the outputs
-    at real positions never depend on padding.
-    """
 
-    config: ModelConfig
+def _gemma3(layers, window=1024, scaling=8.0, vocab=262_208, **kw) -> ModelConfig:
+    return _gemma("gemma3", layers, vocab_size=vocab, sliding_window=window, rope_theta=1_000_000.0,
+                  local_rope_theta=10_000.0, rope_type="linear" if scaling != 1.0 else "default",
+                  rope_factor=scaling, qk_norm=True, max_position_embeddings=131_072,
+                  layer_types=tuple(SLIDING if (i + 1) % 6 else FULL for i in range(layers)), **kw)
 
-    @nn.compact
-    def __call__(self, tokens_NxL, last_index_N):
-        c = self.config
-        embedding = _param(self, "embed_tokens", _INIT, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        # The reward head F: Linear(D -> 1) without bias, zero-initialised (PAPER.md s2).
-        _param(self, "reward_head", nn.initializers.zeros, (c.hidden_size, 1), ("embed", "reward"))
-        dt = embedding.dtype
-        length = tokens_NxL.shape[1]
-        positions_NxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens_NxL.shape)
-        valid_NxL = positions_NxL <= last_index_N[:, None]
-        # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as the reference does.
-        x = shard_batch_axis(jnp.take(embedding, tokens_NxL, axis=0) * jnp.asarray(c.embed_scale, dt))
-        block = nn.remat(Block) if c.remat else Block
-        for i, kind in enumerate(c.layer_types):
-            x = shard_batch_axis(block(c, kind == SLIDING, name=f"layers_{i}")(x, positions_NxL, valid_NxL))
-        return RMSNorm(c.rms_norm_eps, name="norm")(x)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tests and the offline demo: Gemma 2 features (GQA, soft-caps, sliding window) at toy size,
+    # with the vocabulary of the bundled byte-level tokenizer.
+    "tiny": _gemma("gemma2", 2, vocab_size=2048, hidden_size=64, intermediate_size=256, num_heads=4,
+                   num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcap=50.0,
+                   final_logit_softcap=30.0, sliding_window=128, layer_types=(SLIDING, FULL),
+                   max_position_embeddings=2048),
+    "gemma-2b": _gemma("gemma", 18, vocab_size=256_000, hidden_size=2048, intermediate_size=16_384, num_heads=8,
+                       num_kv_heads=1, head_dim=256),
+    "gemma-7b": _gemma("gemma", 28, vocab_size=256_000, hidden_size=3072, intermediate_size=24_576,
+                       num_heads=16, num_kv_heads=16, head_dim=256),
+    "gemma2-2b": _gemma2(26, hidden_size=2304, intermediate_size=9216, num_heads=8, num_kv_heads=4,
+                         head_dim=256, query_pre_attn_scalar=256),
+    "gemma2-9b": _gemma2(42, hidden_size=3584, intermediate_size=14_336, num_heads=16, num_kv_heads=8,
+                         head_dim=256, query_pre_attn_scalar=256),
+    "gemma2-27b": _gemma2(46, hidden_size=4608, intermediate_size=36_864, num_heads=32, num_kv_heads=16,
+                          head_dim=128, query_pre_attn_scalar=144),
+    "gemma3-1b": _gemma3(26, window=512, scaling=1.0, vocab=262_144, hidden_size=1152, intermediate_size=6912,
+                         num_heads=4, num_kv_heads=1, head_dim=256, query_pre_attn_scalar=256),
+    "gemma3-4b": _gemma3(34, hidden_size=2560, intermediate_size=10_240, num_heads=8, num_kv_heads=4,
+                         head_dim=256, query_pre_attn_scalar=256),
+    "gemma3-12b": _gemma3(48, hidden_size=3840, intermediate_size=15_360, num_heads=16, num_kv_heads=8,
+                          head_dim=256, query_pre_attn_scalar=256),
+    "gemma3-27b": _gemma3(62, hidden_size=5376, intermediate_size=21_504, num_heads=32, num_kv_heads=16,
+                          head_dim=128, query_pre_attn_scalar=168),
+}

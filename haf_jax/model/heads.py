@@ -1,16 +1,93 @@
-"""The two heads on one trunk: the reward head F and the policy (LM) head K.
+"""The whole model: one decoder trunk (layers.Decoder) and two heads read from its hidden states.
 
-reward:   r(x, y) = F(h_last), h_last = final-normed hidden state at the last real token (the EOS).
-log-prob: log pi(y|x) = sum over response positions of log_softmax(logits)[target], float32,
+reward:   r(x, y) = F(h_last), F a zero-initialised [D, 1] matrix, h_last the final-normed hidden
+          state at the last real token (the EOS).
+log-prob: log pi(y|x) = sum over response positions of log_softmax(h W^T + b)[target], float32,
           computed in chunks over the length so [N, L, V] float32 logits never exist at once.
+          W is the embedding (tied) or the model's own `lm_head` [V, D]; b the optional
+          `lm_head_bias` [V] (Phi).
+
+The parameter tree is flat at the top: the trunk's entries (`embed_tokens`, `layers_<i>`, the
+final norm) beside the heads (`reward_head`, and when untied `lm_head`, `lm_head_bias`).
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from haf_jax.model.config import ModelConfig
-from haf_jax.model.gemma import Transformer
+from haf_jax.model.layers import INIT, Decoder, LayerCache, param
+
+HEAD_KEYS = ("reward_head", "lm_head", "lm_head_bias")
+
+
+class Heads(nn.Module):
+    """Declares the head parameters (applied by the functions below, not by this module)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        # The reward head F: Linear(D -> 1) without bias, zero-initialised (PAPER.md s2).
+        param(self, "reward_head", nn.initializers.zeros, (c.hidden_size, 1), ("embed", "reward"))
+        if not c.tie_word_embeddings:
+            param(self, "lm_head", INIT, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        if c.lm_head_bias:
+            param(self, "lm_head_bias", nn.initializers.zeros, (c.vocab_size,), ("vocab",))
+
+
+def _init_boxed(config: ModelConfig, rng):
+    trunk_rng, head_rng = jax.random.split(rng)
+    tokens = np.zeros((1, 2), np.int32)
+    trunk = Decoder(config).init(trunk_rng, tokens, np.zeros((1, 2), np.int32), np.ones((1, 2), bool))["params"]
+    return {**trunk, **Heads(config).init(head_rng)["params"]}
+
+
+def init_params(config: ModelConfig, rng):
+    """Randomly initialised float32 parameters (unboxed)."""
+    return nn.unbox(_init_boxed(config, rng))
+
+
+def abstract_params(config: ModelConfig):
+    """(float32 ShapeDtypeStructs, logical axis names as PartitionSpecs), nothing allocated."""
+    boxed = jax.eval_shape(lambda r: _init_boxed(config, r), jax.random.key(0))
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def trunk_params(params):
+    return {k: v for k, v in params.items() if k not in HEAD_KEYS}
+
+
+def lm_head(params, config: ModelConfig):
+    """(W [V, D], bias [V] or None) of the LM head."""
+    w = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return w, (params["lm_head_bias"] if config.lm_head_bias else None)
+
+
+@flax.struct.dataclass
+class PairOutputs:
+    """What forward_pairs computes, float32, [B, 2] each (pair axis: 0 chosen, 1 rejected);
+    a field is None when its head was not requested. ref_logp_Bx2 is attached by the step."""
+
+    reward_Bx2: Optional[jax.Array] = None
+    logp_Bx2: Optional[jax.Array] = None
+    n_tokens_Bx2: Optional[jax.Array] = None
+    ref_logp_Bx2: Optional[jax.Array] = None
+
+
+def hidden_states(params, config: ModelConfig, tokens_NxL, last_index_N):
+    """Final-normed hidden states [N, L, D] of right-padded rows (positions 0..L-1)."""
+    n, length = tokens_NxL.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    valid = positions <= last_index_N[:, None]
+    hidden, _ = Decoder(config).apply({"params": trunk_params(params)}, tokens_NxL, positions, valid)
+    return hidden
 
 
 def rewards(reward_kernel_Dx1, hidden_NxLxD, last_index_N):
@@ -19,13 +96,25 @@ def rewards(reward_kernel_Dx1, hidden_NxLxD, last_index_N):
     return h_last_NxD.astype(jnp.float32) @ reward_kernel_Dx1[:, 0].astype(jnp.float32)
 
 
-def sequence_logprobs(embedding_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *,
+def _logits(hidden, head_VxD, bias_V, softcap):
+    """float32 logits of hidden [..., D] under the LM head (the head cast to the hidden's dtype)."""
+    logits = jnp.einsum("...d,vd->...v", hidden, head_VxD.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if bias_V is not None:
+        logits = logits + bias_V.astype(jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
+
+
+def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, bias_V=None,
                       final_logit_softcap: float | None = None, chunk: int = 128):
-    """Summed log-probs of the response tokens under the tied LM head -> (logp_N, n_tokens_N), float32.
+    """Summed log-probs of the response tokens under the LM head -> (logp_N, n_tokens_N), float32.
 
     The logits at position i predict token i + 1, so position i contributes when token i + 1 is
     marked in `response_mask_NxL`. The length is processed `chunk` positions at a time under
     `jax.checkpoint`, so forward and backward hold one [N, chunk, V] float32 block, not [N, L, V].
+    The head (tied embedding or untied matrix) is cast inside the chunk: its gradient then
+    accumulates across chunks in its own (float32 master) dtype, not in the bf16 compute dtype.
     """
     n, length, d = hidden_NxLxD.shape
     hidden = hidden_NxLxD[:, :-1]
@@ -43,12 +132,7 @@ def sequence_logprobs(embedding_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL
 
     @jax.checkpoint
     def chunk_logprob(h_NxCxD, t_NxC, m_NxC):
-        # Cast inside the chunk: the embedding's gradient then accumulates across chunks in the
-        # embedding's own (float32 master) dtype, not in the bf16 compute dtype.
-        embedding = embedding_VxD.astype(h_NxCxD.dtype)
-        logits = jnp.einsum("ncd,vd->ncv", h_NxCxD, embedding, preferred_element_type=jnp.float32)
-        if final_logit_softcap:
-            logits = jnp.tanh(logits / final_logit_softcap) * final_logit_softcap
+        logits = _logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
         target_logit = jnp.take_along_axis(logits, t_NxC[..., None], axis=-1)[..., 0]
         logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
         return jnp.sum(logp * m_NxC, axis=-1)
@@ -61,36 +145,41 @@ def sequence_logprobs(embedding_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL
 
 
 def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,
-                  chunk: int = 128, compute_dtype=jnp.float32):
+                  chunk: int = 128, compute_dtype=jnp.float32) -> PairOutputs:
     """Runs the trunk once over chosen and rejected and applies the requested heads.
 
     batch: tokens [B, 2, L] int32, response_mask [B, 2, L], last_index [B, 2] (pair axis: 0 chosen,
     1 rejected). params: float32 master weights; they are cast to `compute_dtype` for the trunk.
-    Returns a dict with reward_Bx2 (if reward) and logp_Bx2, n_tokens_Bx2 (if policy), float32.
     """
     tokens = batch["tokens"]
     b, _, length = tokens.shape
     tokens_NxL = tokens.reshape(2 * b, length)
     last_N = batch["last_index"].reshape(2 * b)
-    cast = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-    hidden = Transformer(config).apply({"params": cast}, tokens_NxL, last_N)
-    out = {}
+    cast = jax.tree.map(lambda p: p.astype(compute_dtype), trunk_params(params))
+    hidden = hidden_states(cast, config, tokens_NxL, last_N)
+    out = PairOutputs()
     if reward:
-        out["reward_Bx2"] = rewards(params["reward_head"], hidden, last_N).reshape(b, 2)
+        out = out.replace(reward_Bx2=rewards(params["reward_head"], hidden, last_N).reshape(b, 2))
     if policy:
+        head, bias = lm_head(params, config)
         logp, n_tok = sequence_logprobs(
-            params["embed_tokens"], hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length),
-            final_logit_softcap=config.final_logit_softcap, chunk=chunk,
-        )
-        out["logp_Bx2"], out["n_tokens_Bx2"] = logp.reshape(b, 2), n_tok.reshape(b, 2)
+            head, hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length), bias_V=bias,
+            final_logit_softcap=config.final_logit_softcap, chunk=chunk)
+        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2))
     return out
 
 
 def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):
     """[N, L, V] float32 logits of the LM head (for tests and small inputs only)."""
-    hidden = Transformer(config).apply({"params": params}, tokens_NxL, last_index_N)
-    logits = jnp.einsum("nld,vd->nlv", hidden, params["embed_tokens"], preferred_element_type=jnp.float32)
-    if config.final_logit_softcap:
-        logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
-    return logits
+    head, bias = lm_head(params, config)
+    return _logits(hidden_states(params, config, tokens_NxL, last_index_N), head, bias, config.final_logit_softcap)
 
+
+def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache: tuple[LayerCache, ...]):
+    """Logits [N, L, V] float32 of new tokens at `positions` (contiguous per row) attending to the
+    KV cache (layers.init_cache), and the updated cache: prefill with the prompt, then one token
+    at a time. Slots beyond a row's current position are never attended."""
+    hidden, cache = Decoder(config).apply({"params": trunk_params(params)}, tokens_NxL, positions_NxL,
+                                          jnp.ones(tokens_NxL.shape, bool), cache)
+    head, bias = lm_head(params, config)
+    return _logits(hidden, head, bias, config.final_logit_softcap), cache

@@ -1,11 +1,11 @@
 """Hugging Face checkpoints <-> haf_jax parameters (safetensors only; no torch, no pickle, no remote code).
 
 Import: `load_params(dir, config)` reads `model.safetensors` or a sharded `model.safetensors.index.json`
-one tensor at a time and renames it onto the Flax tree (parameter names mirror HF, see gemma.py).
+one tensor at a time and renames it onto the Flax tree (parameter names mirror HF, see layers.py).
 Accepted tensor prefixes: whatever precedes `embed_tokens.weight` ("model.", "model.language_model.",
 "language_model.model.", ...). A `*ForSequenceClassification` checkpoint with num_labels=1 fills the
-reward head from `score.weight`; a causal LM gets a zero reward head. `lm_head.weight`, when present,
-must equal the embedding (Gemma ties them). Vision-tower / projector tensors of a multimodal Gemma 3
+reward head from `score.weight`; a causal LM gets a zero reward head. A tied model's `lm_head.weight`,
+when present, must equal the embedding; an untied one's is the model's own LM head. Vision-tower / projector tensors of a multimodal Gemma 3
 checkpoint are skipped and listed in info["ignored"]; any OTHER unexpected tensor is an error (a
 silently dropped weight would be a silently different model).
 
@@ -14,6 +14,7 @@ that `transformers` Auto* classes load.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from haf_jax import sharding
+from haf_jax.model import heads
 from haf_jax.model.config import ModelConfig
 
 _SKIPPED_PARTS = ("vision_tower.", "multi_modal_projector.", "vision_model.")
@@ -66,19 +67,35 @@ def load_hf_config(directory) -> tuple[ModelConfig, dict]:
     return ModelConfig.from_hf(hf), hf
 
 
-def _hf_name(path: str) -> str:
-    """'layers_3/self_attn/q_norm/scale' -> 'layers.3.self_attn.q_norm.weight'."""
+_HEAD_NAMES = {"reward_head": "score.weight", "lm_head": "lm_head.weight", "lm_head_bias": "lm_head.bias"}
+_IN_FIRST = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc1", "reward_head")
+_OUT_LAST = ("o_proj", "dense", "down_proj", "fc2")
+
+
+def _hf_name(path: str, prefix: str = "") -> str:
+    """'layers_3/self_attn/q_proj_bias' -> prefix + 'layers.3.self_attn.q_proj.bias'; heads keep HF's names."""
+    if path in _HEAD_NAMES:
+        return _HEAD_NAMES[path]
     path = re.sub(r"layers_(\d+)", r"layers.\1", path)
-    path = path.removesuffix("/scale")
-    return path.replace("/", ".") + ".weight"
+    if path.endswith("/scale"):
+        path = path.removesuffix("/scale") + "/weight"
+    elif path.endswith("_bias"):
+        path = path.removesuffix("_bias") + "/bias"
+    elif not path.endswith("/bias"):
+        path += "/weight"
+    return prefix + path.replace("/", ".")
 
 
 def _layout(path: str) -> str:
-    """How an HF [out, in] matrix maps to ours: 'in_first' ([in, *out]), 'out_last' ([*in, out]) or 'same'."""
-    if path.endswith("o_proj") or path.endswith("down_proj"):
-        return "out_last"
-    if path == "reward_head" or re.search(r"(q_proj|k_proj|v_proj|gate_proj|up_proj)$", path):
+    """How an HF tensor maps to ours: 'in_first' (HF [out, in] -> [in, *out]), 'out_last'
+    (HF [out, in] -> [*in, out]), 'flat' (HF [a*b] -> [a, b]: q/k/v biases) or 'same'."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf in _IN_FIRST:
         return "in_first"
+    if leaf in _OUT_LAST:
+        return "out_last"
+    if leaf in ("q_proj_bias", "k_proj_bias", "v_proj_bias"):
+        return "flat"
     return "same"
 
 
@@ -87,11 +104,13 @@ def _hf_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
         return (math.prod(shape[1:]), shape[0])
     if layout == "out_last":
         return (shape[-1], math.prod(shape[:-1]))
+    if layout == "flat":
+        return (math.prod(shape),)
     return tuple(shape)
 
 
 def _to_ours(w: np.ndarray, shape, layout: str) -> np.ndarray:
-    return w.reshape(shape) if layout == "same" else w.T.reshape(shape)
+    return w.reshape(shape) if layout in ("same", "flat") else w.T.reshape(shape)
 
 
 def _to_hf(w: np.ndarray, layout: str) -> np.ndarray:
@@ -99,6 +118,8 @@ def _to_hf(w: np.ndarray, layout: str) -> np.ndarray:
         return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
     if layout == "out_last":
         return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+    if layout == "flat":
+        return np.ascontiguousarray(w.reshape(-1))
     return np.ascontiguousarray(w)
 
 
@@ -124,15 +145,18 @@ def _num_labels(hf: dict) -> int:
     return int(hf.get("num_labels", 2))  # transformers' default for classification heads is 2
 
 
-def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, mesh=None):
-    """Parameters of the checkpoint in `directory` as `dtype` arrays, laid out like abstract_params(config).
+def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=None):
+    """Parameters of the checkpoint in `directory` as `dtype` arrays, laid out like heads.abstract_params.
 
     Returns (params, info) with info = {"architecture", "reward_head": "loaded" | "zero-initialised",
-    "prefix", "ignored": [skipped tensor names]}. With `mesh`, each array is placed with
-    sharding.param_shardings as soon as it is read, so the host holds one tensor at a time.
+    "prefix", "ignored": [skipped tensor names]}. With `shardings` (a tree like the params, e.g.
+    haf_jax.params.param_shardings), each array is placed as soon as it is read, so the host holds
+    one tensor at a time.
     """
     directory = pathlib.Path(directory)
-    _, hf = load_hf_config(directory)  # validates model_type
+    hf_cfg, hf = load_hf_config(directory)  # validates model_type
+    if hf_cfg.family != config.family:
+        raise ValueError(f"{directory} holds a {hf_cfg.family} checkpoint but the model config is {config.family}")
     arch = (hf.get("architectures") or ["?"])[0]
     is_classifier = arch.endswith("ForSequenceClassification")
     if is_classifier and _num_labels(hf) != 1:
@@ -144,15 +168,14 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, mesh=None)
         raise ValueError(f"expected exactly one '*embed_tokens.weight' tensor in {directory}, found {embeds}")
     prefix = embeds[0][: -len("embed_tokens.weight")]
 
-    shapes, _ = sharding.abstract_params(config)
+    shapes, _ = heads.abstract_params(config)
     flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
-    shardings = traverse_util.flatten_dict(sharding.param_shardings(config, mesh), sep="/") if mesh else {}
-    wanted = {}  # hf name -> our path
-    for path in flat_shapes:
-        wanted["score.weight" if path == "reward_head" else prefix + _hf_name(path)] = path
+    flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
+    wanted = {_hf_name(path, prefix): path for path in flat_shapes}  # hf name -> our path
+    tied_head = config.tie_word_embeddings and "lm_head.weight" in files
     ignored, unexpected = [], []
     for name in files:
-        if name in wanted or name == "lm_head.weight":
+        if name in wanted or (tied_head and name == "lm_head.weight"):
             continue
         (ignored if any(p in name for p in _SKIPPED_PARTS) else unexpected).append(name)
     if unexpected:
@@ -177,6 +200,10 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, mesh=None)
             if path == "reward_head" and not is_classifier:
                 array = np.zeros(shape, np_dtype)
                 info["reward_head"] = "zero-initialised"
+            elif path.startswith("lm_head") and is_classifier:
+                raise ValueError(f"{arch} in {directory} has no {name!r}: this {config.family} model's LM head is "
+                                 f"not the embedding, and haf_jax needs it for log-probs; use the matching "
+                                 f"*ForCausalLM checkpoint or a haf_jax export (which keeps the LM head)")
             else:
                 raise ValueError(f"tensor {name!r} is missing from {directory} (expected shape "
                                  f"{list(_hf_shape(shape, layout))} for {path})")
@@ -186,51 +213,85 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, mesh=None)
             if tuple(w.shape) != expected:
                 raise ValueError(f"tensor {name!r} has shape {list(w.shape)} but the config needs "
                                  f"{list(expected)} (for {path} {list(shape)})")
-            if name == prefix + "embed_tokens.weight" and "lm_head.weight" in files:
+            if path == "embed_tokens" and tied_head:
                 head = read("lm_head.weight")
                 if head.shape != w.shape or not np.array_equal(head, w):
-                    raise ValueError("lm_head.weight differs from embed_tokens.weight: untied LM heads are "
-                                     "not supported (Gemma ties them)")
+                    raise ValueError(f"lm_head.weight differs from embed_tokens.weight in {directory}, but its "
+                                     f"config.json says tie_word_embeddings=true")
                 del head
             array = _to_ours(w, shape, layout).astype(np_dtype)
             if path == "reward_head":
                 info["reward_head"] = "loaded"
-        flat[path] = jax.device_put(array, shardings[path]) if mesh else jnp.asarray(array)
+        flat[path] = jax.device_put(array, flat_shardings[path]) if path in flat_shardings else jnp.asarray(array)
         del array
     return traverse_util.unflatten_dict(flat, sep="/"), info
+
+
+def export_pad_token(config: ModelConfig, tokenizer=None):
+    """(pad id, tokenizer) for a reward-model export whose pad token differs from EOS.
+
+    transformers' *ForSequenceClassification reads the reward at the rightmost token that is not
+    `pad_token_id`; haf_jax reads it at the EOS ending every sequence. So the pad id must not be
+    the EOS id (Llama, Mistral and Phi ship no pad token; Qwen2 base pads with its EOS). In order:
+    the tokenizer's own pad token when it is not EOS; its unknown token; a new `<|pad|>` token at
+    the first embedding row no tokenizer id uses (vocab_size > len(tokenizer)); a reserved special
+    token (Llama 3). The returned tokenizer is a copy carrying that pad token.
+    """
+    eos = config.eos_token_id
+    if tokenizer is None:
+        if config.pad_token_id is None or config.pad_token_id == eos:
+            raise ValueError(f"reward model export needs a pad token distinct from EOS (pad_token_id="
+                             f"{config.pad_token_id}, eos_token_id={eos}) and no tokenizer was given to choose one")
+        return config.pad_token_id, None
+    tokenizer = copy.deepcopy(tokenizer)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos
+    avoid = {eos, tokenizer.bos_token_id}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in avoid:
+        return tokenizer.pad_token_id, tokenizer
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id not in avoid:
+        tokenizer.pad_token = tokenizer.unk_token
+        return tokenizer.pad_token_id, tokenizer
+    if len(tokenizer) < config.vocab_size:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        if tokenizer.pad_token_id < config.vocab_size:
+            return tokenizer.pad_token_id, tokenizer
+    reserved = [t for t in tokenizer.all_special_tokens if "reserved" in t]
+    reserved_ids = [i for i in tokenizer.convert_tokens_to_ids(reserved) if i not in avoid and i < config.vocab_size]
+    if reserved_ids:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(reserved_ids[0])
+        return tokenizer.pad_token_id, tokenizer
+    raise ValueError(f"cannot choose a pad token distinct from EOS ({eos}) for the reward model export: the "
+                     f"tokenizer has no pad/unk token, no free embedding row and no reserved special token")
 
 
 def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model", tokenizer=None,
             dtype=np.float32) -> None:
     """Writes a Hugging Face checkpoint: `kind="reward_model"` -> <Family>ForSequenceClassification
-    (num_labels=1, score.weight = reward head), `kind="policy"` -> <Family>ForCausalLM (tied LM head).
+    (num_labels=1, score.weight = reward head), `kind="policy"` -> <Family>ForCausalLM.
 
-    The reward model's pad token must differ from EOS: transformers finds the last real token as the
-    last non-pad token, which would be wrong if padding were EOS. Parameters are gathered to the host
-    (single-process only).
+    An untied LM head (`lm_head.weight`, `lm_head.bias`) is written to both, so haf_jax can score
+    log-probs from the reward model too (transformers loads the classifier and reports those
+    tensors as unused). The reward model's pad token differs from EOS (`export_pad_token`).
+    Parameters are gathered to the host (single-process only).
     """
     if kind not in ("reward_model", "policy"):
         raise ValueError(f"kind must be 'reward_model' or 'policy', got {kind!r}")
     out = pathlib.Path(out_dir)
-    pad, eos = config.pad_token_id, config.eos_token_id
-    if tokenizer is not None:
-        pad = tokenizer.pad_token_id
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos
-    if kind == "reward_model" and (pad is None or pad == eos):
-        raise ValueError(f"reward model export needs a pad token distinct from EOS (pad_token_id={pad}, "
-                         f"eos_token_id={eos}): transformers reads the reward at the last non-pad token")
+    if kind == "reward_model":
+        pad, tokenizer = export_pad_token(config, tokenizer)
+    else:
+        pad = tokenizer.pad_token_id if tokenizer is not None else config.pad_token_id
+    eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else config.eos_token_id
     extra = {"pad_token_id": pad, "eos_token_id": eos, "dtype": np.dtype(dtype).name}
     if kind == "reward_model":
-        hf = config.to_hf("ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
-                          **extra)
+        hf = config.to_hf("ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, **extra)
     else:
         hf = config.to_hf("ForCausalLM", **extra)
     tensors = {}
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
         if path == "reward_head" and kind == "policy":
             continue
-        name = "score.weight" if path == "reward_head" else "model." + _hf_name(path)
-        tensors[name] = _to_hf(np.asarray(jax.device_get(value)).astype(dtype), _layout(path))
+        tensors[_hf_name(path, "model.")] = _to_hf(np.asarray(jax.device_get(value)).astype(dtype), _layout(path))
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
