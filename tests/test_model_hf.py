@@ -371,3 +371,24 @@ def test_real_gemma_tokenizer(shared_data, tmp_path):
     hf.save_hf(params, config, tmp_path / "rm_unk", kind="reward_model", tokenizer=eos_pad)
     assert json.loads((tmp_path / "rm_unk" / "config.json").read_text())["pad_token_id"] == 3
     assert eos_pad.pad_token_id == 1  # the caller's tokenizer is not modified
+
+
+def test_gemma_runs_from_before_the_family_decoder_still_load():
+    """A run directory written by the Gemma-only model layer (model_config.json with its old
+    fields, checkpoint leaves as in tests/data) reads back as the same model: its config
+    upgrades to today's tiny preset and the parameter tree the checkpoint holds is exactly the
+    tree the model asks for, so orbax restores it unchanged."""
+    import dataclasses
+    import pathlib
+
+    from haf_jax import checkpoint
+    from haf_jax.model.config import ModelConfig
+    from haf_jax.model.families import PRESETS
+    from haf_jax.model.heads import abstract_params
+
+    old = json.loads((pathlib.Path(__file__).parent / "data" / "gemma_tiny_before_decoder.json").read_text())
+    config = ModelConfig.from_dict(old["model_config"])
+    assert config == dataclasses.replace(PRESETS["tiny"], remat=config.remat)
+    shapes, _ = abstract_params(config)
+    layout = {"['params']" + k: v for k, v in checkpoint._layout(shapes).items()}
+    assert layout == old["param_layout"]
