@@ -107,7 +107,7 @@ def real_step(ds, batch_size):
 
     def run(batch):
         batch = {**batch, "ref_logp": np.zeros(batch["last_index"].shape, np.float32)}
-        state[0], m = fn(state[0], {k: batch[k] for k in keys}, None)
+        state[0], m = fn(state[0], {k: batch[k] for k in keys}, None, None)
         jax.block_until_ready(m)
     return run
 

@@ -77,15 +77,15 @@ def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.fl
                                        params_lib.param_shardings(cfg, mesh), live_reference=False)
     data = {k: v for k, v in batch(cfg, b, length).items() if k in keys}
     state = init_state(params_lib.init_params(cfg, jax.random.key(0), mesh))
-    compiled = fn.lower(state, data, None).compile()  # compiled once: timed and cost-analysed
+    compiled = fn.lower(state, data, None, None).compile()  # compiled once: timed and cost-analysed
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     fn = compiled
-    state, m = fn(state, data, None)
+    state, m = fn(state, data, None, None)
     jax.block_until_ready(m)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        state, m = fn(state, data, None)
+        state, m = fn(state, data, None, None)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     return statistics.median(times), xla_flops

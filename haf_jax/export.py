@@ -4,7 +4,9 @@
 
 Writes DIR/reward_model (a *ForSequenceClassification checkpoint, num_labels=1, safetensors,
 tokenizer with a pad token distinct from EOS) and DIR/policy (a *ForCausalLM checkpoint, the
-trained LM head), both loadable with transformers' Auto* classes.
+trained LM head), both loadable with transformers' Auto* classes. A LoRA run's adapters are merged
+into both; DIR/adapter also holds them in the PEFT layout, to load onto the base model's
+*ForSequenceClassification with `peft.PeftModel.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -33,7 +35,15 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
     out = pathlib.Path(out)
     for kind in ("reward_model", "policy"):
         hf.save_hf(params, model_cfg, out / kind, kind=kind, tokenizer=tokenizer)
-    return {"step": info["step"], "reward_model": str(out / "reward_model"), "policy": str(out / "policy")}
+    result = {"step": info["step"], "reward_model": str(out / "reward_model"), "policy": str(out / "policy")}
+    if "lora" in info:
+        lora = info["lora"]
+        trained = {k: params[k] for k in ("reward_head", "embed_tokens")
+                   if k == "reward_head" or lora["config"].train_embeddings}
+        hf.save_peft_adapter(jax.device_get(lora["adapters"]), model_cfg, lora["config"], out / "adapter",
+                             heads=trained, base=lora["base"])
+        result["adapter"] = str(out / "adapter")
+    return result
 
 
 def main(argv) -> None:

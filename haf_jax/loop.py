@@ -20,7 +20,8 @@ from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, read_rows, summary_table
-from haf_jax.model import hf
+from haf_jax.model import hf, lora as lora_lib
+from haf_jax.model.lora import LoraConfig
 from haf_jax.model.families import preset
 from haf_jax.optim import make_optimizer
 
@@ -48,8 +49,9 @@ class Setup:
     mesh: object
     step_cfg: step_lib.StepConfig
     optimizer: object
-    param_shardings: object
-    init_state: object  # jitted params -> state
+    param_shardings: object  # of the full model (reference, frozen base)
+    trained_shardings: object  # of what the optimizer trains (all params, or LoRA adapters + heads)
+    init_state: object  # jitted trainable params -> state
     abstract_state: object
     checkpoint_dir: pathlib.Path | None
     model_path: pathlib.Path | None  # HF directory the initial weights come from (None: random init)
@@ -107,16 +109,39 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
             raise RunError(f"train.{key}={config.train[key]} must be a multiple of the data-parallel size "
                            f"{n_shards} (mesh {dict(mesh.shape)})"
                            + (f" times optim.grad_accum={config.optim.grad_accum}" if key == "batch_size" else ""))
-    step_cfg = step_lib.StepConfig(
-        model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
-        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
-        grad_accum=config.optim.grad_accum,
-    )
+    step_cfg = step_config(config, model_cfg)
     optimizer = optimizer_for(config)
     param_sh = params_lib.param_shardings(model_cfg, mesh)
-    init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh)
-    return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, init_state,
-                 abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
+    trained_sh = params_lib.trainable_shardings(model_cfg, step_cfg.lora, mesh)
+    init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh, step_cfg.lora)
+    return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, trained_sh,
+                 init_state, abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
+
+
+def lora_config(config) -> LoraConfig:
+    return LoraConfig.from_config(config.model.lora) if "lora" in config.model else LoraConfig()
+
+
+def step_config(config, model_cfg) -> step_lib.StepConfig:
+    return step_lib.StepConfig(
+        model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
+        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
+        grad_accum=config.optim.grad_accum, lora=lora_config(config))
+
+
+def split_trainable(s: Setup, params0):
+    """(trainable params, frozen base or None): LoRA's fresh adapters + heads, or everything."""
+    lora = s.step_cfg.lora
+    if not lora.enabled:
+        return params0, None
+    trainable, frozen = lora_lib.split(params0, s.model_config, lora, jax.random.key(s.config.train.seed + 1))
+    trainable = {**trainable, "lora": jax.device_put(trainable["lora"], s.trained_shardings["lora"])}
+    return trainable, frozen
+
+
+def base_fingerprint(frozen) -> dict:
+    """What a LoRA run's checkpoints record of the base weights they adapt ({} without LoRA)."""
+    return {} if frozen is None else {"base_weights": reference.params_fingerprint(frozen)}
 
 
 def optimizer_for(config):
@@ -175,13 +200,13 @@ def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None, load_param
     return out
 
 
-def evaluate(s: Setup, eval_fn, keys, params, ref_params, ref_eval) -> dict:
+def evaluate(s: Setup, eval_fn, keys, params, ref_params, ref_eval, frozen=None) -> dict:
     """Exact accuracies over the whole eval split (filler pairs masked)."""
     totals: dict[str, float] = {}
     for batch in s.eval_ds.batches(s.config.train.eval_batch_size):
         if ref_eval is not None:
             batch = {**batch, "ref_logp": ref_eval[batch["index"]]}
-        sums = jax.device_get(eval_fn(params, step_lib.put_batch(batch, keys, s.mesh), ref_params))
+        sums = jax.device_get(eval_fn(params, step_lib.put_batch(batch, keys, s.mesh), ref_params, frozen))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     n = max(totals.get("pairs", 0.0), 1.0)
@@ -245,7 +270,7 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path):
+def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
     """(state, step) restored from the newest usable checkpoint, or (None, 0) for a fresh run.
 
     Refuses a config that differs from the checkpoint's in a way that matters, and a workdir
@@ -259,7 +284,11 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path):
     if start is None:
         return None, 0
     saved = ckpt.read_config(start)
-    breaking, harmless = checkpoint.compare_configs(saved, config_dict(config))
+    if saved.get("base_weights") != base.get("base_weights"):
+        raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
+                       f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
+                       f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
+    breaking, harmless = checkpoint.compare_configs(saved, {**config_dict(config), **base})
     was_eval = (saved.get("data") or {}).get("eval") or ""
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
@@ -291,22 +320,26 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                                    every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
                                    best_metric=best_metric)
     loader = data.PairLoader(s.train_ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
-    state, start = resume(s, ckpt, loader, config, workdir)
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
-    params0 = load_params0() if start == 0 or live else None
+    lora = s.step_cfg.lora.enabled  # LoRA always needs the base: it is frozen, not checkpointed
+    params0 = load_params0() if lora or live or ckpt.latest_step() is None else None
+    trainable0, frozen = split_trainable(s, params0) if params0 is not None else (None, None)
+    base = base_fingerprint(frozen)
+    state, start = resume(s, ckpt, loader, config, workdir, base)
     refs = reference_arrays(s, params0, workdir, load_params0) if lc.needs_reference and not live else {}
     ref_params = params0 if live else None
-    if start == 0:
-        state = s.init_state(jax.tree.map(jnp.copy, params0) if params0 is not None and live else params0)
-    params0 = ref_params  # drop the initial weights unless the live reference needs them
+    if start == 0:  # the state is donated: copy what the live reference or the frozen base shares with it
+        state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
+    params0 = trainable0 = None  # drop the initial weights unless the live reference or LoRA needs them
 
     state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
     train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
                                                    live_reference=live)
-    eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live)
+    eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live,
+                                                trained_shardings=s.trained_shardings)
     metrics_log = MetricsLog(workdir, resume_step=start)
     preempt = Preemption()
     pending = None
@@ -338,7 +371,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
-            state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params)
+            state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
             pairs_done += c.train.batch_size
             if pending is not None:
                 flush(pending)
@@ -351,14 +384,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 flush(pending)  # never evaluate or save a state whose step was not finite
                 pending = None
             if is_eval:
-                last_eval = evaluate(s, eval_fn, eval_keys, state["params"], ref_params, refs.get("eval"))
+                last_eval = evaluate(s, eval_fn, eval_keys, state["params"], ref_params, refs.get("eval"), frozen)
                 metrics_log.write(step, last_eval, split="eval")
                 if best is None or last_eval[best_metric] > best[1][best_metric]:
                     best = (step, last_eval)
                 log(f"\neval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                                           for k, v in last_eval.items()))
             if save:
-                ckpt.save(step, state, data_state={"train": loader.state}, config=config_dict(config),
+                ckpt.save(step, state, data_state={"train": loader.state}, config={**config_dict(config), **base},
                           metrics=last_eval if is_eval else None, force=True)
             if stop:
                 ckpt.wait_until_finished()

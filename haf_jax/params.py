@@ -9,8 +9,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from haf_jax import sharding
-from haf_jax.model import heads
+from haf_jax.model import heads, lora as lora_lib
 from haf_jax.model.config import ModelConfig
+from haf_jax.model.lora import LoraConfig
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh):
@@ -23,6 +24,29 @@ def abstract_params(config: ModelConfig, mesh: Mesh):
     shapes, _ = heads.abstract_params(config)
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         param_shardings(config, mesh))
+
+
+def trainable_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
+    """Shardings of what the optimizer trains: every parameter, or LoRA's adapters + heads."""
+    if not lora.enabled:
+        return param_shardings(config, mesh)
+    return sharding.named_shardings(*lora_lib.abstract_trainable(config, lora), mesh)
+
+
+def abstract_trainable(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
+    if not lora.enabled:
+        return abstract_params(config, mesh)
+    shapes, _ = lora_lib.abstract_trainable(config, lora)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        trainable_shardings(config, lora, mesh))
+
+
+def frozen_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
+    """Shardings of LoRA's frozen base (all parameters but the trained heads); None without LoRA."""
+    if not lora.enabled:
+        return None
+    heads_trained = lora_lib.trainable_heads(config, lora)
+    return {k: v for k, v in param_shardings(config, mesh).items() if k not in heads_trained}
 
 
 def init_params(config: ModelConfig, rng, mesh: Mesh):

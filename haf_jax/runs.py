@@ -12,7 +12,7 @@ import ml_collections
 
 from haf_jax import checkpoint, params as params_lib, step as step_lib
 from haf_jax.data import load_tokenizer
-from haf_jax.model import hf
+from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.config import ModelConfig
 
 
@@ -37,8 +37,14 @@ def select_step(ckpt: checkpoint.Checkpointer, which: str | int) -> int:
 
 
 def load_run(run_dir, mesh, *, which: str | int = "best"):
-    """(params, ModelConfig, tokenizer, info) from a run directory's checkpoint."""
-    from haf_jax.loop import optimizer_for
+    """(params, ModelConfig, tokenizer, info) from a run directory's checkpoint.
+
+    A LoRA run's checkpoint holds adapters and heads only: its base weights are loaded again from
+    the run's model.checkpoint (or its seeded random init), checked against the fingerprint the
+    checkpoint recorded, and merged with the adapters; info["lora"] then carries the LoraConfig,
+    the trained adapters and the base's name for a PEFT export.
+    """
+    from haf_jax import loop
 
     run_dir = pathlib.Path(run_dir)
     model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
@@ -48,17 +54,30 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
         ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True,
                                        best_metric="dpo_accuracy")
     step = select_step(ckpt, which)
-    config = ml_collections.ConfigDict(ckpt.read_config(step))
-    _, abstract_state = step_lib.state_layout(model_cfg, optimizer_for(config), mesh)
+    saved = ckpt.read_config(step)
+    config = ml_collections.ConfigDict(saved)
+    lora = loop.lora_config(config)
+    _, abstract_state = step_lib.state_layout(model_cfg, loop.optimizer_for(config), mesh, lora)
     try:  # "last" walks back past a damaged newest step (reported); an explicit or best step must be intact
         state, _, _ = ckpt.restore(None if str(which) == "last" else step, abstract_state)
     except checkpoint.CorruptCheckpointError as e:
         raise ValueError(f"{e}; choose another with --step=last|N") from None
     finally:
         ckpt.close()
-    step = ckpt.restored_step
+    info = {"source": str(run_dir), "step": ckpt.restored_step}
+    params = state["params"]
+    if lora.enabled:
+        _, path = loop.model_source(config)
+        base = loop.initial_params(config, model_cfg, path, mesh)
+        frozen = {k: v for k, v in base.items() if k not in lora_lib.trainable_heads(model_cfg, lora)}
+        found = loop.base_fingerprint(frozen)["base_weights"]
+        if found != saved.get("base_weights"):
+            raise ValueError(f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
+                             f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
+        info["lora"] = {"config": lora, "adapters": params["lora"], "base": config.model.checkpoint}
+        params = lora_lib.merge(params, frozen, lora)
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
-    return state["params"], model_cfg, tokenizer, {"source": str(run_dir), "step": step}
+    return params, model_cfg, tokenizer, info
 
 
 def load_model(path_or_id: str, mesh, *, which: str | int = "best"):

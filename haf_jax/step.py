@@ -1,7 +1,9 @@
 """Pure train and eval steps, jitted once with explicit shardings over the mesh.
 
-train_step(state, batch[, ref_params]) -> (state, metrics)
+train_step(state, batch, ref_params, frozen) -> (state, metrics)
   state = {"params": float32 pytree, "opt_state": optax state, "step": int32 scalar}
+  With LoRA, state["params"] holds only the trained part (adapters + heads) and `frozen` the base
+  weights (model/lora.py); the step merges them, so gradients exist only for the trained part.
   batch = {"tokens" [B,2,L], "response_mask" [B,2,L], "last_index" [B,2], "valid" [B],
            "ref_logp" [B,2] (precomputed reference; absent in live mode)}
 The state is donated. A non-finite loss or gradient leaves the state unchanged and is reported
@@ -20,6 +22,7 @@ from jax.sharding import NamedSharding
 
 from haf_jax import losses, params as params_lib, sharding
 from haf_jax.model.config import ModelConfig
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ("tokens", "response_mask", "last_index", "valid", "ref_logp")
@@ -67,6 +70,12 @@ class StepConfig:
     compute_dtype: Any = jnp.float32
     logprob_chunk: int = 128
     grad_accum: int = 1
+    lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
+
+
+def model_params(params, frozen, cfg: StepConfig):
+    """The full parameters the model runs with: `params` itself, or LoRA's merge with the frozen base."""
+    return lora_lib.merge(params, frozen, cfg.lora) if cfg.lora.enabled else params
 
 
 def _outputs(params, cfg: StepConfig, batch, ref_params):
@@ -81,8 +90,8 @@ def _outputs(params, cfg: StepConfig, batch, ref_params):
     return out
 
 
-def _loss(params, cfg: StepConfig, batch, ref_params):
-    out = _outputs(params, cfg, batch, ref_params)
+def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
+    out = _outputs(model_params(params, frozen, cfg), cfg, batch, ref_params)
     lc = cfg.loss
     loss, metrics = losses.objective(
         out, objective=lc.objective, alpha=lc.alpha, beta=lc.beta, policy_kind=lc.policy, margin=lc.margin,
@@ -91,19 +100,19 @@ def _loss(params, cfg: StepConfig, batch, ref_params):
     return loss, metrics
 
 
-def train_step(state, batch, ref_params, *, cfg: StepConfig, optimizer: optax.GradientTransformation):
+def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: optax.GradientTransformation):
     """One optimizer step; with grad_accum > 1 the batch is split into micro-batches (lax.scan)."""
     params = state["params"]
     grad_fn = jax.value_and_grad(_loss, has_aux=True)
     if cfg.grad_accum == 1:
-        (_, metrics), grads = grad_fn(params, cfg, batch, ref_params)
+        (_, metrics), grads = grad_fn(params, cfg, batch, ref_params, frozen)
     else:
         a = cfg.grad_accum
         # Micro-batch j takes rows j, j + a, j + 2a, ...: every device keeps an equal share.
         micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 1, 0), batch)
 
         def micro_step(mb):
-            (_, m), g = grad_fn(params, cfg, mb, ref_params)
+            (_, m), g = grad_fn(params, cfg, mb, ref_params, frozen)
             return g, m
 
         shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
@@ -122,9 +131,9 @@ def train_step(state, batch, ref_params, *, cfg: StepConfig, optimizer: optax.Gr
     return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
 
-def eval_step(params, batch, ref_params, *, cfg: StepConfig):
+def eval_step(params, batch, ref_params, frozen, *, cfg: StepConfig):
     """Per-pair sums over one eval batch: counts of correct pairs and margins (filler pairs masked)."""
-    out = _outputs(params, cfg, batch, ref_params)
+    out = _outputs(model_params(params, frozen, cfg), cfg, batch, ref_params)
     w = batch["valid"].astype(jnp.float32)
     per_pair = losses.pair_metrics(out, cfg.loss.beta, policy_kind=cfg.loss.policy)
     sums = {k[: -len("_B")]: jnp.sum(v * w) for k, v in per_pair.items()}
@@ -138,12 +147,13 @@ def reference_logprobs(params, batch, *, cfg: StepConfig):
                          compute_dtype=cfg.compute_dtype).logp_Bx2
 
 
-def state_layout(model_cfg: ModelConfig, optimizer, mesh):
-    """(jitted params -> state, abstract state carrying shardings): nothing is allocated here.
+def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()):
+    """(jitted trainable params -> state, abstract state carrying shardings): nothing is allocated here.
 
-    Optimizer-state shardings are whatever XLA propagates from the parameter shardings.
+    The trainable params are all parameters, or LoRA's adapters + heads. Optimizer-state shardings
+    are whatever XLA propagates from the parameter shardings.
     """
-    abstract_params = params_lib.abstract_params(model_cfg, mesh)
+    abstract_params = params_lib.abstract_trainable(model_cfg, lora, mesh)
 
     def make_state(params):
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
@@ -171,21 +181,32 @@ def _step_keys(cfg: StepConfig, live_reference: bool) -> list[str]:
 
 
 def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shardings, *, live_reference: bool):
-    """train_step jitted once: state donated, batch over (data, fsdp), metrics replicated."""
+    """train_step(state, batch, ref_params, frozen) jitted once: state donated, batch over (data,
+    fsdp), metrics replicated. `param_shardings` are those of the full model (reference, frozen base)."""
     keys = _step_keys(cfg, live_reference)
     ref_sh = param_shardings if live_reference else None
-    fn = sharding.under_mesh(lambda state, batch, ref: train_step(state, batch, ref, cfg=cfg, optimizer=optimizer),
-                             mesh)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh),
+    fn = sharding.under_mesh(lambda state, batch, ref, frozen: train_step(state, batch, ref, frozen, cfg=cfg,
+                                                                          optimizer=optimizer), mesh)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh,
+                                     _frozen_shardings(cfg, param_shardings)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
 
 
-def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool):
+def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool, trained_shardings=None):
+    """eval_step(trained params, batch, ref_params, frozen) jitted once."""
     keys = _step_keys(cfg, live_reference)
     ref_sh = param_shardings if live_reference else None
-    fn = sharding.under_mesh(lambda params, batch, ref: eval_step(params, batch, ref, cfg=cfg), mesh)
-    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys), ref_sh),
+    fn = sharding.under_mesh(lambda params, batch, ref, frozen: eval_step(params, batch, ref, frozen, cfg=cfg), mesh)
+    return jax.jit(fn, in_shardings=(trained_shardings or param_shardings, batch_shardings(mesh, keys), ref_sh,
+                                     _frozen_shardings(cfg, param_shardings)),
                    out_shardings=sharding.replicated(mesh)), keys
+
+
+def _frozen_shardings(cfg: StepConfig, param_shardings):
+    if not cfg.lora.enabled:
+        return None
+    heads_trained = lora_lib.trainable_heads(cfg.model, cfg.lora)
+    return {k: v for k, v in param_shardings.items() if k not in heads_trained}
 
 
 def jit_reference(cfg: StepConfig, mesh, param_shardings):

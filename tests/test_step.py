@@ -74,7 +74,7 @@ def test_first_step_is_ln2_and_zero_accuracy():
     r = make("haf")
     batch = with_ref(r, synthetic_pairs(np.random.default_rng(0), 8))
     state = fresh_state(r)
-    _, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None)
+    _, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None, None)
     m = jax.device_get(m)
     assert m["reward_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["policy_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -91,7 +91,7 @@ def test_train_step_8_devices_equals_1_device():
         b = with_ref(r, batch)
         state = fresh_state(r)
         for _ in range(2):
-            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None)
+            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
         results.append((jax.device_get(state["params"]), jax.device_get(m)))
     (p8, m8), (p1, m1) = results
     for k in ("loss", "reward_loss", "policy_loss", "grad_norm"):
@@ -109,7 +109,7 @@ def test_precomputed_and_live_reference_give_same_losses():
         state = fresh_state(r)
         ms = []
         for _ in range(3):  # after the first update, policy != reference
-            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), r["params0"] if live else None)
+            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), r["params0"] if live else None, None)
             ms.append(jax.device_get(m))
         out.append(ms)
     for a, b in zip(*out):
@@ -125,7 +125,7 @@ def test_gradient_accumulation_matches_full_batch():
         r = make("baseline", grad_accum=accum)
         state = fresh_state(r)
         for _ in range(2):
-            state, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None)
+            state, m = r["train"](state, put(batch, r["keys"], r["mesh"]), None, None)
         params.append(jax.device_get(state["params"]))
     for a, b in zip(*map(jax.tree.leaves, params)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -138,7 +138,7 @@ def test_non_finite_loss_keeps_state_and_reports():
     before = jax.device_get(state["params"])
     bad = jax.tree.map(jnp.copy, state)
     bad["params"]["reward_head"] = jnp.full_like(bad["params"]["reward_head"], jnp.nan)
-    new, m = r["train"](bad, put(batch, r["keys"], r["mesh"]), None)
+    new, m = r["train"](bad, put(batch, r["keys"], r["mesh"]), None, None)
     assert jax.device_get(m["finite"]) == 0.0
     assert np.isnan(jax.device_get(new["params"]["reward_head"])).all()  # unchanged, not updated further
     np.testing.assert_array_equal(jax.device_get(new["params"]["embed_tokens"]), before["embed_tokens"])
@@ -156,8 +156,8 @@ def test_tiny_model_learns_synthetic_rule(objective):
     state = fresh_state(r)
     for i in range(80):
         b = {k: v[i * 16:(i + 1) * 16] for k, v in train_pool.items()}
-        state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None)
-    sums = jax.device_get(r["eval"](state["params"], put(eval_batch, r["eval_keys"], r["mesh"]), None))
+        state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
+    sums = jax.device_get(r["eval"](state["params"], put(eval_batch, r["eval_keys"], r["mesh"]), None, None))
     key = "correct_dpo" if objective == "dpo" else "correct_reward"
     accuracy = sums[key] / sums["pairs"]
     assert accuracy >= 0.9, (objective, accuracy)
@@ -173,7 +173,7 @@ def test_bf16_compute_with_remat_tracks_float32():
         state = fresh_state(r)
         ms = []
         for _ in range(3):
-            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None)
+            state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
             ms.append(jax.device_get(m))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
         losses[bf16] = ms

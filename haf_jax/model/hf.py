@@ -297,3 +297,33 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
     (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def save_peft_adapter(adapters, config: ModelConfig, lora, out_dir, *, heads: dict | None = None,
+                      base: str = "") -> None:
+    """Writes LoRA adapters in the PEFT layout (`adapter_config.json` + `adapter_model.safetensors`)
+    for a *ForSequenceClassification base: `peft.PeftModel.from_pretrained(base_classifier, out_dir)`
+    rebuilds the reward model. `adapters` is the trained {"lora": ...} subtree (model/lora.py);
+    `heads` the fully trained top-level parameters saved whole (PEFT `modules_to_save`): the reward
+    head as `score`, and the embedding when it was trained."""
+    out = pathlib.Path(out_dir)
+    names = {"reward_head": "score", "embed_tokens": "model.embed_tokens"}
+    tensors, modules = {}, []
+    for path, ab in traverse_util.flatten_dict(adapters, sep="/", is_leaf=lambda p, x: "a" in x).items():
+        module = _hf_name(path, "model.").removesuffix(".weight")
+        modules.append(module)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"], np.float32).T)
+    saved = []
+    for key, value in (heads or {}).items():
+        if key in names:
+            saved.append(names[key].rsplit(".", 1)[-1])
+            tensors[f"base_model.model.{names[key]}.weight"] = _to_hf(np.asarray(value, np.float32), _layout(key))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": lora.rank, "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout, "target_modules": sorted(modules), "modules_to_save": saved,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base or None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
