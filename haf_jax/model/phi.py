@@ -12,13 +12,20 @@ PHI = dict(norm="layer", norm_offset=False, block="parallel", mlp="plain", embed
            o_bias=True, mlp_bias=True, lm_head_bias=True)
 
 
+def _partial_rotary_factor(hf: dict[str, Any]) -> float:
+    """transformers >= 5 writes it inside `rope_parameters` (which wins, as in transformers); older
+    config.json files (phi-2 on the hub) have it at the top level; transformers' default is 0.5."""
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
+
+
 def from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("tie_word_embeddings"):
         raise ValueError("a Phi config with tie_word_embeddings=true is not supported (Phi's LM head has a bias)")
     return ModelConfig(
         family="phi", **PHI, **hf_config.common(hf), **hf_config.rope(hf),
         activation=hf_config.activation(hf, "gelu_new"), norm_eps=hf.get("layer_norm_eps", 1e-5),
-        qk_norm=bool(hf.get("qk_layernorm", False)), partial_rotary_factor=float(hf.get("partial_rotary_factor", 0.5)),
+        qk_norm=bool(hf.get("qk_layernorm", False)), partial_rotary_factor=_partial_rotary_factor(hf),
         tie_word_embeddings=False,
     )
 
