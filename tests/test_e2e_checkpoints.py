@@ -372,10 +372,49 @@ def _score_rows(path):
     return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
 
 
-def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+def transformers_scores(out, pairs, *, max_length, max_prompt_length, batch_size=4) -> dict:
+    """{source row: (rewards [2], summed response log-probs [2])} (chosen, rejected) from transformers'
+    AutoModelForSequenceClassification on `out/reward_model` and AutoModelForCausalLM on `out/policy`
+    (an export), float32 eager, on exactly the tokens the data layer makes: ids = [bos] + tok(prompt) +
+    tok(response) + [eos], right-padded with the exported pad token (asserted distinct from EOS) and
+    an attention mask up to the EOS. Also shared by tests/test_e2e_families.py."""
+    import torch
+    import transformers
+
     from haf_jax import data
+
+    tok = data.load_tokenizer(str(out / "reward_model"))
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    ds = data.load_pairs(str(pairs), tok, split="all", max_length=max_length, max_prompt_length=max_prompt_length,
+                         eval_fraction=0.0, max_skip_fraction=1.0)
+    kw = dict(torch_dtype=torch.float32, attn_implementation="eager")
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "reward_model"), **kw).eval()
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(out / "policy"), **kw).eval()
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    got = {}
+    with torch.no_grad():
+        for batch in ds.batches(batch_size):
+            b, _, length = batch["tokens"].shape
+            ids = torch.from_numpy(batch["tokens"].reshape(2 * b, length)).long()
+            last = torch.from_numpy(batch["last_index"].reshape(2 * b)).long()
+            attn = (torch.arange(length)[None, :] <= last[:, None]).long()
+            assert (ids[attn == 0] == tok.pad_token_id).all()  # right padding with the exported pad token
+            assert (ids.gather(1, last[:, None])[:, 0] == tok.eos_token_id).all()  # every row ends at its EOS
+            if tok.bos_token_id is not None:
+                assert (ids[:, 0] == tok.bos_token_id).all()
+            reward = rm(input_ids=ids, attention_mask=attn).logits[:, 0].reshape(b, 2)
+            logits = lm(input_ids=ids, attention_mask=attn).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            mask = torch.from_numpy(batch["response_mask"].reshape(2 * b, length)[:, 1:]).float()
+            logp = (lp * mask).sum(-1).reshape(b, 2)
+            for row in np.flatnonzero(batch["valid"]):
+                got[int(batch["index"][row])] = (reward[row].numpy(), logp[row].numpy())
+    return got
+
+
+def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
 
     out = tmp_path / "export"
     exported = runner.cli("haf_jax.export", f"--workdir={run_a}", f"--out={out}", workdir_for_env=tmp_path / "x")
@@ -406,29 +445,7 @@ def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path
     assert s_hf["reward_accuracy"] == s_run["reward_accuracy"]
 
     # transformers on exactly the tokens the data layer makes
-    tok = data.load_tokenizer(str(out / "reward_model"))
-    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    ds = data.load_pairs(str(pairs), tok, split="all", max_length=64, max_prompt_length=32, eval_fraction=0.0,
-                         max_skip_fraction=1.0)
-    kw = dict(torch_dtype=torch.float32, attn_implementation="eager")
-    rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "reward_model"), **kw).eval()
-    lm = transformers.AutoModelForCausalLM.from_pretrained(str(out / "policy"), **kw).eval()
-    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
-    got = {}
-    with torch.no_grad():
-        for batch in ds.batches(4):
-            b, _, length = batch["tokens"].shape
-            ids = torch.from_numpy(batch["tokens"].reshape(2 * b, length)).long()
-            last = torch.from_numpy(batch["last_index"].reshape(2 * b)).long()
-            attn = (torch.arange(length)[None, :] <= last[:, None]).long()
-            assert (ids[attn == 0] == tok.pad_token_id).all()  # right padding with the exported pad token
-            reward = rm(input_ids=ids, attention_mask=attn).logits[:, 0].reshape(b, 2)
-            logits = lm(input_ids=ids, attention_mask=attn).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-            mask = torch.from_numpy(batch["response_mask"].reshape(2 * b, length)[:, 1:]).float()
-            logp = (lp * mask).sum(-1).reshape(b, 2)
-            for row in np.flatnonzero(batch["valid"]):
-                got[int(batch["index"][row])] = (reward[row].numpy(), logp[row].numpy())
+    got = transformers_scores(out, pairs, max_length=64, max_prompt_length=32)
     assert sorted(got) == list(range(6))
     for i, row in enumerate(ours):
         reward, logp = got[i]

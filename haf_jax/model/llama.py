@@ -40,6 +40,10 @@ _LLAMA32 = dict(_LLAMA3, rope_type="llama3", rope_factor=32.0, rope_low_freq_fac
                 rope_original_max_positions=8192, max_position_embeddings=131_072, tie_word_embeddings=True)
 
 PRESETS: dict[str, ModelConfig] = {
+    # Tests and the offline demo: Llama 3.2 features (GQA, llama3 rope scaling) at toy size with an
+    # untied LM head, the vocabulary and token ids of the bundled byte-level tokenizer.
+    "tiny-llama": _llama(2048, 64, 256, 2, 4, 2, **{**_LLAMA32, "tie_word_embeddings": False, "bos_token_id": 2,
+                                                    "eos_token_id": 1, "pad_token_id": 0}),
     "llama2-7b": _llama(32_000, 4096, 11_008, 32, 32, 32, max_position_embeddings=4096, tie_word_embeddings=False,
                         bos_token_id=1, eos_token_id=2, pad_token_id=None),
     "llama3-8b": _llama(128_256, 4096, 14_336, 32, 32, 8, max_position_embeddings=8192,

@@ -35,6 +35,13 @@ def _mistral(vocab, theta, window) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    # Tests and the offline demo: GQA and a sliding window (64, shorter than the default
+    # max_length) on every layer at toy size; vocabulary and token ids of the bundled tokenizer.
+    "tiny-mistral": ModelConfig(
+        family="mistral", **LLAMA, activation="silu", vocab_size=2048, hidden_size=64, intermediate_size=256,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, norm_eps=1e-5, rope_theta=10_000.0,
+        layer_types=(SLIDING, SLIDING), sliding_window=64, tie_word_embeddings=False,
+        max_position_embeddings=2048, bos_token_id=2, eos_token_id=1, pad_token_id=0),
     "mistral-7b": _mistral(32_000, 10_000.0, 4096),
     "mistral-7b-v0.3": _mistral(32_768, 1_000_000.0, None),
 }

@@ -37,6 +37,14 @@ def to_hf(c: ModelConfig, architecture: str) -> dict[str, Any]:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    # Tests and the offline demo: LayerNorm, parallel block, partial rotary 0.4 (6 of 16 dims),
+    # biases everywhere, untied LM head with a bias, at toy size; vocabulary and token ids of
+    # the bundled tokenizer.
+    "tiny-phi": ModelConfig(
+        family="phi", **PHI, activation="gelu_tanh", vocab_size=2048, hidden_size=64, intermediate_size=256,
+        num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, norm_eps=1e-5, partial_rotary_factor=0.4,
+        tie_word_embeddings=False, max_position_embeddings=2048, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0),
     "phi-2": ModelConfig(
         family="phi", **PHI, activation="gelu_tanh", vocab_size=51_200, hidden_size=2560, intermediate_size=10_240,
         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=80, norm_eps=1e-5, partial_rotary_factor=0.4,

@@ -44,6 +44,13 @@ def _qwen2(vocab, d, f, layers, heads, kv, tied) -> ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
+    # Tests and the offline demo: q/k/v biases, GQA, rope base 1e6 and a tied LM head (as
+    # qwen2-0.5b) at toy size; vocabulary and token ids of the bundled tokenizer.
+    "tiny-qwen2": ModelConfig(
+        family="qwen2", **LLAMA, activation="silu", vocab_size=2048, hidden_size=64, intermediate_size=256,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, norm_eps=1e-6, qkv_bias=True,
+        rope_theta=1_000_000.0, tie_word_embeddings=True, max_position_embeddings=2048,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0),
     "qwen2-0.5b": _qwen2(151_936, 896, 4864, 24, 14, 2, True),
     "qwen2-1.5b": _qwen2(151_936, 1536, 8960, 28, 12, 2, True),
     "qwen2-7b": _qwen2(152_064, 3584, 18_944, 28, 28, 4, False),

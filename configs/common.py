@@ -1,0 +1,87 @@
+"""The part of every family config that does not depend on the family: `base_config(preset, tiny=...)`.
+
+Not a config file itself; configs/gemma.py, llama.py, mistral.py, qwen2.py and phi.py build on it:
+  python -m haf_jax.train --config=configs/llama.py --workdir=runs/tiny-llama
+  python -m haf_jax.train --config=configs/llama.py:llama3-8b --workdir=runs/l3 \
+    --config.model.checkpoint=meta-llama/Meta-Llama-3-8B --config.data.train=prefs.jsonl
+
+ml_collections' config_flags loads a config file by path (importlib's SourceFileLoader), outside
+any package, so `import common` in a config would work only when configs/ happens to be on
+sys.path (and could pick up any other module named `common`). Each family config therefore loads
+this file by its path next to its own `__file__`, under a name no other module uses:
+  spec = importlib.util.spec_from_file_location("haf_jax_configs_common", Path(__file__).with_name("common.py"))
+That works from any working directory, with relative or absolute --config paths.
+"""
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+
+def check_preset(arg: str, presets: tuple[str, ...], config_file: str) -> str:
+    """`arg` when it names one of `presets`; else a ValueError listing them."""
+    if arg not in presets:
+        raise ValueError(f"unknown preset {arg!r} for {config_file}; choose one of {presets}")
+    return arg
+
+
+def base_config(preset: str, *, tiny: bool) -> ConfigDict:
+    """The full run config for `preset` (a name in haf_jax.model.families.PRESETS).
+
+    tiny=True: the offline demo shape (float32, no remat, short run, bundled data and tokenizer);
+    tiny=False: the paper's setup (PAPER.md s5: bf16 compute, lr 1e-5, 512 tokens, 3200 steps).
+    """
+    c = ConfigDict()
+
+    c.model = ConfigDict()
+    c.model.preset = preset  # architecture when starting from random weights (ignored with a checkpoint)
+    c.model.checkpoint = ""  # HF directory or hub id to start from; "" = random init of the preset
+    c.model.tokenizer = ""  # tokenizer dir or hub id; "" = the checkpoint's own, or the bundled one
+    c.model.compute_dtype = "float32" if tiny else "bfloat16"  # master weights always stay float32
+    c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
+    c.model.logprob_chunk = 128  # positions per chunk of the LM-head log-prob computation
+
+    c.data = ConfigDict()
+    c.data.train = ""  # file path or dataset spec (see haf_jax.data); "" = bundled HH-RLHF sample
+    c.data.eval = ""  # same; "" = carve data.eval_fraction out of data.train deterministically
+    c.data.eval_fraction = 0.1 if tiny else 0.05  # used only when data.eval is ""
+    c.data.template = "none"  # prompt template: none | phi2 | mistral
+    c.data.max_length = 256 if tiny else 512  # prompt + response tokens (PAPER.md s5: 512)
+    c.data.max_prompt_length = 128  # the prompt keeps its END when cut
+    c.data.max_skip_fraction = 0.1  # refuse to start when more rows than this would be skipped
+
+    c.loss = ConfigDict()
+    c.loss.objective = "haf"  # haf | baseline | dpo
+    c.loss.alpha = 0.2  # weight of the policy loss in haf
+    c.loss.beta = 0.1  # DPO temperature (the paper's tau)
+    c.loss.policy = "sigmoid"  # sigmoid (DPO) | hinge | ipo | simpo
+    c.loss.margin = 0.0  # Bradley-Terry margin
+    c.loss.centering = 0.0  # reward-centring coefficient
+    c.loss.label_smoothing = 0.0  # conservative-DPO smoothing for sigmoid/simpo
+    c.loss.simpo_gamma = 0.5  # SimPO target margin (policy=simpo only)
+    c.loss.reference = "precompute"  # precompute (once, cached on disk) | live (frozen copy every step)
+
+    c.optim = ConfigDict()
+    c.optim.learning_rate = 1e-3 if tiny else 1e-5  # paper: 1e-5 full fine-tune
+    c.optim.warmup_steps = 0  # linear warmup steps (paper: none)
+    c.optim.schedule = "linear"  # linear (decay to 0) | cosine | constant
+    c.optim.eps = 1e-5  # AdamW epsilon (paper: 1e-5)
+    c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (paper: 0)
+    c.optim.clip_norm = 1.0  # global gradient-norm clip (paper: 1.0)
+    c.optim.grad_accum = 1  # micro-batches per step (train.batch_size must divide evenly)
+
+    c.train = ConfigDict()
+    c.train.steps = 150 if tiny else 3200  # optimizer steps
+    c.train.batch_size = 16  # pairs per step, global (paper: 16)
+    c.train.eval_every = 50 if tiny else 80  # steps between evals (also evaluated at the end)
+    c.train.eval_batch_size = 32  # pairs per eval/reference batch, global
+    c.train.log_every = 10  # steps between metrics.jsonl rows (step 1 is always logged)
+    c.train.seed = 0  # init and data-order seed; step rng = fold_in(seed, step)
+
+    c.mesh = ConfigDict()
+    c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) sizes; -1 takes the remaining devices
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every_steps = 50 if tiny else 400  # save every N steps (and at the end)
+    c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0 = off)
+    c.checkpoint.keep = 2  # last K checkpoints kept, plus the best by eval accuracy
+    return c

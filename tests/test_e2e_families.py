@@ -1,0 +1,301 @@
+"""End-to-end HaF runs on the non-Gemma families, each from a real Hugging Face checkpoint directory.
+
+For Llama, Qwen2 and Phi a tiny random `transformers` model (the family's features on, the bundled
+2,048-token tokenizer saved beside it) is written with save_pretrained(safe_serialization=True).
+One `python -m haf_jax.train` child per checkpoint (configs/<family>.py with
+--config.model.checkpoint=DIR) trains 6 steps of 4 pairs on a 32-row slice of the bundled sample
+(24 train / 8 eval pairs, max_length 64); then `haf_jax.export` and `haf_jax.score` run on it side by
+side and transformers scores the export exactly as `score` scores the run. The real aidreams260K
+llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by haf_jax's own forward
+against the ids in ../shared/data/README.md, and trained for a few steps with its own 512-token
+tokenizer. Children are set up as in test_e2e_checkpoints.py (one CPU device, offline, their own
+reference cache, the session's shared JAX compilation cache). About 2 minutes on 2 cores.
+test_family_configs_load_by_path (fast, not marked slow) loads every configs/<family>.py through
+config_flags as haf_jax.train does, from a directory where configs/ is not importable.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_e2e_checkpoints import _score_rows, child_env, shared_root, train_rows, transformers_scores  # noqa: F401
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz"
+STEPS = 6
+SMALL = [
+    f"--config.train.steps={STEPS}", "--config.train.batch_size=4", "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32", f"--config.train.eval_every={STEPS}",
+    f"--config.checkpoint.every_steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_batch_size=8",
+    "--config.data.eval_fraction=0.25",
+]
+TIMEOUT = 300
+LN2 = math.log(2)
+CONFIGS = {"llama": "configs/llama.py", "mistral": "configs/mistral.py", "qwen2": "configs/qwen2.py",
+           "phi": "configs/phi.py", "gemma": "configs/gemma.py"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def data32(tmp_path_factory):
+    path = tmp_path_factory.mktemp("families_data") / "pairs32.jsonl"
+    with gzip.open(SAMPLE, "rt") as f:
+        path.write_text("".join(next(f) for _ in range(32)))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch's 2 intra-op threads only contend with the children on 2 cores."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env(workdir, shared_root):
+    return child_env(pathlib.Path(str(workdir) + ".cache"), shared_root / "jax_compile_cache")
+
+
+def _start(args, workdir, shared_root):
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_env(workdir, shared_root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc, what):
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{err[-4000:]}"
+    return out, err
+
+
+def train(config, workdir, checkpoint, data, shared_root):
+    """One training child from `checkpoint`; returns its train rows (step -> row)."""
+    proc = _start(["haf_jax.train", f"--config={config}", f"--workdir={workdir}", f"--config.data.train={data}",
+                   f"--config.model.checkpoint={checkpoint}", *SMALL], workdir, shared_root)
+    _finish(proc, f"train {config}")
+    return train_rows(workdir)
+
+
+def check_losses(rows):
+    """Step 1 is the initial model: zero reward head (BT loss ln 2) and policy == the precomputed
+    reference (DPO loss ln 2). Every logged number is finite; the run got to its last step."""
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    first = rows[1]
+    assert abs(first["reward_loss"] - LN2) <= 1e-6, first
+    assert abs(first["policy_loss"] - LN2) <= 1e-6, first
+    assert first["reward_chosen"] == first["reward_rejected"] == 0.0
+    for step, row in rows.items():
+        for key, value in row.items():
+            assert isinstance(value, (int, float)) and math.isfinite(value), (step, key, value)
+    # the weights moved: the reward head reads non-zero rewards, the policy left the reference
+    last = rows[STEPS]
+    assert last["reward_chosen"] != 0.0 and last["implicit_margin"] != 0.0, last
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+
+_IDS = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)  # the bundled tokenizer's <bos> <eos> <pad>
+_SHAPE = dict(vocab_size=2048, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+
+
+def hf_config(family):
+    """The family's features at toy size, written as transformers configs (not from haf_jax's presets)."""
+    import transformers
+
+    if family == "llama":  # GQA, llama3 rope frequency bands, untied LM head
+        return transformers.LlamaConfig(
+            **_SHAPE, **_IDS, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=131_072,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            tie_word_embeddings=False)
+    if family == "qwen2":  # q/k/v biases, GQA, tied LM head
+        return transformers.Qwen2Config(
+            **_SHAPE, **_IDS, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
+            use_sliding_window=False)
+    if family == "phi":  # LayerNorm, parallel block, partial rotary 0.4, biases, untied biased LM head
+        return transformers.PhiConfig(
+            **_SHAPE, **_IDS, num_key_value_heads=4, partial_rotary_factor=0.4, hidden_act="gelu_new",
+            layer_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=False, qk_layernorm=False)
+    raise ValueError(family)
+
+
+def build_checkpoint(family, out):
+    """A random <Family>ForCausalLM saved as safetensors plus the bundled tokenizer. Every tensor is
+    redrawn (biases too, norms around 1) so no weight is a default 0 or 1 a wrong mapping could hide."""
+    import torch
+    import transformers
+
+    from haf_jax import data
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if (p.ndim == 1 and "norm" in name) else 0.05 * noise)
+    model.save_pretrained(out, safe_serialization=True)
+    data.load_tokenizer(str(data.sample_paths()["tokenizer"])).save_pretrained(out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    return out
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _load_config_as_train_does(spec):
+    """config_flags parsing exactly as haf_jax.train declares it (file loaded by path)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+    fv(["prog", f"--config={spec}"])
+    return fv.config
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_family_configs_load_by_path(family, tmp_path, monkeypatch):
+    """Every family config loads common.py beside it from any working directory; its default is a
+    tiny offline preset (bundled tokenizer's vocabulary), its presets are the family module's."""
+    from absl import flags
+
+    from haf_jax.model import families
+
+    monkeypatch.chdir(tmp_path)  # not the repo: configs/ is not importable from here
+    path = REPO / CONFIGS[family]
+    spec = importlib.util.spec_from_file_location(f"cfg_{family}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module_presets = families.FAMILIES[family].PRESETS
+    assert set(module.PRESETS) == set(module_presets), (family, module.PRESETS, sorted(module_presets))
+    default = _load_config_as_train_does(path)
+    tiny = families.preset(default.model.preset)
+    assert default.model.preset.startswith("tiny") and default.model.checkpoint == ""
+    assert (tiny.vocab_size, tiny.hidden_size, tiny.num_layers) == (2048, 64, 2)
+    assert default.data.train == "" and default.model.compute_dtype == "float32" and default.train.steps == 150
+    for name in module.PRESETS:
+        c = _load_config_as_train_does(f"{path}:{name}")
+        assert c.model.preset == name and families.preset(name).family.startswith(family)
+        assert c.to_dict().keys() == default.to_dict().keys()
+    with pytest.raises(flags.IllegalFlagValueError, match=f"unknown preset 'nope' for {CONFIGS[family]}"):
+        _load_config_as_train_does(f"{path}:nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
+def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, tmp_path):
+    """Train from a tiny <family> checkpoint; export; transformers scores the export like `score`
+    scores the run (rewards and log-probs within 2e-3)."""
+    from safetensors.numpy import load_file
+
+    from haf_jax.model.config import ModelConfig
+    from haf_jax.model.families import preset
+
+    ckpt = build_checkpoint(family, tmp_path / "ckpt")
+    run = tmp_path / "run"
+    rows = train(CONFIGS[family], run, ckpt, data32, shared_root)
+    check_losses(rows)
+    # the transformers config reads back as exactly this family's tiny preset
+    assert ModelConfig.from_dict(json.loads((run / "model_config.json").read_text())) == preset(f"tiny-{family}")
+
+    out, scores = tmp_path / "export", tmp_path / "scores.jsonl"
+    pairs = tmp_path / "pairs8.jsonl"
+    pairs.write_text("".join(data32.read_text().splitlines(keepends=True)[:8]))
+    export = _start(["haf_jax.export", f"--workdir={run}", f"--out={out}"], tmp_path / "x", shared_root)
+    score = _start(["haf_jax.score", f"--model={run}", f"--data={pairs}", f"--out={scores}", "--max_length=64",
+                    "--max_prompt_length=32", "--batch_size=4"], tmp_path / "y", shared_root)
+    exported = json.loads(_finish(export, "export")[0].strip().splitlines()[-1])
+    summary = json.loads(_finish(score, "score")[0].strip().splitlines()[-1])
+    assert exported["step"] == STEPS and summary["pairs"] == 8
+
+    # the parameters changed (k_proj biases get no gradient: softmax ignores a per-query constant)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(out / "policy" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    unchanged = [k for k in before if np.array_equal(before[k], after[k])]
+    assert all(k.endswith("k_proj.bias") for k in unchanged), unchanged
+    assert all(np.isfinite(v).all() for v in after.values())
+
+    ours = _score_rows(scores)
+    got = transformers_scores(out, pairs, max_length=64, max_prompt_length=32)
+    assert sorted(got) == [r["row"] for r in ours] == list(range(8))
+    worst = {"reward": 0.0, "logp": 0.0}
+    for row in ours:
+        reward, logp = got[row["row"]]
+        for j, side in enumerate(("chosen", "rejected")):
+            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3, rel=1e-4), (row, side)
+            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=2e-3, rel=1e-4), (row, side)
+            worst["reward"] = max(worst["reward"], abs(float(reward[j]) - row[f"reward_{side}"]))
+            worst["logp"] = max(worst["logp"], abs(float(logp[j]) - row[f"logp_{side}"]))
+    assert max(abs(r["reward_chosen"]) + abs(r["reward_rejected"]) for r in ours) > 1e-2  # not a trivial 0 == 0
+    print(f"{family}: step-1 reward_loss={rows[1]['reward_loss']!r} policy_loss={rows[1]['policy_loss']!r}; "
+          f"export vs score max |diff| reward={worst['reward']:.2e} logp={worst['logp']:.2e}")
+
+
+def _readme_greedy_ids(shared_data) -> list[int]:
+    """The ids listed in ../shared/data/README.md section (c) (the first 20 of the greedy run)."""
+    text = (shared_data / "README.md").read_text()
+    m = re.search(r"greedy from BOS \(id 1\).*?gives ids\s*\[([\d,\s]+)", text, re.S)
+    assert m, "../shared/data/README.md no longer lists the aidreams260K greedy ids"
+    ids = [int(x) for x in m.group(1).split(",") if x.strip()]
+    assert len(ids) == 20, ids
+    return ids
+
+
+@pytest.mark.slow
+def test_aidreams_greedy_and_haf(shared_data, shared_root, data32, tmp_path):
+    """The real tiny Llama (llama2.c aidreams260K -> HF Llama): haf_jax's own forward, whole-prefix
+    and with the KV cache, decodes greedily from BOS to the README's ids; HaF trains from it."""
+    import jax
+    import jax.numpy as jnp
+
+    from haf_jax.model import heads, hf, layers, llama2c
+
+    src = shared_data / "aidreams260K"
+    if not (src / "aidreams260K.bin").is_file() or not (src / "tok512.bin").is_file():
+        pytest.skip(f"aidreams260K model/tokenizer not found in {src}")
+    expected = _readme_greedy_ids(shared_data)
+    ckpt = llama2c.to_hf_llama(src / "aidreams260K.bin", src / "tok512.bin", tmp_path / "aidreams")
+    cfg, _ = hf.load_hf_config(ckpt)
+    params, info = hf.load_params(ckpt, cfg)
+    assert cfg.family == "llama" and cfg.vocab_size == 512 and info["reward_head"] == "zero-initialised"
+    n = len(expected)
+
+    # whole prefix: one fixed [1, n] buffer, causal, so position t's logits see ids[:t + 1] only
+    logits_fn = jax.jit(lambda p, t: heads.full_logits(p, cfg, t, jnp.array([n - 1])))
+    ids = np.zeros((1, n), np.int32)
+    ids[0, 0] = expected[0]
+    for t in range(n - 1):
+        ids[0, t + 1] = int(np.argmax(np.asarray(logits_fn(params, ids))[0, t]))
+    assert ids[0].tolist() == expected
+
+    # KV cache: BOS, then one token at a time
+    decode_fn = jax.jit(lambda p, tok, pos, cache: heads.decode(p, cfg, tok, pos, cache))
+    cache = layers.init_cache(cfg, 1, n)
+    cached = [expected[0]]
+    for t in range(n - 1):
+        logits, cache = decode_fn(params, jnp.array([[cached[-1]]], jnp.int32), jnp.array([[t]], jnp.int32), cache)
+        cached.append(int(np.argmax(np.asarray(logits)[0, -1])))
+    assert cached == expected
+
+    # HaF from the converted checkpoint with its own tokenizer (512 tokens, BOS 1, EOS 2)
+    rows = train(CONFIGS["llama"], tmp_path / "run", ckpt, data32, shared_root)
+    check_losses(rows)
+    saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
+    assert (saved["vocab_size"], saved["num_layers"], saved["bos_token_id"], saved["eos_token_id"]) == (512, 4, 1, 2)
+    print(f"aidreams: step-1 reward_loss={rows[1]['reward_loss']!r} policy_loss={rows[1]['policy_loss']!r}")
