@@ -39,6 +39,13 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.model.compute_dtype = "float32" if tiny else "bfloat16"  # master weights always stay float32
     c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
     c.model.logprob_chunk = 128  # positions per chunk of the LM-head log-prob computation
+    c.model.lora = ConfigDict()  # low-rank adapters (haf_jax/model/lora.py); rank 0 = full fine-tuning
+    c.model.lora.rank = 0  # adapter rank r (paper, Mistral-7B: 64)
+    c.model.lora.alpha = 16.0  # adapters add (alpha / rank) * A @ B (paper: 16)
+    c.model.lora.dropout = 0.0  # input dropout of the adapters: only 0 (they are merged into the weights)
+    c.model.lora.targets = r"mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.weight$"  # regex over HF parameter names
+    c.model.lora.train_lm_head = False  # also train the LM head in full (the embedding when tied)
+    c.model.lora.train_embeddings = False  # also train the token embedding in full
 
     c.data = ConfigDict()
     c.data.train = ""  # file path or dataset spec (see haf_jax.data); "" = bundled HH-RLHF sample

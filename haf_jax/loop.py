@@ -270,6 +270,21 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+# Config keys added after runs were already written, with the value that reproduces those runs: a
+# checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
+ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())}}
+
+
+def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:
+    out = dict(saved)
+    for key, value in added.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = with_added_defaults(out[key], value)
+        elif key not in out:
+            out[key] = value
+    return out
+
+
 def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
     """(state, step) restored from the newest usable checkpoint, or (None, 0) for a fresh run.
 
@@ -288,7 +303,7 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
         raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
                        f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
                        f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
-    breaking, harmless = checkpoint.compare_configs(saved, {**config_dict(config), **base})
+    breaking, harmless = checkpoint.compare_configs(with_added_defaults(saved), {**config_dict(config), **base})
     was_eval = (saved.get("data") or {}).get("eval") or ""
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
