@@ -1,0 +1,164 @@
+"""End-to-end LoRA runs (`--config.model.lora.rank`): step 1 is the base model, only adapters and
+the reward head move, resume is bit-exact and refuses another base, and the exports (merged
+Hugging Face checkpoints and the PEFT adapter) score like haf_jax in transformers and peft.
+
+One base checkpoint (the tiny Gemma preset, random weights, the bundled tokenizer) written as a
+Hugging Face directory; one uninterrupted LoRA run shared by the tests (built once under xdist).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from test_e2e_checkpoints import (_score_rows, committed_steps, rows, runner, shared_root,  # noqa: F401 (fixtures)
+                                  small_data, train_rows, transformers_scores, wait_until)
+
+STEPS, EVERY, EVAL_EVERY = 8, 2, 4
+LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0",
+        f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
+        f"--config.train.eval_every={EVAL_EVERY}", "--config.optim.learning_rate=0.01"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def lora_base(shared_root):
+    """A Hugging Face GemmaForCausalLM directory of the tiny preset (seeded random weights)."""
+    from filelock import FileLock
+
+    path = shared_root / "lora_base"
+    with FileLock(str(shared_root / "lora_base.lock")):
+        if not (path / "config.json").exists():
+            import jax
+
+            from haf_jax import data
+            from haf_jax.model import heads, hf
+            from haf_jax.model.families import PRESETS
+
+            params = jax.device_get(heads.init_params(PRESETS["tiny"], jax.random.key(7)))
+            tok = data.load_tokenizer(data.sample_paths()["tokenizer"])
+            hf.save_hf(params, PRESETS["tiny"], path.with_suffix(".tmp"), kind="policy", tokenizer=tok)
+            path.with_suffix(".tmp").rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_run(runner, shared_root, lora_base):
+    from filelock import FileLock
+
+    workdir = shared_root / "lora_run"
+    with FileLock(str(shared_root / "lora_run.lock")):
+        if not (workdir / "summary.json").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            runner.train(workdir, *LORA, f"--config.model.checkpoint={lora_base}")
+    return workdir
+
+
+def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
+    first = train_rows(lora_run)[1]
+    assert first["reward_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["policy_loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at B = 0: policy == base
+    assert all(math.isfinite(r["loss"]) for r in train_rows(lora_run).values())
+
+    import jax
+    from flax import traverse_util
+
+    from haf_jax import runs, sharding
+    from haf_jax.model import hf, lora as lora_lib
+
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    merged, config, _, info = runs.load_run(lora_run, mesh, which="last")
+    base, _ = hf.load_params(lora_base, config)
+    targets = set(lora_lib.targets(config, info["lora"]["config"]))
+    assert targets == {f"layers_{i}/mlp/{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    flat_merged, flat_base = (traverse_util.flatten_dict(jax.device_get(t), sep="/") for t in (merged, base))
+    changed = {k for k in flat_base if not np.array_equal(flat_merged[k], flat_base[k])}
+    assert changed == targets | {"reward_head"}
+    # the checkpoint holds adapters and the head only, with a fingerprint of the base
+    meta = json.loads((lora_run / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    params = {k for k in meta["layout"] if k.startswith("['params']")}
+    assert params and all(k.startswith(("['params']['lora']", "['params']['reward_head']")) for k in params)
+    saved = json.loads((lora_run / "checkpoints" / str(STEPS) / "config" / "metadata").read_text())
+    assert saved["base_weights"] and saved["model"]["lora"]["rank"] == 4
+
+
+def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, runner, tmp_path):
+    extra = [*LORA, f"--config.model.checkpoint={lora_base}"]
+    for attempt in range(3):  # a very fast child can finish before the kill lands: try again
+        workdir = tmp_path / f"b{attempt}"
+        proc = runner.start(workdir, *extra)
+        try:
+            wait_until(lambda: any(s >= EVAL_EVERY for s in committed_steps(workdir)), proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        if proc.returncode == -signal.SIGKILL and max(committed_steps(workdir)) < STEPS:
+            break
+    else:
+        pytest.fail("could not kill the run before it finished")
+    p = runner.train(workdir, *extra)
+    assert "resumed from" in p.stderr, p.stderr[-3000:]
+    ours, theirs = train_rows(workdir), train_rows(lora_run)
+    assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
+    for s in ours:
+        for k in ("loss", "reward_loss", "policy_loss", "grad_norm"):
+            assert ours[s][k] == theirs[s][k], (s, k)
+    assert [r for r in rows(workdir) if r.get("split") == "eval"] == [
+        r for r in rows(lora_run) if r.get("split") == "eval"]
+
+    # the same run on other base weights (one tensor changed) is refused, with the reason
+    other = tmp_path / "other_base"
+    shutil.copytree(lora_base, other)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 0.5
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    p = runner.train(workdir, *LORA, f"--config.model.checkpoint={other}", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "LoRA adapters trained on other base weights" in p.stderr, p.stderr[-2000:]
+
+
+def test_lora_exports_score_like_the_run(lora_run, lora_base, runner, small_data, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "export"
+    exported = runner.cli("haf_jax.export", f"--workdir={lora_run}", "--step=last", f"--out={out}",
+                          workdir_for_env=tmp_path / "x")
+    info = json.loads(exported.stdout.strip().splitlines()[-1])
+    assert info["adapter"] == str(out / "adapter")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(small_data.read_text().splitlines(keepends=True)[:6]))
+    scores = tmp_path / "scores.jsonl"
+    runner.cli("haf_jax.score", f"--model={lora_run}", "--step=last", f"--data={pairs}", f"--out={scores}",
+               "--max_length=64", "--max_prompt_length=32", "--batch_size=4", workdir_for_env=tmp_path / "x")
+    ours = _score_rows(scores)
+    assert len(ours) == 6
+
+    # merged checkpoints in transformers: rewards and summed log-probs
+    got = transformers_scores(out, pairs, max_length=64, max_prompt_length=32)
+    for i, row in enumerate(ours):
+        reward, logp = got[i]
+        for j, side in enumerate(("chosen", "rejected")):
+            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3), (i, side)
+            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=1e-5), (i, side)
+
+    # the PEFT adapter on the base classifier gives the same rewards
+    peft = pytest.importorskip("peft")
+    kw = dict(torch_dtype=torch.float32, attn_implementation="eager")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(str(lora_base), num_labels=1, **kw)
+    base.config.pad_token_id = transformers.AutoConfig.from_pretrained(str(out / "reward_model")).pad_token_id
+    model = peft.PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    merged_rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "reward_model"), **kw).eval()
+    ids = torch.tensor([[2, 50, 60, 70, 80, 1, 0, 0], [2, 90, 91, 92, 93, 94, 95, 1]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask).logits[:, 0].numpy()
+        b = merged_rm(input_ids=ids, attention_mask=mask).logits[:, 0].numpy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert np.abs(a).max() > 1e-3
