@@ -20,7 +20,7 @@ import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from haf_jax import params as params_lib
-from haf_jax.model import heads, hf, layers
+from haf_jax.model import families, heads, hf, layers
 from haf_jax.model.config import FULL, SLIDING, ModelConfig
 from haf_jax.model.families import PRESETS
 
@@ -454,7 +454,7 @@ def _generate(params, config, prompt_NxP, steps_NxS, start_N):
 
 @pytest.mark.parametrize("family", sorted(DECODE_CONFIGS))
 def test_cached_decoding_equals_full_forward(family):
-    config = ModelConfig.from_hf(DECODE_CONFIGS[family]().to_dict())
+    config = families.from_hf(DECODE_CONFIGS[family]().to_dict())
     assert config.family == family
     params = _random_params(config, np.random.default_rng(sorted(DECODE_CONFIGS).index(family)))
     if SLIDING in config.layer_types:
@@ -494,8 +494,8 @@ def test_preset_parameter_count(name):
     assert params_lib.param_count(shapes) - config.hidden_size == PUBLISHED[name]
     # independently: transformers builds the same architecture from our exported config (meta device:
     # nothing allocated), and our config survives the trip through transformers' config class
-    hf_config = T.AutoConfig.for_model(**config.to_hf())
-    assert ModelConfig.from_hf(hf_config.to_dict()) == config
+    hf_config = T.AutoConfig.for_model(**families.to_hf(config))
+    assert families.from_hf(hf_config.to_dict()) == config
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(hf_config)
     assert model.num_parameters() == PUBLISHED[name]
@@ -511,7 +511,7 @@ def test_unknown_or_mismatched_model_type(tmp_path):
 
     llama = T.LlamaForCausalLM(_hf_config("llama-b"))
     llama.save_pretrained(tmp_path / "llama", safe_serialization=True)
-    gemma_config = ModelConfig.from_hf(DECODE_CONFIGS["gemma"]().to_dict())
+    gemma_config = families.from_hf(DECODE_CONFIGS["gemma"]().to_dict())
     with pytest.raises(ValueError, match=r"holds a llama checkpoint but the model config is gemma"):
         hf.load_params(tmp_path / "llama", gemma_config)
     llama_config, _ = hf.load_hf_config(tmp_path / "llama")
@@ -519,5 +519,5 @@ def test_unknown_or_mismatched_model_type(tmp_path):
         hf.load_params(tmp_path / "llama", dataclasses.replace(llama_config, family="qwen2", qkv_bias=True))
     # a scaling rule we do not implement is refused, not ignored
     with pytest.raises(ValueError, match=r"unsupported rope scaling type 'yarn'"):
-        ModelConfig.from_hf({**llama_config.to_hf(), "rope_parameters": None,
+        families.from_hf({**families.to_hf(llama_config), "rope_parameters": None,
                              "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

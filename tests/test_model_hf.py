@@ -16,6 +16,7 @@ import torch
 import transformers as T
 from safetensors.numpy import load_file, save_file
 
+from haf_jax.model import families
 from haf_jax.model import hf
 from haf_jax.model.heads import forward_pairs, full_logits
 
@@ -296,7 +297,7 @@ def test_multimodal_prefix(tmp_path):
     torch.manual_seed(0)
     text = _hf_config("gemma3")
     src = _perturb(T.Gemma3ForCausalLM(text), 7)
-    config = hf.ModelConfig.from_hf(text.to_dict())
+    config = families.from_hf(text.to_dict())
     tensors = {k.replace("model.", "model.language_model.", 1): v.detach().numpy()
                for k, v in src.state_dict().items() if k != "lm_head.weight"}
     tensors["model.vision_tower.vision_model.post_layernorm.weight"] = np.ones(8, np.float32)

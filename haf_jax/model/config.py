@@ -3,7 +3,8 @@
 `ModelConfig` is a frozen dataclass of plain Python values, so it can be a static argument of
 jitted functions. Each field that changes the math is explicit here; the family modules
 (`gemma.py`, `llama.py`, `mistral.py`, `qwen2.py`, `phi.py`) read and write Hugging Face
-`config.json` files into and out of it, and `families.py` dispatches on HF `model_type`.
+`config.json` files into and out of it, and `families.py` dispatches on HF `model_type`
+(`families.from_hf(config_json)`, `families.to_hf(config, "ForCausalLM")`).
 The defaults describe no particular family: every family module sets what it needs.
 """
 from __future__ import annotations
@@ -98,20 +99,6 @@ class ModelConfig:
     @property
     def embed_multiplier(self) -> float:
         return math.sqrt(self.hidden_size) if self.embed_scale else 1.0
-
-    # ------------------------------------------------------------------ Hugging Face
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Config of a parsed HF `config.json`, dispatched on its `model_type` (families.py)."""
-        from haf_jax.model import families  # families import this module
-
-        return families.from_hf(hf)
-
-    def to_hf(self, architecture: str = "ForCausalLM", **extra) -> dict[str, Any]:
-        """An HF `config.json` dict for `<Family><architecture>` (e.g. ForSequenceClassification)."""
-        from haf_jax.model import families
-
-        return families.to_hf(self, architecture, **extra)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

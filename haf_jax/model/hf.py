@@ -28,7 +28,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from haf_jax.model import heads
+from haf_jax.model import families, heads
 from haf_jax.model.config import ModelConfig
 
 _SKIPPED_PARTS = ("vision_tower.", "multi_modal_projector.", "vision_model.")
@@ -64,7 +64,7 @@ def load_hf_config(directory) -> tuple[ModelConfig, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
     hf = json.loads(path.read_text())
-    return ModelConfig.from_hf(hf), hf
+    return families.from_hf(hf), hf
 
 
 _HEAD_NAMES = {"reward_head": "score.weight", "lm_head": "lm_head.weight", "lm_head_bias": "lm_head.bias"}
@@ -284,9 +284,9 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
     eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else config.eos_token_id
     extra = {"pad_token_id": pad, "eos_token_id": eos, "dtype": np.dtype(dtype).name}
     if kind == "reward_model":
-        hf = config.to_hf("ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, **extra)
+        hf = families.to_hf(config, "ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, **extra)
     else:
-        hf = config.to_hf("ForCausalLM", **extra)
+        hf = families.to_hf(config, "ForCausalLM", **extra)
     tensors = {}
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
         if path == "reward_head" and kind == "policy":
