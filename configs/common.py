@@ -55,6 +55,15 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.data.max_length = 256 if tiny else 512  # prompt + response tokens (PAPER.md s5: 512)
     c.data.max_prompt_length = 128  # the prompt keeps its END when cut
     c.data.max_skip_fraction = 0.1  # refuse to start when more rows than this would be skipped
+    # Fidelity options: the defaults are this project's behaviour, the alternatives the paper
+    # authors' (configs/paper/ sets them; docs/REPRODUCE.md says why each default differs).
+    # always: the prompt is always cut to max_prompt_length | trl (TRL 0.7): only when prompt + longer
+    # response > max_length; if still too long, responses keep max_length - max_prompt_length. EOS kept.
+    c.data.truncation = "always"
+    c.data.degenerate = "skip"  # empty/identical responses: skip (counted) | keep (identical = a wrong pair)
+    c.data.batching = "length_grouped"  # length_grouped (similar lengths, less padding) | random
+    c.data.eval_subsample = 0  # > 0: eval = N rows of the eval split, as datasets' shuffle(seed).select(range(N))
+    c.data.eval_subsample_seed = 0  # that shuffle's seed (paper BeaverTails eval: 1000 rows, seed 0)
 
     c.loss = ConfigDict()
     c.loss.objective = "haf"  # haf | baseline | dpo
@@ -64,7 +73,8 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.loss.margin = 0.0  # Bradley-Terry margin
     c.loss.centering = 0.0  # reward-centring coefficient
     c.loss.label_smoothing = 0.0  # conservative-DPO smoothing for sigmoid/simpo
-    c.loss.simpo_gamma = 0.5  # SimPO target margin (policy=simpo only)
+    c.loss.simpo_gamma = 0.5  # SimPO target margin (policy=simpo only; the authors' SimPO has none: 0)
+    c.loss.dpo_scale_by_alpha = False  # objective dpo: loss = alpha * L_P (the authors' DPO-only runs), not L_P
     c.loss.reference = "precompute"  # precompute (once, cached on disk) | live (frozen copy every step)
 
     c.optim = ConfigDict()

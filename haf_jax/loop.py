@@ -87,13 +87,14 @@ def build(config, workdir: pathlib.Path | None) -> Setup:
     train_spec = d.train or data.sample_paths()["data"]
     common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
                   eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
-                  process_index=jax.process_index(), process_count=jax.process_count())
+                  process_index=jax.process_index(), process_count=jax.process_count(), **data.config_options(d))
+    eval_only = data.eval_options(d)  # data.eval_subsample[_seed]
     if d.eval:  # separate files: each is used whole
         train_ds = data.load_pairs(train_spec, tokenizer, split="all", **common)
-        eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common)
+        eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common, **eval_only)
     else:  # one source: a deterministic eval carve (eval_fraction, or the recipe's own rule)
         train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
-        eval_ds = data.load_pairs(train_spec, tokenizer, split="eval", **common)
+        eval_ds = data.load_pairs(train_spec, tokenizer, split="eval", **common, **eval_only)
     for name, ds in (("train", train_ds), ("eval", eval_ds)):
         log(f"data report ({name}):\n{data.format_report(ds.report)}")
         if workdir is not None and jax.process_index() == 0:
@@ -272,7 +273,10 @@ def config_dict(config) -> dict:
 
 # Config keys added after runs were already written, with the value that reproduces those runs: a
 # checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
-ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())}}
+ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())},
+              "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
+                       "eval_subsample": 0, "eval_subsample_seed": 0},
+              "loss": {"dpo_scale_by_alpha": False}}
 
 
 def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:

@@ -9,6 +9,9 @@ Objectives (PAPER.md section 3):
   baseline = L_R            (no LM head: ``logp_Bx2`` / ``ref_logp_Bx2`` may be absent)
   dpo      = L_P            (no reward head: ``reward_Bx2`` may be absent; the model is judged by
                              its implicit reward beta * (logp - ref_logp))
+             = alpha * L_P  with ``dpo_scale_by_alpha=True``: the paper authors' DPO-only runs keep
+                             the 0.2 factor (with Adam this acts only through eps and the
+                             gradient-norm clip, which see 5x smaller gradients)
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ def objective(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     weight_B=None,
+    dpo_scale_by_alpha: bool = False,
 ):
     """Scalar training loss and batch metrics for one of the objectives 'haf', 'baseline', 'dpo'.
 
@@ -202,6 +206,8 @@ def objective(
         feed the metrics (e.g. dpo_accuracy under 'baseline' if log-probs are supplied).
       weight_B: float pair weights (1 = real pair, 0 = filler); default all ones. Every mean is
         ``sum(w * x) / max(sum(w), 1)``.
+      dpo_scale_by_alpha: objective 'dpo' only: the loss is ``alpha * L_P`` instead of ``L_P``
+        (the authors' DPO-only runs); ignored by 'haf' (always ``L_R + alpha * L_P``) and 'baseline'.
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics maps every name in METRIC_KEYS to a float32
       scalar weighted mean (0.0 for a part that is not computed); ``num_pairs`` is ``sum(w)``.
@@ -270,6 +276,7 @@ def objective(
             implicit_margin=mean(pm["implicit_margin_B"]),
         )
         if need_policy:
-            loss = loss + (alpha * p_loss if objective == "haf" else p_loss)
+            scaled = objective == "haf" or dpo_scale_by_alpha
+            loss = loss + (alpha * p_loss if scaled else p_loss)
     metrics["loss"] = loss
     return loss, metrics

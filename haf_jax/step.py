@@ -40,6 +40,7 @@ class LossConfig:
     centering: float = 0.0
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    dpo_scale_by_alpha: bool = False  # objective dpo: loss = alpha * L_P (the authors' DPO-only runs)
 
     @property
     def needs_reward(self) -> bool:
@@ -60,7 +61,8 @@ class LossConfig:
         if loss_cfg.policy not in losses.POLICY_KINDS:
             raise ValueError(f"loss.policy={loss_cfg.policy!r}; allowed: {', '.join(losses.POLICY_KINDS)}")
         return cls(loss_cfg.objective, loss_cfg.alpha, loss_cfg.beta, loss_cfg.policy, loss_cfg.margin,
-                   loss_cfg.centering, loss_cfg.label_smoothing, loss_cfg.simpo_gamma)
+                   loss_cfg.centering, loss_cfg.label_smoothing, loss_cfg.simpo_gamma,
+                   bool(getattr(loss_cfg, "dpo_scale_by_alpha", False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,7 @@ def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
     loss, metrics = losses.objective(
         out, objective=lc.objective, alpha=lc.alpha, beta=lc.beta, policy_kind=lc.policy, margin=lc.margin,
         centering=lc.centering, label_smoothing=lc.label_smoothing, simpo_gamma=lc.simpo_gamma, weight_B=batch["valid"].astype(jnp.float32),
+        dpo_scale_by_alpha=lc.dpo_scale_by_alpha,
     )
     return loss, metrics
 

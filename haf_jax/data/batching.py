@@ -13,12 +13,15 @@ L is the smallest of `length_buckets(max_length)` that fits the longest pair of 
 
 Sharding: process p owns the pairs with ``index % process_count == p`` and only tokenises those.
 `PairLoader`: every process permutes its own pairs with ``(seed, epoch, p)``; with length grouping
-each run of `GROUP_BATCHES` local batches is sorted by length before being cut into batches, and
-the order of the batches is permuted with ``(seed, epoch)`` (the same on every process, so the
-k-th local batches of all processes have similar lengths). Global batch k = the concatenation of
-the processes' k-th local batches; over an epoch the processes see disjoint pairs whose union is
-the epoch (all pairs when the pair count is a multiple of the batch size; the remainder is
-dropped, a different remainder every epoch).
+(``batching="length_grouped"``, the default) each run of `GROUP_BATCHES` local batches is sorted by
+length before being cut into batches, and the order of the batches is permuted with ``(seed,
+epoch)`` (the same on every process, so the k-th local batches of all processes have similar
+lengths). With ``batching="random"`` (the paper authors' random sampler; config key
+``data.batching``) batch k is simply the k-th run of the permutation, whatever the lengths; only
+the padded length L then varies more (padding never changes a number). Global batch k = the
+concatenation of the processes' k-th local batches; over an epoch the processes see disjoint pairs
+whose union is the epoch (all pairs when the pair count is a multiple of the batch size; the
+remainder is dropped, a different remainder every epoch).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 from haf_jax.data.errors import DataError
 
 GROUP_BATCHES = 32   # local batches per length-sorted group
+BATCHING = ("length_grouped", "random")   # data.batching: PairLoader's length grouping on / off
 
 
 def length_buckets(max_length: int, min_bucket: int = 64) -> list[int]:
@@ -106,10 +110,14 @@ class PairLoader:
     ``state`` -> {"epoch", "position", "seed", "num_pairs"} counts batches already returned;
     ``restore(state)`` continues exactly from there. Batches are built by a background thread
     `prefetch` batches ahead; call `close()` (or use as a context manager) to stop it early.
+    ``length_grouping=None`` (default) takes the dataset's ``batching`` ("length_grouped" unless
+    `load_pairs` was given ``batching="random"``).
     """
 
     def __init__(self, ds, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 length_grouping: bool = True, prefetch: int = 4):
+                 length_grouping: bool | None = None, prefetch: int = 4):
+        if length_grouping is None:
+            length_grouping = getattr(ds, "batching", "length_grouped") == "length_grouped"
         self.ds, self.batch_size, self.seed = ds, batch_size, int(seed)
         self.shuffle, self.length_grouping, self.prefetch = shuffle, length_grouping, prefetch
         self.b_local = _local_size(batch_size, ds.process_count)

@@ -7,6 +7,17 @@ Splits (``split=``):
   is carved out for eval by a permutation seeded with ``seed`` (exact count
   ``max(1, round(eval_fraction * rows))``); ``eval_fraction=0`` makes "train" = "all".
   Carving is by source row, so the pairs a ranking expands to stay on one side.
+- ``subsample=N`` (> 0) then keeps N source rows of the split, those that Hugging Face
+  `datasets` would pick with ``split.shuffle(seed=subsample_seed).select(range(N))`` (both use
+  ``np.random.default_rng(seed).permutation``); the pairs stay in source order. Rows counted are
+  those the recipe filters keep (degenerate ones included), e.g. the paper's BeaverTails eval:
+  exactly-one-safe rows, shuffled with seed 0, 1000 of them. N >= the row count keeps them all.
+
+Fidelity options (config keys data.truncation / data.degenerate / data.batching; the defaults are
+this project's behaviour, the alternatives the paper authors'): ``truncation`` "always" | "trl"
+(tokenize.py), ``degenerate`` "skip" | "keep" (formats.py), ``batching`` "length_grouped" |
+"random" (batching.py; stored on the dataset as the default of a `PairLoader` over it). Options
+left at their defaults do not enter the fingerprint, so caches made before they existed stay valid.
 
 Multi-host: every process reads and converts all rows (cheap; identical indices, skip counts and
 errors everywhere) but tokenises only the pairs it owns (``index % process_count ==
@@ -26,7 +37,7 @@ import os
 
 import numpy as np
 
-from haf_jax.data import batching, formats, sources, tokenize
+from haf_jax.data import batching as batching_lib, formats, sources, tokenize
 from haf_jax.data.errors import DataError
 
 SPLITS = ("train", "eval", "all")
@@ -54,6 +65,7 @@ class PairDataset:
     fingerprint: str
     groups: list = dataclasses.field(default_factory=list)  # [N] source row (group) of each pair
     skipped: list = dataclasses.field(default_factory=list)  # (source row, reason) of skipped pairs
+    batching: str = "length_grouped"  # how a PairLoader over this split batches by default (batching.py)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -66,23 +78,34 @@ class PairDataset:
     def batches(self, batch_size: int):
         """ONE in-order pass over the split in global batches of `batch_size` pairs; the last is
         filled up with filler pairs (valid=False, index=-1). Yields process-local batches."""
-        return batching.in_order_batches(self, batch_size)
+        return batching_lib.in_order_batches(self, batch_size)
 
 
 def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
                max_prompt_length: int = 128, template: str = "none", fields: dict | None = None,
                eval_fraction: float = 0.05, seed: int = 0, max_skip_fraction: float = 0.1,
                process_index: int = 0, process_count: int = 1, keep_eos: bool = True,
-               buckets: list | None = None, cache_dir: str | None = None) -> PairDataset:
+               buckets: list | None = None, cache_dir: str | None = None, truncation: str = "always",
+               degenerate: str = "skip", batching: str = "length_grouped", subsample: int = 0,
+               subsample_seed: int = 0) -> PairDataset:
     """Read, convert, split and tokenise preference pairs. Grammar of `spec`: formats.py/sources.py.
 
     Raises `DataError` on bad input, bad settings, or when more than `max_skip_fraction` of the
-    split's pairs are skipped (empty/identical responses, mismatched prompts). With `cache_dir`,
-    the tokenised slice is stored there under the fingerprint and reused by the next run
-    (rows are still read and checked; only tokenisation is skipped).
+    split's pairs are skipped (empty/identical responses unless ``degenerate="keep"``, mismatched
+    prompts). With `cache_dir`, the tokenised slice is stored there under the fingerprint and
+    reused by the next run (rows are still read and checked; only tokenisation is skipped).
+    truncation / degenerate / batching / subsample: module docstring.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if truncation not in tokenize.TRUNCATIONS:
+        raise DataError(f"unknown truncation {truncation!r}; known: {', '.join(tokenize.TRUNCATIONS)}")
+    if degenerate not in formats.DEGENERATE:
+        raise DataError(f"unknown degenerate={degenerate!r}; known: {', '.join(formats.DEGENERATE)}")
+    if batching not in batching_lib.BATCHING:
+        raise DataError(f"unknown batching {batching!r}; known: {', '.join(batching_lib.BATCHING)}")
+    if not isinstance(subsample, int) or isinstance(subsample, bool) or subsample < 0:
+        raise DataError(f"subsample must be a non-negative integer, got {subsample!r}")
     if not 0 <= process_index < process_count:
         raise DataError(f"bad process_index={process_index} for process_count={process_count}")
     if not 0 <= eval_fraction < 1:
@@ -98,10 +121,14 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
             yield where, row
 
     conv = formats.convert_rows(hashed_rows(), source=source.label, recipe=recipe,
-                                template=template, fields=fields, tokenizer=tokenizer)
+                                template=template, fields=fields, tokenizer=tokenizer,
+                                degenerate=degenerate)
     in_split = _split_groups(conv.groups, split, recipe, eval_fraction, seed, source.label)
+    if subsample:
+        in_split = _subsample(in_split, subsample, subsample_seed)
     pairs = [p for p in conv.pairs if in_split[p["group"]]]
     skipped = collections.Counter(r for g, r in conv.skipped if in_split[g])
+    kept = collections.Counter(r for g, r in conv.kept if in_split[g])
     total = len(pairs) + sum(skipped.values())
     if total == 0:
         raise DataError(f"no pairs in split {split!r} (rows read: {conv.rows_read}, filtered: "
@@ -119,16 +146,24 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
                     max_prompt_length=max_prompt_length, template=template, fields=fields,
                     eval_fraction=eval_fraction if split != "all" else None,
                     seed=seed if split != "all" else None, keep_eos=keep_eos)
+    # Options that change the pairs or their tokens; at their defaults they are left out of the
+    # fingerprint, which thus stays what it was before they existed (reference caches stay valid).
+    options = dict(truncation=truncation, degenerate=degenerate, subsample=subsample,
+                   subsample_seed=subsample_seed if subsample else None)
+    defaults = dict(truncation="always", degenerate="skip", subsample=0, subsample_seed=None)
     fp = hashlib.sha256()
     fp.update(raw_hash.hexdigest().encode())
     fp.update(tokenize.tokenizer_fingerprint(tokenizer).encode())
-    fp.update(json.dumps({k: v for k, v in settings.items() if k != "source"}, sort_keys=True,
+    fp.update(json.dumps({**{k: v for k, v in settings.items() if k != "source"},
+                          **{k: v for k, v in options.items() if v != defaults[k]}}, sort_keys=True,
                          default=str).encode())
     fingerprint = fp.hexdigest()[:32]
+    settings.update(options, batching=batching)
 
     distributed = process_count > 1 and _jax_process_count() == process_count
     local_indices = np.arange(process_index, n, process_count, dtype=np.int64)
-    enc_kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, keep_eos=keep_eos)
+    enc_kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, keep_eos=keep_eos,
+                  truncation=truncation)
     cache_file = (os.path.join(cache_dir, f"pairs-{fingerprint}-{process_index}of{process_count}.npz")
                   if cache_dir else None)
     cached = _load_cache(cache_file, len(local_indices))
@@ -151,6 +186,7 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
         version=REPORT_VERSION, **settings, rows_read=conv.rows_read,
         filtered_by_reason=dict(sorted(conv.filtered.items())), pairs=n,
         skipped_by_reason=dict(sorted(skipped.items())), skipped_fraction=round(skip_frac, 6),
+        degenerate_kept_by_reason=dict(sorted(kept.items())),
         truncated_prompt=int(((flags & tokenize.PROMPT_CUT) > 0).sum()),
         truncated_response=int(((flags & tokenize.RESPONSE_CUT) > 0).sum()),
         lost_eos=int(((flags & tokenize.LOST_EOS) > 0).sum()),
@@ -160,10 +196,10 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
     return PairDataset(pairs=[{k: v for k, v in p.items() if k != "group"} for p in pairs],
                        tokens=tokens, local_indices=local_indices, all_lengths=lengths,
                        pad_id=tokenize.pad_id(tokenizer), max_length=max_length,
-                       buckets=list(buckets or batching.length_buckets(max_length)),
+                       buckets=list(buckets or batching_lib.length_buckets(max_length)),
                        process_index=process_index, process_count=process_count,
                        report=report, fingerprint=fingerprint, groups=[p["group"] for p in pairs],
-                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]])
+                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=batching)
 
 
 def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.ndarray:
@@ -182,6 +218,30 @@ def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.nda
         raise DataError("split='eval' with eval_fraction=0: nothing to carve; give an eval file",
                         source=label)
     return is_eval if split == "eval" else ~is_eval
+
+
+def config_options(data_cfg) -> dict:
+    """`load_pairs` keywords for the fidelity keys of a run config's `data` section (truncation,
+    degenerate, batching); a key the config lacks (written before it existed) takes its default."""
+    get = lambda key, default: getattr(data_cfg, key, default)  # noqa: E731
+    return dict(truncation=get("truncation", "always"), degenerate=get("degenerate", "skip"),
+                batching=get("batching", "length_grouped"))
+
+
+def eval_options(data_cfg) -> dict:
+    """`load_pairs` keywords for the eval split only: data.eval_subsample[_seed] (default 0: all rows)."""
+    return dict(subsample=int(getattr(data_cfg, "eval_subsample", 0)),
+                subsample_seed=int(getattr(data_cfg, "eval_subsample_seed", 0)))
+
+
+def _subsample(in_split: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The n rows of the split that `datasets`' ``shuffle(seed=seed).select(range(n))`` picks."""
+    rows = np.flatnonzero(in_split)
+    if n >= len(rows):
+        return in_split
+    out = np.zeros_like(in_split)
+    out[rows[np.random.default_rng(seed).permutation(len(rows))[:n]]] = True
+    return out
 
 
 def _jax_process_count() -> int:
@@ -251,9 +311,15 @@ def format_report(report: dict) -> str:
         f"  rows read {r['rows_read']}, pairs {r['pairs']}, fingerprint {r['fingerprint']}",
         f"  filtered by recipe: {_counts(r['filtered_by_reason'])}",
         f"  skipped: {_counts(r['skipped_by_reason'])} ({r['skipped_fraction']:.2%} of the split)",
+    ]
+    if r.get("degenerate") == "keep":
+        lines.append(f"  degenerate pairs kept (data.degenerate=keep): {_counts(r['degenerate_kept_by_reason'])}")
+    if r.get("subsample"):
+        lines.append(f"  subsample: {r['subsample']} source rows (shuffle seed {r['subsample_seed']})")
+    lines += [
         f"  truncated: prompt {r['truncated_prompt']}, response {r['truncated_response']}, "
-        f"lost EOS {r['lost_eos']} (max_length {r['max_length']}, max_prompt_length "
-        f"{r['max_prompt_length']})",
+        f"lost EOS {r['lost_eos']} (rule {r.get('truncation', 'always')}, max_length {r['max_length']}, "
+        f"max_prompt_length {r['max_prompt_length']})",
         "  tokens per pair (longer side) before truncation: " + _pct(r["tokens_raw"]),
         "  tokens per pair (longer side) after truncation:  " + _pct(r["tokens"]),
     ]

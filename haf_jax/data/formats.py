@@ -23,9 +23,14 @@ Record forms (detected from the first row, or forced with ``fields={"form": ...}
 ``fields`` maps these canonical field names to the dataset's names, e.g.
 ``{"response_0": "answer_a", "response_1": "answer_b", "label": "winner_id"}``.
 
-Pairs with an empty (whitespace-only) or identical chosen/rejected response, or (hh/messages)
-a prompt that differs between chosen and rejected, are SKIPPED and counted by reason
-(`skipped`); recipe filters (multi-turn, ties, ...) are counted separately (`filtered`).
+Pairs with an empty (whitespace-only) or identical chosen/rejected response ("degenerate") are
+SKIPPED and counted by reason (`skipped`) with ``degenerate="skip"`` (default); with
+``degenerate="keep"`` (the paper authors' behaviour, config key ``data.degenerate``) they stay
+pairs, marked ``degenerate=reason`` and counted in `kept` instead: an empty response is then just
+the template's response prefix + EOS, and an identical pair has equal rewards, so it counts as
+wrong under strict accuracy. A prompt that differs between chosen and rejected (hh/messages) or
+an HH text without an assistant turn is skipped in both modes (there is no pair to keep).
+Recipe filters (multi-turn, ties, ...) are counted separately (`filtered`).
 Templates (string forms only): `TEMPLATES` maps name -> (prompt format, response prefix).
 """
 from __future__ import annotations
@@ -45,6 +50,7 @@ TEMPLATES = {
     "mistral": ("[INST] {x} [/INST]", ""),
 }
 FORMS = ("explicit", "hh", "messages", "labelled", "ranking")
+DEGENERATE = ("skip", "keep")   # data.degenerate: what happens to empty/identical responses
 
 
 @dataclasses.dataclass
@@ -52,9 +58,11 @@ class Converted:
     """Result of converting rows. pairs[k] = dict(prompt, chosen, rejected, id, chat, group);
     ``group`` = ordinal of the source row among rows that passed the recipe filters (splits are
     carved by group so expanded rankings never straddle train/eval). skipped: list of
-    (group, reason) for skipped pairs."""
+    (group, reason) for skipped pairs; kept: list of (group, reason) for degenerate pairs kept
+    (``degenerate="keep"``; they are also in `pairs`, with ``degenerate=reason``)."""
     pairs: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
+    kept: list = dataclasses.field(default_factory=list)
     filtered: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rows_read: int = 0
     groups: int = 0
@@ -327,10 +335,13 @@ RECIPES = {
 
 # ----------------------------------------------------------------------------- driver
 def convert_rows(rows: Iterable[tuple[str, dict]], *, source: str, recipe: str | None = None,
-                 template: str = "none", fields: dict | None = None, tokenizer=None) -> Converted:
+                 template: str = "none", fields: dict | None = None, tokenizer=None,
+                 degenerate: str = "skip") -> Converted:
     """Convert raw (where, row) pairs to explicit pairs; see `Converted` and the module docstring."""
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    if degenerate not in DEGENERATE:
+        raise DataError(f"unknown degenerate={degenerate!r}; known: {', '.join(DEGENERATE)}")
     fields = dict(fields or {})
     out = Converted()
     form = None
@@ -364,11 +375,14 @@ def convert_rows(rows: Iterable[tuple[str, dict]], *, source: str, recipe: str |
             empty = item[5] if len(item) > 5 else (not chosen.strip(), not rejected.strip())
             reason = ("empty_chosen" if empty[0] else "empty_rejected" if empty[1]
                       else "identical" if chosen == rejected else None)
-            if reason:
+            if reason and degenerate == "skip":
                 out.skipped.append((group, reason))
                 continue
             pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": chat,
                     "group": group}
+            if reason:
+                out.kept.append((group, reason))
+                pair["degenerate"] = reason
             if base_id is not None:
                 pair["id"] = f"{base_id}{suffix}"
             out.pairs.append(pair)

@@ -12,12 +12,24 @@ Chat-rendered pairs (``chat=True``): p and y are the rendered prompt and assista
 with the template's end-of-turn token, which plays the EOS role (an EOS is appended only when the
 rendered turn does not end in a special token).
 
-Truncation (same rule for chosen and rejected, so both keep identical prompt tokens):
-1. the prompt (BOS included) is cut to ``max_prompt_length`` keeping its END (the BOS stays first);
-2. each response gets the remaining ``max_length - len(prompt ids)`` tokens. A response that is
-   too long keeps its first ``budget - 1`` tokens and its final EOS (``keep_eos=True``, default),
-   so the reward is always read at an EOS; with ``keep_eos=False`` it is simply cut and the pair
-   is counted in ``lost_eos``.
+Truncation (same rule for chosen and rejected, so both keep identical prompt tokens), by
+``truncation`` (config key ``data.truncation``):
+
+``"always"`` (default):
+1. the prompt (BOS included) is cut to ``max_prompt_length`` keeping its END (the BOS stays first),
+   whatever the response lengths;
+2. each response gets the remaining ``max_length - len(prompt ids)`` tokens.
+
+``"trl"`` (the paper authors' rule, TRL 0.7's DPO tokenisation with ``truncation_mode="keep_end"``):
+1. only when ``len(prompt ids) + len(longer response ids)`` exceeds ``max_length`` is the prompt
+   cut to ``max_prompt_length`` keeping its END (BOS first, as above); a long prompt next to short
+   responses is kept whole;
+2. if that is still too long, both responses are cut to ``max_length - max_prompt_length`` tokens
+   (TRL's budget, whatever the prompt's actual length).
+
+In both modes a response that is too long for its budget keeps its first ``budget - 1`` tokens and
+its final EOS (``keep_eos=True``, default), so the reward is always read at an EOS (TRL drops the
+EOS there: ``keep_eos=False`` does that, and the pair is counted in ``lost_eos``).
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ from haf_jax.data.errors import DataError
 
 # bits of TokenizedPairs.flags
 PROMPT_CUT, RESPONSE_CUT, LOST_EOS = 1, 2, 4
+TRUNCATIONS = ("always", "trl")   # data.truncation (module docstring)
 
 
 def _cache_root() -> str:
@@ -151,8 +164,11 @@ class TokenizedPairs:
 
 
 def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
-                 keep_eos: bool = True) -> TokenizedPairs:
-    """Tokenise explicit pairs (dicts with prompt/chosen/rejected[/chat]) by the contract."""
+                 keep_eos: bool = True, truncation: str = "always") -> TokenizedPairs:
+    """Tokenise explicit pairs (dicts with prompt/chosen/rejected[/chat]) by the contract;
+    `truncation` is "always" or "trl" (module docstring)."""
+    if truncation not in TRUNCATIONS:
+        raise DataError(f"unknown truncation {truncation!r}; known: {', '.join(TRUNCATIONS)}")
     bos, eos = tok.bos_token_id, tok.eos_token_id
     specials = set(tok.all_special_ids)
     prefix = [bos] if bos is not None else []
@@ -182,16 +198,24 @@ def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
             body = body[1:]
         flags = 0
         raw_prompt = len(prefix) + len(body)
+        responses = []
+        for y in (c_ids[i], r_ids[i]):
+            if not (pair.get("chat") and y and y[-1] in specials):
+                y = y + [eos]
+            responses.append(y)
+        longer = max(len(y) for y in responses)
         keep = max_prompt_length - len(prefix)
-        if len(body) > keep:
+        if len(body) > keep and (truncation == "always" or raw_prompt + longer > max_length):
             body = body[len(body) - keep:]
             flags |= PROMPT_CUT
         prompt = np.asarray(prefix + body, np.int32)
+        # "always": what the prompt leaves; "trl": TRL's fixed response budget (also when the prompt
+        # is shorter than max_prompt_length), applied only when the pair is still too long.
         budget = max_length - len(prompt)
+        if truncation == "trl" and len(prompt) + longer > max_length:
+            budget = max_length - max_prompt_length
         sides = []
-        for side, y in enumerate((c_ids[i], r_ids[i])):
-            if not (pair.get("chat") and y and y[-1] in specials):
-                y = y + [eos]
+        for side, y in enumerate(responses):
             out.raw_lengths[i, side] = raw_prompt + len(y)
             if len(y) > budget:
                 flags |= RESPONSE_CUT
