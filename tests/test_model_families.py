@@ -21,7 +21,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from haf_jax import params as params_lib
 from haf_jax.model import families, heads, hf, layers
-from haf_jax.model.config import FULL, SLIDING, ModelConfig
+from parity import hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
+from haf_jax.model.config import FULL, SLIDING
 from haf_jax.model.families import PRESETS
 
 T.logging.set_verbosity_error()
@@ -70,14 +71,6 @@ VARIANTS = {
 def _hf_config(name):
     cls, kw = VARIANTS[name]
     return cls(**{**_COMMON, **kw})
-
-
-def _perturb(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim == 1 else 0.15))
-    return module
 
 
 def _tokenizer(family):
@@ -142,39 +135,12 @@ def ckpt(request, tmp_path_factory):
     return Ckpt(request.param, tmp_path_factory.mktemp(request.param))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _logits(params, config, tokens, last):
-    return heads.full_logits(params, config, tokens, last)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _pairs(params, config, batch):
-    return heads.forward_pairs(params, config, batch, chunk=16)
-
-
 def _tokens(rng, lengths, width, pad=0):
-    """Right-padded [N, width] ids in [3, 250) with BOS first and EOS last in each row."""
-    tokens = np.full((len(lengths), width), pad, np.int32)
-    for i, n in enumerate(lengths):
-        tokens[i, :n] = rng.integers(3, N_WORDS, n)
-        tokens[i, 0], tokens[i, n - 1] = BOS, EOS
-    return tokens
+    return right_padded(rng, lengths, width, high=N_WORDS, pad=pad, bos=BOS, eos=EOS)
 
 
-def _pair_batch(rng, pairs, width, pad=0):
-    """pairs: list of (prompt_len, chosen_len, rejected_len) -> right-padded [B, 2, width] batch."""
-    tokens = np.full((len(pairs), 2, width), pad, np.int32)
-    resp = np.zeros((len(pairs), 2, width), np.int32)
-    last = np.zeros((len(pairs), 2), np.int32)
-    for b, (p, *responses) in enumerate(pairs):
-        prompt = rng.integers(3, N_WORDS, p)
-        prompt[0] = BOS
-        for j, r in enumerate(responses):
-            seq = np.concatenate([prompt, rng.integers(3, N_WORDS, r - 1), [EOS]])
-            tokens[b, j, :len(seq)] = seq
-            resp[b, j, p:len(seq)] = 1
-            last[b, j] = len(seq) - 1
-    return {"tokens": tokens, "response_mask": resp, "last_index": last}
+def _pair_batch(rng, spec, width, pad=0):
+    return pair_batch(rng, spec, width, high=N_WORDS, pad=pad, bos=BOS, eos=EOS)
 
 
 PAIRS = [(4, 3, 6), (10, 30, 22), (7, 12, 2)]  # pair 0 is mostly padding next to its neighbours
@@ -310,15 +276,6 @@ def test_each_option_matters(ckpt):
 
 
 # ----------------------------------------------------------------------------- (b) rewards and log-probs
-def _hf_reference(ckpt, tokens_1d, response_mask_1d):
-    """(reward, summed response log-prob) from transformers on the unpadded sequence alone."""
-    ids = torch.tensor(tokens_1d[None], dtype=torch.long)
-    with torch.no_grad():
-        reward = ckpt.seq(input_ids=ids).logits[0, 0].item()
-        logits = ckpt.causal(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
-    return reward, float((logp * torch.tensor(response_mask_1d[1:], dtype=torch.float64)).sum())
-
 
 def _seq_params(ckpt):
     """Rewards from the *ForSequenceClassification checkpoint; an untied one lacks the LM head, so
@@ -338,7 +295,7 @@ def test_rewards_and_logprobs_match_transformers(ckpt):
     np.testing.assert_array_equal(np.asarray(params["reward_head"])[:, 0], ckpt.seq.score.weight.detach().numpy()[0])
     batch = _pair_batch(np.random.default_rng(1), PAIRS, WIDTH)
     out = jax.tree.map(np.asarray, _pairs(params, ckpt.config, batch))
-    ref = np.array([[_hf_reference(ckpt, batch["tokens"][b, j, :batch["last_index"][b, j] + 1],
+    ref = np.array([[hf_reference(ckpt.seq, ckpt.causal, batch["tokens"][b, j, :batch["last_index"][b, j] + 1],
                                    batch["response_mask"][b, j, :batch["last_index"][b, j] + 1])
                      for j in range(2)] for b in range(len(PAIRS))])
     reward_err, logp_err = np.abs(out.reward_Bx2 - ref[..., 0]).max(), np.abs(out.logp_Bx2 - ref[..., 1]).max()

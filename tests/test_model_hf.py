@@ -5,7 +5,6 @@ to zero/one and the reward head to zero, which would hide bugs), saved with safe
 by haf_jax.model.hf. No downloads.
 """
 import copy
-import functools
 import json
 
 import jax
@@ -18,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from haf_jax.model import families
 from haf_jax.model import hf
-from haf_jax.model.heads import forward_pairs, full_logits
+from parity import hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 V, PAD, EOS, BOS = 300, 0, 1, 2
@@ -51,14 +50,6 @@ _CLASSES = {
 }
 
 
-def _perturb(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim == 1 else 0.15))
-    return model
-
-
 class Ckpt:
     """Perturbed torch causal LM + sequence classifier sharing one trunk, saved to disk."""
 
@@ -84,23 +75,16 @@ def ckpt(request, tmp_path_factory):
     return Ckpt(request.param, tmp_path_factory.mktemp(request.param))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _logits(params, config, tokens, last):
-    return full_logits(params, config, tokens, last)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _pairs(params, config, batch):
-    return forward_pairs(params, config, batch, chunk=16)
-
-
 def _tokens(rng, lengths, width):
-    """Right-padded [N, width] ids in [3, V) (never PAD/EOS/BOS) with an EOS at each row's end."""
-    tokens = np.full((len(lengths), width), PAD, np.int32)
-    for i, n in enumerate(lengths):
-        tokens[i, :n] = rng.integers(3, V, n)
-        tokens[i, 0], tokens[i, n - 1] = BOS, EOS
-    return tokens
+    return right_padded(rng, lengths, width, high=V, pad=PAD, bos=BOS, eos=EOS)
+
+
+def _pair_batch(rng, spec, width):
+    return pair_batch(rng, spec, width, high=V, pad=PAD, bos=BOS, eos=EOS)
+
+
+def _hf_reference(ckpt, tokens_1d, response_mask_1d):
+    return hf_reference(ckpt.seq, ckpt.causal, tokens_1d, response_mask_1d)
 
 
 def test_logits_parity(ckpt):
@@ -119,30 +103,6 @@ def test_logits_parity(ckpt):
     assert np.abs(ref).max() > 0.5  # logits are not trivially small
 
 
-def _hf_reference(ckpt, tokens_1d, response_mask_1d):
-    """(reward, summed response log-prob) from transformers on the unpadded sequence alone."""
-    ids = torch.tensor(tokens_1d[None], dtype=torch.long)
-    with torch.no_grad():
-        reward = ckpt.seq(input_ids=ids).logits[0, 0].item()
-        logits = ckpt.causal(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
-    return reward, float((logp * torch.tensor(response_mask_1d[1:], dtype=torch.float64)).sum())
-
-
-def _pair_batch(rng, pairs, width):
-    """pairs: list of (prompt_len, chosen_len, rejected_len) -> right-padded [B, 2, width] batch."""
-    tokens = np.full((len(pairs), 2, width), PAD, np.int32)
-    resp = np.zeros((len(pairs), 2, width), np.int32)
-    last = np.zeros((len(pairs), 2), np.int32)
-    for b, (p, *responses) in enumerate(pairs):
-        prompt = rng.integers(3, V, p)
-        prompt[0] = BOS
-        for j, r in enumerate(responses):
-            seq = np.concatenate([prompt, rng.integers(3, V, r - 1), [EOS]])
-            tokens[b, j, :len(seq)] = seq
-            resp[b, j, p:len(seq)] = 1
-            last[b, j] = len(seq) - 1
-    return {"tokens": tokens, "response_mask": resp, "last_index": last}
 
 
 def test_rewards_and_logprobs_match_transformers(ckpt):
