@@ -37,6 +37,14 @@ def test_offline_default_run(tmp_path):
     assert summary["objective"] == "haf" and summary["steps"] == summary["last"]["step"] == 150
     assert summary["last"]["reward_accuracy"] == pytest.approx(float(m.group(1)), abs=5e-5)
     assert summary["last"]["pairs"] == int(m.group(2)) > 0
-    assert 0.0 <= summary["last"]["reward_accuracy"] <= 1.0
-    assert summary["best"]["reward_accuracy"] >= summary["last"]["reward_accuracy"]
+    # The trained model must have learned: the untrained one scores 0 (its reward head and its
+    # implicit reward are exactly zero, and ties count as wrong), and chance is 0.5. On the 231
+    # eval pairs, 0.56 is above chance at p < 0.05 (one-sided binomial); the run gives 0.62 / 0.65.
+    assert summary["last"]["reward_accuracy"] >= 0.56, summary["last"]
+    assert summary["last"]["dpo_accuracy"] >= 0.56, summary["last"]
+    # "best" is the eval row with the highest reward accuracy in metrics.jsonl (first on ties)
+    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if '"split": "eval"' in line]
+    top = max(evals, key=lambda r: (r["reward_accuracy"], -r["step"]))
+    assert (summary["best"]["step"], summary["best"]["reward_accuracy"]) == (top["step"], top["reward_accuracy"])
     assert (workdir / "metrics.jsonl").is_file() and (workdir / "checkpoints").is_dir()
