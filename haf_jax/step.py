@@ -153,17 +153,23 @@ def reference_logprobs(params, batch, *, cfg: StepConfig):
 def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()):
     """(jitted trainable params -> state, abstract state carrying shardings): nothing is allocated here.
 
-    The trainable params are all parameters, or LoRA's adapters + heads. Optimizer-state shardings
-    are whatever XLA propagates from the parameter shardings.
+    The trainable params are all parameters, or LoRA's adapters + heads. Every piece of state is
+    placed explicitly: each optimizer moment like the parameter it belongs to
+    (`optax.tree_map_params`), counts and other scalars replicated. (Left to XLA's propagation, the
+    moments came out replicated on TPU: gemma-2b's Adam state alone then overflowed a v5e chip.)
     """
     abstract_params = params_lib.abstract_trainable(model_cfg, lora, mesh)
+    param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
 
     def make_state(params):
         return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    state_sh = jax.jit(make_state).lower(abstract_params).compile().output_shardings
-    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  jax.eval_shape(make_state, abstract_params), state_sh)
+    shapes = jax.eval_shape(make_state, abstract_params)
+    replicated = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, shapes["opt_state"], param_sh,
+                                   transform_non_params=lambda _: replicated)
+    state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,)), abstract_state
 
 

@@ -182,3 +182,22 @@ def test_bf16_compute_with_remat_tracks_float32():
     for f32, b16 in zip(losses[False], losses[True]):
         assert np.isfinite(b16["loss"]) and np.isfinite(b16["grad_norm"])
         assert b16["loss"] == pytest.approx(f32["loss"], abs=2e-2)
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+    """Adam's moments follow their parameter's sharding on an FSDP mesh; scalars are replicated;
+    so each device holds about 1/8 of the state (no replicated copy of the moments)."""
+    from flax import traverse_util
+
+    mesh = sharding.make_mesh((1, 8, 1))
+    opt = make_optimizer(learning_rate=1e-3, total_steps=10)
+    _, abstract = step_lib.state_layout(MODEL, opt, mesh)
+    params = traverse_util.flatten_dict(abstract["params"], sep="/")
+    adam = abstract["opt_state"][1][0]  # chain(clip, adamw(...)) -> ScaleByAdamState
+    for moments in (adam.mu, adam.nu):
+        for path, leaf in traverse_util.flatten_dict(moments, sep="/").items():
+            assert leaf.sharding == params[path].sharding, path
+    assert adam.count.sharding.is_fully_replicated
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+    assert per_device < 0.2 * total, (per_device, total)  # 1/8 plus the few unsplittable leaves
