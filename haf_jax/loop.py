@@ -11,7 +11,6 @@ import os
 import pathlib
 import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
-from haf_jax.metrics import MetricsLog, read_rows, summary_table
+from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
 from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.lora import LoraConfig
 from haf_jax.model.families import preset
@@ -366,22 +365,23 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if start >= c.train.steps:
         log(f"the run in {workdir} is already complete (step {start} of {c.train.steps}); nothing to train")
     bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    t0, pairs_done = time.time(), 0
+    meter = Throughput()
     nan_fault_step = int(os.environ.get("HAF_JAX_FAULT_NAN_STEP", "0"))
 
     def flush(item):
         nonlocal last_train
-        step, metrics = item
+        step, metrics, work = item
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        meter.arrived(*work)
         if m.pop("finite") < 1.0:
             raise RunError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
                            f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written")
-        m["pairs_per_s"] = pairs_done / max(time.time() - t0, 1e-9)
         if step == 1 or step % c.train.log_every == 0 or step == c.train.steps:
+            m.update(meter.rates())  # over the steps since the last logged row, compilation excluded
             metrics_log.write(step, m)
         last_train = m
-        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", pairs_s=f"{m['pairs_per_s']:.1f}",
-                        refresh=False)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", refresh=False,
+                        **({"pairs_s": f"{m['pairs_per_s']:.1f}"} if "pairs_per_s" in m else {}))
 
     try:
         for step in range(start + 1, c.train.steps + 1):
@@ -390,11 +390,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
+            compiles = meter.dispatched(batch["tokens"].shape)
             state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
-            pairs_done += c.train.batch_size
+            valid = batch["valid"].astype(bool)
+            work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
+                    float((batch["last_index"][valid] + 1).sum()) * jax.process_count(), compiles)
             if pending is not None:
                 flush(pending)
-            pending = (step, metrics)
+            pending = (step, metrics, work)
             bar.update(1)
             is_eval = step % c.train.eval_every == 0 or step == c.train.steps
             stop = preempt.reached(step)
@@ -412,6 +415,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             if save:
                 ckpt.save(step, state, data_state={"train": loader.state}, config={**config_dict(config), **base},
                           metrics=last_eval if is_eval else None, force=True)
+            if is_eval or save:
+                meter.pause()  # eval and saving are not step time
             if stop:
                 ckpt.wait_until_finished()
                 log(f"preemption requested: checkpoint at step {step} written; exiting")

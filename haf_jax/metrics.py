@@ -9,8 +9,56 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 
 import jax
+
+
+class Throughput:
+    """Honest training rates: per logged interval, measured when each step's results reach the host.
+
+    A step whose batch shape is new to this process carries its compilation: its time goes to
+    `compile_s` (cumulative) and is never averaged into the rates. Time spent outside steps (eval,
+    checkpoints) is excluded by `pause()`. `rates()` gives, over the steps since the last call:
+    `pairs_per_s`, `tokens_per_s` (real tokens, padding excluded), `step_s`, and `compile_s`.
+    """
+
+    def __init__(self, clock=time.monotonic):
+        self._clock, self._shapes = clock, set()
+        self._last = clock()
+        self.compile_s = 0.0
+        self._reset()
+
+    def _reset(self):
+        self._time = self._pairs = self._tokens = self._steps = 0.0
+
+    def dispatched(self, shape) -> bool:
+        """Call when a step is launched with a batch of `shape`; True when it needs compiling."""
+        new = tuple(shape) not in self._shapes
+        self._shapes.add(tuple(shape))
+        return new
+
+    def arrived(self, pairs: float, tokens: float, compiles: bool):
+        """Call when a step's metrics are on the host (the step is finished)."""
+        now = self._clock()
+        elapsed, self._last = now - self._last, now
+        if compiles:
+            self.compile_s += elapsed
+            return
+        self._time += elapsed
+        self._pairs, self._tokens, self._steps = self._pairs + pairs, self._tokens + tokens, self._steps + 1
+
+    def pause(self):
+        """Restart the clock after work that is not a train step (eval, saving)."""
+        self._last = self._clock()
+
+    def rates(self) -> dict:
+        out = {"compile_s": self.compile_s}
+        if self._steps:
+            out.update(pairs_per_s=self._pairs / max(self._time, 1e-9),
+                       tokens_per_s=self._tokens / max(self._time, 1e-9), step_s=self._time / self._steps)
+        self._reset()
+        return out
 
 
 class MetricsLog:

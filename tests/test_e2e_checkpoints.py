@@ -206,8 +206,15 @@ def test_metrics_contract(run_a):
     assert abs(first["reward_loss"] - math.log(2)) <= 1e-5
     assert abs(first["policy_loss"] - math.log(2)) <= 1e-5
     assert first["reward_accuracy"] == 0
-    for key in ("loss", "reward_loss", "policy_loss", "reward_accuracy"):
+    for key in ("loss", "reward_loss", "policy_loss", "reward_accuracy", "compile_s"):
         assert all(key in row for row in r.values()), key
+    # step 1 compiles: its time is compile_s, not a rate; later rows report rates of real steps only
+    assert first["compile_s"] > 0 and "pairs_per_s" not in first
+    steady = [row for row in r.values() if "pairs_per_s" in row]
+    assert len(steady) >= STEPS // 2
+    for row in steady:
+        assert row["pairs_per_s"] * row["step_s"] == pytest.approx(4, rel=1e-6)  # 4 real pairs a step
+        assert row["tokens_per_s"] > row["pairs_per_s"] * 2 * 8  # each pair has two sequences of > 8 tokens
     ev = eval_rows(run_a)
     assert sorted(ev) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     for row in ev.values():

@@ -1,0 +1,38 @@
+"""metrics.Throughput: rates per logged interval that never include compilation or eval time."""
+from haf_jax.metrics import Throughput
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_compilation_and_pauses_are_not_averaged_in():
+    clock = Clock()
+    meter = Throughput(clock)
+    assert meter.dispatched((4, 2, 64)) is True  # first shape: this step compiles
+    clock.now += 30.0  # a slow first step by construction (its compilation)
+    meter.arrived(4, 400, compiles=True)
+    first = meter.rates()
+    assert first == {"compile_s": 30.0}  # no rate at all from a window holding only compilation
+    for _ in range(3):
+        assert meter.dispatched((4, 2, 64)) is False
+        clock.now += 0.5
+        meter.arrived(4, 400, compiles=False)
+    clock.now += 20.0  # an eval
+    meter.pause()
+    clock.now += 0.5
+    meter.arrived(2, 100, compiles=False)  # a step with 2 filler pairs: only real pairs/tokens count
+    r = meter.rates()
+    assert r["pairs_per_s"] == 14 / 2.0 and r["tokens_per_s"] == 1300 / 2.0 and r["step_s"] == 0.5
+    assert r["compile_s"] == 30.0
+    assert meter.dispatched((4, 2, 128)) is True  # a new length bucket compiles again
+    clock.now += 10.0
+    meter.arrived(4, 800, compiles=True)
+    clock.now += 1.0
+    meter.arrived(4, 800, compiles=False)
+    r = meter.rates()
+    assert r == {"compile_s": 40.0, "pairs_per_s": 4.0, "tokens_per_s": 800.0, "step_s": 1.0}
