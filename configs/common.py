@@ -93,6 +93,7 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.train.eval_batch_size = 32  # pairs per eval/reference batch, global
     c.train.log_every = 10  # steps between metrics.jsonl rows (step 1 is always logged)
     c.train.seed = 0  # init and data-order seed; step rng = fold_in(seed, step)
+    c.train.profile_steps = ""  # "A-B": JAX profiler trace of steps A..B in WORKDIR/profile; "" = off
 
     c.mesh = ConfigDict()
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) sizes; -1 takes the remaining devices

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
-HARMLESS_PREFIXES = ("train.eval_every", "train.eval_steps", "train.log_every", "checkpoint.",
+HARMLESS_PREFIXES = ("train.eval_every", "train.eval_steps", "train.log_every", "train.profile_steps", "checkpoint.",
                      "workdir", "data.eval", "log.", "logging.")
 _ITEMS = ("state", "data", "config", "meta")
 _MISSING = "<missing>"

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
+from haf_jax.profile import StepProfiler
 from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.lora import LoraConfig
 from haf_jax.model.families import preset
@@ -275,7 +276,7 @@ def config_dict(config) -> dict:
 ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())},
               "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
                        "eval_subsample": 0, "eval_subsample_seed": 0},
-              "loss": {"dpo_scale_by_alpha": False}}
+              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}}
 
 
 def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:
@@ -331,6 +332,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    profiler = StepProfiler(config.train.get("profile_steps", ""), workdir / "profile")  # checks the key first
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
@@ -391,7 +393,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
             compiles = meter.dispatched(batch["tokens"].shape)
+            profiler.before(step)
             state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
+            profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)
             work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
                     float((batch["last_index"][valid] + 1).sum()) * jax.process_count(), compiles)
@@ -424,6 +428,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         if pending is not None:
             flush(pending)
     finally:
+        profiler.close()
         preempt.close()
         bar.close()
         ckpt.wait_until_finished()

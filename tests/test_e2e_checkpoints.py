@@ -224,6 +224,17 @@ def test_metrics_contract(run_a):
     assert summary["last"]["step"] == STEPS and summary["last"]["reward_accuracy"] == ev[STEPS]["reward_accuracy"]
 
 
+def test_profiler_trace_of_chosen_steps(runner, tmp_path):
+    """train.profile_steps=2-3 leaves a trace that TensorBoard's profile plugin and Perfetto open."""
+    workdir = tmp_path / "run"
+    runner.train(workdir, "--config.train.steps=4", "--config.train.profile_steps=2-3")
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert list((workdir / "profile").rglob("*.trace.json.gz"))
+    p = runner.train(tmp_path / "bad", "--config.train.steps=4", "--config.train.profile_steps=3-1", check=False)
+    assert p.returncode == 2 and "train.profile_steps='3-1'" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
     """SIGKILL once a checkpoint after the first eval is committed (so the restart must also carry
     the pre-kill evals into its summary); the restart reproduces run A exactly."""

@@ -36,3 +36,14 @@ def test_compilation_and_pauses_are_not_averaged_in():
     meter.arrived(4, 800, compiles=False)
     r = meter.rates()
     assert r == {"compile_s": 40.0, "pairs_per_s": 4.0, "tokens_per_s": 800.0, "step_s": 1.0}
+
+
+def test_profile_steps_spec():
+    import pytest
+
+    from haf_jax.profile import parse_steps
+
+    assert parse_steps("") is None and parse_steps("10-12") == (10, 12) and parse_steps(" 3 - 3 ") == (3, 3)
+    for bad in ("12-10", "0-2", "5", "a-b", "1-2-3"):
+        with pytest.raises(ValueError, match="train.profile_steps"):
+            parse_steps(bad)
