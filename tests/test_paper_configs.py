@@ -5,7 +5,8 @@ where configs/ is not importable) with the paper's hyperparameters (PAPER.md s5)
 train and eval specs build on local copies of the hub datasets in their public schemas (the
 fixtures of test_data_hub_local.py), with the options loop.build passes; the real-size parameter
 trees are shaped with jax.eval_shape (nothing allocated; the LoRA adapter count checked exactly);
-and the train step of each setup compiles on a shrunken model of the same family (2 compiles).
+and the train step of each setup and objective compiles on a shrunken model of the same family
+(6 compiles).
 """
 from __future__ import annotations
 
@@ -195,11 +196,15 @@ def shrunk(name):
                                pad_token_id=0)
 
 
+@pytest.mark.parametrize("objective", ["haf", "baseline", "dpo"])
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_train_step_compiles_on_a_shrunken_model(setup, configs):
+def test_train_step_compiles_on_a_shrunken_model(setup, objective, configs):
     """The step built from the paper config (loop.step_config / optimizer_for: bf16, remat, LoRA) lowers
-    and compiles for a full batch of 16 pairs x 512 tokens; one compile per setup."""
-    c = configs[(setup, "haf", "helpful")]
+    and compiles for a full batch of 16 pairs x 512 tokens. The step depends on the setup and the
+    objective only (the dataset selects data), so this covers every combination's step."""
+    c = configs[(setup, objective, "helpful")]
+    assert all(configs[(setup, objective, d)].loss.to_dict() == c.loss.to_dict()
+               and configs[(setup, objective, d)].model.to_dict() == c.model.to_dict() for d in DATASETS)
     model_cfg = dataclasses.replace(shrunk(c.model.preset), remat=bool(c.model.remat))
     assert model_cfg.family == preset(c.model.preset).family
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
