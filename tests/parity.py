@@ -62,3 +62,15 @@ def hf_reference(seq, causal, tokens_1d, response_mask_1d):
         out = causal(input_ids=ids).logits[0].double()
     logp = torch.log_softmax(out, -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
     return reward, float((logp * torch.tensor(response_mask_1d[1:], dtype=torch.float64)).sum())
+
+
+def assert_params_equal(got, want, *, zero_reward_head=False):
+    """Every leaf of `want` equals `got`'s at the same path (the reward head zero when a policy export
+    dropped it); both trees have the same structure."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(want):
+        value = got
+        for k in path:
+            value = value[k.key]
+        expected = np.zeros_like(leaf) if (zero_reward_head and path[0].key == "reward_head") else leaf
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(expected), err_msg=str(path))
+    assert jax.tree.structure(got) == jax.tree.structure(want)

@@ -16,8 +16,9 @@ import pytest
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
 
 import tfds_prefs  # noqa: E402  (tests/ helper: the builders)
+from test_data_hub_local import _error  # noqa: E402  (one-line DataError message of a spec)
 
-from haf_jax.data import DataError, PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+from haf_jax.data import PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
@@ -128,14 +129,6 @@ def test_host_sharding_and_resume(data_dir, tok, tmp_path):
         b.restore(state)
         for w in want[4:]:
             np.testing.assert_array_equal(next(b)["tokens"], w["tokens"])
-
-
-def _error(spec, tok, **kw) -> str:
-    with pytest.raises(DataError) as e:
-        load_pairs(spec, tok, split="all", **kw)
-    msg = str(e.value)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def test_broken_datasets_one_line_errors(data_dir, tok):

@@ -191,6 +191,23 @@ def wait_until(pred, proc, timeout=TIMEOUT, poll=0.02):
     raise AssertionError("timed out waiting for the child process")
 
 
+def kill_after_checkpoint(runner, tmp_path, committed, *overrides, steps=STEPS):
+    """SIGKILLs a training child once a step with `committed(step)` is committed and before it
+    finishes `steps`; returns its workdir (a very fast child may finish first: tried 3 times)."""
+    for attempt in range(3):
+        workdir = tmp_path / f"b{attempt}"
+        proc = runner.start(workdir, *overrides)
+        try:
+            wait_until(lambda: any(committed(s) for s in committed_steps(workdir)), proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        if proc.returncode == -signal.SIGKILL and max(committed_steps(workdir)) < steps:
+            return workdir
+    pytest.fail("could not kill the run before it finished")
+
+
 def no_traceback(p):
     assert "Traceback" not in p.stderr, p.stderr[-4000:]
 
@@ -238,19 +255,7 @@ def test_profiler_trace_of_chosen_steps(runner, tmp_path):
 def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
     """SIGKILL once a checkpoint after the first eval is committed (so the restart must also carry
     the pre-kill evals into its summary); the restart reproduces run A exactly."""
-    for attempt in range(3):  # a very fast child can finish before the kill lands: try again
-        workdir = tmp_path / f"b{attempt}"
-        proc = runner.start(workdir)
-        try:
-            wait_until(lambda: any(s > EVAL_EVERY for s in committed_steps(workdir)), proc)
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        if proc.returncode == -signal.SIGKILL and max(committed_steps(workdir)) < STEPS:
-            break
-    else:
-        pytest.fail("could not kill the run before it finished")
+    workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY)
     killed_at = max(train_rows(workdir), default=0) if (workdir / "metrics.jsonl").exists() else 0
     p = runner.train(workdir)
     assert re.search(r"resumed from .* at step \d+", p.stderr), p.stderr[-3000:]

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 
 import numpy as np
 import pytest
-from test_e2e_checkpoints import (_score_rows, committed_steps, rows, runner, shared_root,  # noqa: F401 (fixtures)
-                                  small_data, train_rows, transformers_scores, wait_until)
+from test_e2e_checkpoints import (_score_rows, kill_after_checkpoint, rows, runner, shared_root,  # noqa: F401 (fixtures)
+                                  small_data, train_rows, transformers_scores)
 
 STEPS, EVERY, EVAL_EVERY = 8, 2, 4
 LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0",
@@ -88,19 +87,7 @@ def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
 
 def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, runner, tmp_path):
     extra = [*LORA, f"--config.model.checkpoint={lora_base}"]
-    for attempt in range(3):  # a very fast child can finish before the kill lands: try again
-        workdir = tmp_path / f"b{attempt}"
-        proc = runner.start(workdir, *extra)
-        try:
-            wait_until(lambda: any(s >= EVAL_EVERY for s in committed_steps(workdir)), proc)
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-        if proc.returncode == -signal.SIGKILL and max(committed_steps(workdir)) < STEPS:
-            break
-    else:
-        pytest.fail("could not kill the run before it finished")
+    workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step >= EVAL_EVERY, *extra, steps=STEPS)
     p = runner.train(workdir, *extra)
     assert "resumed from" in p.stderr, p.stderr[-3000:]
     ours, theirs = train_rows(workdir), train_rows(lora_run)

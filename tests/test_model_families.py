@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from haf_jax import params as params_lib
 from haf_jax.model import families, heads, hf, layers
-from parity import hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
+from parity import assert_params_equal, hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
 from haf_jax.model.config import FULL, SLIDING
 from haf_jax.model.families import PRESETS
 
@@ -328,13 +328,7 @@ def test_export_round_trip(ckpt, tmp_path):
         assert dataclasses.replace(config, pad_token_id=ckpt.config.pad_token_id) == ckpt.config
         back, info = hf.load_params(tmp_path / sub, config)
         assert info["reward_head"] == kind
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            got = back
-            for k in path:
-                got = got[k.key]
-            expected = np.zeros_like(leaf) if (sub == "policy" and path[0].key == "reward_head") else leaf
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=str(path))
-        assert jax.tree.structure(back) == jax.tree.structure(params)
+        assert_params_equal(back, params, zero_reward_head=sub == "policy")
 
     rm = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", attn_implementation="eager")
     policy = T.AutoModelForCausalLM.from_pretrained(tmp_path / "policy", attn_implementation="eager")

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from haf_jax.model import families
 from haf_jax.model import hf
-from parity import hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
+from parity import assert_params_equal, hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 V, PAD, EOS, BOS = 300, 0, 1, 2
@@ -142,12 +142,7 @@ def test_export_round_trip(ckpt, tmp_path):
         assert config == ckpt.config
         back, info = hf.load_params(tmp_path / sub, config)
         assert info["reward_head"] == kind
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-            got = back
-            for k in path:
-                got = got[k.key]
-            expected = np.zeros_like(leaf) if (sub == "policy" and path[0].key == "reward_head") else leaf
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected), err_msg=str(path))
+        assert_params_equal(back, params, zero_reward_head=sub == "policy")
 
     rm = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", attn_implementation="eager")
     policy = T.AutoModelForCausalLM.from_pretrained(tmp_path / "policy", attn_implementation="eager")
