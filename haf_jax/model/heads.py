@@ -175,11 +175,16 @@ def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):
     return _logits(hidden_states(params, config, tokens_NxL, last_index_N), head, bias, config.final_logit_softcap)
 
 
-def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache: tuple[LayerCache, ...]):
+def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache: tuple[LayerCache, ...],
+           logits_at_N=None):
     """Logits [N, L, V] float32 of new tokens at `positions` (contiguous per row) attending to the
     KV cache (layers.init_cache), and the updated cache: prefill with the prompt, then one token
-    at a time. Slots beyond a row's current position are never attended."""
+    at a time. Slots beyond a row's current position are never attended. With `logits_at_N` (an
+    index into L per row) only that position's logits are computed, [N, V]: a prefill then never
+    builds [N, L, V]."""
     hidden, cache = Decoder(config).apply({"params": trunk_params(params)}, tokens_NxL, positions_NxL,
                                           jnp.ones(tokens_NxL.shape, bool), cache)
+    if logits_at_N is not None:
+        hidden = jnp.take_along_axis(hidden, logits_at_N[:, None, None], axis=1)[:, 0]
     head, bias = lm_head(params, config)
     return _logits(hidden, head, bias, config.final_logit_softcap), cache

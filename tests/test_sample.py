@@ -1,0 +1,335 @@
+"""haf_jax.sample / haf_jax.sampling: greedy decoding against transformers' generate and the
+llama2.c model's known greedy ids, top-p / top-k / temperature sampling against a NumPy nucleus
+computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
+
+The tiny models are random transformers models with every weight perturbed (tests/parity.py),
+saved as safetensors with a word-level tokenizer and loaded through haf_jax.runs.load_model, the
+path the CLI takes. Each decode shape compiles once per module (the settings are shared).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from haf_jax import sample as sample_lib, sampling, sharding
+from haf_jax.data import DataError
+from haf_jax.model import heads, llama2c
+from haf_jax.runs import load_model
+from parity import perturb
+
+T.logging.set_verbosity_error()
+
+V, BOS, EOS = 300, 1, 2
+MAX_NEW = 12
+# word counts of the prompts, decoded together in one batch (ids: BOS + words, lengths 2 to 14)
+PROMPT_WORDS = (1, 4, 9, 13)
+FAMILIES = {
+    # untied head, q/k/v/o biases, GQA
+    "llama": (T.LlamaConfig, dict(num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
+                                  attention_bias=True)),
+    # sliding window 6 (shorter than prompt + new tokens, so the cached decode must apply it), MQA, tied
+    "mistral": (T.MistralConfig, dict(num_hidden_layers=2, num_key_value_heads=1, sliding_window=6,
+                                      tie_word_embeddings=True)),
+}
+
+
+def _tokenizer():
+    """Word-level: 'w<i>' is id i for every id of the vocabulary, so any generated id decodes."""
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_causal_lm(family, directory, seed=0):
+    """A perturbed random transformers causal LM of `family` saved (safetensors + tokenizer) in
+    `directory`; returns the torch model (eager attention, float32)."""
+    cls, kw = FAMILIES[family]
+    config = cls(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4, bos_token_id=BOS,
+                 eos_token_id=EOS, pad_token_id=None, max_position_embeddings=128, **kw)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = perturb(T.AutoModelForCausalLM.from_config(config), seed=seed).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    _tokenizer().save_pretrained(directory)
+    return model
+
+
+def prompt_texts(rng, counts=PROMPT_WORDS):
+    return [" ".join(f"w{i}" for i in rng.integers(3, V, c)) for c in counts]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch's thread pool only adds contention on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_device_mesh():
+    return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_device_mesh):
+    """family -> (directory, torch model, params, ModelConfig, tokenizer)."""
+    out = {}
+    for seed, family in enumerate(FAMILIES):
+        directory = tmp_path_factory.mktemp(family)
+        model = build_causal_lm(family, directory, seed)
+        params, config, tok, _ = load_model(str(directory), one_device_mesh)
+        out[family] = (directory, model, params, config, tok)
+    return out
+
+
+def _settings(**kw):
+    return sampling.DecodeSettings(**{"max_new_tokens": MAX_NEW, "eos_ids": (EOS,), **kw})
+
+
+def _hf_greedy(model, ids, eos=EOS):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _greedy(params, config, ids, **settings):
+    temps = np.zeros((len(ids), 1), np.float32)
+    out = sample_lib.generate_candidates(params, config, ids, temps, settings=_settings(**settings),
+                                         batch_size=len(ids), max_prompt_length=64, progress=False)
+    return [(c[0][0].tolist(), c[0][1]) for c in out]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_transformers_generate(tiny, family):
+    """Prompts of 2 to 14 tokens decoded in one right-padded batch with temperature 0 give, token for
+    token, what transformers' generate(do_sample=False) gives each prompt alone."""
+    _, model, params, config, tok = tiny[family]
+    ids = sample_lib.encode_prompts(tok, prompt_texts(np.random.default_rng(1)), template="none", max_prompt_length=64)
+    assert [len(x) for x in ids] == [c + 1 for c in PROMPT_WORDS] and all(x[0] == BOS for x in ids)
+    ours = _greedy(params, config, ids)
+    for x, (got, eos) in zip(ids, ours):
+        want = _hf_greedy(model, x.tolist())
+        assert got == want, (family, x.tolist())
+        assert eos == (EOS in want)
+    if family == "mistral":  # the window really cuts: positions reach past it
+        assert config.sliding_window < max(len(x) for x in ids) + MAX_NEW
+
+
+def test_eos_stops_the_candidate(tiny):
+    """A token the greedy run produces at step >= 2 of the first prompt, made a second EOS id: that
+    row ends right after it (EOS included, flagged), as transformers' generate ends; the other rows
+    end at their own first stop id or at max_new_tokens."""
+    _, model, params, config, tok = tiny["llama"]
+    ids = sample_lib.encode_prompts(tok, prompt_texts(np.random.default_rng(1)), template="none", max_prompt_length=64)
+    free = _greedy(params, config, ids)
+    first = free[0][0]
+    assert not free[0][1] and len(first) == MAX_NEW
+    stop = next(t for k, t in enumerate(first) if k >= 2 and t not in first[:k])
+    stopped = _greedy(params, config, ids, eos_ids=(EOS, stop))
+    for x, (full, _), (got, eos) in zip(ids, free, stopped):
+        cut = full[:full.index(stop) + 1] if stop in full else full
+        assert got == cut and eos == (cut[-1] in (EOS, stop))
+        assert got == _hf_greedy(model, x.tolist(), eos=[EOS, stop])
+    assert len(stopped[0][0]) < MAX_NEW and stopped[0][1]
+
+
+def test_llama2c_greedy_ids(shared_data, tmp_path, one_device_mesh):
+    """The real tiny llama2.c model (aidreams260K), converted to a HF Llama and loaded like any
+    checkpoint, decodes greedily from BOS to the documented ids (../shared/data/README.md lists
+    the first 20; tests/test_llama2c.py pins 60, cross-checked there by a NumPy forward)."""
+    from test_llama2c import GREEDY_60
+
+    src = shared_data / "aidreams260K"
+    if not (src / "aidreams260K.bin").is_file():
+        pytest.skip(f"aidreams260K not found in {src}")
+    m = re.search(r"greedy from BOS \(id 1\).*?gives ids\s*\[([\d,\s]+)", (shared_data / "README.md").read_text(), re.S)
+    readme = [int(x) for x in m.group(1).split(",") if x.strip()]
+    assert readme == GREEDY_60[:20]
+    ckpt = llama2c.to_hf_llama(src / "aidreams260K.bin", src / "tok512.bin", tmp_path / "aidreams")
+    params, config, tok, _ = load_model(str(ckpt), one_device_mesh)
+    assert tok.bos_token_id == GREEDY_60[0] and tok.eos_token_id not in GREEDY_60
+    settings = sampling.DecodeSettings(max_new_tokens=len(GREEDY_60) - 1, eos_ids=(tok.eos_token_id,))
+    out = sample_lib.generate_candidates(params, config, [np.array([tok.bos_token_id], np.int32)],
+                                         np.zeros((1, 1), np.float32), settings=settings, progress=False)
+    assert [GREEDY_60[0]] + out[0][0][0].tolist() == GREEDY_60
+
+
+# ----------------------------------------------------------------------------- sampling maths
+
+def numpy_allowed(logits_V, temperature, top_k=0, top_p=1.0, slack=0.0):
+    """bool [V]: the tokens inside the top-k and then top-p nucleus of softmax(logits / T), float64.
+    The nucleus: most likely first, a token is in while the mass of the tokens before it is
+    < top_p (+ slack for float32 rounding at the boundary)."""
+    z = np.asarray(logits_V, np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if top_k:
+        keep = z >= np.sort(z)[::-1][top_k - 1]
+        z = np.where(keep, z, -np.inf)
+    if top_p < 1.0:
+        order = np.argsort(-z, kind="stable")
+        p = np.exp(z[order] - z[order][0])
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        inside = np.zeros(z.shape, bool)
+        inside[order] = before < top_p + slack
+        keep &= inside
+    return keep
+
+
+def test_allowed_tokens_equal_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (6, 50)).astype(np.float32)
+    temps = np.array([0.5, 0.7, 1.0, 1.2, 2.0, 1.0], np.float32)
+    allowed = jax.jit(sampling.allowed_tokens)  # top_k, top_p traced: one compile
+    for top_k, top_p in [(0, 0.85), (5, 1.0), (8, 0.6), (1, 0.9), (0, 1.0)]:
+        got = np.asarray(allowed(jnp.asarray(logits), jnp.asarray(temps), top_k, top_p))
+        want = np.stack([numpy_allowed(l, t, top_k, top_p) for l, t in zip(logits, temps)])
+        np.testing.assert_array_equal(got, want, err_msg=str((top_k, top_p)))
+        if (top_k, top_p) != (0, 1.0):
+            assert 1 <= got.sum(-1).min() and got.sum(-1).max() < logits.shape[1]  # the filters cut
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny):
+    """Candidates of three prompts (n = 4, the paper's temperatures) under several settings."""
+    _, _, params, config, tok = tiny["llama"]
+    ids = sample_lib.encode_prompts(tok, prompt_texts(np.random.default_rng(2), (3, 8, 5)), template="none",
+                                    max_prompt_length=64)
+    temps = sample_lib.candidate_temperatures(len(ids), 4, seed=0, temperature=None,
+                                              temperature_range=sample_lib.PAPER_TEMPERATURE_RANGE)
+
+    def run(seed, **kw):
+        # one prompt x 4 candidates per batch: the rows and width of the greedy tests (no new compile)
+        return sample_lib.generate_candidates(params, config, ids, temps, settings=_settings(**kw), seed=seed,
+                                              batch_size=1, max_prompt_length=64, progress=False)
+
+    return ids, temps, run
+
+
+def _as_lists(out):
+    return [[(c.tolist(), e) for c, e in cands] for cands in out]
+
+
+def test_sampling_is_reproducible_per_seed(sampled):
+    _, temps, run = sampled
+    assert ((temps >= 0.5) & (temps <= 1.2)).all() and len(np.unique(temps)) == temps.size
+    a, b, c = (_as_lists(run(seed, top_p=0.85)) for seed in (0, 0, 1))
+    assert a == b
+    assert a != c
+    assert len({tuple(ids) for cands in a for ids, _ in cands}) > 6  # the candidates differ
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.85), (4, 0.9)])
+def test_sampled_tokens_are_inside_the_nucleus(tiny, sampled, top_k, top_p):
+    """Every sampled token lies in the NumPy top-k/top-p set of the model's logits at its step
+    (recomputed by a full forward over prompt + candidate, at the candidate's temperature); the
+    same draws without filters leave that set, so the check can fail."""
+    _, _, params, config, _ = tiny["llama"]
+    ids, temps, run = sampled
+    width = 32  # every prompt + candidate, right-padded: one compile of the full forward
+
+    @jax.jit
+    def full_logits(tokens, last):
+        return heads.full_logits(params, config, tokens, last)
+
+    def outside(out):
+        seqs = [np.concatenate([ids[i], new]) for i, cands in enumerate(out) for new, _ in cands]
+        tokens = np.zeros((len(seqs), width), np.int32)
+        for r, seq in enumerate(seqs):
+            tokens[r, :len(seq)] = seq
+        logits = np.asarray(full_logits(tokens, np.array([len(s) - 1 for s in seqs], np.int32)))
+        count, total, r = 0, 0, 0
+        for i, cands in enumerate(out):
+            for j, (new, _) in enumerate(cands):
+                for k, token in enumerate(new):
+                    allowed = numpy_allowed(logits[r, len(ids[i]) + k - 1], temps[i, j], top_k, top_p, slack=1e-5)
+                    count += not allowed[token]
+                    total += 1
+                r += 1
+        return count, total
+
+    bad, total = outside(run(0, top_k=top_k, top_p=top_p))
+    assert bad == 0 and total >= 3 * 4 * 3
+    unfiltered, _ = outside(run(0))
+    assert unfiltered > 0
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"prompt": "a"}', '{"text": "b"}'], r"p\.jsonl line 2, field 'prompt': missing"),
+    (['{"prompt": 3}'], r"p\.jsonl line 1, field 'prompt': expected a string, got number"),
+    (['{"prompt": "a"}', '', '{"prompt": "b"'], r"p\.jsonl line 3: not valid JSON"),
+    (['["a"]'], r"p\.jsonl line 1: expected a JSON object, got a list"),
+    (['{"prompt": "  "}'], r"p\.jsonl line 1, field 'prompt': empty prompt"),
+    ([''], r"p\.jsonl: no prompts \(empty file\)"),
+])
+def test_bad_prompt_file_names_file_line_and_field(tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        sample_lib.read_prompts(str(path))
+
+
+def test_prompt_file_rows_and_template(tmp_path, tiny):
+    """ids are carried over; the phi2 template formats the prompt as in training pairs."""
+    from haf_jax.data import tokenize
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "w5 w6", "id": "x"}) + "\n" + json.dumps({"prompt": "w7", "other": 1}) + "\n")
+    assert sample_lib.read_prompts(str(path)) == [{"prompt": "w5 w6", "id": "x"}, {"prompt": "w7"}]
+    tok = tiny["llama"][4]
+    got = sample_lib.encode_prompts(tok, ["w5 w6 w7 w8"], template="mistral", max_prompt_length=4)
+    pair = tokenize.encode_pairs(tok, [{"prompt": "[INST] w5 w6 w7 w8 [/INST]", "chosen": "w9", "rejected": "w10"}],
+                                 max_length=16, max_prompt_length=4)
+    # "[INST]" and "[/INST]" are unknown words (id 0); the prompt keeps BOS and its last 3 tokens
+    assert got[0].tolist() == pair.prompt[0].tolist() == [BOS, 7, 8, 0]
+    with pytest.raises(DataError, match="unknown template"):
+        sample_lib.encode_prompts(tok, ["w5"], template="chatml", max_prompt_length=4)
+
+
+@pytest.mark.slow
+def test_sample_cli(tiny, tmp_path):
+    """The command end to end: one row per prompt in input order, the documented fields, the
+    summary as the last stdout line; a bad file is one error line and exit status 2."""
+    directory = tiny["llama"][0]
+    texts = prompt_texts(np.random.default_rng(3), (6, 2, 9))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "id": k}) + "\n" for k, t in enumerate(texts)))
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "haf_jax.sample", f"--model={directory}", f"--prompts={prompts}", f"--out={out}",
+           "--n=3", "--max_new_tokens=6", "--batch_size=2", "--seed=5"]
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device: the 8 fake ones only slow a tiny compile
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["prompts"] == 3 and summary["top_p"] == 0.85 and summary["temperature_range"] == [0.5, 1.2]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["prompt"]) for r in rows] == list(enumerate(texts))
+    tok = tiny["llama"][4]
+    for r in rows:
+        assert len(r["candidates"]) == len(r["candidate_ids"]) == len(r["temperatures"]) == len(r["stopped"]) == 3
+        for text, new, stopped in zip(r["candidates"], r["candidate_ids"], r["stopped"]):
+            assert 1 <= len(new) <= 6 and (stopped == "eos") == (new[-1] == EOS)
+            assert text == tok.decode(new[:-1] if stopped == "eos" else new)
+        assert all(0.5 <= t <= 1.2 for t in r["temperatures"])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "w5"}\n{"prompt": null}\n')
+    p = subprocess.run(cmd[:4] + [f"--prompts={bad}", f"--out={out}"], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in p.stderr
