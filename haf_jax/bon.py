@@ -20,6 +20,8 @@ Output: the input rows in order, each with `scores` (one per candidate), `pick` 
 summary: mean score of all candidates, mean score of the picks (the Best-of-N score) and, with two
 reward models, `picks_agree` = the fraction of prompts whose two picks are the same candidate and
 `mean_score2_of_pick` = the second model's mean score of the first model's picks.
+`truncated_pairs` counts the scoring pairs (two candidates of a prompt each) in which a candidate
+was cut to --max_length (it keeps its first tokens and the EOS, as in training).
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def best_of_n(reward_models: list[str], rows: list[dict], *, template: str = "no
         summary.update({f"reward_model{suffix}": model,
                         f"mean_score{suffix}": float(np.mean(np.concatenate(scores))),
                         f"mean_best_score{suffix}": float(np.mean([s[k] for s, k in zip(scores, picks[-1])])),
-                        f"truncated_candidates{suffix}": report["truncated_response"]})
+                        f"truncated_pairs{suffix}": report["truncated_response"]})
     if len(reward_models) == 2:
         agree = sum(a == b for a, b in zip(*picks))
         summary.update(picks_agree=agree / len(rows), picks_agree_count=agree,

@@ -90,7 +90,7 @@ def test_scores_equal_score_and_transformers_and_pick_is_argmax(rms, mesh, tmp_p
     assert out[2]["scores"][0] == out[2]["scores"][1] and out[2]["pick"] in (0, 2)  # tie -> lowest index
     assert np.isfinite(out[2]["scores"][2])
     assert summary["mean_best_score"] == pytest.approx(np.mean([max(r["scores"]) for r in out]), abs=1e-6)
-    assert summary["truncated_candidates"] == 1
+    assert summary["truncated_pairs"] == 1  # scoring pairs (2 candidates each) with a candidate cut
 
     # haf_jax.score on pairs whose chosen response is the candidate (it skips an empty response)
     pairs = tmp_path / "pairs.jsonl"
