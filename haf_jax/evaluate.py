@@ -3,7 +3,8 @@
   python -m haf_jax.evaluate --model=M[,M2...] --data=SPEC[,SPEC...] --out=DIR \
       [--reference=initial|none|free|MODEL] [--step=best|last|N[,...]] [--batch_size=N]
 
-M: a run directory (both its best and last checkpoints unless --step says otherwise), an export
+M: a run directory (both its best and last checkpoints unless --step says otherwise; `initial` is
+the model the run started from, untrained), an export
 or any supported Hugging Face checkpoint; parameters only are loaded, the trunk in the compute
 dtype. SPEC: any data spec of haf_jax.data, `run:eval` (a run's own eval split),
 `rewardbench:PATH` (RewardBench 1 `filtered`, parquet or JSONL) or `rewardbench2:PATH`.
@@ -29,22 +30,6 @@ import tempfile
 
 import numpy as np
 from absl import app, flags, logging
-
-_MODEL = flags.DEFINE_string("model", None, "Comma-separated run directories / exports / HF checkpoints ([LABEL=]PATH).")
-_DATA = flags.DEFINE_string("data", None, "Comma-separated data specs ([LABEL=]SPEC; rewardbench:PATH, "
-                            "rewardbench2:PATH, run:eval, files, hf:, tfds:, recipe:).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_REFERENCE = flags.DEFINE_string("reference", "", "Implicit-reward reference: initial (a run's initial weights; "
-                                 "the default for runs) | none | free (reference-free) | a model path.")
-_STEP = flags.DEFINE_string("step", "", "Run directories: comma-separated best | last | N (default best,last).")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Max prompt + response tokens (0: a run's own, else 512).")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 0, "Max prompt tokens (0: a run's own, else 128).")
-_TEMPLATE = flags.DEFINE_string("template", "", "Prompt template (\"\": a run's own, else none).")
-_BETA = flags.DEFINE_float("beta", None, "DPO temperature of the implicit reward (default: a run's loss.beta, else 0.1).")
-_DTYPE = flags.DEFINE_string("compute_dtype", "", "float32 | bfloat16 (\"\": a run's model.compute_dtype, else float32).")
-_CHUNK = flags.DEFINE_integer("logprob_chunk", 128, "Positions per chunk of the log-prob computation.")
-_FIGURES = flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
 
 TABLE_KEYS = ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss", "reward_margin",
               "implicit_margin", "reward_length_corr")
@@ -126,15 +111,15 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
                         datasets[d_label] = inference.load_data(
                             spec, model, max_length=max_length or None, max_prompt_length=max_prompt_length or None,
                             template=template or None, degenerate="keep" if d_label in rb_rows else None)
-                        refs[d_label] = inference.reference_logprobs(reference, model, datasets[d_label], mesh,
-                                                                     batch_size=batch_size)
+                    arrays, free, ref_what = inference.reference_logprobs(
+                        reference, model, list(datasets.values()), mesh, batch_size=batch_size)
+                    refs = {d: (arrays[i] if arrays else None) for i, d in enumerate(datasets)}
                 for d_label, _ in data_items:
                     if (step, d_label) in done:  # best and last are the same step
                         results[d_label].setdefault(m_label, {})[ckpt] = {**done[(step, d_label)], "checkpoint": ckpt}
                         continue
                     ds = datasets[d_label]
-                    ref_logp, free, ref_what = refs[d_label]
-                    result = evaluator(model.params, ds, batch_size=batch_size, ref_logp_Nx2=ref_logp,
+                    result = evaluator(model.params, ds, batch_size=batch_size, ref_logp_Nx2=refs[d_label],
                                        reference_free=free, desc=f"{m_label}/{ckpt} on {d_label}")
                     entry = {**result.summary, "ece_bins": 15, "model": m_path, "checkpoint": ckpt,
                              "reference": ref_what, "beta": model.step_cfg.loss.beta,
@@ -160,11 +145,22 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
     for d_label, by_model in results.items():
         first = next(iter(next(iter(by_model.values())).values()))
         report[d_label] = {**first, "models": by_model}
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
+    report = _finite(report)  # strict JSON: an undefined value (NaN correlation of a constant reward) is null
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=False))
     (out / "report.md").write_text(markdown_report(report))
     if len(model_items) > 1 or len(data_items) > 1:
         write_ood_grid(report, out, figures=figures)
     return report
+
+
+def _finite(tree):
+    if isinstance(tree, dict):
+        return {k: _finite(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_finite(v) for v in tree]
+    if isinstance(tree, (float, np.floating)) and not np.isfinite(tree):
+        return None
+    return tree
 
 
 def _json_default(v):
@@ -192,12 +188,7 @@ def _rewardbench_entry(rb, ds, result, model) -> dict:
     for head, pair_Nx2 in heads.items():
         by_record = np.empty_like(pair_Nx2)
         by_record[order] = pair_Nx2
-        scores = rewardbench.response_scores(rows, index, by_record, version)
-        if version == 1:
-            correct = [float(s[0] > s[1]) for s in scores]
-            scored = rewardbench.score_v1([r["subset"] for r in rows], correct)
-        else:
-            scored = rewardbench.score_v2(rows, scores)
+        scored = rewardbench.score_rows(rows, index, by_record, version)
         if head == "reward":
             out.update(scored)
         else:
@@ -283,29 +274,52 @@ def write_ood_grid(report: dict, out: pathlib.Path, *, figures: bool = True) -> 
     return tables
 
 
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program (so that importing this module next to
+    haf_jax.score, whose flags share names, is fine)."""
+    flags.DEFINE_string("model", None, "Comma-separated run directories / exports / HF checkpoints ([LABEL=]PATH).")
+    flags.DEFINE_string("data", None, "Comma-separated data specs ([LABEL=]SPEC; rewardbench:PATH, "
+                        "rewardbench2:PATH, run:eval, files, hf:, tfds:, recipe:).")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_string("reference", "", "Implicit-reward reference: initial (a run's initial weights; "
+                        "the default for runs) | none | free (reference-free) | a model path.")
+    flags.DEFINE_string("step", "", "Run directories: comma-separated best | last | N | initial (the untrained "
+                        "starting weights) (default best,last).")
+    flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
+    flags.DEFINE_integer("max_length", 0, "Max prompt + response tokens (0: a run's own, else 512).")
+    flags.DEFINE_integer("max_prompt_length", 0, "Max prompt tokens (0: a run's own, else 128).")
+    flags.DEFINE_string("template", "", "Prompt template (\"\": a run's own, else none).")
+    flags.DEFINE_float("beta", None, "DPO temperature of the implicit reward (default: a run's loss.beta, else 0.1).")
+    flags.DEFINE_string("compute_dtype", "", "float32 | bfloat16 (\"\": a run's model.compute_dtype, else float32).")
+    flags.DEFINE_integer("logprob_chunk", 128, "Positions per chunk of the log-prob computation.")
+    flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-    for flag in (_MODEL, _DATA, _OUT):
-        if not flag.value:
-            raise app.UsageError(f"--{flag.name} is required")
+    f = flags.FLAGS
+    for name in ("model", "data", "out"):
+        if not f[name].value:
+            raise app.UsageError(f"--{name} is required")
     from haf_jax.data import DataError
 
     split = lambda v: [x for x in v.split(",") if x]  # noqa: E731
     try:
-        report = evaluate(split(_MODEL.value), split(_DATA.value), _OUT.value, reference=_REFERENCE.value,
-                          steps=split(_STEP.value), batch_size=_BATCH.value, max_length=_MAX_LENGTH.value,
-                          max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value, beta=_BETA.value,
-                          compute_dtype=_DTYPE.value, chunk=_CHUNK.value, figures=_FIGURES.value)
+        report = evaluate(split(f.model), split(f.data), f.out, reference=f.reference, steps=split(f.step),
+                          batch_size=f.batch_size, max_length=f.max_length, max_prompt_length=f.max_prompt_length,
+                          template=f.template, beta=f.beta, compute_dtype=f.compute_dtype, chunk=f.logprob_chunk,
+                          figures=f.figures)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print((pathlib.Path(_OUT.value) / "report.md").read_text(), file=sys.stderr)
-    print(json.dumps({"report": str(pathlib.Path(_OUT.value) / "report.json"),
+    print((pathlib.Path(f.out) / "report.md").read_text(), file=sys.stderr)
+    print(json.dumps({"report": str(pathlib.Path(f.out) / "report.json"),
                       **{d: {k: e.get(k) for k in ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "score") if k in e}
                          for d, e in report.items()}}))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,12 +15,13 @@ Per-pair arrays (float32, [N, 2], pair axis 0 chosen / 1 rejected, N = len(datas
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haf_jax import losses, reference, sharding, step as step_lib
+from haf_jax import losses, params as params_lib, reference, sharding, step as step_lib
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
@@ -55,30 +56,23 @@ def pair_scores(params, batch, ref_params, frozen, *, cfg: step_lib.StepConfig, 
 
 
 class Evaluator:
-    """Scores datasets with one jitted pass (compiled once per batch shape, reused across calls).
+    """Scores datasets with one jitted pass, compiled once per (settings, batch shape) and shared by
+    every Evaluator with the same settings (the loop's evals, each checkpoint `evaluate` reads).
 
     Args:
       cfg: the model, loss (beta, policy kind: how the implicit reward is read), compute dtype,
-        log-prob chunk and LoRA settings.
-      mesh: device mesh; batches are split over (data, fsdp).
-      param_shardings: shardings of the full model's parameters (reference, LoRA's frozen base).
-      trained_shardings: shardings of `params` when they are not the full model (LoRA's adapters
-        + heads); default `param_shardings`.
+        log-prob chunk and LoRA settings (with LoRA, `params` are the adapters + heads and
+        `frozen` the base).
+      mesh: device mesh; batches are split over (data, fsdp), parameters placed by their logical axes.
       reward, policy: which heads to evaluate (the loop follows the objective; score/evaluate use both).
       live_reference: reference log-probs come from `ref_params` inside the pass (same architecture).
     """
 
-    def __init__(self, cfg: step_lib.StepConfig, mesh, param_shardings, *, trained_shardings=None,
-                 reward: bool = True, policy: bool = True, live_reference: bool = False):
+    def __init__(self, cfg: step_lib.StepConfig, mesh, *, reward: bool = True, policy: bool = True,
+                 live_reference: bool = False):
         self.cfg, self.mesh, self.reward, self.policy = cfg, mesh, reward, policy
         self.live_reference = live_reference and policy
-        fn = sharding.under_mesh(lambda p, b, ref, frozen: pair_scores(p, b, ref, frozen, cfg=cfg, reward=reward,
-                                                                       policy=policy), mesh)
-        frozen_sh = _frozen_shardings(cfg, param_shardings)
-        self._fn = jax.jit(fn, in_shardings=(trained_shardings or param_shardings,
-                                             step_lib.batch_shardings(mesh, BATCH_KEYS),
-                                             param_shardings if self.live_reference else None, frozen_sh),
-                           out_shardings=sharding.replicated(mesh))
+        self._fn = _jitted_pair_scores(cfg, mesh, reward, policy, self.live_reference)
 
     def __call__(self, params, dataset, *, batch_size: int, ref_logp_Nx2=None, ref_params=None, frozen=None,
                  reference_free: bool = False, desc: str = "eval") -> Result:
@@ -91,7 +85,7 @@ class Evaluator:
         """
         if (ref_params is not None) != self.live_reference:
             raise ValueError("ref_params must be given exactly when the Evaluator was built with live_reference=True")
-        put = lambda b: step_lib.put_batch(b, BATCH_KEYS, self.mesh)
+        put = lambda b: step_lib.put_batch(b, BATCH_KEYS, self.mesh)  # noqa: E731
         n = len(dataset)
         if n:
             scores = reference.pair_pass(dataset, lambda b: self._fn(params, b, ref_params, frozen), put,
@@ -115,11 +109,15 @@ class Evaluator:
         return ["n_tokens_Nx2"] + (["reward_Nx2"] if self.reward else []) + (["logp_Nx2"] if self.policy else [])
 
 
-def _frozen_shardings(cfg: step_lib.StepConfig, param_shardings):
-    """Shardings of LoRA's frozen base (all but the trained heads); None without LoRA."""
-    from haf_jax.model import lora as lora_lib
-
-    if not cfg.lora.enabled:
-        return None
-    heads_trained = lora_lib.trainable_heads(cfg.model, cfg.lora)
-    return {k: v for k, v in param_shardings.items() if k not in heads_trained}
+@functools.lru_cache(maxsize=16)
+def _jitted_pair_scores(cfg: step_lib.StepConfig, mesh, reward: bool, policy: bool, live_reference: bool):
+    """pair_scores(params, batch, ref_params, frozen) jitted with explicit shardings (cached: one
+    compilation per batch shape for all evaluations with these settings)."""
+    full_sh = params_lib.param_shardings(cfg.model, mesh)
+    trained_sh = params_lib.trainable_shardings(cfg.model, cfg.lora, mesh)
+    fn = sharding.under_mesh(lambda p, b, ref, frozen: pair_scores(p, b, ref, frozen, cfg=cfg, reward=reward,
+                                                                   policy=policy), mesh)
+    return jax.jit(fn, in_shardings=(trained_sh, step_lib.batch_shardings(mesh, BATCH_KEYS),
+                                     full_sh if live_reference else None,
+                                     params_lib.frozen_shardings(cfg.model, cfg.lora, mesh)),
+                   out_shardings=sharding.replicated(mesh))

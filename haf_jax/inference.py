@@ -10,6 +10,7 @@ Scoring itself is `evaluation.Evaluator`, the path the training loop evaluates w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from haf_jax import data, evaluation, params as params_lib, reference as referen
 
 RUN_EVAL = "run:eval"  # data spec: the run's own eval split (data.eval, or the carve out of data.train)
 REFERENCES = ("initial", "none", "free")  # besides a model path: see reference_logprobs
+INITIAL = "initial"  # as a run's checkpoint: the weights it started from (untrained heads), for comparison
 
 
 @dataclasses.dataclass
@@ -43,8 +45,11 @@ def open_model(path: str, mesh, *, which: str | int = "best", beta: float | None
     the compute dtype is a run's model.compute_dtype (`compute_dtype` overrides), float32 otherwise.
     """
     is_run = runs.is_run_dir(path)
-    params, model_cfg, tokenizer, info = runs.load_model(path, mesh, which=which,
-                                                         compute_dtype=compute_dtype or is_run)
+    if str(which) == INITIAL:
+        params, model_cfg, tokenizer, info = runs.load_initial(path, mesh, compute_dtype=compute_dtype or True)
+    else:
+        params, model_cfg, tokenizer, info = runs.load_model(path, mesh, which=which,
+                                                             compute_dtype=compute_dtype or is_run)
     run_config = ml_collections.ConfigDict(info.pop("config")) if is_run else None
     if run_config is not None:
         loss = step_lib.LossConfig.from_config(run_config.loss)
@@ -85,22 +90,24 @@ def load_data(spec: str, model: Model, *, max_length: int | None = None, max_pro
     return ds
 
 
-def reference_logprobs(reference: str | None, model: Model, ds, mesh, *, batch_size: int, which="best"):
-    """(ref_logp float32 [N, 2] or None, reference_free, description) for the implicit reward.
+def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh, *, batch_size: int,
+                       which="best"):
+    """([ref_logp float32 [N, 2] per dataset] or None, reference_free, description) for the implicit reward.
 
     reference: "" / None: a run's initial weights (its own reference) and none for an HF checkpoint;
     "initial": the run's initial weights (its model.checkpoint, or its seeded random init); "none": no
     implicit reward; "free": reference-free (ref_logp = 0, the policy's own log-prob ratio); else a
-    model path or hub id (same vocabulary), scored in its own architecture.
+    model path or hub id (same vocabulary), scored in its own architecture. The reference weights
+    are loaded once for all `datasets` and dropped afterwards.
     """
     from haf_jax import loop
 
-    reference = reference or ("initial" if model.run_config is not None else "none")
+    reference = reference or (INITIAL if model.run_config is not None else "none")
     if reference == "none":
         return None, False, "none"
     if reference == "free":
         return None, True, "reference-free"
-    if reference == "initial":
+    if reference == INITIAL:
         if model.run_config is None:
             raise ValueError(f"--reference=initial needs a run directory as the model, got {model.name}")
         cfg, path = loop.model_source(model.run_config)
@@ -114,12 +121,17 @@ def reference_logprobs(reference: str | None, model: Model, ds, mesh, *, batch_s
         what = reference
         ref_cfg = step_lib.StepConfig(cfg, step_lib.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
                                       logprob_chunk=model.step_cfg.logprob_chunk)
-    if not len(ds):
-        return np.zeros((0, 2), np.float32), False, what
-    ref_fn, keys = step_lib.jit_reference(ref_cfg, mesh, params_lib.param_shardings(ref_cfg.model, mesh))
-    array = reference_lib.compute(ds, ref_params, ref_fn, lambda b: step_lib.put_batch(b, keys, mesh),
-                                  batch_size=batch_size, desc="reference log-probs")
-    return array, False, what
+    ref_fn, keys = _jit_reference(ref_cfg, mesh)
+    arrays = [reference_lib.compute(ds, ref_params, ref_fn, lambda b: step_lib.put_batch(b, keys, mesh),
+                                    batch_size=batch_size, desc="reference log-probs")
+              if len(ds) else np.zeros((0, 2), np.float32) for ds in datasets]
+    return arrays, False, what
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_reference(cfg: step_lib.StepConfig, mesh):
+    """step.jit_reference, compiled once per settings for every model and dataset evaluated."""
+    return step_lib.jit_reference(cfg, mesh, params_lib.param_shardings(cfg.model, mesh))
 
 
 def default_mesh():
@@ -134,4 +146,4 @@ def round_batch(batch_size: int, mesh) -> int:
 
 def evaluator_for(model: Model, mesh) -> evaluation.Evaluator:
     """Both heads, the full (merged) parameters, precomputed or no reference."""
-    return evaluation.Evaluator(model.step_cfg, mesh, params_lib.param_shardings(model.model_cfg, mesh))
+    return evaluation.Evaluator(model.step_cfg, mesh)

@@ -345,8 +345,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
     train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
                                                    live_reference=live)
-    evaluator = evaluation.Evaluator(s.step_cfg, s.mesh, s.param_shardings, trained_shardings=s.trained_shardings,
-                                     reward=lc.needs_reward, policy=lc.needs_policy, live_reference=live)
+    evaluator = evaluation.Evaluator(s.step_cfg, s.mesh, reward=lc.needs_reward, policy=lc.needs_policy,
+                                     live_reference=live)
     metrics_log = MetricsLog(workdir, resume_step=start)
     preempt = Preemption()
     pending = None

@@ -16,6 +16,7 @@ Objectives (PAPER.md section 3):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -300,6 +301,7 @@ def preference_probability(margin_N):
     return jax.nn.sigmoid(_f32(margin_N))
 
 
+@functools.partial(jax.jit, static_argnames=("n_bins",))
 def calibration(margin_N, *, outcome_N=None, n_bins: int = ECE_BINS):
     """Calibration of the Bradley-Terry probability p = sigmoid(margin) against outcomes.
 
@@ -345,6 +347,7 @@ def calibration(margin_N, *, outcome_N=None, n_bins: int = ECE_BINS):
     }
 
 
+@jax.jit
 def pearson(x_N, y_N):
     """Pearson correlation of two [N] arrays, float32; NaN when either is constant or N < 2."""
     x_N, y_N = _f32(x_N), _f32(y_N)
@@ -355,33 +358,41 @@ def pearson(x_N, y_N):
 
 def evaluation_summary(out: Mapping[str, Any], *, beta: float = 0.1, policy_kind: str = "sigmoid",
                        n_bins: int = ECE_BINS) -> dict:
-    """Aggregates over a whole split of per-pair scores, as Python floats.
+    """Aggregates over a whole split of per-pair scores, as Python floats (one jitted computation).
 
     `out` holds [N, 2] arrays (pair axis: 0 chosen, 1 rejected): ``reward_Bx2`` and/or ``logp_Bx2``
     with ``ref_logp_Bx2`` (or ``n_tokens_Bx2`` for 'simpo'), and ``n_tokens_Bx2`` (response token
     counts) for the length correlation. Keys present depend on what `out` allows:
       pairs; with a reward: reward_accuracy, reward_margin (mean r_c - r_r), reward_chosen,
       reward_rejected, ece, brier, log_loss (of sigmoid(r_c - r_r)), reward_length_corr (Pearson of
-      reward with response length over all 2N responses); with a policy reward: dpo_accuracy,
-      implicit_margin, and dpo_ece, dpo_brier, dpo_log_loss of sigmoid(implicit margin).
+      reward with response length over all 2N responses; NaN when either is constant); with a policy
+      reward: dpo_accuracy, implicit_margin, and dpo_ece, dpo_brier, dpo_log_loss of
+      sigmoid(implicit margin).
     """
-    pm = pair_metrics(out, beta, policy_kind=policy_kind)
-    n = int(pm["margin_B"].shape[0])
-    result: dict[str, float | int] = {"pairs": n}
+    arrays = {k: _f32(v) for k in ("reward_Bx2", "logp_Bx2", "ref_logp_Bx2", "n_tokens_Bx2")
+              if (v := _get(out, k)) is not None}
+    some = next(iter(arrays.values()), None)
+    n = 0 if some is None else int(some.shape[0])
     if n == 0:
-        return result
-    mean = lambda x: float(jnp.mean(x))
-    reward_Bx2 = _get(out, "reward_Bx2")
-    n_tokens_Bx2 = _get(out, "n_tokens_Bx2")
+        return {"pairs": n}
+    values = _summary(arrays, beta=beta, policy_kind=policy_kind, n_bins=n_bins)
+    return {"pairs": n, **{k: float(v) for k, v in jax.device_get(values).items()}}
+
+
+@functools.partial(jax.jit, static_argnames=("beta", "policy_kind", "n_bins"))
+def _summary(out: dict, *, beta: float, policy_kind: str, n_bins: int) -> dict:
+    pm = pair_metrics(out, beta, policy_kind=policy_kind)
+    result = {}
+    reward_Bx2, n_tokens_Bx2 = out.get("reward_Bx2"), out.get("n_tokens_Bx2")
     if reward_Bx2 is not None:
         cal = calibration(pm["margin_B"], n_bins=n_bins)
-        result.update(reward_accuracy=mean(pm["correct_reward_B"]), reward_margin=mean(pm["margin_B"]),
-                      reward_chosen=mean(reward_Bx2[:, 0]), reward_rejected=mean(reward_Bx2[:, 1]),
-                      ece=float(cal["ece"]), brier=float(cal["brier"]), log_loss=float(cal["log_loss"]))
+        result.update(reward_accuracy=jnp.mean(pm["correct_reward_B"]), reward_margin=jnp.mean(pm["margin_B"]),
+                      reward_chosen=jnp.mean(reward_Bx2[:, 0]), reward_rejected=jnp.mean(reward_Bx2[:, 1]),
+                      ece=cal["ece"], brier=cal["brier"], log_loss=cal["log_loss"])
         if n_tokens_Bx2 is not None:
-            result["reward_length_corr"] = float(pearson(reward_Bx2.reshape(-1), n_tokens_Bx2.reshape(-1)))
+            result["reward_length_corr"] = pearson(reward_Bx2.reshape(-1), n_tokens_Bx2.reshape(-1))
     if _policy_reward_Bx2(out, beta, policy_kind) is not None:
         cal = calibration(pm["implicit_margin_B"], n_bins=n_bins)
-        result.update(dpo_accuracy=mean(pm["correct_dpo_B"]), implicit_margin=mean(pm["implicit_margin_B"]),
-                      dpo_ece=float(cal["ece"]), dpo_brier=float(cal["brier"]), dpo_log_loss=float(cal["log_loss"]))
+        result.update(dpo_accuracy=jnp.mean(pm["correct_dpo_B"]), implicit_margin=jnp.mean(pm["implicit_margin_B"]),
+                      dpo_ece=cal["ece"], dpo_brier=cal["brier"], dpo_log_loss=cal["log_loss"])
     return result

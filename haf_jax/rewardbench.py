@@ -227,3 +227,11 @@ def score_v2(rows: list[dict], scores: list[np.ndarray]) -> dict:
         else:
             subsets[name] = float(np.mean([best_of_n_result(scores[i]) for i in idx]))
     return {"subsets": subsets, "sections": dict(subsets), "score": float(np.mean(list(subsets.values())))}
+
+
+def score_rows(rows: list[dict], index, pair_Px2, version: int) -> dict:
+    """The official scores of `rows` from the scores of their pairs (`pair_records` order, [P, 2])."""
+    scores = response_scores(rows, index, pair_Px2, version)
+    if version == 1:  # correct only when the chosen score is strictly higher (a tie is wrong)
+        return score_v1([r["subset"] for r in rows], [float(s[0] > s[1]) for s in scores])
+    return score_v2(rows, scores)

@@ -98,6 +98,24 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
     return params, model_cfg, tokenizer, info
 
 
+def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
+    """(params, ModelConfig, tokenizer, info) of the weights a run started from (its model.checkpoint,
+    or its seeded random init, with the zero reward head): the untrained model, for comparison."""
+    from haf_jax import loop
+
+    run_dir = pathlib.Path(run_dir)
+    with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
+        saved = ckpt.read_config()
+    config = ml_collections.ConfigDict(saved)
+    model_cfg, path = loop.model_source(config)
+    params = loop.initial_params(config, model_cfg, path, mesh)
+    if compute_dtype:
+        dtype = config.model.compute_dtype if compute_dtype is True else compute_dtype
+        params = cast_trunk(params, dtype)
+    info = {"source": str(run_dir), "step": 0, "config": saved, "initial": config.model.checkpoint or "random init"}
+    return params, model_cfg, load_tokenizer(str(run_dir / "tokenizer")), info
+
+
 def cast_trunk(params, dtype):
     """The trunk's parameters in `dtype` (what forward_pairs computes with), the heads kept as they
     are (the reward head is read in float32); the input buffers are donated."""

@@ -47,8 +47,8 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     batch_size = inference.round_batch(batch_size, mesh)
     ref_logp = None
     if reference:  # score's implicit reward needs an explicit --reference (a model, "initial" or "free")
-        ref_logp, free, _ = inference.reference_logprobs(reference, m, ds, mesh, batch_size=batch_size, which=step)
-        ref_logp = np.zeros((len(ds), 2), np.float32) if free else ref_logp
+        arrays, free, _ = inference.reference_logprobs(reference, m, [ds], mesh, batch_size=batch_size, which=step)
+        ref_logp = np.zeros((len(ds), 2), np.float32) if free else arrays[0] if arrays else None
     result = inference.evaluator_for(m, mesh)(m.params, ds, batch_size=batch_size, ref_logp_Nx2=ref_logp, desc="score")
     cols = {name: result.scores[f"{name}_Nx2"] for name in ("reward", "logp", "ref_logp") if f"{name}_Nx2" in result.scores}
     rows = []  # (source row, order within the row, JSON object): input order, skipped rows included
