@@ -507,15 +507,18 @@ class Checkpointer:
             if diff:
                 raise ValueError(f"checkpoint step {step} in {self.directory} holds parameters of "
                                  f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
+            handler = ocp.PyTreeCheckpointHandler()
             try:
                 with _loops_that_drain():
-                    restored = ocp.PyTreeCheckpointHandler().restore(
+                    restored = handler.restore(
                         self.directory / str(step) / "state",
                         args=ocp.args.PyTreeRestore(
                             item=wanted, partial_restore=True,
                             restore_args=ocp.checkpoint_utils.construct_restore_args(wanted)))
             except Exception as e:  # tensorstore/orbax raise many types for damaged files
                 problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
+            finally:
+                handler.close()
         if problem is None:
             _, sums = _digest(restored)
             checksums = self._read_json(step, "meta").get("checksums") or {}
