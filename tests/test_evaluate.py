@@ -57,7 +57,12 @@ def run(tmp_path_factory):
 KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "ece", "brier", "log_loss")
 
 
-def test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report(run, tmp_path):
+def _never(*args, **kwargs):
+    raise AssertionError("inference must not restore the whole train state (optimizer state included)")
+
+
+def test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)  # score/evaluate: parameters only
     loop_row = [r for r in read_rows(run / "run" / "metrics.jsonl") if r.get("split") == "eval"][-1]
     assert loop_row["step"] == 2 and loop_row["pairs"] == 8
     report = evaluate([str(run / "run")], ["run:eval"], str(tmp_path / "out"), steps=["last", "initial"], batch_size=8)
@@ -100,11 +105,8 @@ def test_inference_restores_parameters_only(run, monkeypatch):
         restored.append(out)
         return out
 
-    def never(*args, **kwargs):
-        raise AssertionError("inference must not restore the whole train state")
-
     monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", spy)
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", never)
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
     mesh = sharding.make_mesh((1, -1, 1))
     params, model_cfg, _, info = runs.load_run(run / "run", mesh, which="last")
     assert info["step"] == 2 and len(restored) == 1
@@ -122,7 +124,8 @@ def test_inference_restores_parameters_only(run, monkeypatch):
     assert cast["reward_head"].dtype == np.float32 and cast["embed_tokens"].dtype == jax.numpy.bfloat16
 
 
-def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path):
+def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
     report = evaluate([str(run / "run")], [f"rewardbench:{RB_V1}", f"rewardbench2:{RB_V2}"], str(tmp_path / "rb"),
                       steps=["last"], batch_size=8, figures=False)
     v1, v2 = report["rewardbench"], report["rewardbench2"]
