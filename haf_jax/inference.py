@@ -46,6 +46,8 @@ def open_model(path: str, mesh, *, which: str | int = "best", beta: float | None
     """
     is_run = runs.is_run_dir(path)
     if str(which) == INITIAL:
+        if not is_run:
+            raise ValueError(f"--step=initial needs a run directory, got {path}")
         params, model_cfg, tokenizer, info = runs.load_initial(path, mesh, compute_dtype=compute_dtype or True)
     else:
         params, model_cfg, tokenizer, info = runs.load_model(path, mesh, which=which,
