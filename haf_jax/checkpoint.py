@@ -482,3 +482,51 @@ class Checkpointer:
 
     def __exit__(self, *exc):  # waits for pending saves, also when the body raised
         self.close()
+
+    # ------------------------------------------------------------------ inference: parameters only
+    def restore_params(self, step: int, abstract_params) -> Any:
+        """The `params` subtree of `step`'s state, laid out as `abstract_params` says; nothing else.
+
+        For inference (score, evaluate, export): orbax's partial restore reads only the parameter
+        leaves, so the optimizer state (Adam's two moments, about twice the parameters) is never
+        read nor allocated. The leaves read are verified against the checksums saved with the
+        step, as `restore` verifies the whole state. Raises FileNotFoundError for a step that does
+        not exist, CorruptCheckpointError for one that cannot be read back intact, ValueError for
+        parameters of another shape than `abstract_params`.
+        """
+        if step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}")
+        problem = self._problem(step)
+        if problem is None:
+            wanted = {"params": abstract_params}
+            saved = {k: v for k, v in (self._read_json(step, "meta").get("layout") or {}).items()
+                     if k.startswith("['params']")}
+            want = _layout(wanted)
+            diff = [f"{k}: saved={saved.get(k, _MISSING)} wanted={want.get(k, _MISSING)}"
+                    for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+            if diff:
+                raise ValueError(f"checkpoint step {step} in {self.directory} holds parameters of "
+                                 f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                with _loops_that_drain():
+                    restored = handler.restore(
+                        self.directory / str(step) / "state",
+                        args=ocp.args.PyTreeRestore(
+                            item=wanted, partial_restore=True,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(wanted)))
+            except Exception as e:  # tensorstore/orbax raise many types for damaged files
+                problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
+            finally:
+                handler.close()
+        if problem is None:
+            _, sums = _digest(restored)
+            checksums = self._read_json(step, "meta").get("checksums") or {}
+            wrong = [k for k, v in sums.items() if checksums.get(k) != v]
+            if wrong:
+                problem = f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}"
+        if problem is not None:
+            self._mark_bad(step, problem)
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
+        self.restored_step = step
+        return restored["params"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
+from haf_jax import checkpoint, data, evaluation, params as params_lib, plots, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
 from haf_jax.profile import StepProfiler
 from haf_jax.model import hf, lora as lora_lib
@@ -201,26 +201,13 @@ def reference_arrays(s: Setup, params0, workdir: pathlib.Path | None, load_param
     return out
 
 
-def evaluate(s: Setup, eval_fn, keys, params, ref_params, ref_eval, frozen=None) -> dict:
-    """Exact accuracies over the whole eval split (filler pairs masked)."""
-    totals: dict[str, float] = {}
-    for batch in s.eval_ds.batches(s.config.train.eval_batch_size):
-        if ref_eval is not None:
-            batch = {**batch, "ref_logp": ref_eval[batch["index"]]}
-        sums = jax.device_get(eval_fn(params, step_lib.put_batch(batch, keys, s.mesh), ref_params, frozen))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    n = max(totals.get("pairs", 0.0), 1.0)
-    result = {
-        "reward_accuracy": totals["correct_reward"] / n, "dpo_accuracy": totals["correct_dpo"] / n,
-        "reward_margin": totals["margin"] / n, "implicit_margin": totals["implicit_margin"] / n,
-        "pairs": int(totals.get("pairs", 0)),
-    }
-    if not s.step_cfg.loss.needs_reward:
-        result.pop("reward_accuracy"), result.pop("reward_margin")
-    if not s.step_cfg.loss.needs_policy:
-        result.pop("dpo_accuracy"), result.pop("implicit_margin")
-    return result
+def evaluate(s: Setup, evaluator, params, ref_params, ref_eval, frozen=None):
+    """(eval row, evaluation.Result) over the whole eval split: the one evaluation path, shared with
+    score/evaluate. The row holds every finite aggregate (accuracies, margins, calibration)."""
+    result = evaluator(params, s.eval_ds, batch_size=s.config.train.eval_batch_size, ref_logp_Nx2=ref_eval,
+                       ref_params=ref_params, frozen=frozen, desc="eval")
+    row = {k: v for k, v in result.summary.items() if isinstance(v, int) or np.isfinite(v)}
+    return row, result
 
 
 class Preemption:
@@ -358,8 +345,8 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
     train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
                                                    live_reference=live)
-    eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live,
-                                                trained_shardings=s.trained_shardings)
+    evaluator = evaluation.Evaluator(s.step_cfg, s.mesh, reward=lc.needs_reward, policy=lc.needs_policy,
+                                     live_reference=live)
     metrics_log = MetricsLog(workdir, resume_step=start)
     preempt = Preemption()
     pending = None
@@ -410,8 +397,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
                 flush(pending)  # never evaluate or save a state whose step was not finite
                 pending = None
             if is_eval:
-                last_eval = evaluate(s, eval_fn, eval_keys, state["params"], ref_params, refs.get("eval"), frozen)
+                last_eval, result = evaluate(s, evaluator, state["params"], ref_params, refs.get("eval"), frozen)
                 metrics_log.write(step, last_eval, split="eval")
+                metrics_log.write_figures(step, lambda: plots.eval_figures(result.scores), split="eval")
                 if best is None or last_eval[best_metric] > best[1][best_metric]:
                     best = (step, last_eval)
                 log(f"\neval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

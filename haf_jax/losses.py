@@ -16,6 +16,7 @@ Objectives (PAPER.md section 3):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -151,6 +152,12 @@ def _policy_reward_Bx2(out: Mapping[str, Any], beta: float, policy_kind: str):
     return implicit_reward(logp_Bx2, ref_logp_Bx2, beta)
 
 
+def policy_reward(out: Mapping[str, Any], beta: float = 0.1, *, policy_kind: str = "sigmoid"):
+    """The per-response reward [B, 2] the policy head implies (DPO implicit reward, or SimPO's for
+    'simpo'); None when `out` lacks what it needs."""
+    return _policy_reward_Bx2(out, beta, policy_kind)
+
+
 def pair_metrics(out: Mapping[str, Any], beta: float = 0.1, *, policy_kind: str = "sigmoid"):
     """Per-pair quantities an eval loop sums over a whole split (then divides by the pair count).
 
@@ -280,3 +287,112 @@ def objective(
             loss = loss + (alpha * p_loss if scaled else p_loss)
     metrics["loss"] = loss
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------- evaluation maths
+# Whole-split statistics of per-pair scores (haf_jax.evaluation gathers the arrays; the training
+# loop, `score` and `evaluate` all aggregate here). Each takes host or device arrays over N pairs.
+
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
+
+
+def preference_probability(margin_N):
+    """P(chosen preferred) = sigmoid(r_chosen - r_rejected), the Bradley-Terry model, float32 [N]."""
+    return jax.nn.sigmoid(_f32(margin_N))
+
+
+@functools.partial(jax.jit, static_argnames=("n_bins",))
+def calibration(margin_N, *, outcome_N=None, n_bins: int = ECE_BINS):
+    """Calibration of the Bradley-Terry probability p = sigmoid(margin) against outcomes.
+
+    Args:
+      margin_N: r_chosen - r_rejected per pair (the logit of p).
+      outcome_N: 1 where the first response really is preferred, 0 where not; default all ones
+        (preference data lists the preferred response first).
+      n_bins: equal-width bins over the top-label confidence.
+    Returns a dict of float32 arrays:
+      ece:        sum over bins of (n_bin / N) * |accuracy_bin - confidence_bin|, where each pair
+                  predicts "first preferred" when p > 0.5 (a tie p = 0.5 predicts the second, so it is
+                  wrong on preference data, like the strict accuracy), with confidence max(p, 1 - p).
+                  Confidence lies in [0.5, 1]: bins cover [0, 1] and the lower half stays empty,
+                  as in the usual top-label ECE.
+      brier:      mean (p - outcome)^2.
+      log_loss:   mean -log P(outcome), from the margin (stable for any margin).
+      bin_confidence_K, bin_accuracy_K, bin_count_K: per bin (NaN where a bin is empty) for the
+                  reliability diagram.
+    """
+    margin_N = _f32(margin_N)
+    y_N = jnp.ones_like(margin_N) if outcome_N is None else _f32(outcome_N)
+    p_N = jax.nn.sigmoid(margin_N)
+    predicts_first_N = margin_N > 0
+    confidence_N = jnp.where(predicts_first_N, p_N, 1.0 - p_N)
+    correct_N = (predicts_first_N == (y_N > 0.5)).astype(jnp.float32)
+    # Bin k holds confidence in [k / K, (k + 1) / K); confidence 1.0 goes to the last bin.
+    bin_N = jnp.clip(jnp.floor(confidence_N * n_bins).astype(jnp.int32), 0, n_bins - 1)
+    count_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(1.0)
+    conf_sum_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(confidence_N)
+    acc_sum_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(correct_N)
+    n = jnp.maximum(jnp.float32(margin_N.shape[0]), 1.0)
+    ece = jnp.sum(jnp.abs(acc_sum_K - conf_sum_K)) / n  # = sum_k (n_k / N) |acc_k - conf_k|
+    safe_K = jnp.maximum(count_K, 1.0)
+    empty_K = count_K == 0
+    log_p_outcome_N = y_N * jax.nn.log_sigmoid(margin_N) + (1.0 - y_N) * jax.nn.log_sigmoid(-margin_N)
+    return {
+        "ece": ece,
+        "brier": jnp.sum(jnp.square(p_N - y_N)) / n,
+        "log_loss": -jnp.sum(log_p_outcome_N) / n,
+        "bin_confidence_K": jnp.where(empty_K, jnp.nan, conf_sum_K / safe_K),
+        "bin_accuracy_K": jnp.where(empty_K, jnp.nan, acc_sum_K / safe_K),
+        "bin_count_K": count_K,
+    }
+
+
+@jax.jit
+def pearson(x_N, y_N):
+    """Pearson correlation of two [N] arrays, float32; NaN when either is constant or N < 2."""
+    x_N, y_N = _f32(x_N), _f32(y_N)
+    dx_N, dy_N = x_N - jnp.mean(x_N), y_N - jnp.mean(y_N)
+    denom = jnp.sqrt(jnp.sum(dx_N * dx_N) * jnp.sum(dy_N * dy_N))
+    return jnp.where(denom > 0, jnp.sum(dx_N * dy_N) / jnp.where(denom > 0, denom, 1.0), jnp.nan)
+
+
+def evaluation_summary(out: Mapping[str, Any], *, beta: float = 0.1, policy_kind: str = "sigmoid",
+                       n_bins: int = ECE_BINS) -> dict:
+    """Aggregates over a whole split of per-pair scores, as Python floats (one jitted computation).
+
+    `out` holds [N, 2] arrays (pair axis: 0 chosen, 1 rejected): ``reward_Bx2`` and/or ``logp_Bx2``
+    with ``ref_logp_Bx2`` (or ``n_tokens_Bx2`` for 'simpo'), and ``n_tokens_Bx2`` (response token
+    counts) for the length correlation. Keys present depend on what `out` allows:
+      pairs; with a reward: reward_accuracy, reward_margin (mean r_c - r_r), reward_chosen,
+      reward_rejected, ece, brier, log_loss (of sigmoid(r_c - r_r)), reward_length_corr (Pearson of
+      reward with response length over all 2N responses; NaN when either is constant); with a policy
+      reward: dpo_accuracy, implicit_margin, and dpo_ece, dpo_brier, dpo_log_loss of
+      sigmoid(implicit margin).
+    """
+    arrays = {k: _f32(v) for k in ("reward_Bx2", "logp_Bx2", "ref_logp_Bx2", "n_tokens_Bx2")
+              if (v := _get(out, k)) is not None}
+    some = next(iter(arrays.values()), None)
+    n = 0 if some is None else int(some.shape[0])
+    if n == 0:
+        return {"pairs": n}
+    values = _summary(arrays, beta=beta, policy_kind=policy_kind, n_bins=n_bins)
+    return {"pairs": n, **{k: float(v) for k, v in jax.device_get(values).items()}}
+
+
+@functools.partial(jax.jit, static_argnames=("beta", "policy_kind", "n_bins"))
+def _summary(out: dict, *, beta: float, policy_kind: str, n_bins: int) -> dict:
+    pm = pair_metrics(out, beta, policy_kind=policy_kind)
+    result = {}
+    reward_Bx2, n_tokens_Bx2 = out.get("reward_Bx2"), out.get("n_tokens_Bx2")
+    if reward_Bx2 is not None:
+        cal = calibration(pm["margin_B"], n_bins=n_bins)
+        result.update(reward_accuracy=jnp.mean(pm["correct_reward_B"]), reward_margin=jnp.mean(pm["margin_B"]),
+                      reward_chosen=jnp.mean(reward_Bx2[:, 0]), reward_rejected=jnp.mean(reward_Bx2[:, 1]),
+                      ece=cal["ece"], brier=cal["brier"], log_loss=cal["log_loss"])
+        if n_tokens_Bx2 is not None:
+            result["reward_length_corr"] = pearson(reward_Bx2.reshape(-1), n_tokens_Bx2.reshape(-1))
+    if _policy_reward_Bx2(out, beta, policy_kind) is not None:
+        cal = calibration(pm["implicit_margin_B"], n_bins=n_bins)
+        result.update(dpo_accuracy=jnp.mean(pm["correct_dpo_B"]), implicit_margin=jnp.mean(pm["implicit_margin_B"]),
+                      dpo_ece=cal["ece"], dpo_brier=cal["brier"], dpo_log_loss=cal["log_loss"])
+    return result

@@ -1,4 +1,5 @@
-"""Run metrics: `metrics.jsonl` (the contract in DESIGN.md s3), TensorBoard events, summary table.
+"""Run metrics: `metrics.jsonl` (the contract in DESIGN.md s3), TensorBoard events (scalars, and the
+eval figures of haf_jax.plots as images), summary table.
 
 Only process 0 writes. Rows are plain JSON objects: train rows carry `step` and the loss
 metrics; eval rows carry `split: "eval"`. On resume, rows after the restored step are dropped
@@ -87,6 +88,19 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"{split}/{k}", v, step)
         return row
+
+    def write_figures(self, step: int, make_figures, *, split: str = "eval") -> list[str]:
+        """TensorBoard images `<split>/<name>` of the matplotlib Figures `make_figures()` returns
+        ({name: Figure}; built only on the writing process); returns the tags written."""
+        if not self.enabled:
+            return []
+        from haf_jax.plots import to_rgb
+
+        tags = []
+        for name, fig in make_figures().items():
+            self._tb.add_image(f"{split}/{name}", to_rgb(fig), step, dataformats="HWC")
+            tags.append(f"{split}/{name}")
+        return tags
 
     def close(self):
         if self._tb is not None:

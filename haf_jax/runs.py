@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from haf_jax import checkpoint, params as params_lib, step as step_lib
+from haf_jax import checkpoint, params as params_lib
 from haf_jax.data import load_tokenizer
 from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.config import ModelConfig
+from haf_jax.model.heads import HEAD_KEYS
 
 
 def is_run_dir(path) -> bool:
@@ -36,8 +39,13 @@ def select_step(ckpt: checkpoint.Checkpointer, which: str | int) -> int:
     return step
 
 
-def load_run(run_dir, mesh, *, which: str | int = "best"):
-    """(params, ModelConfig, tokenizer, info) from a run directory's checkpoint.
+def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = False):
+    """(params, ModelConfig, tokenizer, info) from a run directory's checkpoint: parameters only.
+
+    Only the parameters are read (Checkpointer.restore_params): the optimizer state is never read
+    nor allocated. "last" walks back past a damaged newest step (reported); "best" or an explicit
+    step must be intact. With compute_dtype=True the trunk is cast to the run's model.compute_dtype
+    (the heads stay float32), which is exactly what the training forward pass computes with.
 
     A LoRA run's checkpoint holds adapters and heads only: its base weights are loaded again from
     the run's model.checkpoint (or its seeded random init), checked against the fingerprint the
@@ -53,19 +61,26 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
         ckpt.close()
         ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True,
                                        best_metric="dpo_accuracy")
-    step = select_step(ckpt, which)
-    saved = ckpt.read_config(step)
-    config = ml_collections.ConfigDict(saved)
-    lora = loop.lora_config(config)
-    _, abstract_state = step_lib.state_layout(model_cfg, loop.optimizer_for(config), mesh, lora)
-    try:  # "last" walks back past a damaged newest step (reported); an explicit or best step must be intact
-        state, _, _ = ckpt.restore(None if str(which) == "last" else step, abstract_state)
-    except checkpoint.CorruptCheckpointError as e:
-        raise ValueError(f"{e}; choose another with --step=last|N") from None
+    try:
+        step = select_step(ckpt, which)
+        saved = ckpt.read_config(step)
+        config = ml_collections.ConfigDict(saved)
+        lora = loop.lora_config(config)
+        abstract = params_lib.abstract_trainable(model_cfg, lora, mesh)
+        candidates = [s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last" else [step]
+        params, problems = None, []
+        for candidate in candidates:
+            try:
+                params = ckpt.restore_params(candidate, abstract)
+                break
+            except checkpoint.CorruptCheckpointError as e:
+                problems.append(str(e))
+        if params is None:
+            raise ValueError("; ".join(problems) + "; choose another with --step=last|N")
+        saved = ckpt.read_config(ckpt.restored_step)
     finally:
         ckpt.close()
-    info = {"source": str(run_dir), "step": ckpt.restored_step}
-    params = state["params"]
+    info = {"source": str(run_dir), "step": ckpt.restored_step, "config": saved}
     if lora.enabled:
         _, path = loop.model_source(config)
         base = loop.initial_params(config, model_cfg, path, mesh)
@@ -76,15 +91,54 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
                              f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
         info["lora"] = {"config": lora, "adapters": params["lora"], "base": config.model.checkpoint}
         params = lora_lib.merge(params, frozen, lora)
+    if compute_dtype:
+        params = cast_trunk(params, config.model.compute_dtype)
+        info["compute_dtype"] = str(jnp.dtype(config.model.compute_dtype))
     tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     return params, model_cfg, tokenizer, info
 
 
-def load_model(path_or_id: str, mesh, *, which: str | int = "best"):
-    """(params, ModelConfig, tokenizer, info) from a run directory, an HF directory or a hub id."""
+def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
+    """(params, ModelConfig, tokenizer, info) of the weights a run started from (its model.checkpoint,
+    or its seeded random init, with the zero reward head): the untrained model, for comparison."""
+    from haf_jax import loop
+
+    run_dir = pathlib.Path(run_dir)
+    with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
+        saved = ckpt.read_config()
+    config = ml_collections.ConfigDict(saved)
+    model_cfg, path = loop.model_source(config)
+    params = loop.initial_params(config, model_cfg, path, mesh)
+    if compute_dtype:
+        dtype = config.model.compute_dtype if compute_dtype is True else compute_dtype
+        params = cast_trunk(params, dtype)
+    info = {"source": str(run_dir), "step": 0, "config": saved, "initial": config.model.checkpoint or "random init"}
+    return params, model_cfg, load_tokenizer(str(run_dir / "tokenizer")), info
+
+
+def cast_trunk(params, dtype):
+    """The trunk's parameters in `dtype` (what forward_pairs computes with), the heads kept as they
+    are (the reward head is read in float32); the input buffers are donated."""
+    dtype = jnp.dtype(dtype)
+    cast = jax.jit(lambda p: {k: v if k in HEAD_KEYS else jax.tree.map(lambda x: x.astype(dtype), v)
+                              for k, v in p.items()}, donate_argnums=0)
+    return cast(params)
+
+
+def load_model(path_or_id: str, mesh, *, which: str | int = "best", compute_dtype: str | bool = False):
+    """(params, ModelConfig, tokenizer, info) from a run directory, an HF directory or a hub id.
+
+    compute_dtype: True casts a run's trunk to its model.compute_dtype; a dtype name casts any
+    model's trunk to that dtype; False keeps the float32 weights."""
     if is_run_dir(path_or_id):
-        return load_run(path_or_id, mesh, which=which)
+        if isinstance(compute_dtype, str):
+            params, cfg, tok, info = load_run(path_or_id, mesh, which=which)
+            return cast_trunk(params, compute_dtype), cfg, tok, {**info, "compute_dtype": compute_dtype}
+        return load_run(path_or_id, mesh, which=which, compute_dtype=compute_dtype)
     path = hf.resolve_checkpoint(path_or_id)
     model_cfg, _ = hf.load_hf_config(path)
     params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
-    return params, model_cfg, load_tokenizer(str(path)), {"source": str(path), **info}
+    info = {"source": str(path), **info}
+    if isinstance(compute_dtype, str):
+        params, info["compute_dtype"] = cast_trunk(params, compute_dtype), compute_dtype
+    return params, model_cfg, load_tokenizer(str(path)), info

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory, Hugging Face directory or hub id to score with.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference model (same forms) for implicit DPO rewards.")
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference for implicit DPO rewards: a model (same forms), "
+                                  "'initial' (a run's initial weights) or 'free' (reference-free).")
 _DATA = flags.DEFINE_string("data", None, "Preference data: file path or dataset spec (see haf_jax.data).")
 _OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per pair.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
@@ -34,72 +34,45 @@ _CHUNK = flags.DEFINE_integer("logprob_chunk", 128, "Positions per chunk of the 
 def score(model: str, data_spec: str, out_path: str, *, reference: str | None = None, batch_size: int = 8,
           max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
           step: str = "best", chunk: int = 128) -> dict:
-    """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict."""
-    from haf_jax import data, params as params_lib, sharding, step as step_lib
-    from haf_jax.reference import pair_pass
-    from haf_jax.model.heads import forward_pairs
-    from haf_jax.runs import load_model
+    """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict.
 
-    mesh = sharding.make_mesh((1, -1, 1))
-    params, model_cfg, tokenizer, info = load_model(model, mesh, which=step)
-    ref_params = None
-    if reference:
-        ref_params, ref_cfg, _, _ = load_model(reference, mesh, which=step)
-        if ref_cfg.vocab_size != model_cfg.vocab_size:
-            raise ValueError(f"--reference vocab_size {ref_cfg.vocab_size} != model vocab_size {model_cfg.vocab_size}")
-    # A short --max_length alone should just work: the prompt then gets at most half of it.
-    max_prompt_length = min(max_prompt_length, max_length // 2)
-    ds = data.load_pairs(data_spec, tokenizer, split="all", max_length=max_length,
-                         max_prompt_length=max_prompt_length, template=template, eval_fraction=0.0,
-                         max_skip_fraction=1.0)
-    print(data.format_report(ds.report), file=sys.stderr)
-    # Batches are split over every device: round up to a multiple (filler pairs are masked).
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = -(-batch_size // n_shards) * n_shards
-    keys = ["tokens", "response_mask", "last_index"]
-    psh = params_lib.param_shardings(model_cfg, mesh)
-    bsh = step_lib.batch_shardings(mesh, keys)
-    rep = sharding.replicated(mesh)
-    model_fn = jax.jit(lambda p, b: forward_pairs(p, model_cfg, b, chunk=chunk), in_shardings=(psh, bsh),
-                       out_shardings=rep)
-    ref_fn = None
-    if ref_params is not None:  # the same jitted pass that precomputes a training reference
-        ref_cfg = step_lib.StepConfig(ref_cfg, step_lib.LossConfig(), logprob_chunk=chunk)
-        ref_fn, _ = step_lib.jit_reference(ref_cfg, mesh, params_lib.param_shardings(ref_cfg.model, mesh))
+    The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
+    parameters only are loaded (inference.open_model), its trunk in the compute dtype."""
+    from haf_jax import inference
 
-    def score_batch(b):
-        out = model_fn(params, b)
-        cols = {"reward": out.reward_Bx2, "logp": out.logp_Bx2}
-        if ref_fn is not None:
-            cols["ref_logp"] = ref_fn(ref_params, b)
-        return cols
-
-    n = len(ds)
-    cols = pair_pass(ds, score_batch, lambda b: step_lib.put_batch(b, keys, mesh),
-                     batch_size=batch_size, desc="score")
+    mesh = inference.default_mesh()
+    m = inference.open_model(model, mesh, which=step, beta=beta, chunk=chunk)
+    ds = inference.load_data(data_spec, m, max_length=max_length, max_prompt_length=max_prompt_length,
+                             template=template)
+    batch_size = inference.round_batch(batch_size, mesh)
+    ref_logp = None
+    if reference:  # score's implicit reward needs an explicit --reference (a model, "initial" or "free")
+        arrays, free, _ = inference.reference_logprobs(reference, m, [ds], mesh, batch_size=batch_size, which=step)
+        ref_logp = np.zeros((len(ds), 2), np.float32) if free else arrays[0] if arrays else None
+    result = inference.evaluator_for(m, mesh)(m.params, ds, batch_size=batch_size, ref_logp_Nx2=ref_logp, desc="score")
+    cols = {name: result.scores[f"{name}_Nx2"] for name in ("reward", "logp", "ref_logp") if f"{name}_Nx2" in result.scores}
     rows = []  # (source row, order within the row, JSON object): input order, skipped rows included
-    for i in range(n):
+    for i in range(len(ds)):
         row = {"row": ds.groups[i]} if ds.groups else {}
         if ds.pairs[i].get("id") is not None:
             row["id"] = ds.pairs[i]["id"]
-        for name in ("reward", "logp") + (("ref_logp",) if ref_fn is not None else ()):
-            row[f"{name}_chosen"], row[f"{name}_rejected"] = float(cols[name][i, 0]), float(cols[name][i, 1])
+        for name, col in cols.items():
+            row[f"{name}_chosen"], row[f"{name}_rejected"] = float(col[i, 0]), float(col[i, 1])
         rows.append((ds.groups[i] if ds.groups else i, i, row))
     rows += [(g, -1, {"row": g, "skipped": reason}) for g, reason in ds.skipped]
     with open(out_path, "w") as f:
         for _, _, row in sorted(rows, key=lambda r: r[:2]):
             f.write(json.dumps(row) + "\n")
-    margin = cols["reward"][:, 0] - cols["reward"][:, 1]
+    s = result.summary
     summary = {
-        "pairs": n, "reward_accuracy": float(np.mean(margin > 0)) if n else 0.0,
-        "mean_margin": float(np.mean(margin)) if n else 0.0, "skipped": len(ds.skipped),
-        "skipped_by_reason": ds.report.get("skipped_by_reason", {}),
-        "model": info.get("source"), "out": out_path,
+        "pairs": len(ds), "reward_accuracy": s.get("reward_accuracy", 0.0), "mean_margin": s.get("reward_margin", 0.0),
+        **{k: s[k] for k in ("ece", "brier", "log_loss") if k in s},
+        "skipped": len(ds.skipped), "skipped_by_reason": ds.report.get("skipped_by_reason", {}),
+        "model": m.info.get("source"), "out": out_path,
     }
-    if ref_fn is not None:
-        implicit = beta * ((cols["logp"][:, 0] - cols["ref_logp"][:, 0]) - (cols["logp"][:, 1] - cols["ref_logp"][:, 1]))
-        summary.update(dpo_accuracy=float(np.mean(implicit > 0)) if n else 0.0,
-                       mean_implicit_margin=float(np.mean(implicit)) if n else 0.0, beta=beta)
+    if "dpo_accuracy" in s:
+        summary.update(dpo_accuracy=s["dpo_accuracy"], mean_implicit_margin=s["implicit_margin"],
+                       beta=m.step_cfg.loss.beta)
     return summary
 
 

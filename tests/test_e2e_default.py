@@ -37,11 +37,29 @@ def test_offline_default_run(tmp_path):
     assert summary["objective"] == "haf" and summary["steps"] == summary["last"]["step"] == 150
     assert summary["last"]["reward_accuracy"] == pytest.approx(float(m.group(1)), abs=5e-5)
     assert summary["last"]["pairs"] == int(m.group(2)) > 0
-    # The trained model must have learned: the untrained one scores 0 (its reward head and its
-    # implicit reward are exactly zero, and ties count as wrong), and chance is 0.5. On the 231
-    # eval pairs, 0.56 is above chance at p < 0.05 (one-sided binomial); the run gives 0.62 / 0.65.
+    # The trained model must have learned: chance is 0.5, and on the 231 eval pairs 0.56 is above
+    # chance at p < 0.05 (one-sided binomial); the run gives 0.62 / 0.65.
     assert summary["last"]["reward_accuracy"] >= 0.56, summary["last"]
     assert summary["last"]["dpo_accuracy"] >= 0.56, summary["last"]
+    # `evaluate` on the default run, offline: the trained model against the untrained one it started
+    # from (zero reward head, policy = reference) on the same eval pairs, and the same numbers as the
+    # loop's eval. Untrained: accuracy 0 (ties are wrong), log loss ln 2 = 0.693, Brier 0.25; the
+    # run gives 0.672 and 0.240, so the margins below are about half of what it shows.
+    p = subprocess.run([sys.executable, "-m", "haf_jax.evaluate", "--model=runs/default", "--data=run:eval",
+                        "--step=initial,last", "--out=runs/default_eval"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    entry = json.loads((tmp_path / "runs" / "default_eval" / "report.json").read_text())["run_eval"]
+    trained, untrained = entry["models"]["default"]["last"], entry["models"]["default"]["initial"]
+    assert trained["pairs"] == untrained["pairs"] == summary["last"]["pairs"]
+    for key in ("reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss"):
+        assert trained[key] == pytest.approx(summary["last"][key], abs=1e-6), key
+    assert trained["reward_accuracy"] >= untrained["reward_accuracy"] + 0.5, (trained, untrained)
+    assert trained["dpo_accuracy"] >= untrained["dpo_accuracy"] + 0.5, (trained, untrained)
+    assert trained["log_loss"] <= untrained["log_loss"] - 0.01 and trained["brier"] <= untrained["brier"] - 0.005
+    figures = tmp_path / "runs" / "default_eval" / "figures" / "run_eval" / "default-last"
+    assert all((figures / f"{name}.png").stat().st_size > 10_000
+               for name in ("reliability", "reward_histograms", "reward_vs_length"))
     # "best" is the eval row with the highest reward accuracy in metrics.jsonl (first on ties)
     evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
              if '"split": "eval"' in line]
