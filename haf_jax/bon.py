@@ -25,9 +25,7 @@ was cut to --max_length (it keeps its first tokens and the EOS, as in training).
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -75,36 +73,28 @@ def candidate_pairs(rows: list[dict]) -> tuple[list[dict], list[tuple[int, int, 
 
 def score_candidates(reward_model: str, rows: list[dict], *, template: str = "none", max_length: int = 512,
                      max_prompt_length: int = 128, batch_size: int = 8, step: str = "best", mesh=None):
-    """(scores per row, float32 [n_i] each; data report) of every candidate under the model's reward head."""
-    import jax
+    """(scores per row, float32 [n_i] each; data report) of every candidate under the model's reward head.
 
-    from haf_jax import data, sharding, step as step_lib
-    from haf_jax.model.heads import forward_pairs
-    from haf_jax.reference import pair_pass
-    from haf_jax.runs import load_model
+    The candidates go through the data layer as (prompt, candidate) pairs and the pass is
+    evaluation.Evaluator with the reward head only: the path `score` and the loop evaluate with,
+    so a candidate's score is `score`'s reward_chosen for the same text."""
+    from haf_jax import data, evaluation, inference
 
-    mesh = mesh or sharding.make_mesh((1, -1, 1))
-    params, model_cfg, tokenizer, _ = load_model(reward_model, mesh, which=step)
+    mesh = mesh or inference.default_mesh()
+    model = inference.open_model(reward_model, mesh, which=step)
     pairs, where = candidate_pairs(rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "candidates.jsonl")
         sample_lib.write_jsonl(path, pairs)
         # score's settings (the prompt gets at most half of max_length); nothing may be dropped
-        ds = data.load_pairs(path, tokenizer, split="all", max_length=max_length,
+        ds = data.load_pairs(path, model.tokenizer, split="all", max_length=max_length,
                              max_prompt_length=min(max_prompt_length, max_length // 2), template=template,
                              eval_fraction=0.0, degenerate="keep", max_skip_fraction=0.0)
     if len(ds) != len(pairs):
         raise RuntimeError(f"the data layer kept {len(ds)} of {len(pairs)} candidate pairs")
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = -(-batch_size // n_shards) * n_shards
-    keys = ["tokens", "response_mask", "last_index"]
-    from haf_jax import params as params_lib
-
-    fn = jax.jit(lambda p, b: forward_pairs(p, model_cfg, b, policy=False).reward_Bx2,
-                 in_shardings=(params_lib.param_shardings(model_cfg, mesh), step_lib.batch_shardings(mesh, keys)),
-                 out_shardings=sharding.replicated(mesh))
-    reward = pair_pass(ds, lambda b: {"reward": fn(params, b)}, lambda b: step_lib.put_batch(b, keys, mesh),
-                       batch_size=batch_size, desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}")["reward"]
+    evaluator = evaluation.Evaluator(model.step_cfg, mesh, policy=False)
+    reward = evaluator(model.params, ds, batch_size=inference.round_batch(batch_size, mesh),
+                       desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}").scores["reward_Nx2"]
     scores = [np.zeros(len(r["candidates"]), np.float32) for r in rows]
     counters = [0] * len(rows)
     for i, pair, side in where:
