@@ -1,4 +1,4 @@
-"""Pure train and eval steps, jitted once with explicit shardings over the mesh.
+"""Pure train and reference steps, jitted once with explicit shardings over the mesh (evaluation: evaluation.py).
 
 train_step(state, batch, ref_params, frozen) -> (state, metrics)
   state = {"params": float32 pytree, "opt_state": optax state, "step": int32 scalar}
@@ -134,16 +134,6 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
     return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
 
-def eval_step(params, batch, ref_params, frozen, *, cfg: StepConfig):
-    """Per-pair sums over one eval batch: counts of correct pairs and margins (filler pairs masked)."""
-    out = _outputs(model_params(params, frozen, cfg), cfg, batch, ref_params)
-    w = batch["valid"].astype(jnp.float32)
-    per_pair = losses.pair_metrics(out, cfg.loss.beta, policy_kind=cfg.loss.policy)
-    sums = {k[: -len("_B")]: jnp.sum(v * w) for k, v in per_pair.items()}
-    sums["pairs"] = jnp.sum(w)
-    return sums
-
-
 def reference_logprobs(params, batch, *, cfg: StepConfig):
     """Summed response log-probs [B, 2] of the (initial) weights: the precomputed reference."""
     return forward_pairs(params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
@@ -199,16 +189,6 @@ def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shar
     return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh,
                                      _frozen_shardings(cfg, param_shardings)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
-
-
-def jit_eval_step(cfg: StepConfig, mesh, param_shardings, *, live_reference: bool, trained_shardings=None):
-    """eval_step(trained params, batch, ref_params, frozen) jitted once."""
-    keys = _step_keys(cfg, live_reference)
-    ref_sh = param_shardings if live_reference else None
-    fn = sharding.under_mesh(lambda params, batch, ref, frozen: eval_step(params, batch, ref, frozen, cfg=cfg), mesh)
-    return jax.jit(fn, in_shardings=(trained_shardings or param_shardings, batch_shardings(mesh, keys), ref_sh,
-                                     _frozen_shardings(cfg, param_shardings)),
-                   out_shardings=sharding.replicated(mesh)), keys
 
 
 def _frozen_shardings(cfg: StepConfig, param_shardings):

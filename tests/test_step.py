@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from haf_jax import params as params_lib
-from haf_jax import sharding, step as step_lib
+from haf_jax import evaluation, sharding, step as step_lib
 from haf_jax.model.families import preset
 from haf_jax.optim import make_optimizer
 
@@ -48,11 +48,11 @@ def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-
     psh = params_lib.param_shardings(MODEL, mesh)
     train_fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh,
                                              live_reference=live)
-    eval_fn, eval_keys = step_lib.jit_eval_step(cfg, mesh, psh, live_reference=live)
+    eval_fn = jax.jit(sharding.under_mesh(functools.partial(
+        evaluation.pair_scores, cfg=cfg, reward=objective != "dpo", policy=objective != "baseline"), mesh))
     ref_fn, ref_keys = step_lib.jit_reference(cfg, mesh, psh)
     params0 = params_lib.init_params(MODEL, jax.random.key(0), mesh)
-    return dict(mesh=mesh, cfg=cfg, init_state=init_state, train=train_fn, keys=keys, eval=eval_fn,
-                eval_keys=eval_keys, ref=ref_fn, ref_keys=ref_keys, params0=params0, psh=psh)
+    return dict(mesh=mesh, cfg=cfg, init_state=init_state, train=train_fn, keys=keys, eval=eval_fn, ref=ref_fn, ref_keys=ref_keys, params0=params0, psh=psh)
 
 
 def put(batch, keys, mesh):
@@ -157,9 +157,12 @@ def test_tiny_model_learns_synthetic_rule(objective):
     for i in range(80):
         b = {k: v[i * 16:(i + 1) * 16] for k, v in train_pool.items()}
         state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
-    sums = jax.device_get(r["eval"](state["params"], put(eval_batch, r["eval_keys"], r["mesh"]), None, None))
-    key = "correct_dpo" if objective == "dpo" else "correct_reward"
-    accuracy = sums[key] / sums["pairs"]
+    scores = jax.device_get(r["eval"](state["params"], put(eval_batch, r["keys"], r["mesh"]), None, None))
+    if objective == "dpo":  # the implicit reward against the precomputed reference
+        margin = (scores["logp_Nx2"] - eval_batch["ref_logp"]) @ np.array([1.0, -1.0])
+    else:
+        margin = scores["reward_Nx2"] @ np.array([1.0, -1.0])
+    accuracy = np.mean(margin > 0)
     assert accuracy >= 0.9, (objective, accuracy)
 
 
