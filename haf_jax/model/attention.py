@@ -20,7 +20,6 @@ Shapes: N rows, L queries, S keys, Q query heads, K key/value heads (G = Q // K)
 """
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
@@ -137,19 +136,20 @@ def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos
 
 
 def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,
-                    window: int | None = None):
+                    window: int | None = None, implementation: str = "cudnn"):
     """cuDNN flash attention: causal (by index), the segment rule as a boolean mask, sliding window
-    as cuDNN's left window (window - 1 earlier keys)."""
+    as cuDNN's left window (window - 1 earlier keys). `implementation="xla"` runs the same call
+    through JAX's reference implementation (tests, no GPU)."""
     same_segment = (q_seg_NxL[:, :, None] == k_seg_NxS[:, None, :])[:, None]   # [N, 1, L, S]
     return jax.nn.dot_product_attention(
         query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, mask=same_segment, scale=scale, is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softcap: float | None,
                    interpret: bool):
-    """A single-device MQA splash kernel over `heads` query heads sharing one key/value head."""
+    """A single-device MQA splash kernel over `heads` query heads sharing one key/value head (built
+    at every trace: it holds arrays made under the trace, so it cannot be cached across traces)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
