@@ -107,6 +107,7 @@ def test_choose_falls_back_with_a_reason():
         impl, why = A.choose("cudnn", **{**base, **change})
         assert impl == "xla" and reason in why, (change, why)
     assert A.choose("cudnn", **{**base, "head_dim": 256}, gpu_capability="9.0") == ("cudnn", None)
+    assert A.choose("auto", **{**base, "cached": True}) == ("xla", None)   # decoding: silently XLA
     tpu = {**base, "platform": "tpu", "softcap": 50.0, "dtype": jnp.float32}
     assert A.choose("splash", **tpu) == ("splash", None)           # splash has soft-caps and float32
     impl, why = A.choose("splash", **{**tpu, "length": 96})

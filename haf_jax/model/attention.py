@@ -51,8 +51,8 @@ def choose(requested: str, *, platform: str, dtype, head_dim: int, length: int, 
     impl = default_implementation(platform) if requested == "auto" else requested
     if impl == "xla":
         return "xla", None
-    if cached:
-        return "xla", f"{impl} does not serve KV-cache decoding"
+    if cached:   # decoding is XLA's job; only an explicit request hears about it
+        return "xla", None if requested == "auto" else f"{impl} does not serve KV-cache decoding"
     if impl == "cudnn":
         if platform not in ("gpu", "cuda"):
             return "xla", f"cudnn needs a GPU (platform {platform})"

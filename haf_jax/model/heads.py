@@ -12,6 +12,7 @@ final norm) beside the heads (`reward_head`, and when untied `lm_head`, `lm_head
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -45,7 +46,9 @@ class Heads(nn.Module):
 def _init_boxed(config: ModelConfig, rng):
     trunk_rng, head_rng = jax.random.split(rng)
     tokens = np.zeros((1, 2), np.int32)
-    trunk = Decoder(config).init(trunk_rng, tokens, np.zeros((1, 2), np.int32), np.ones((1, 2), bool))["params"]
+    # The parameters do not depend on the attention kernel: init with XLA's (no kernel fallback logged).
+    xla = dataclasses.replace(config, attention="xla")
+    trunk = Decoder(xla).init(trunk_rng, tokens, np.zeros((1, 2), np.int32), np.ones((1, 2), bool))["params"]
     return {**trunk, **Heads(config).init(head_rng)["params"]}
 
 
