@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from haf_jax import data, losses, step as step_lib
-from haf_jax.data import batching, packing
+from haf_jax.data import batching, packing, tokenize
 from haf_jax.model import heads
 from haf_jax.model.families import preset
 
@@ -139,3 +139,24 @@ def test_pack_settings_are_checked(hh):
         packing.PackedLoader(hh, 16, length=200)
     with pytest.raises(data.DataError, match="pack_rows=3 must be a multiple of 2"):
         packing.PackedLoader(hh, 16, rows=3, row_multiple=2)
+
+
+def _as_process(ds, p: int, count: int):
+    """`ds` as process p of `count` sees it (its own pairs tokenised; lengths of all pairs)."""
+    idx = np.arange(p, len(ds), count)
+    t = ds.tokens
+    tokens = tokenize.TokenizedPairs(*[[getattr(t, f)[i] for i in idx] for f in ("prompt", "chosen", "rejected")],
+                                     t.lengths[idx], t.raw_lengths[idx], t.flags[idx])
+    return dataclasses.replace(ds, tokens=tokens, local_indices=idx, process_index=p, process_count=count)
+
+
+def test_packed_loader_on_two_processes(hh):
+    """Each process packs its own pairs into its share of the rows; both keep the same number of
+    batches, so global batch k is the concatenation of the processes' k-th batches."""
+    loaders = [packing.PackedLoader(_as_process(hh, p, 2), 16, seed=5, prefetch=0) for p in (0, 1)]
+    assert loaders[0].shape == loaders[1].shape and loaders[0].shape.rows % 2 == 0
+    assert loaders[0].epoch_steps(0) == loaders[1].epoch_steps(0)
+    batches = [next(ld) for ld in loaders]
+    for p, b in enumerate(batches):
+        assert b["tokens"].shape == (loaders[p].shape.rows // 2, loaders[p].shape.length)
+        assert (b["index"][b["valid"]] % 2 == p).all() and b["valid"].sum() >= 4
