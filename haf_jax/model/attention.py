@@ -71,6 +71,12 @@ def choose(requested: str, *, platform: str, dtype, head_dim: int, length: int, 
     return "splash", None
 
 
+def _warn_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        _log.warning("%s", message)
+
+
 def _target() -> tuple[str, str | None]:
     """(platform the step is compiled for, GPU compute capability or None): the context mesh's
     devices when traced under one (also an ahead-of-time TPU topology), else the default backend."""
@@ -96,9 +102,9 @@ def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q
                           cached=cached, gpu_capability=capability)
     if reason is not None:
         label = implementation if implementation != "auto" else f"auto ({default_implementation(platform)})"
-        if (label, reason) not in _logged:
-            _logged.add((label, reason))
-            _log.warning("model.attention=%s: using xla attention instead (%s)", label, reason)
+        _warn_once(f"model.attention={label}: using xla attention instead ({reason})")
+    if impl == "splash" and platform != "tpu":
+        _warn_once(f"model.attention=splash on {platform}: Pallas interpret mode (correct but slow; for tests)")
     args = (query_NxLxQxH, key_NxSxKxH, value_NxSxKxH)
     if impl == "cudnn":
         return cudnn_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, window=window)
