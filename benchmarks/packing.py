@@ -33,9 +33,9 @@ from haf_jax.optim import make_optimizer  # noqa: E402
 def model_for(shape: str, vocab: int):
     if shape == "tiny":
         return dataclasses.replace(preset("tiny"), vocab_size=max(vocab, 2048), attention="xla")
-    return dataclasses.replace(preset("gemma-2b"), num_layers=6, layer_types=(), hidden_size=512, intermediate_size=2048,
-                               num_heads=8, num_kv_heads=1, head_dim=64, vocab_size=max(vocab, 32000),
-                               attention="xla")
+    return dataclasses.replace(preset("gemma-2b"), num_layers=6, layer_types=(), hidden_size=512,
+                               intermediate_size=2048, num_heads=8, num_kv_heads=1, head_dim=64,
+                               vocab_size=max(vocab, 32000), attention="xla")
 
 
 def main():
