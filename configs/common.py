@@ -39,6 +39,7 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.model.compute_dtype = "float32" if tiny else "bfloat16"  # master weights always stay float32
     c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
     c.model.logprob_chunk = 128  # positions per chunk of the LM-head log-prob computation
+    c.model.attention = "auto"  # auto (splash on TPU, cudnn on GPU, else xla) | xla | cudnn | splash
     c.model.lora = ConfigDict()  # low-rank adapters (haf_jax/model/lora.py); rank 0 = full fine-tuning
     c.model.lora.rank = 0  # adapter rank r (paper, Mistral-7B: 64)
     c.model.lora.alpha = 16.0  # adapters add (alpha / rank) * A @ B (paper: 16)
@@ -64,6 +65,11 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.data.batching = "length_grouped"  # length_grouped (similar lengths, less padding) | random
     c.data.eval_subsample = 0  # > 0: eval = N rows of the eval split, as datasets' shuffle(seed).select(range(N))
     c.data.eval_subsample_seed = 0  # that shuffle's seed (paper BeaverTails eval: 1000 rows, seed 0)
+    # Packing (haf_jax/data/packing.py): several pairs per row of pack_length tokens, one static
+    # shape, ~4% padding on HH instead of 25-50%; a step then holds about train.batch_size pairs.
+    c.data.packing = False
+    c.data.pack_length = 0  # tokens per packed row; 0 = 4 * max_length (at least 2 * max_length)
+    c.data.pack_rows = 0  # rows per step; 0 = train.batch_size pairs of the mean length, rounded down
 
     c.loss = ConfigDict()
     c.loss.objective = "haf"  # haf | baseline | dpo

@@ -64,7 +64,8 @@ def model_source(config):
         model_cfg, _ = hf.load_hf_config(path)
     else:
         path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat)), path
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat),
+                               attention=config.model.get("attention", "auto")), path
 
 
 def initial_params(config, model_cfg, path, mesh):
@@ -127,7 +128,7 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
     return step_lib.StepConfig(
         model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
         compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
-        grad_accum=config.optim.grad_accum, lora=lora_config(config))
+        grad_accum=config.optim.grad_accum, lora=lora_config(config), packed=bool(config.data.get("packing", False)))
 
 
 def split_trainable(s: Setup, params0):
@@ -260,9 +261,10 @@ def config_dict(config) -> dict:
 
 # Config keys added after runs were already written, with the value that reproduces those runs: a
 # checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
-ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())},
+ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "attention": "auto"},
               "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
-                       "eval_subsample": 0, "eval_subsample_seed": 0},
+                       "eval_subsample": 0, "eval_subsample_seed": 0, "packing": False, "pack_length": 0,
+                       "pack_rows": 0},
               "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}}
 
 
@@ -326,7 +328,14 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     ckpt = checkpoint.Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
                                    every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
                                    best_metric=best_metric)
-    loader = data.PairLoader(s.train_ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
+    loader = data.train_loader(s.train_ds, c, data_parallel=s.mesh.shape["data"] * s.mesh.shape["fsdp"])
+    padding = loader.padding()
+    log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
+        f"{padding['pairs_per_step']:g} pairs a step" + (f" (unpacked: {padding['unpacked_padding_fraction']:.1%})"
+                                                          if s.step_cfg.packed else " (data.packing=True packs)"))
+    if jax.process_index() == 0:  # the train data report states the padding of its batches
+        (workdir / "data_report_train.json").write_text(
+            json.dumps({**s.train_ds.report, "batches": padding}, indent=1, default=str))
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
@@ -385,7 +394,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)
             work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
-                    float((batch["last_index"][valid] + 1).sum()) * jax.process_count(), compiles)
+                    float(data.real_tokens(batch)) * jax.process_count(), compiles)
             if pending is not None:
                 flush(pending)
             pending = (step, metrics, work)

@@ -6,6 +6,8 @@ train_step(state, batch, ref_params, frozen) -> (state, metrics)
   weights (model/lora.py); the step merges them, so gradients exist only for the trained part.
   batch = {"tokens" [B,2,L], "response_mask" [B,2,L], "last_index" [B,2], "valid" [B],
            "ref_logp" [B,2] (precomputed reference; absent in live mode)}
+  or, packed (StepConfig.packed, data/packing.py): "tokens", "positions", "segment_ids",
+  "response_mask" [R,T] and the same per-pair keys [B,...], pair b in row b // (B / R).
 The state is donated. A non-finite loss or gradient leaves the state unchanged and is reported
 through metrics["finite"] = 0, so the host can stop without the bad state ever existing.
 """
@@ -26,6 +28,8 @@ from haf_jax.model import lora as lora_lib
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ("tokens", "response_mask", "last_index", "valid", "ref_logp")
+PACKED_KEYS = ("positions", "segment_ids")   # row-level keys only packed batches have
+ROW_KEYS = ("tokens", "response_mask") + PACKED_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,7 @@ class StepConfig:
     logprob_chunk: int = 128
     grad_accum: int = 1
     lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
+    packed: bool = False  # training batches are packed rows (data.packing); eval/reference batches never are
 
 
 def model_params(params, frozen, cfg: StepConfig):
@@ -111,8 +116,7 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
         (_, metrics), grads = grad_fn(params, cfg, batch, ref_params, frozen)
     else:
         a = cfg.grad_accum
-        # Micro-batch j takes rows j, j + a, j + 2a, ...: every device keeps an equal share.
-        micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 1, 0), batch)
+        micro = micro_batches(batch, a)
 
         def micro_step(mb):
             (_, m), g = grad_fn(params, cfg, mb, ref_params, frozen)
@@ -132,6 +136,20 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
     # Keep the previous weights when anything is non-finite: the bad state never exists.
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+
+
+def micro_batches(batch, a: int):
+    """Every key split into `a` micro-batches on a new leading axis: micro-batch j takes rows j, j + a,
+    j + 2a, ... (every device keeps an equal share). In a packed batch the pairs follow their rows:
+    pair keys are split by row ([B] -> [R, B / R] -> rows j, j + a, ...)."""
+    def split(x, per_row=1):
+        x = x.reshape(x.shape[0] // per_row, per_row, *x.shape[1:])
+        x = jnp.moveaxis(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 1, 0)
+        return x.reshape(a, -1, *x.shape[3:])
+    if "segment_ids" not in batch:
+        return jax.tree.map(split, batch)
+    per_row = batch["last_index"].shape[0] // batch["tokens"].shape[0]
+    return {k: split(v, 1 if k in ROW_KEYS else per_row) for k, v in batch.items()}
 
 
 def reference_logprobs(params, batch, *, cfg: StepConfig):
@@ -163,30 +181,34 @@ def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraCon
     return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,)), abstract_state
 
 
-def batch_shardings(mesh, batch_keys) -> dict[str, NamedSharding]:
+def batch_shardings(mesh, batch_keys, *, packed: bool = False) -> dict[str, NamedSharding]:
     ndims = {"tokens": 3, "response_mask": 3, "last_index": 2, "valid": 1, "ref_logp": 2}
+    if packed:
+        ndims.update({k: 2 for k in ROW_KEYS})
     return {k: sharding.batch_sharding(mesh, ndims[k]) for k in batch_keys}
 
 
 def put_batch(batch: dict, keys, mesh) -> dict:
     """Process-local NumPy batch -> global arrays sharded over (data, fsdp), only the given keys."""
-    shardings = batch_shardings(mesh, keys)
+    shardings = batch_shardings(mesh, keys, packed="segment_ids" in keys)
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k])) for k in keys}
 
 
-def _step_keys(cfg: StepConfig, live_reference: bool) -> list[str]:
-    """Batch keys a train/eval step takes: ref_logp only when a precomputed reference is used."""
-    return [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+def _step_keys(cfg: StepConfig, live_reference: bool, packed: bool = False) -> list[str]:
+    """Batch keys a train/eval step takes: ref_logp only when a precomputed reference is used,
+    positions and segment_ids only for packed batches."""
+    keys = [k for k in BATCH_KEYS if k != "ref_logp" or (cfg.loss.needs_reference and not live_reference)]
+    return keys + list(PACKED_KEYS) if packed else keys
 
 
 def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shardings, *, live_reference: bool):
     """train_step(state, batch, ref_params, frozen) jitted once: state donated, batch over (data,
     fsdp), metrics replicated. `param_shardings` are those of the full model (reference, frozen base)."""
-    keys = _step_keys(cfg, live_reference)
+    keys = _step_keys(cfg, live_reference, cfg.packed)
     ref_sh = param_shardings if live_reference else None
     fn = sharding.under_mesh(lambda state, batch, ref, frozen: train_step(state, batch, ref, frozen, cfg=cfg,
                                                                           optimizer=optimizer), mesh)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys), ref_sh,
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys, packed=cfg.packed), ref_sh,
                                      _frozen_shardings(cfg, param_shardings)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
 

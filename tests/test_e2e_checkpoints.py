@@ -476,3 +476,17 @@ def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path
             assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3, rel=1e-4), (i, side)
             assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=2e-3, rel=1e-4), (i, side)
     assert info["step"] in committed_steps(run_a)
+
+
+def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path):
+    """data.packing: one static batch shape, the padding before/after in the train data report, and
+    a SIGKILLed packed run resumes (PackedLoader state in the checkpoint) to the same losses."""
+    packed = ("--config.data.packing=True",)
+    whole = tmp_path / "packed_a"
+    runner.train(whole, *packed)
+    report = json.loads((whole / "data_report_train.json").read_text())["batches"]
+    assert re.fullmatch(r"\d+x256", report["shape"]) and report["padding_fraction"] < report["unpacked_padding_fraction"]
+    workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY, *packed)
+    p = runner.train(workdir, *packed)
+    assert re.search(r"resumed from .* at step \d+", p.stderr), p.stderr[-3000:]
+    assert_same_losses(whole, workdir)

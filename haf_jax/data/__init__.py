@@ -37,8 +37,10 @@ from haf_jax.data.batching import PairLoader, length_buckets
 from haf_jax.data.dataset import PairDataset, config_options, eval_options, format_report, load_pairs
 from haf_jax.data.errors import DataError
 from haf_jax.data.formats import RECIPES, TEMPLATES
+from haf_jax.data.packing import PackedLoader, real_tokens, train_loader
 from haf_jax.data.tokenize import load_tokenizer, tokenizer_fingerprint
 from haf_jax.samples import sample_paths
 
-__all__ = ["DataError", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "config_options", "eval_options",
-           "format_report", "length_buckets", "load_pairs", "load_tokenizer", "sample_paths", "tokenizer_fingerprint"]
+__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "config_options", "eval_options",
+           "format_report", "length_buckets", "load_pairs", "load_tokenizer", "real_tokens", "sample_paths",
+           "tokenizer_fingerprint", "train_loader"]

@@ -163,6 +163,18 @@ class PairLoader:
         idx, lengths = self.plan(epoch)
         return make_batch(self.ds, idx[position, self.ds.process_index], int(lengths[position]))
 
+    def epoch_steps(self, epoch: int) -> int:
+        """Batches in `epoch` (the same every epoch here; packing.PackedLoader's vary)."""
+        return self.steps_per_epoch
+
+    def padding(self, epoch: int = 0) -> dict:
+        """Token counts of one epoch of this loader: padding fraction, pairs a step, batch shapes."""
+        idx, lengths = self.plan(epoch)
+        real = float(self.ds.all_lengths[idx.reshape(len(idx), -1)].sum())
+        total = float(2 * self.batch_size * lengths.astype(np.int64).sum())
+        return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
+                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist())))}
+
     # ---------------------------------------------------------------- iteration
     @property
     def state(self) -> dict:
@@ -192,7 +204,7 @@ class PairLoader:
                 raise item
             batch = item
         self.position += 1
-        if self.position == self.steps_per_epoch:
+        if self.position == self.epoch_steps(self.epoch):
             self.epoch, self.position = self.epoch + 1, 0
         return batch
 
@@ -208,7 +220,7 @@ class PairLoader:
             while not stop.is_set():
                 item = self.batch_at(epoch, position)
                 position += 1
-                if position == self.steps_per_epoch:
+                if position == self.epoch_steps(epoch):
                     epoch, position = epoch + 1, 0
                 while not stop.is_set():
                     try:

@@ -21,6 +21,7 @@ BLOCKS = ("pre", "sandwich", "parallel")
 MLPS = ("gated", "plain")  # down(act(gate(x)) * up(x)) | fc2(act(fc1(x)))
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # attention kernels (model/attention.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +71,13 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int = 2
     remat: bool = False  # rematerialise each block in the backward pass
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn | splash (model/attention.py)
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("mlp", MLPS), ("activation", ACTIVATIONS),
-                               ("rope_type", ROPE_TYPES)):
+                               ("rope_type", ROPE_TYPES), ("attention", ATTENTIONS)):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
         types = self.layer_types or (FULL,) * self.num_layers

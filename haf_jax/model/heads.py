@@ -12,6 +12,7 @@ final norm) beside the heads (`reward_head`, and when untied `lm_head`, `lm_head
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -45,7 +46,9 @@ class Heads(nn.Module):
 def _init_boxed(config: ModelConfig, rng):
     trunk_rng, head_rng = jax.random.split(rng)
     tokens = np.zeros((1, 2), np.int32)
-    trunk = Decoder(config).init(trunk_rng, tokens, np.zeros((1, 2), np.int32), np.ones((1, 2), bool))["params"]
+    # The parameters do not depend on the attention kernel: init with XLA's (no kernel fallback logged).
+    xla = dataclasses.replace(config, attention="xla")
+    trunk = Decoder(xla).init(trunk_rng, tokens, np.zeros((1, 2), np.int32), np.ones((1, 2), bool))["params"]
     return {**trunk, **Heads(config).init(head_rng)["params"]}
 
 
@@ -149,8 +152,13 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
     """Runs the trunk once over chosen and rejected and applies the requested heads.
 
     batch: tokens [B, 2, L] int32, response_mask [B, 2, L], last_index [B, 2] (pair axis: 0 chosen,
-    1 rejected). params: float32 master weights; they are cast to `compute_dtype` for the trunk.
+    1 rejected); or a packed batch (data/packing.py: tokens, positions, segment_ids, response_mask
+    [R, T], last_index [B, 2] within row b // (B / R)), which gives the same [B, 2] outputs.
+    params: float32 master weights; they are cast to `compute_dtype` for the trunk.
     """
+    if "segment_ids" in batch:
+        return _forward_packed(params, config, batch, reward=reward, policy=policy, chunk=chunk,
+                               compute_dtype=compute_dtype)
     tokens = batch["tokens"]
     b, _, length = tokens.shape
     tokens_NxL = tokens.reshape(2 * b, length)
@@ -167,6 +175,70 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
             final_logit_softcap=config.final_logit_softcap, chunk=chunk)
         out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2))
     return out
+
+
+def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy: bool, chunk: int,
+                    compute_dtype) -> PairOutputs:
+    """forward_pairs of a packed batch: R rows of T tokens, K = B / R pair slots per row, slot k's
+    chosen / rejected sequence being segment 1 + 2k / 2 + 2k of its row."""
+    tokens_RxT = batch["tokens"]
+    r, t = tokens_RxT.shape
+    b = batch["last_index"].shape[0]
+    segments = 2 * (b // r)
+    last_RxS = batch["last_index"].reshape(r, segments)     # row r's slots, (chosen, rejected) each
+    cast = jax.tree.map(lambda p: p.astype(compute_dtype), trunk_params(params))
+    hidden, _ = Decoder(config).apply({"params": cast}, tokens_RxT, batch["positions"], batch["segment_ids"])
+    out = PairOutputs()
+    if reward:
+        h_last_RxSxD = jnp.take_along_axis(hidden, last_RxS[..., None], axis=1)
+        r_RxS = h_last_RxSxD.astype(jnp.float32) @ params["reward_head"][:, 0].astype(jnp.float32)
+        out = out.replace(reward_Bx2=r_RxS.reshape(b, 2))
+    if policy:
+        head, bias = lm_head(params, config)
+        logp, n_tok = segment_logprobs(head, hidden, tokens_RxT, batch["response_mask"], batch["segment_ids"],
+                                       segments, bias_V=bias, final_logit_softcap=config.final_logit_softcap,
+                                       chunk=chunk)
+        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2))
+    return out
+
+
+def segment_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments: int,
+                     *, bias_V=None, final_logit_softcap: float | None = None, chunk: int = 128):
+    """`sequence_logprobs` per segment of packed rows -> (logp_NxS, n_tokens_NxS), float32, column
+    s - 1 for segment id s (1..S; 0 = padding). Position i predicts token i + 1 only inside one
+    segment (the last token of a sequence never predicts the next sequence's first), so each
+    segment's sum equals that of the sequence alone in its own row. Same chunking and
+    rematerialisation as `sequence_logprobs`: one [N, chunk, V] float32 block at a time."""
+    n, length, d = hidden_NxLxD.shape
+    seg_next = segment_ids_NxL[:, 1:]
+    same = seg_next == segment_ids_NxL[:, :-1]
+    mask = (response_mask_NxL[:, 1:] * same).astype(jnp.float32)
+    hidden, targets = hidden_NxLxD[:, :-1], tokens_NxL[:, 1:]
+    chunk = max(1, min(chunk, length - 1))
+    n_chunks = -(-(length - 1) // chunk)
+    pad = n_chunks * chunk - (length - 1)
+    if pad:  # padded positions carry mask 0, so they add nothing
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask, seg_next = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, mask, seg_next))
+    split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, chunk, *x.shape[2:]), 1, 0)
+    columns = jnp.arange(1, num_segments + 1, dtype=segment_ids_NxL.dtype)
+
+    @jax.checkpoint
+    def chunk_logprob(h_NxCxD, t_NxC, m_NxC, s_NxC):
+        logits = _logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
+        target_logit = jnp.take_along_axis(logits, t_NxC[..., None], axis=-1)[..., 0]
+        logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
+        onehot_NxCxS = (s_NxC[..., None] == columns).astype(jnp.float32)
+        return jnp.einsum("nc,ncs->ns", logp * m_NxC, onehot_NxCxS), jnp.einsum("nc,ncs->ns", m_NxC, onehot_NxCxS)
+
+    def body(carry, xs):
+        logp, count = chunk_logprob(*xs)
+        return (carry[0] + logp, carry[1] + count), None
+
+    zeros = jnp.zeros((n, num_segments), jnp.float32)
+    (logp_NxS, n_NxS), _ = jax.lax.scan(body, (zeros, zeros),
+                                        (split(hidden), split(targets), split(mask), split(seg_next)))
+    return logp_NxS, n_NxS
 
 
 def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):

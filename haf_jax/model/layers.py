@@ -18,11 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from haf_jax.model import attention as attention_lib
 from haf_jax.model.config import SLIDING, ModelConfig
 from haf_jax.sharding import constrain
 
 INIT = nn.initializers.normal(stddev=0.02)
-_NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
 
 # Hugging Face module names that differ between families (everything else is shared).
 _DEFAULT_NAMES = {"o_proj": "o_proj", "up": "up_proj", "down": "down_proj", "final_norm": "norm",
@@ -114,7 +114,10 @@ class Attention(nn.Module):
     def __call__(self, x_NxLxD, positions_NxL, valid_NxS, cache: LayerCache | None = None):
         """Attention over the row's own positions (cache None) or over a KV cache.
 
-        Without a cache, `valid_NxS` (S = L) marks real tokens; padding keys are never attended.
+        Without a cache, `valid_NxS` (S = L) is bool (True on real tokens) or int32 segment ids
+        (packed rows: 0 = padding, then one id per sequence, positions restarting in each): a
+        query attends only keys of its own segment (padding is a segment of its own), so real
+        tokens never see padding or another sequence. The kernel: `config.attention`.
         With one, the new keys/values are written at slots `positions` (contiguous per row) and
         every slot up to the query position is attended (earlier slots were written before).
         Returns (output [N, L, D], updated cache or None).
@@ -140,7 +143,8 @@ class Attention(nn.Module):
 
         n, length = x_NxLxD.shape[:2]
         if cache is None:
-            k_pos_NxS, k_valid_NxS = positions_NxL, valid_NxS
+            k_pos_NxS = positions_NxL
+            q_seg_NxL = k_seg_NxS = valid_NxS.astype(jnp.int32)  # bool valid: one segment + padding
         else:
             write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0))
             cache = LayerCache(write(cache.key, key.astype(cache.key.dtype), positions_NxL[:, 0]),
@@ -148,19 +152,12 @@ class Attention(nn.Module):
             key, value = cache.key.astype(dt), cache.value.astype(dt)
             slots = key.shape[1]
             k_pos_NxS = jnp.broadcast_to(jnp.arange(slots, dtype=positions_NxL.dtype), (n, slots))
-            k_valid_NxS = jnp.ones((n, slots), bool)
-        query = query.reshape(n, length, k, q // k, h)
-        logits = jnp.einsum("nlkgh,nskh->nkgls", query, key, preferred_element_type=jnp.float32)
-        logits = logits * c.attention_scale
-        if c.attn_logit_softcap:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        q_pos, k_pos = positions_NxL[:, :, None], k_pos_NxS[:, None, :]
-        allowed = (k_pos <= q_pos) & k_valid_NxS[:, None, :]  # [N, L, S]
-        if self.sliding:
-            allowed &= k_pos > q_pos - c.sliding_window
-        logits = jnp.where(allowed[:, None, None], logits, _NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("nkgls,nskh->nlkgh", probs, value).reshape(n, length, q, h)
+            q_seg_NxL, k_seg_NxS = jnp.ones((n, length), jnp.int32), jnp.ones((n, slots), jnp.int32)
+        out = attention_lib.attend(
+            query, key, value, q_pos_NxL=positions_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
+            k_seg_NxS=k_seg_NxS, scale=c.attention_scale, softcap=c.attn_logit_softcap,
+            window=c.sliding_window if self.sliding else None, implementation=c.attention,
+            cached=cache is not None)
         out = jnp.einsum("nlqh,qhd->nld", out, wo.astype(dt))
         if c.o_bias:
             out = out + param(self, f"{o_name}_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)

@@ -1,0 +1,232 @@
+"""Packed batches: several pairs per row, one static shape, almost no padding (config data.packing).
+
+Packed batch (dict of NumPy arrays, process-local; R rows of T tokens, K pair slots per row,
+B = R * K pair slots, slot b lives in row b // K)::
+
+    tokens         int32 [R, T]  the pairs' sequences back to back, then pad id
+    positions      int32 [R, T]  0, 1, ... restarting at each sequence (0 on padding)
+    segment_ids    int32 [R, T]  1 + 2 k + side for slot k of the row (side 0 chosen, 1 rejected);
+                                 0 on padding. Attention never crosses a segment.
+    response_mask  int32 [R, T]  1 on the response tokens incl. the final EOS
+    last_index     int32 [B, 2]  index IN THE ROW of each sequence's last token (the EOS)
+    valid          bool  [B]     False for empty slots
+    index          int64 [B]     pair index in the dataset (-1 for empty slots)
+
+Both sides of a pair share a row (chosen, then rejected), so every per-pair quantity is read from
+its own row: the model gathers [R, 2K] values per row and reshapes them to [B, 2], and the
+steps and losses see the same [B, 2] arrays as with unpacked [B, 2, L] batches.
+
+Plan of an epoch (`PackedLoader`): process p permutes its own pairs with ``(seed, epoch, p)``
+(the permutation `PairLoader` uses without length grouping) and fills batches in that order by
+best fit (the row with the least room left that still takes the whole pair, at most K pairs per
+row). A pair that fits no row waits for the next batch; a batch closes after `LOOKAHEAD` such
+misses or when its slots are full. The pairs left when the permutation runs out (the last, partial
+batch) are dropped for that epoch, and every process keeps as many batches as the process with
+the fewest, so global batch k is the concatenation of the processes' k-th batches. The plan is a
+pure function of (seed, epoch, lengths): same seed, same batches; the loader state is PairLoader's.
+The number of real pairs per step varies a little (the token budget R x T is what is fixed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from haf_jax.data import batching
+from haf_jax.data.errors import DataError
+
+LOOKAHEAD = 8   # pairs that fit no row before a batch is closed
+
+
+@dataclasses.dataclass(frozen=True)
+class PackShape:
+    """Static shape of a process-local packed batch: `rows` x `length` tokens, `per_row` pair slots a row."""
+
+    rows: int
+    length: int
+    per_row: int
+
+    @property
+    def slots(self) -> int:
+        return self.rows * self.per_row
+
+
+def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multiple: int = 1) -> PackShape:
+    """The global packed shape for about `batch_size` pairs a step; `rows` / `length` 0 = automatic.
+
+    length (T): 0 -> 4 * max_length; at least 2 * max_length so every pair fits a row.
+    rows (R): 0 -> batch_size pairs of the dataset's mean length, rounded DOWN to a multiple of
+    `row_multiple` (at least one): the token budget then binds before the slots, so rows end up
+    nearly full and a step holds slightly fewer than batch_size pairs on average.
+    K: room for four times the average pairs a row, never more than the shortest pair allows.
+    Depends only on the global pair lengths, so every process computes the same shape.
+    """
+    pair_len = ds.all_lengths.sum(axis=1)
+    length = int(length) or 4 * ds.max_length
+    if length < 2 * ds.max_length:
+        raise DataError(f"data.pack_length={length} is shorter than a pair can be (2 x data.max_length "
+                        f"= {2 * ds.max_length}); use at least that")
+    multiple = math.lcm(int(row_multiple), ds.process_count)
+    if rows:
+        if rows % multiple:
+            raise DataError(f"data.pack_rows={rows} must be a multiple of {multiple} (data-parallel size x "
+                            f"grad_accum, and the process count)")
+    else:
+        ideal = batch_size * float(pair_len.mean()) / length
+        rows = max(multiple, int(ideal // multiple) * multiple)
+    per_row = min(4 * math.ceil(batch_size / rows), max(1, length // max(1, int(pair_len.min()))))
+    return PackShape(int(rows), length, max(1, per_row))
+
+
+def pack_order(order: np.ndarray, pair_len_N: np.ndarray, shape: PackShape) -> tuple[list, list]:
+    """Best-fit packing of pairs `order` (global indices) into batches of `shape` (process-local).
+
+    Returns (slots, offsets): one int64 [slots] array per complete batch each, the pair of every
+    slot (-1 empty) and its first token's index in row ``slot // per_row``.
+    """
+    out_slots, out_offsets = [], []
+    carry: list[int] = []   # pairs that missed the previous batch: tried first
+    pos, n = 0, len(order)
+    while True:
+        free = np.full(shape.rows, shape.length, np.int64)
+        used = np.zeros(shape.rows, np.int64)
+        slots = np.full(shape.slots, -1, np.int64)
+        offsets = np.zeros(shape.slots, np.int64)
+        misses, placed, closed = [], 0, False
+        candidates = carry
+        carry_i = 0
+        while True:
+            if carry_i < len(candidates):
+                pair = candidates[carry_i]
+                carry_i += 1
+            elif pos < n:
+                pair = int(order[pos])
+                pos += 1
+            else:
+                break   # out of pairs: this batch is incomplete
+            need = int(pair_len_N[pair])
+            ok = (free >= need) & (used < shape.per_row)
+            if not ok.any():
+                misses.append(pair)
+                if len(misses) >= LOOKAHEAD:
+                    closed = True
+                    break
+                continue
+            row = int(np.flatnonzero(ok)[np.argmin(free[ok])])   # best fit
+            slot = row * shape.per_row + int(used[row])
+            slots[slot], offsets[slot] = pair, shape.length - free[row]
+            free[row] -= need
+            used[row] += 1
+            placed += 1
+            if placed == shape.slots:
+                closed = True
+                break
+        if not closed:
+            return out_slots, out_offsets
+        out_slots.append(slots)
+        out_offsets.append(offsets)
+        carry = misses + candidates[carry_i:]
+
+
+def make_packed_batch(ds, slots: np.ndarray, offsets: np.ndarray, shape: PackShape) -> dict:
+    """The process-local packed batch of pair `slots` at `offsets` (module docstring)."""
+    r, t, k = shape.rows, shape.length, shape.per_row
+    tokens = np.full((r, t), ds.pad_id, np.int32)
+    positions = np.zeros((r, t), np.int32)
+    segments = np.zeros((r, t), np.int32)
+    mask = np.zeros((r, t), np.int32)
+    last = np.zeros((shape.slots, 2), np.int32)
+    tp = ds.tokens
+    for b in np.flatnonzero(slots >= 0):
+        row, at = b // k, int(offsets[b])
+        j = ds.local_position(int(slots[b]))
+        prompt = tp.prompt[j]
+        n_p = len(prompt)
+        for side, resp in enumerate((tp.chosen[j], tp.rejected[j])):
+            end = at + n_p + len(resp)
+            tokens[row, at:at + n_p] = prompt
+            tokens[row, at + n_p:end] = resp
+            positions[row, at:end] = np.arange(end - at)
+            segments[row, at:end] = 1 + 2 * (b % k) + side
+            mask[row, at + n_p:end] = 1
+            last[b, side] = end - 1
+            at = end
+    valid = slots >= 0
+    return {"tokens": tokens, "positions": positions, "segment_ids": segments, "response_mask": mask,
+            "last_index": last, "valid": valid, "index": np.where(valid, slots, -1).astype(np.int64)}
+
+
+class PackedLoader(batching.PairLoader):
+    """`PairLoader` with packed batches of one static shape (module docstring); same state and
+    resume contract (``state`` / ``restore``), prefetching and `close`; `steps_per_epoch` is that
+    of the current epoch (packing makes it vary a little between epochs)."""
+
+    def __init__(self, ds, batch_size: int, *, seed: int = 0, shuffle: bool = True, length: int = 0,
+                 rows: int = 0, row_multiple: int = 1, prefetch: int = 4):
+        super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, length_grouping=False, prefetch=prefetch)
+        self.shape = pack_shape(ds, batch_size, length=length, rows=rows, row_multiple=row_multiple)
+        self.local_shape = dataclasses.replace(self.shape, rows=self.shape.rows // ds.process_count)
+        self._pair_tokens = ds.all_lengths.sum(axis=1)
+        self._steps: dict[int, int] = {}   # epoch -> batches (kept: the plan cache holds one epoch)
+        self.steps_per_epoch = self.epoch_steps(0)
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(slots int64 [S, P, slots_local], offsets int64 [S, P, slots_local]) of one epoch."""
+        if self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        per_proc = []
+        for q in range(self.ds.process_count):
+            owned = np.arange(q, len(self.ds), self.ds.process_count, dtype=np.int64)
+            if self.shuffle:
+                owned = owned[np.random.default_rng([self.seed, epoch, q]).permutation(len(owned))]
+            per_proc.append(pack_order(owned, self._pair_tokens, self.local_shape))
+        steps = min(len(s) for s, _ in per_proc)
+        if steps == 0:
+            raise DataError(f"dataset has too few pairs ({len(self.ds)}) for one packed batch of "
+                            f"{self.shape.rows} rows x {self.shape.length} tokens")
+        slots = np.stack([np.stack(s[:steps]) for s, _ in per_proc], 1)
+        offsets = np.stack([np.stack(o[:steps]) for _, o in per_proc], 1)
+        self._plan_cache = (epoch, (slots, offsets))
+        return slots, offsets
+
+    def epoch_steps(self, epoch: int) -> int:
+        if epoch not in self._steps:
+            self._steps[epoch] = len(self.plan(epoch)[0])
+        return self._steps[epoch]
+
+    def batch_at(self, epoch: int, position: int) -> dict:
+        slots, offsets = self.plan(epoch)
+        p = self.ds.process_index
+        return make_packed_batch(self.ds, slots[position, p], offsets[position, p], self.local_shape)
+
+    def padding(self, epoch: int = 0) -> dict:
+        """One epoch of this loader: padding fraction of the row tokens, pairs a step, steps, shape,
+        and the padding fraction unpacked batches of `batch_size` pairs would have had."""
+        slots, _ = self.plan(epoch)
+        real = float(self._pair_tokens[slots[slots >= 0]].sum())
+        total = float(slots.shape[0] * self.shape.rows * self.shape.length)
+        unpacked = batching.PairLoader(self.ds, self.batch_size, seed=self.seed, shuffle=self.shuffle, prefetch=0)
+        return {"padding_fraction": round(1 - real / total, 4),
+                "pairs_per_step": round(float((slots >= 0).sum()) / slots.shape[0], 2),
+                "steps": int(slots.shape[0]), "shape": f"{self.shape.rows}x{self.shape.length}",
+                "unpacked_padding_fraction": unpacked.padding(epoch)["padding_fraction"]}
+
+
+def train_loader(ds, config, *, data_parallel: int = 1):
+    """The training iterator a run config asks for: `PackedLoader` with data.packing, else
+    `PairLoader`. Packed rows split over `data_parallel` shards x optim.grad_accum micro-batches."""
+    c = config
+    if not c.data.get("packing", False):
+        return batching.PairLoader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
+    return PackedLoader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True,
+                        length=int(c.data.get("pack_length", 0)), rows=int(c.data.get("pack_rows", 0)),
+                        row_multiple=data_parallel * int(c.optim.grad_accum))
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens of a process-local batch, packed or not (throughput counts these)."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] > 0).sum())
+    valid = batch["valid"].astype(bool)
+    return int((batch["last_index"][valid] + 1).sum())

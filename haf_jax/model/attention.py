@@ -1,0 +1,206 @@
+"""Attention kernels behind one function: `attend`, with the implementation picked by `choose`.
+
+Config key model.attention (ModelConfig.attention):
+  "xla"    einsum + softmax written out here: runs everywhere, every option (the reference).
+  "cudnn"  `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on GPU.
+  "splash" Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) on TPU.
+  "auto"   (default) splash on TPU, cudnn on GPU, xla elsewhere.
+An implementation that cannot run the layer's options falls back to "xla", and the reason is
+logged once (logger "haf_jax"): e.g. cuDNN has no logit soft-cap (Gemma 2) and no float32, and
+needs head dims that are multiples of 8 up to 128 (256 from Hopper on); splash needs lengths that
+are multiples of its 128-token blocks; neither serves KV-cache decoding. Splash on a non-TPU
+backend runs in Pallas interpret mode (for tests; slow).
+
+Masking is the same for all: query i attends key j when both lie in the same segment
+(`segment ids`, 0 = padding, its own segment) and j's position is not after i's (and, in a
+sliding layer, within `window` positions). Rows are laid out in order inside each segment, so
+position order is index order and the kernels' causal masks by index are the same rule.
+
+Shapes: N rows, L queries, S keys, Q query heads, K key/value heads (G = Q // K), H head width.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from haf_jax.model.config import ATTENTIONS as IMPLEMENTATIONS
+from haf_jax.sharding import spec_for
+
+NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
+SPLASH_BLOCK = 128       # splash's query / key block; lengths must be multiples of it
+
+_log = logging.getLogger("haf_jax")
+_logged: set = set()
+
+
+def default_implementation(platform: str) -> str:
+    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+
+
+def choose(requested: str, *, platform: str, dtype, head_dim: int, length: int, softcap,
+           cached: bool, gpu_capability: str | None = None) -> tuple[str, str | None]:
+    """(implementation to run, reason it is not the requested one or None): pure, no device needed.
+
+    `platform`: "cpu" | "gpu" | "tpu"; `length`: query length (= key length without a cache);
+    `gpu_capability`: the GPU's compute capability, e.g. "9.0" (None: assume pre-Hopper limits).
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={requested!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+    impl = default_implementation(platform) if requested == "auto" else requested
+    if impl == "xla":
+        return "xla", None
+    if cached:   # decoding is XLA's job; only an explicit request hears about it
+        return "xla", None if requested == "auto" else f"{impl} does not serve KV-cache decoding"
+    if impl == "cudnn":
+        if platform not in ("gpu", "cuda"):
+            return "xla", f"cudnn needs a GPU (platform {platform})"
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return "xla", f"cudnn runs bfloat16/float16 only, not {jnp.dtype(dtype).name}"
+        if softcap:
+            return "xla", "cudnn has no attention logit soft-cap"
+        h_max = 256 if gpu_capability and float(gpu_capability) >= 9.0 else 128
+        if head_dim % 8 or head_dim > h_max:
+            return "xla", f"cudnn needs a head dim that is a multiple of 8 up to {h_max}, not {head_dim}"
+        if length % 2:
+            return "xla", f"cudnn with a mask needs an even length, not {length}"
+        return "cudnn", None
+    if length % SPLASH_BLOCK:
+        return "xla", f"splash needs a length that is a multiple of {SPLASH_BLOCK}, not {length}"
+    return "splash", None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        _log.warning("%s", message)
+
+
+def _target() -> tuple[str, str | None]:
+    """(platform the step is compiled for, GPU compute capability or None): the context mesh's
+    devices when traced under one (also an ahead-of-time TPU topology), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+    capability = None
+    if platform in ("gpu", "cuda") and jax.default_backend() == platform:
+        capability = getattr(jax.devices()[0], "compute_capability", None)
+    return platform, capability
+
+
+def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
+           scale: float, softcap: float | None = None, window: int | None = None,
+           implementation: str = "auto", cached: bool = False):
+    """Masked multi-/grouped-query attention -> [N, L, Q, H] in the query's dtype (module docstring).
+
+    `window`: a sliding layer's width (key positions > query position - window), None = global.
+    `cached`: keys come from a KV cache (decoding): always the XLA path.
+    """
+    platform, capability = _target()
+    impl, reason = choose(implementation, platform=platform, dtype=query_NxLxQxH.dtype,
+                          head_dim=query_NxLxQxH.shape[-1], length=query_NxLxQxH.shape[1], softcap=softcap,
+                          cached=cached, gpu_capability=capability)
+    if reason is not None:
+        label = implementation if implementation != "auto" else f"auto ({default_implementation(platform)})"
+        _warn_once(f"model.attention={label}: using xla attention instead ({reason})")
+    if impl == "splash" and platform != "tpu":
+        _warn_once(f"model.attention=splash on {platform}: Pallas interpret mode (correct but slow; for tests)")
+    args = (query_NxLxQxH, key_NxSxKxH, value_NxSxKxH)
+    if impl == "cudnn":
+        return cudnn_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, window=window)
+    if impl == "splash":
+        return splash_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap,
+                                window=window, interpret=platform != "tpu")
+    return xla_attention(*args, q_pos_NxL=q_pos_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
+                         k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap, window=window)
+
+
+def allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window: int | None = None):
+    """bool [N, L, S]: same segment, key position not after the query's, within the window."""
+    q_pos, k_pos = q_pos_NxL[:, :, None], k_pos_NxS[:, None, :]
+    allowed = (k_pos <= q_pos) & (q_seg_NxL[:, :, None] == k_seg_NxS[:, None, :])
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
+                  scale: float, softcap: float | None = None, window: int | None = None):
+    """The reference: float32 logits [N, K, G, L, S], masked, softmax, weighted values."""
+    n, length, q, h = query_NxLxQxH.shape
+    k = key_NxSxKxH.shape[2]
+    dt = query_NxLxQxH.dtype
+    query = query_NxLxQxH.reshape(n, length, k, q // k, h)
+    logits = jnp.einsum("nlkgh,nskh->nkgls", query, key_NxSxKxH, preferred_element_type=jnp.float32)
+    logits = logits * scale
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    allowed = allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window)
+    logits = jnp.where(allowed[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    return jnp.einsum("nkgls,nskh->nlkgh", probs, value_NxSxKxH).reshape(n, length, q, h)
+
+
+def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,
+                    window: int | None = None, implementation: str = "cudnn"):
+    """cuDNN flash attention: causal (by index), the segment rule as a boolean mask, sliding window
+    as cuDNN's left window (window - 1 earlier keys). `implementation="xla"` runs the same call
+    through JAX's reference implementation (tests, no GPU)."""
+    same_segment = (q_seg_NxL[:, :, None] == k_seg_NxS[:, None, :])[:, None]   # [N, 1, L, S]
+    return jax.nn.dot_product_attention(
+        query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, mask=same_segment, scale=scale, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+
+
+def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softcap: float | None,
+                   interpret: bool):
+    """A single-device MQA splash kernel over `heads` query heads sharing one key/value head (built
+    at every trace: it holds arrays made under the trace, so it cannot be cached across traces)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+    shape = (length, keys)
+    if window is None:
+        mask = mask_lib.CausalMask(shape)
+    else:   # keys i - window + 1 .. i
+        mask = mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    block = min(SPLASH_BLOCK, length)
+    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                                  block_q_dq=block, block_kv_dq=block)
+    return kernel_lib.make_splash_mqa_single_device(
+        mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes, attn_logits_soft_cap=softcap,
+        interpret=interpret)
+
+
+def splash_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,
+                     softcap: float | None = None, window: int | None = None, interpret: bool = False):
+    """Pallas splash attention: one MQA kernel per key/value head (its G query heads), vmapped
+    over rows and key/value heads, with segment ids; the scale is folded into the queries (the
+    soft-cap then applies to the scaled logits, as in the XLA path). Under a mesh, the rows are
+    split over the batch axes with shard_map (a Pallas call is not partitioned automatically)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+
+    n, length, q, h = query_NxLxQxH.shape
+    s, k = key_NxSxKxH.shape[1], key_NxSxKxH.shape[2]
+    kernel = _splash_kernel(q // k, length, s, window, float(softcap) if softcap else None, interpret)
+
+    def local(query, key, value, q_seg, k_seg):
+        rows = query.shape[0]
+        query = (query * jnp.asarray(scale, query.dtype)).reshape(rows, length, k, q // k, h)
+        query = jnp.transpose(query, (0, 2, 3, 1, 4))            # [n, K, G, L, H]
+        key, value = jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(value, (0, 2, 1, 3))   # [n, K, S, H]
+
+        def one_row(q_KxGxLxH, k_KxSxH, v_KxSxH, qs_L, ks_S):
+            ids = kernel_lib.SegmentIds(q=qs_L, kv=ks_S)
+            return jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=ids))(q_KxGxLxH, k_KxSxH, v_KxSxH)
+
+        out = jax.vmap(one_row)(query, key, value, q_seg, k_seg)   # [n, K, G, L, H]
+        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(rows, length, q, h)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    args = (query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, q_seg_NxL.astype(jnp.int32), k_seg_NxS.astype(jnp.int32))
+    if mesh.empty:
+        return local(*args)
+    specs = tuple(spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh) for x in args)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
