@@ -64,7 +64,14 @@ def model_source(config):
         model_cfg, _ = hf.load_hf_config(path)
     else:
         path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat)), path
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), **layout_options(config)), path
+
+
+def layout_options(config) -> dict:
+    """The run config's model.scan_layers and model.remat_policy (absent in configs of older runs:
+    per-layer parameters)."""
+    return {"scan_layers": bool(config.model.get("scan_layers", False)),
+            "remat_policy": str(config.model.get("remat_policy", "nothing"))}
 
 
 def initial_params(config, model_cfg, path, mesh):
@@ -149,7 +156,8 @@ def optimizer_for(config):
     o = config.optim
     return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
                           warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
-                          weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                          moment_dtype=o.get("moment_dtype", "float32"))
 
 
 def _local_reference(local: pathlib.Path | None, ds) -> np.ndarray | None:
@@ -273,10 +281,11 @@ def config_dict(config) -> dict:
 
 # Config keys added after runs were already written, with the value that reproduces those runs: a
 # checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
-ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig())},
+ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "scan_layers": False, "remat_policy": "nothing"},
               "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
                        "eval_subsample": 0, "eval_subsample_seed": 0},
-              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}}
+              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""},
+              "optim": {"moment_dtype": "float32"}}
 
 
 def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:
@@ -307,7 +316,9 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
         raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
                        f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
                        f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
-    breaking, harmless = checkpoint.compare_configs(with_added_defaults(saved), {**config_dict(config), **base})
+    breaking, harmless = checkpoint.compare_configs(
+        with_added_defaults(saved), {**config_dict(config), **base},
+        harmless_prefixes=checkpoint.HARMLESS_PREFIXES + ("model.scan_layers", "model.remat_policy"))
     was_eval = (saved.get("data") or {}).get("eval") or ""
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
@@ -318,10 +329,16 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
                        + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
     for line in harmless:
         log(f"config changed since the checkpoint (harmless): {line}")
+    # The checkpoint's parameter layout (per layer or scanned) is the one its config records.
+    saved_cfg = dataclasses.replace(s.model_config, scan_layers=bool(with_added_defaults(saved)["model"]["scan_layers"]))
+    _, abstract_saved = step_lib.state_layout(saved_cfg, s.optimizer, s.mesh, s.step_cfg.lora)
     try:
-        state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+        state, data_state, _ = ckpt.restore(None, abstract_saved)  # walks back past a corrupt latest
     except checkpoint.CorruptCheckpointError as e:
         raise RunError(f"{e}; move them away to start afresh, or use a new --workdir") from None
+    if saved_cfg != s.model_config:
+        log(f"checkpoint parameters converted to model.scan_layers={s.model_config.scan_layers}")
+        state = params_lib.relayout(state, s.model_config, s.abstract_state)
     loader.restore(data_state["train"])
     log(f"resumed from {s.checkpoint_dir} at step {ckpt.restored_step}")
     return state, ckpt.restored_step

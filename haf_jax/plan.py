@@ -129,6 +129,9 @@ def advice(config, mesh_shape, chips: int, fits: bool, headroom: float) -> list[
                f"(or a smaller train.batch_size={config.train.batch_size}; also data.max_length={config.data.max_length})")
     if config.model.lora.rank == 0:
         out.append("train adapters only: --config.model.lora.rank=64 (the Adam state then covers just the adapters)")
+    if config.model.lora.rank == 0 and config.optim.get("moment_dtype", "float32") == "float32":
+        out.append("keep Adam's first moment in bfloat16: --config.optim.moment_dtype=bfloat16 (2 bytes less per "
+                   "trained parameter)")
     if config.model.compute_dtype == "float32":
         out.append("compute in bfloat16: --config.model.compute_dtype=bfloat16")
     out.append("or a bigger slice (more chips, or v5p's 95 GiB per chip)")
@@ -182,7 +185,8 @@ def plan(config, topology: str) -> dict:
     report = {"topology": name, "requested": topology, "chips": chips, "devices": len(devices), "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
               "device_kind": devices[0].device_kind, "hbm_per_chip_bytes": hbm,
               "objective": step_cfg.loss.objective, "compute_dtype": str(jnp.dtype(step_cfg.compute_dtype)),
-              "remat": bool(model_cfg.remat), "lora_rank": int(config.model.lora.rank),
+              "remat": bool(model_cfg.remat), "scan_layers": bool(model_cfg.scan_layers),
+              "moment_dtype": str(config.optim.get("moment_dtype", "float32")), "lora_rank": int(config.model.lora.rank),
               "batch": [b, 2, length], "grad_accum": accum,
               "state_bytes_total": sizes(abstract_state), "frozen_bytes_total": sizes(frozen) + sizes(ref)}
     t0 = time.perf_counter()
@@ -224,7 +228,8 @@ def format_report(r: dict) -> str:
     bpc = r["bytes_per_chip"]
     flops = "?" if r["flops_per_step"] is None else f"{r['flops_per_step']:.3e}"
     lines = [f"{r['requested']} -> {r['topology']}: {r['chips']} chips ({r['devices']} devices) of {r['device_kind']}, mesh {r['mesh']}, "
-             f"{r['objective']} {r['compute_dtype']} remat={r['remat']} lora_rank={r['lora_rank']}, "
+             f"{r['objective']} {r['compute_dtype']} remat={r['remat']} scan_layers={r['scan_layers']} "
+             f"moment_dtype={r['moment_dtype']} lora_rank={r['lora_rank']}, "
              f"batch {r['batch']} grad_accum={r['grad_accum']}",
              f"state in total: {g(r['state_bytes_total'])} (+ frozen/reference {g(r['frozen_bytes_total'])})",
              f"per chip: arguments {g(bpc['arguments'])}, temporaries {g(bpc['temporaries'])}, "

@@ -5,6 +5,7 @@ and tokenizer/; a Hugging Face directory (or hub id) holds config.json and safet
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -56,6 +57,8 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     step = select_step(ckpt, which)
     saved = ckpt.read_config(step)
     config = ml_collections.ConfigDict(saved)
+    # Each checkpoint records its parameter layout (runs from before scanned layers: per layer).
+    model_cfg = dataclasses.replace(model_cfg, **loop.layout_options(config))
     lora = loop.lora_config(config)
     _, abstract_state = step_lib.state_layout(model_cfg, loop.optimizer_for(config), mesh, lora)
     try:  # "last" walks back past a damaged newest step (reported); an explicit or best step must be intact
