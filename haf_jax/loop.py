@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, params as params_lib, reference, sharding, step as step_lib
+from haf_jax import checkpoint, data, fit, params as params_lib, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
 from haf_jax.profile import StepProfiler
 from haf_jax.model import hf, lora as lora_lib
@@ -360,6 +360,11 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
+    state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
+    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
+                                                   live_reference=live)
+    # Before any weight is loaded: a step that cannot fit stops here with the planner's verdict and advice.
+    fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live)
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
     lora = s.step_cfg.lora.enabled  # LoRA always needs the base: it is frozen, not checkpointed
     params0 = load_params0() if lora or live or ckpt.latest_step() is None else None
@@ -372,9 +377,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
     params0 = trainable0 = None  # drop the initial weights unless the live reference or LoRA needs them
 
-    state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
-    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
-                                                   live_reference=live)
     eval_fn, eval_keys = step_lib.jit_eval_step(s.step_cfg, s.mesh, s.param_shardings, live_reference=live,
                                                 trained_shardings=s.trained_shardings)
     metrics_log = MetricsLog(workdir, resume_step=start)
