@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 from haf_jax import params as params_lib, sharding, step as step_lib
