@@ -17,7 +17,9 @@ from haf_jax.model import heads, hf, layers, lora as lora_lib, scan
 from haf_jax.model.config import FULL, SLIDING, ModelConfig
 from haf_jax.model.families import PRESETS, preset
 from haf_jax.optim import make_optimizer
-from parity import assert_params_equal
+from parity import assert_params_equal, logits as full_logits
+
+decode = jax.jit(heads.decode, static_argnums=1)
 
 S, F = SLIDING, FULL
 BASE = dataclasses.replace(preset("tiny"), family="gemma3", vocab_size=128, num_layers=8, qk_norm=True,
@@ -35,7 +37,7 @@ def _close(got, want, **tol):
 def params():
     """(per-layer params, the same stacked), with every weight perturbed (zero-initialised norms and
     reward head would hide a misplaced layer)."""
-    p = heads.init_params(BASE, jax.random.key(0))
+    p = jax.jit(heads.init_params, static_argnums=0)(BASE, jax.random.key(0))
     leaves, tree = jax.tree.flatten(p)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     p = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
@@ -84,15 +86,15 @@ def test_scanned_logits_and_kv_cache_decode_equal_the_per_layer_model(params):
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, BASE.vocab_size, (2, 12)).astype(np.int32)
     last = np.array([11, 6])
-    want = heads.full_logits(per_layer, BASE, tokens, last)
-    _close(heads.full_logits(stacked, SCANNED, tokens, last), want)
+    want = full_logits(per_layer, BASE, tokens, last)
+    _close(full_logits(stacked, SCANNED, tokens, last), want)
     assert np.abs(np.asarray(want)).max() > 0.1  # not a degenerate all-zero comparison
 
     def generate(p, config):
         cache = layers.init_cache(config, 2, 12)
         positions = np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))
-        first, cache = heads.decode(p, config, tokens[:, :10], positions, cache)
-        nxt, cache = heads.decode(p, config, tokens[:, 10:11], np.full((2, 1), 10, np.int32), cache)
+        first, cache = decode(p, config, tokens[:, :10], positions, cache)
+        nxt, cache = decode(p, config, tokens[:, 10:11], np.full((2, 1), 10, np.int32), cache)
         return first, nxt, cache
 
     got, ref = generate(stacked, SCANNED), generate(per_layer, BASE)
@@ -170,7 +172,7 @@ def test_hf_export_and_import_with_scanned_layers(params, tmp_path):
     tokens = np.random.default_rng(3).integers(3, BASE.vocab_size, (1, 12)).astype(np.int32)
     with torch.no_grad():
         want = model(input_ids=torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    _close(heads.full_logits(stacked, SCANNED, tokens, np.array([11])), want, rtol=0, atol=1e-4)
+    _close(full_logits(stacked, SCANNED, tokens, np.array([11])), want, rtol=0, atol=1e-4)
 
 
 def test_lora_on_scanned_layers(params, tmp_path):
