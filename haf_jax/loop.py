@@ -312,6 +312,11 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
     if start is None:
         return None, 0
     saved = ckpt.read_config(start)
+    saved_scan = bool(with_added_defaults(saved)["model"]["scan_layers"])
+    if saved.get("base_weights") != base.get("base_weights") and saved_scan != s.model_config.scan_layers:
+        # the base's fingerprint covers its layout: adapters are converted, the frozen base is not
+        raise RunError(f"{workdir} holds LoRA adapters of a run with model.scan_layers={saved_scan}: resume "
+                       f"it with --config.model.scan_layers={saved_scan}")
     if saved.get("base_weights") != base.get("base_weights"):
         raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
                        f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
@@ -330,7 +335,7 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
     for line in harmless:
         log(f"config changed since the checkpoint (harmless): {line}")
     # The checkpoint's parameter layout (per layer or scanned) is the one its config records.
-    saved_cfg = dataclasses.replace(s.model_config, scan_layers=bool(with_added_defaults(saved)["model"]["scan_layers"]))
+    saved_cfg = dataclasses.replace(s.model_config, scan_layers=saved_scan)
     _, abstract_saved = step_lib.state_layout(saved_cfg, s.optimizer, s.mesh, s.step_cfg.lora)
     try:
         state, data_state, _ = ckpt.restore(None, abstract_saved)  # walks back past a corrupt latest
