@@ -38,6 +38,8 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.model.tokenizer = ""  # tokenizer dir or hub id; "" = the checkpoint's own, or the bundled one
     c.model.compute_dtype = "float32" if tiny else "bfloat16"  # master weights always stay float32
     c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
+    c.model.remat_policy = "nothing"  # what remat keeps: nothing | dots | dots_no_batch (matmul outputs)
+    c.model.scan_layers = not tiny  # one compiled block per repeating layer pattern (compiles much faster)
     c.model.logprob_chunk = 128  # positions per chunk of the LM-head log-prob computation
     c.model.attention = "auto"  # auto (splash on TPU, cudnn on GPU, else xla) | xla | cudnn | splash
     c.model.lora = ConfigDict()  # low-rank adapters (haf_jax/model/lora.py); rank 0 = full fine-tuning
@@ -91,6 +93,7 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.optim.weight_decay = 0.0  # AdamW decoupled weight decay (paper: 0)
     c.optim.clip_norm = 1.0  # global gradient-norm clip (paper: 1.0)
     c.optim.grad_accum = 1  # micro-batches per step (train.batch_size must divide evenly)
+    c.optim.moment_dtype = "float32"  # Adam's first moment: float32 | bfloat16 (2 bytes less per trained parameter)
 
     c.train = ConfigDict()
     c.train.steps = 150 if tiny else 3200  # optimizer steps

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, evaluation, params as params_lib, plots, reference, sharding, step as step_lib
+from haf_jax import checkpoint, data, evaluation, fit, params as params_lib, plots, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
 from haf_jax.profile import StepProfiler
 from haf_jax.model import hf, lora as lora_lib
@@ -64,8 +64,15 @@ def model_source(config):
         model_cfg, _ = hf.load_hf_config(path)
     else:
         path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat),
-                               attention=config.model.get("attention", "auto")), path
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.get("attention", "auto"),
+                               **layout_options(config)), path
+
+
+def layout_options(config) -> dict:
+    """The run config's model.scan_layers and model.remat_policy (absent in configs of older runs:
+    per-layer parameters)."""
+    return {"scan_layers": bool(config.model.get("scan_layers", False)),
+            "remat_policy": str(config.model.get("remat_policy", "nothing"))}
 
 
 def initial_params(config, model_cfg, path, mesh):
@@ -150,7 +157,8 @@ def optimizer_for(config):
     o = config.optim
     return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
                           warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
-                          weight_decay=o.weight_decay, clip_norm=o.clip_norm)
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                          moment_dtype=o.get("moment_dtype", "float32"))
 
 
 def _local_reference(local: pathlib.Path | None, ds) -> np.ndarray | None:
@@ -261,11 +269,13 @@ def config_dict(config) -> dict:
 
 # Config keys added after runs were already written, with the value that reproduces those runs: a
 # checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
-ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "attention": "auto"},
+ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "attention": "auto", "scan_layers": False,
+                        "remat_policy": "nothing"},
               "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
                        "eval_subsample": 0, "eval_subsample_seed": 0, "packing": False, "pack_length": 0,
                        "pack_rows": 0},
-              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}}
+              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""},
+              "optim": {"moment_dtype": "float32"}}
 
 
 def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:
@@ -292,11 +302,18 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
     if start is None:
         return None, 0
     saved = ckpt.read_config(start)
+    saved_scan = bool(with_added_defaults(saved)["model"]["scan_layers"])
+    if saved.get("base_weights") != base.get("base_weights") and saved_scan != s.model_config.scan_layers:
+        # the base's fingerprint covers its layout: adapters are converted, the frozen base is not
+        raise RunError(f"{workdir} holds LoRA adapters of a run with model.scan_layers={saved_scan}: resume "
+                       f"it with --config.model.scan_layers={saved_scan}")
     if saved.get("base_weights") != base.get("base_weights"):
         raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
                        f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
                        f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
-    breaking, harmless = checkpoint.compare_configs(with_added_defaults(saved), {**config_dict(config), **base})
+    breaking, harmless = checkpoint.compare_configs(
+        with_added_defaults(saved), {**config_dict(config), **base},
+        harmless_prefixes=checkpoint.HARMLESS_PREFIXES + ("model.scan_layers", "model.remat_policy"))
     was_eval = (saved.get("data") or {}).get("eval") or ""
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
@@ -307,10 +324,16 @@ def resume(s: Setup, ckpt, loader, config, workdir: pathlib.Path, base: dict):
                        + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
     for line in harmless:
         log(f"config changed since the checkpoint (harmless): {line}")
+    # The checkpoint's parameter layout (per layer or scanned) is the one its config records.
+    saved_cfg = dataclasses.replace(s.model_config, scan_layers=saved_scan)
+    _, abstract_saved = step_lib.state_layout(saved_cfg, s.optimizer, s.mesh, s.step_cfg.lora)
     try:
-        state, data_state, _ = ckpt.restore(None, s.abstract_state)  # walks back past a corrupt latest
+        state, data_state, _ = ckpt.restore(None, abstract_saved)  # walks back past a corrupt latest
     except checkpoint.CorruptCheckpointError as e:
         raise RunError(f"{e}; move them away to start afresh, or use a new --workdir") from None
+    if saved_cfg != s.model_config:
+        log(f"checkpoint parameters converted to model.scan_layers={s.model_config.scan_layers}")
+        state = params_lib.relayout(state, s.model_config, s.abstract_state)
     loader.restore(data_state["train"])
     log(f"resumed from {s.checkpoint_dir} at step {ckpt.restored_step}")
     return state, ckpt.restored_step
@@ -339,6 +362,11 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
+    state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
+    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
+                                                   live_reference=live)
+    # Before any weight is loaded: a step that cannot fit stops here with the planner's verdict and advice.
+    fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live)
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
     lora = s.step_cfg.lora.enabled  # LoRA always needs the base: it is frozen, not checkpointed
     params0 = load_params0() if lora or live or ckpt.latest_step() is None else None
@@ -351,9 +379,6 @@ def train(config, workdir: str | pathlib.Path) -> dict:
         state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
     params0 = trainable0 = None  # drop the initial weights unless the live reference or LoRA needs them
 
-    state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
-    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
-                                                   live_reference=live)
     evaluator = evaluation.Evaluator(s.step_cfg, s.mesh, reward=lc.needs_reward, policy=lc.needs_policy,
                                      live_reference=live)
     metrics_log = MetricsLog(workdir, resume_step=start)

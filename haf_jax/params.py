@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from haf_jax import sharding
-from haf_jax.model import heads, lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib, scan
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.lora import LoraConfig
 
@@ -57,3 +57,10 @@ def init_params(config: ModelConfig, rng, mesh: Mesh):
 
 def param_count(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def relayout(tree, config: ModelConfig, abstract):
+    """`tree` (parameters, or a train state holding parameter-like trees) in `config`'s layer
+    layout (scanned or per layer, model/scan.py), placed as the ShapeDtypeStructs of `abstract` say."""
+    converted = scan.to_layout(tree, config)
+    return jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(converted)

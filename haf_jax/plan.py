@@ -21,17 +21,18 @@ import math
 import os
 import re
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from haf_jax import fit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5e:2x4 | v5p:2x2x2 | v4:2x2x1 | v6e:2x4 | v5litepod-8 | "
                                 "v5e-8 | v6e-8 | v4-32 | v5p-64 | cpu:N")
 
-GiB = 2**30
+GiB = fit.GiB
 # HBM per chip (public Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}):
 # v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e (Trillium) 32 GiB.
 HBM_PER_CHIP = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
@@ -103,38 +104,6 @@ def hbm_per_chip(gen: str, chips: int) -> int:
     return HBM_PER_CHIP[gen]
 
 
-_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def exhausted_bytes(message: str) -> tuple[int | None, int | None]:
-    """(needed, available) bytes from XLA's 'Used 21.02G of 15.75G hbm' or '... temporaries
-    (185.10G) exceeds available HBM (15.75G)' (None when absent)."""
-    m = (re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)", message)
-         or re.search(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)", message))
-    if not m:
-        return None, None
-    return int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)])
-
-
-def advice(config, mesh_shape, chips: int, fits: bool, headroom: float) -> list[str]:
-    if fits and headroom >= 0.1:
-        return []
-    out = []
-    if mesh_shape[1] < chips:
-        out.append(f"shard the state over more chips: --config.mesh.shape=\"(1,-1,1)\" (FSDP over all {chips})"
-                   if mesh_shape[0] > 1 else "use more FSDP: --config.mesh.shape=\"(1,-1,1)\"")
-    if not config.model.remat:
-        out.append("rematerialise blocks: --config.model.remat=True")
-    out.append(f"fewer pairs per micro-batch: --config.optim.grad_accum={2 * config.optim.grad_accum} "
-               f"(or a smaller train.batch_size={config.train.batch_size}; also data.max_length={config.data.max_length})")
-    if config.model.lora.rank == 0:
-        out.append("train adapters only: --config.model.lora.rank=64 (the Adam state then covers just the adapters)")
-    if config.model.compute_dtype == "float32":
-        out.append("compute in bfloat16: --config.model.compute_dtype=bfloat16")
-    out.append("or a bigger slice (more chips, or v5p's 95 GiB per chip)")
-    return out
-
-
 def plan(config, topology: str) -> dict:
     """Compile the configured train step for `topology`; the report as a dict (printed by main)."""
     gen, name, chips = parse_topology(topology)
@@ -164,16 +133,7 @@ def plan(config, topology: str) -> dict:
     param_sh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(step_cfg, optimizer, mesh, jax.tree.map(lambda x: x.sharding, abstract_state),
                                        param_sh, live_reference=live)
-    dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length), "last_index": (b, 2), "valid": (b,),
-            "ref_logp": (b, 2)}
-    dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
-    batch_sh = step_lib.batch_shardings(mesh, keys)
-    batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=batch_sh[k]) for k in keys}
-    full = params_lib.abstract_params(model_cfg, mesh)
-    ref = full if live and step_cfg.loss.needs_reference else None
-    frozen_sh = params_lib.frozen_shardings(model_cfg, step_cfg.lora, mesh)
-    frozen = None if frozen_sh is None else {k: full[k] for k in frozen_sh}
-
+    batch, ref, frozen = fit.abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live)
     sizes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     hbm = hbm_per_chip(gen, chips)
     # v4's topology description has one device per TensorCore (2 per chip): its memory analysis is
@@ -182,40 +142,16 @@ def plan(config, topology: str) -> dict:
     report = {"topology": name, "requested": topology, "chips": chips, "devices": len(devices), "mesh": dict(zip(sharding.MESH_AXES, mesh_shape)),
               "device_kind": devices[0].device_kind, "hbm_per_chip_bytes": hbm,
               "objective": step_cfg.loss.objective, "compute_dtype": str(jnp.dtype(step_cfg.compute_dtype)),
-              "remat": bool(model_cfg.remat), "lora_rank": int(config.model.lora.rank),
+              "remat": bool(model_cfg.remat), "scan_layers": bool(model_cfg.scan_layers),
+              "moment_dtype": str(config.optim.get("moment_dtype", "float32")), "lora_rank": int(config.model.lora.rank),
               "batch": [b, 2, length], "grad_accum": accum,
               "state_bytes_total": sizes(abstract_state), "frozen_bytes_total": sizes(frozen) + sizes(ref)}
-    t0 = time.perf_counter()
-    try:
-        compiled = fn.lower(abstract_state, batch, ref, frozen).compile()
-    except Exception as e:  # noqa: BLE001 - XLA raises XlaRuntimeError / JaxRuntimeError
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        needed, available = exhausted_bytes(str(e))
-        first = next((line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e)[:300])
-        report.update(fits=False, compile_s=round(time.perf_counter() - t0, 2), flops_per_step=None,
-                      bytes_per_chip={"arguments": None, "temporaries": None, "outputs": None, "aliased": None,
-                                      "total": needed and needed * per_chip},
-                      xla_error=first.strip()[:500])
-        if available:
-            report["hbm_usable_per_chip_bytes"] = available * per_chip
-        report["advice"] = advice(config, mesh_shape, chips, False, 0.0)
-        return report
-    report["compile_s"] = round(time.perf_counter() - t0, 2)
-    mem = compiled.memory_analysis()
-    args, temp = per_chip * int(mem.argument_size_in_bytes), per_chip * int(mem.temp_size_in_bytes)
-    outs, alias = per_chip * int(mem.output_size_in_bytes), per_chip * int(mem.alias_size_in_bytes)
-    total = args + temp + outs - alias
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = (cost or {}).get("flops")  # of one device's program (the per-chip share of the step)
-    flops = None if flops is None else flops * per_chip
-    headroom = 1 - total / hbm
-    report.update(fits=total <= hbm, flops_per_step=None if flops is None else float(flops),
-                  bytes_per_chip={"arguments": args, "temporaries": temp, "outputs": outs, "aliased": alias,
-                                  "total": total},
-                  headroom=round(headroom, 4))
-    report["advice"] = advice(config, mesh_shape, chips, total <= hbm, headroom)
+    _, result = fit.measure(fn, (abstract_state, batch, ref, frozen), memory_bytes=hbm, per_chip=per_chip)
+    report.update(result)
+    # XLA's cost analysis counts a loop body once: the LM-head chunks, and with scanned layers one
+    # period of layers instead of all of them. The figure is then a lower bound, and says so.
+    report["flops_counts_loop_bodies_once"] = True
+    report["advice"] = fit.advice(config, mesh_shape, chips, report["fits"], report.get("headroom", 0.0))
     return report
 
 
@@ -224,13 +160,15 @@ def format_report(r: dict) -> str:
     bpc = r["bytes_per_chip"]
     flops = "?" if r["flops_per_step"] is None else f"{r['flops_per_step']:.3e}"
     lines = [f"{r['requested']} -> {r['topology']}: {r['chips']} chips ({r['devices']} devices) of {r['device_kind']}, mesh {r['mesh']}, "
-             f"{r['objective']} {r['compute_dtype']} remat={r['remat']} lora_rank={r['lora_rank']}, "
+             f"{r['objective']} {r['compute_dtype']} remat={r['remat']} scan_layers={r['scan_layers']} "
+             f"moment_dtype={r['moment_dtype']} lora_rank={r['lora_rank']}, "
              f"batch {r['batch']} grad_accum={r['grad_accum']}",
              f"state in total: {g(r['state_bytes_total'])} (+ frozen/reference {g(r['frozen_bytes_total'])})",
              f"per chip: arguments {g(bpc['arguments'])}, temporaries {g(bpc['temporaries'])}, "
              f"outputs {g(bpc['outputs'])} (aliased {g(bpc['aliased'])}); total {g(bpc['total'])} "
              f"of {g(r['hbm_per_chip_bytes'])}",
-             f"flops per step per chip: {flops}; compile {r['compile_s']} s"]
+             f"flops per step per chip: {flops} (XLA's count, each loop body once: a lower bound"
+             f"{', one period of the scanned layers' if r['scan_layers'] else ''}); compile {r['compile_s']} s"]
     if r["fits"]:
         lines.append(f"verdict: fits with {100 * r['headroom']:.0f}% headroom")
     else:

@@ -5,6 +5,7 @@ and tokenizer/; a Hugging Face directory (or hub id) holds config.json and safet
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -63,20 +64,21 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
                                        best_metric="dpo_accuracy")
     try:
         step = select_step(ckpt, which)
-        saved = ckpt.read_config(step)
-        config = ml_collections.ConfigDict(saved)
-        lora = loop.lora_config(config)
-        abstract = params_lib.abstract_trainable(model_cfg, lora, mesh)
         candidates = [s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last" else [step]
         params, problems = None, []
         for candidate in candidates:
+            config = ml_collections.ConfigDict(ckpt.read_config(candidate))
+            # Each checkpoint records its parameter layout (runs from before scanned layers: per layer).
+            layout_cfg = dataclasses.replace(model_cfg, **loop.layout_options(config))
+            lora = loop.lora_config(config)
             try:
-                params = ckpt.restore_params(candidate, abstract)
+                params = ckpt.restore_params(candidate, params_lib.abstract_trainable(layout_cfg, lora, mesh))
                 break
             except checkpoint.CorruptCheckpointError as e:
                 problems.append(str(e))
         if params is None:
             raise ValueError("; ".join(problems) + "; choose another with --step=last|N")
+        model_cfg = layout_cfg
         saved = ckpt.read_config(ckpt.restored_step)
     finally:
         ckpt.close()

@@ -27,6 +27,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "norm": None,
     "reward": None,
+    "layers": None,  # the stacked layers of a scanned decoder (model/scan.py): each device holds all
 }
 
 

@@ -490,3 +490,19 @@ def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path):
     p = runner.train(workdir, *packed)
     assert re.search(r"resumed from .* at step \d+", p.stderr), p.stderr[-3000:]
     assert_same_losses(whole, workdir)
+
+
+def test_per_layer_checkpoint_resumes_with_scanned_layers(run_a, runner, tmp_path):
+    """A run written with per-layer parameters (every run from before model.scan_layers) resumes
+    with scanned layers: its params and Adam moments are stacked, and training continues with the
+    same numbers up to float rounding."""
+    workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY)
+    p = runner.train(workdir, "--config.model.scan_layers=True")
+    no_traceback(p)
+    assert "checkpoint parameters converted to model.scan_layers=True" in p.stderr, p.stderr[-3000:]
+    assert "model.scan_layers: saved=False current=True" in p.stderr  # logged as harmless
+    ra, rb = train_rows(run_a), train_rows(workdir)
+    assert sorted(rb) == list(range(1, STEPS + 1))
+    for s in range(1, STEPS + 1):
+        np.testing.assert_allclose(rb[s]["loss"], ra[s]["loss"], rtol=1e-4, err_msg=f"step {s}")
+    assert json.loads((workdir / "model_config.json").read_text())["scan_layers"] is True

@@ -131,3 +131,21 @@ def test_accumulation_equals_averaged_gradient_step():
         p = optax.apply_updates(p, u)
     np.testing.assert_allclose(np.asarray(p_acc["w"]), np.asarray(p["w"]), rtol=1e-6, atol=1e-6)
     assert not np.allclose(np.asarray(p["w"]), np.asarray(p0["w"]))
+
+
+def test_moment_dtype_keeps_the_first_moment_in_bfloat16():
+    params = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.zeros((4,), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    half = make_optimizer(learning_rate=1e-2, total_steps=4, moment_dtype="bfloat16")
+    full = make_optimizer(learning_rate=1e-2, total_steps=4)
+    s_half, s_full = half.init(params), full.init(params)
+    for _ in range(2):  # the dtype survives updates (a jitted step's state keeps its layout)
+        u_half, s_half = jax.jit(half.update)(grads, s_half, params)
+        u_full, s_full = full.update(grads, s_full, params)
+    adam_half, adam_full = s_half[1][0], s_full[1][0]
+    assert {x.dtype for x in jax.tree.leaves(adam_half.mu)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adam_half.nu)} == {jnp.dtype(jnp.float32)}  # see make_optimizer
+    assert {x.dtype for x in jax.tree.leaves(adam_full.mu)} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(u_half["w"], u_full["w"], rtol=1e-2)  # the same updates, to bf16 precision
+    with pytest.raises(ValueError, match="optim.moment_dtype='float16'; allowed: float32, bfloat16"):
+        make_optimizer(learning_rate=1e-2, total_steps=4, moment_dtype="float16")

@@ -78,3 +78,31 @@ def test_what_cannot_fit_says_so_with_advice(capsys):
     assert "RESOURCE_EXHAUSTED" in report["xla_error"]
     assert any("grad_accum" in a for a in report["advice"]) and any("remat" in a for a in report["advice"])
     assert "verdict: does not fit" in text
+
+
+def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_path):
+    """haf_jax.train compiles its step for the largest batch first; on devices too small (here an
+    injected 1 MiB per device) it stops with the planner's verdict and advice, before any weight
+    or reference pass, instead of an XLA out-of-memory traceback."""
+    import importlib.util
+
+    from haf_jax import fit, loop
+
+    spec = importlib.util.spec_from_file_location("cfg_gemma_fit", ROOT / "configs" / "gemma.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.batch_size = 8
+    measured = []
+    real_measure = fit.measure
+    monkeypatch.setattr(fit, "measure", lambda *a, **k: measured.append(real_measure(*a, **k)[1]) or (None, measured[-1]))
+    monkeypatch.setattr(fit, "device_memory_bytes", lambda devices: 2**20)
+    monkeypatch.setattr(loop, "initial_params", lambda *a: pytest.fail("weights loaded before the fit check"))
+    with pytest.raises(fit.DoesNotFit) as e:
+        loop.train(config, tmp_path / "run")
+    need = measured[0]["bytes_per_chip"]["total"]
+    assert 2**20 < need < 2**30  # the tiny step's real size, above the injected figure
+    message = str(e.value)
+    assert message.startswith(f"the train step does not fit: it needs {need / 2**20:.1f} MiB per device of 1.0 MiB")
+    assert "batch 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
+    assert not (tmp_path / "run" / "reference_train.npy").exists()

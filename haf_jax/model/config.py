@@ -22,6 +22,11 @@ MLPS = ("gated", "plain")  # down(act(gate(x)) * up(x)) | fc2(act(fc1(x)))
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # attention kernels (model/attention.py)
+# What a rematerialised block keeps for the backward pass (names of jax.checkpoint_policies):
+# nothing (recompute the whole block), dots (keep matmul outputs), dots_no_batch (keep matmul
+# outputs without batch dimensions: the weight-like ones).
+REMAT_POLICIES = {"nothing": "nothing_saveable", "dots": "dots_saveable",
+                  "dots_no_batch": "dots_with_no_batch_dims_saveable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +77,17 @@ class ModelConfig:
     eos_token_id: int = 2
     remat: bool = False  # rematerialise each block in the backward pass
     attention: str = "auto"  # attention kernel: auto | xla | cudnn | splash (model/attention.py)
+    remat_policy: str = "nothing"  # what a rematerialised block keeps: a key of REMAT_POLICIES
+    # One compiled block per period of the layer pattern, scanned (jax.lax.scan) over the periods;
+    # parameters stacked with a leading "layers" axis (layout: model/scan.py). Same numbers.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("mlp", MLPS), ("activation", ACTIVATIONS),
-                               ("rope_type", ROPE_TYPES), ("attention", ATTENTIONS)):
+                               ("rope_type", ROPE_TYPES), ("attention", ATTENTIONS),
+                               ("remat_policy", tuple(REMAT_POLICIES))):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
         types = self.layer_types or (FULL,) * self.num_layers
@@ -99,6 +109,14 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def layer_period(self) -> int:
+        """The smallest P with layer_types[i] == layer_types[i % P] for every layer: 1 when all
+        layers are alike, 2 for Gemma 2 (sliding, full), 6 for Gemma 3 (5 sliding, 1 full). The
+        last period may be incomplete (Gemma 3 27B: 62 = 10 x 6 + 2)."""
+        types, n = self.layer_types, self.num_layers
+        return next(p for p in range(1, n + 1) if all(types[i] == types[i % p] for i in range(n)))
+
+    @property
     def embed_multiplier(self) -> float:
         return math.sqrt(self.hidden_size) if self.embed_scale else 1.0
 
@@ -106,6 +124,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Inverse of `dataclasses.asdict`, also for the Gemma-only layout of earlier runs.
 
+        Runs written before scanned layers have no `scan_layers` (False: their parameters are
+        per layer) nor `remat_policy`; the dataclass defaults fill them.
         Runs written before the family-agnostic decoder stored `rms_norm_eps`, `sandwich_norm`,
         `rope_scaling` (a linear factor) and `rope_local_theta` and no `norm_offset`; those are
         translated here so their `model_config.json` still loads (their parameters are unchanged).

@@ -106,10 +106,10 @@ def to_hf(c: ModelConfig, architecture: str) -> dict[str, Any]:
     return hf
 
 
-def _gemma(family, layers, **kw) -> ModelConfig:
+def _gemma(family, layers, scan_layers=True, **kw) -> ModelConfig:
     block = "pre" if family == "gemma" else "sandwich"
     return ModelConfig(family=family, num_layers=layers, block=block, bos_token_id=2, eos_token_id=1,
-                       pad_token_id=0, **_GEMMA, **kw)
+                       pad_token_id=0, scan_layers=scan_layers, **_GEMMA, **kw)
 
 
 def _gemma2(layers, **kw) -> ModelConfig:
@@ -127,8 +127,8 @@ def _gemma3(layers, window=1024, scaling=8.0, vocab=262_208, **kw) -> ModelConfi
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests and the offline demo: Gemma 2 features (GQA, soft-caps, sliding window) at toy size,
-    # with the vocabulary of the bundled byte-level tokenizer.
-    "tiny": _gemma("gemma2", 2, vocab_size=2048, hidden_size=64, intermediate_size=256, num_heads=4,
+    # with the vocabulary of the bundled byte-level tokenizer. Real presets scan their layers.
+    "tiny": _gemma("gemma2", 2, scan_layers=False, vocab_size=2048, hidden_size=64, intermediate_size=256, num_heads=4,
                    num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcap=50.0,
                    final_logit_softcap=30.0, sliding_window=128, layer_types=(SLIDING, FULL),
                    max_position_embeddings=2048),

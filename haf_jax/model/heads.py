@@ -7,8 +7,8 @@ log-prob: log pi(y|x) = sum over response positions of log_softmax(h W^T + b)[ta
           W is the embedding (tied) or the model's own `lm_head` [V, D]; b the optional
           `lm_head_bias` [V] (Phi).
 
-The parameter tree is flat at the top: the trunk's entries (`embed_tokens`, `layers_<i>`, the
-final norm) beside the heads (`reward_head`, and when untied `lm_head`, `lm_head_bias`).
+The parameter tree is flat at the top: the trunk's entries (`embed_tokens`, `layers_<i>` or, with
+scanned layers, the stacked `layers` (model/scan.py), the final norm) beside the heads (`reward_head`, and when untied `lm_head`, `lm_head_bias`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haf_jax.model.config import ModelConfig
-from haf_jax.model.layers import INIT, Decoder, LayerCache, param
+from haf_jax.model.layers import INIT, Decoder, param
 
 HEAD_KEYS = ("reward_head", "lm_head", "lm_head_bias")
 
@@ -247,8 +247,7 @@ def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):
     return _logits(hidden_states(params, config, tokens_NxL, last_index_N), head, bias, config.final_logit_softcap)
 
 
-def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache: tuple[LayerCache, ...],
-           logits_at_N=None):
+def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache, logits_at_N=None):
     """Logits [N, L, V] float32 of new tokens at `positions` (contiguous per row) attending to the
     KV cache (layers.init_cache), and the updated cache: prefill with the prompt, then one token
     at a time. Slots beyond a row's current position are never attended. With `logits_at_N` (an

@@ -15,6 +15,7 @@ that `transformers` Auto* classes load.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from haf_jax.model import families, heads
+from haf_jax.model import families, heads, scan
 from haf_jax.model.config import ModelConfig
 
 _SKIPPED_PARTS = ("vision_tower.", "multi_modal_projector.", "vision_model.")
@@ -168,7 +169,9 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
         raise ValueError(f"expected exactly one '*embed_tokens.weight' tensor in {directory}, found {embeds}")
     prefix = embeds[0][: -len("embed_tokens.weight")]
 
-    shapes, _ = heads.abstract_params(config)
+    # Tensors are read in the per-layer layout; a scanned model's layers are stacked per parameter
+    # (the host then holds one parameter of every layer of a period position at a time).
+    shapes, _ = heads.abstract_params(dataclasses.replace(config, scan_layers=False))
     flat_shapes = traverse_util.flatten_dict(shapes, sep="/")
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
     wanted = {_hf_name(path, prefix): path for path in flat_shapes}  # hf name -> our path
@@ -192,8 +195,9 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
             handles[file] = safe_open(file, framework="numpy")
         return handles[file].get_tensor(name)
 
-    flat, info = {}, {"architecture": arch, "prefix": prefix, "ignored": sorted(ignored)}
-    for name, path in wanted.items():
+    info = {"architecture": arch, "prefix": prefix, "ignored": sorted(ignored)}
+
+    def tensor(name, path):
         shape = tuple(flat_shapes[path].shape)
         layout = _layout(path)
         if name not in files:
@@ -222,7 +226,19 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
             array = _to_ours(w, shape, layout).astype(np_dtype)
             if path == "reward_head":
                 info["reward_head"] = "loaded"
-        flat[path] = jax.device_put(array, flat_shardings[path]) if path in flat_shardings else jnp.asarray(array)
+        return array
+
+    names_of = {path: name for name, path in wanted.items()}
+    flat = {}
+    for target in traverse_util.flatten_dict(heads.abstract_params(config)[0], sep="/"):
+        sources = scan.layer_paths(target, config)
+        if len(sources) == 1:
+            array = tensor(names_of[target], target)
+        else:  # filled in place: no second copy of the stack
+            array = np.empty((len(sources), *flat_shapes[sources[0]].shape), np_dtype)
+            for k, source in enumerate(sources):
+                array[k] = tensor(names_of[source], source)
+        flat[target] = jax.device_put(array, flat_shardings[target]) if target in flat_shardings else jnp.asarray(array)
         del array
     return traverse_util.unflatten_dict(flat, sep="/"), info
 
@@ -272,7 +288,7 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
     An untied LM head (`lm_head.weight`, `lm_head.bias`) is written to both, so haf_jax can score
     log-probs from the reward model too (transformers loads the classifier and reports those
     tensors as unused). The reward model's pad token differs from EOS (`export_pad_token`).
-    Parameters are gathered to the host (single-process only).
+    Parameters are gathered to the host (single-process only); scanned layers are written per layer.
     """
     if kind not in ("reward_model", "policy"):
         raise ValueError(f"kind must be 'reward_model' or 'policy', got {kind!r}")
@@ -288,6 +304,7 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
     else:
         hf = families.to_hf(config, "ForCausalLM", **extra)
     tensors = {}
+    params = scan.unstack(jax.device_get(params), config)  # HF names every layer
     for path, value in traverse_util.flatten_dict(params, sep="/").items():
         if path == "reward_head" and kind == "policy":
             continue
@@ -309,6 +326,7 @@ def save_peft_adapter(adapters, config: ModelConfig, lora, out_dir, *, heads: di
     out = pathlib.Path(out_dir)
     names = {"reward_head": "score", "embed_tokens": "model.embed_tokens"}
     tensors, modules = {}, []
+    adapters = scan.unstack(jax.device_get(adapters), config)  # PEFT names every layer
     for path, ab in traverse_util.flatten_dict(adapters, sep="/", is_leaf=lambda p, x: "a" in x).items():
         module = _hf_name(path, "model.").removesuffix(".weight")
         modules.append(module)

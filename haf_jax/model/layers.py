@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from haf_jax.model import attention as attention_lib
-from haf_jax.model.config import SLIDING, ModelConfig
+from haf_jax.model import attention as attention_lib, scan as scan_lib
+from haf_jax.model.config import REMAT_POLICIES, SLIDING, ModelConfig
 from haf_jax.sharding import constrain
 
 INIT = nn.initializers.normal(stddev=0.02)
@@ -216,6 +216,42 @@ class Block(nn.Module):
         return x + MLP(c, name="mlp")(Norm(c, name="post_attention_layernorm")(x)), cache
 
 
+class BlockGroup(nn.Module):
+    """One period of the layer pattern: blocks `block_0` .. `block_{P-1}` (sliding flags `kinds`),
+    applied in order. Scanned by the Decoder (carry: the hidden states), so a period compiles once."""
+
+    config: ModelConfig
+    kinds: tuple[bool, ...]
+
+    @nn.compact
+    def __call__(self, x_NxLxD, positions_NxL, valid_NxS, cache: tuple[LayerCache, ...] | None = None):
+        block = _block_class(self.config, scanned=True)
+        new_cache = []
+        for j, sliding in enumerate(self.kinds):
+            x_NxLxD, layer_cache = block(self.config, sliding, name=f"block_{j}")(
+                x_NxLxD, positions_NxL, valid_NxS, None if cache is None else cache[j])
+            x_NxLxD = constrain(x_NxLxD, ("batch", None, None))
+            new_cache.append(layer_cache)
+        return x_NxLxD, (tuple(new_cache) if cache is not None else None)
+
+
+def _block_class(config: ModelConfig, scanned: bool):
+    """Block, or Block rematerialised in the backward pass with the config's policy (inside a
+    scan, XLA cannot merge the recomputation with the forward pass, so CSE prevention is off)."""
+    if not config.remat:
+        return Block
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat_policy])
+    return nn.remat(Block, policy=policy, prevent_cse=not scanned)
+
+
+class StackCache(NamedTuple):
+    """KV cache of a scanned decoder: per position j of the period, the caches of its R layers
+    stacked [R, N, S, K, H] (`stacked[j]`), and one LayerCache per layer after the last full period."""
+
+    stacked: tuple[LayerCache, ...]
+    rest: tuple[LayerCache, ...]
+
+
 class Decoder(nn.Module):
     """Embedding, decoder stack, final norm: the trunk shared by the reward and LM heads.
 
@@ -223,7 +259,11 @@ class Decoder(nn.Module):
       -> (final-normed hidden states [N, L, D] in the compute dtype, updated cache or None).
     The compute dtype is the dtype of the parameters passed to `apply`. Without a cache, rows
     are attended causally by position and padding (valid False) is never a key, so outputs at
-    real positions never depend on padding. `cache` is a tuple of LayerCache, one per layer.
+    real positions never depend on padding. `cache` is what `init_cache` makes: a tuple of
+    LayerCache, one per layer, or a StackCache when the layers are scanned.
+    With `config.scan_layers` the layers of each full period of the layer pattern run as one
+    scanned BlockGroup named `layers` (parameters stacked [R, ...], model/scan.py); the layers of
+    an incomplete last period, and all layers otherwise, are blocks named `layers_<i>`.
     """
 
     config: ModelConfig
@@ -237,18 +277,38 @@ class Decoder(nn.Module):
         if c.embed_scale:  # Gemma: sqrt(D), rounded to the compute dtype as the reference does
             x = x * jnp.asarray(c.embed_multiplier, dt)
         x = constrain(x, ("batch", None, None))
-        block = nn.remat(Block) if c.remat else Block
+        first = scan_lib.scanned_layers(c)
+        stacked_cache, rest_cache = None, cache
+        if first:
+            period, repeats = scan_lib.periods(c)
+            group = nn.scan(BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
+                            metadata_params={nn.PARTITION_NAME: scan_lib.STACK})
+            kinds = tuple(t == SLIDING for t in c.layer_types[:period])
+            x, stacked_cache = group(c, kinds, name=scan_lib.STACK)(
+                x, positions_NxL, valid_NxL, None if cache is None else cache.stacked)
+            rest_cache = None if cache is None else cache.rest
+        block = _block_class(c, scanned=False)
         new_cache = []
-        for i, kind in enumerate(c.layer_types):
-            x, layer_cache = block(c, kind == SLIDING, name=f"layers_{i}")(
-                x, positions_NxL, valid_NxL, None if cache is None else cache[i])
+        for i in range(first, c.num_layers):
+            x, layer_cache = block(c, c.layer_types[i] == SLIDING, name=f"layers_{i}")(
+                x, positions_NxL, valid_NxL, None if cache is None else rest_cache[i - first])
             x = constrain(x, ("batch", None, None))
             new_cache.append(layer_cache)
         hidden = Norm(c, name=names(c)["final_norm"])(x)
-        return hidden, (tuple(new_cache) if cache is not None else None)
+        if cache is None:
+            return hidden, None
+        return hidden, (StackCache(stacked_cache, tuple(new_cache)) if first else tuple(new_cache))
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
-    """An empty KV cache for `batch` rows of up to `length` positions."""
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache for `batch` rows of up to `length` positions, laid out as the Decoder
+    takes it: a tuple of LayerCache [N, S, K, H] per layer, or a StackCache for scanned layers."""
     shape = (batch, length, config.num_kv_heads, config.head_dim)
-    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    empty = lambda lead=(): LayerCache(jnp.zeros(lead + shape, dtype), jnp.zeros(lead + shape, dtype))
+    first = scan_lib.scanned_layers(config)
+    rest = tuple(empty() for _ in range(first, config.num_layers))
+    if not first:
+        return rest
+    period, repeats = scan_lib.periods(config)
+    return StackCache(tuple(empty((repeats,)) for _ in range(period)), rest)

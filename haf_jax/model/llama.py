@@ -32,7 +32,7 @@ def to_hf(c: ModelConfig, architecture: str) -> dict[str, Any]:
 def _llama(vocab, d, f, layers, heads, kv, **kw) -> ModelConfig:
     return ModelConfig(family="llama", **LLAMA, activation="silu", vocab_size=vocab, hidden_size=d,
                        intermediate_size=f, num_layers=layers, num_heads=heads, num_kv_heads=kv,
-                       head_dim=d // heads, norm_eps=1e-5, **kw)
+                       head_dim=d // heads, norm_eps=1e-5, **{"scan_layers": True, **kw})
 
 
 _LLAMA3 = dict(rope_theta=500_000.0, bos_token_id=128_000, eos_token_id=128_001, pad_token_id=None)
@@ -43,7 +43,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Tests and the offline demo: Llama 3.2 features (GQA, llama3 rope scaling) at toy size with an
     # untied LM head, the vocabulary and token ids of the bundled byte-level tokenizer.
     "tiny-llama": _llama(2048, 64, 256, 2, 4, 2, **{**_LLAMA32, "tie_word_embeddings": False, "bos_token_id": 2,
-                                                    "eos_token_id": 1, "pad_token_id": 0}),
+                                                    "eos_token_id": 1, "pad_token_id": 0,
+                                                    "scan_layers": False}),
     "llama2-7b": _llama(32_000, 4096, 11_008, 32, 32, 32, max_position_embeddings=4096, tie_word_embeddings=False,
                         bos_token_id=1, eos_token_id=2, pad_token_id=None),
     "llama3-8b": _llama(128_256, 4096, 14_336, 32, 32, 8, max_position_embeddings=8192,

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from haf_jax.model import hf
+from haf_jax.model import hf, scan
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.heads import abstract_params
 
@@ -64,6 +64,10 @@ class LoraConfig:
                    bool(lora_cfg.train_lm_head), bool(lora_cfg.train_embeddings))
 
 
+def _per_layer(config: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(config, scan_layers=False)
+
+
 def _matrix_dims(path: str, shape) -> tuple[int, int]:
     """(in, out) of our tensor at `path` viewed as a matrix."""
     layout = hf._layout(path)
@@ -75,7 +79,27 @@ def _matrix_dims(path: str, shape) -> tuple[int, int]:
 
 
 def targets(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
-    """{our flat path ('layers_0/mlp/up_proj'): (in, out)} of the adapted matrices."""
+    """{our flat path ('layers_0/mlp/up_proj'): (in, out)} of the adapted matrices.
+
+    With scanned layers a stacked matrix ('layers/block_0/mlp/up_proj', [R, ...]) is one target
+    (its adapters then carry the same leading axis); the regular expression, matched against the
+    per-layer HF names, must select all of its layers or none."""
+    flat = _per_layer_targets(_per_layer(config), lora)
+    if not config.scan_layers:
+        return flat
+    out, layers = {}, {}
+    for path, dims in flat.items():
+        new, k = scan.stacked_path(path, config)
+        out[new] = dims
+        layers.setdefault(new, set()).add(k)
+    partial = [p for p, ks in layers.items() if None not in ks and len(ks) != len(scan.layer_paths(p, config))]
+    if partial:
+        raise ValueError(f"model.lora.targets={lora.targets!r} selects only some of the scanned layers of "
+                         f"{partial[:3]}; adapt every layer of a period position, or set model.scan_layers=False")
+    return out
+
+
+def _per_layer_targets(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
     shapes = traverse_util.flatten_dict(abstract_params(config)[0], sep="/")
     out, refused = {}, []
     for path, s in shapes.items():
@@ -107,13 +131,15 @@ def trainable_heads(config: ModelConfig, lora: LoraConfig) -> tuple[str, ...]:
 
 
 def init_adapters(config: ModelConfig, lora: LoraConfig, rng):
-    """{"a", "b"} per target, nested like the params: A ~ U(+-1/sqrt(in)) (as PEFT), B = 0. float32."""
+    """{"a", "b"} per target, nested like the params: A ~ U(+-1/sqrt(in)) (as PEFT), B = 0. float32.
+    Scanned layers get the per-layer adapters stacked: the same numbers in either layout."""
+    targets(config, lora)  # a scanned model refuses a partial selection of its stacked layers
     flat = {}
-    for i, (path, (d_in, d_out)) in enumerate(sorted(targets(config, lora).items())):
+    for i, (path, (d_in, d_out)) in enumerate(sorted(_per_layer_targets(_per_layer(config), lora).items())):
         bound = 1.0 / math.sqrt(d_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (d_in, lora.rank), jnp.float32, -bound, bound)
         flat[path + "/a"], flat[path + "/b"] = a, jnp.zeros((lora.rank, d_out), jnp.float32)
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return scan.stack(traverse_util.unflatten_dict(flat, sep="/"), config)
 
 
 def split(params, config: ModelConfig, lora: LoraConfig, rng):
@@ -125,7 +151,8 @@ def split(params, config: ModelConfig, lora: LoraConfig, rng):
 
 
 def delta(path: str, a, b, shape, scale: float):
-    """scale * A @ B reshaped to our layout of the target at `path` ([in, *out] or [*in, out])."""
+    """scale * A @ B reshaped to our layout of the target at `path` ([in, *out] or [*in, out]);
+    stacked adapters ([R, in, rank] @ [R, rank, out]) give the stacked [R, ...] deltas."""
     return (scale * (a @ b)).reshape(shape)
 
 
@@ -141,7 +168,8 @@ def merge(trainable, frozen, lora: LoraConfig):
 
 def abstract_trainable(config: ModelConfig, lora: LoraConfig):
     """(float32 ShapeDtypeStructs, logical axis names) of the trainable tree: an adapter's `a` keeps
-    its matrix's input axis name and `b` its output axis name (rank axes are never split)."""
+    its matrix's input axis name and `b` its output axis name (rank axes are never split); stacked
+    adapters keep the leading "layers" axis."""
     from jax.sharding import PartitionSpec as P
 
     shapes, names = abstract_params(config)
@@ -149,13 +177,17 @@ def abstract_trainable(config: ModelConfig, lora: LoraConfig):
     flat_names = traverse_util.flatten_dict(names, sep="/", is_leaf=lambda p, x: isinstance(x, P))
     out_shapes, out_names = {}, {}
     for path, (d_in, d_out) in targets(config, lora).items():
-        axes, ndim = tuple(flat_names[path]), len(flat_shapes[path].shape)
+        axes = tuple(flat_names[path])
+        lead = (len(scan.layer_paths(path, config)),) if axes[0] == scan.STACK else ()
+        axes, ndim = axes[len(lead):], len(flat_shapes[path].shape) - len(lead)
         in_first = hf._layout(path) == "in_first"
         a_axis = axes[0] if (in_first or ndim == 2) else None
         b_axis = axes[-1] if (not in_first or ndim == 2) else None
-        out_shapes[f"lora/{path}/a"] = jax.ShapeDtypeStruct((d_in, lora.rank), jnp.float32)
-        out_shapes[f"lora/{path}/b"] = jax.ShapeDtypeStruct((lora.rank, d_out), jnp.float32)
-        out_names[f"lora/{path}/a"], out_names[f"lora/{path}/b"] = P(a_axis, None), P(None, b_axis)
+        lead_name = (scan.STACK,) * len(lead)
+        out_shapes[f"lora/{path}/a"] = jax.ShapeDtypeStruct((*lead, d_in, lora.rank), jnp.float32)
+        out_shapes[f"lora/{path}/b"] = jax.ShapeDtypeStruct((*lead, lora.rank, d_out), jnp.float32)
+        out_names[f"lora/{path}/a"] = P(*lead_name, a_axis, None)
+        out_names[f"lora/{path}/b"] = P(*lead_name, None, b_axis)
     for key in trainable_heads(config, lora):
         out_shapes[key], out_names[key] = shapes[key], names[key]
     return traverse_util.unflatten_dict(out_shapes, sep="/"), traverse_util.unflatten_dict(out_names, sep="/")

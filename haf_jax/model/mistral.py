@@ -31,7 +31,7 @@ def _mistral(vocab, theta, window) -> ModelConfig:
         family="mistral", **LLAMA, activation="silu", vocab_size=vocab, hidden_size=4096, intermediate_size=14_336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=theta,
         layer_types=(SLIDING if window else FULL,) * 32, sliding_window=window, tie_word_embeddings=False,
-        max_position_embeddings=32_768, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        max_position_embeddings=32_768, bos_token_id=1, eos_token_id=2, pad_token_id=None, scan_layers=True)
 
 
 PRESETS: dict[str, ModelConfig] = {

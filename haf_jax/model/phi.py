@@ -49,5 +49,5 @@ PRESETS: dict[str, ModelConfig] = {
         family="phi", **PHI, activation="gelu_tanh", vocab_size=51_200, hidden_size=2560, intermediate_size=10_240,
         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=80, norm_eps=1e-5, partial_rotary_factor=0.4,
         tie_word_embeddings=False, max_position_embeddings=2048, bos_token_id=50_256, eos_token_id=50_256,
-        pad_token_id=None),
+        pad_token_id=None, scan_layers=True),
 }

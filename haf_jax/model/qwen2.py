@@ -40,7 +40,7 @@ def _qwen2(vocab, d, f, layers, heads, kv, tied) -> ModelConfig:
         family="qwen2", **LLAMA, activation="silu", vocab_size=vocab, hidden_size=d, intermediate_size=f,
         num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=d // heads, norm_eps=1e-6, qkv_bias=True,
         rope_theta=1_000_000.0, tie_word_embeddings=tied, max_position_embeddings=131_072,
-        bos_token_id=151_643, eos_token_id=151_643, pad_token_id=None)
+        bos_token_id=151_643, eos_token_id=151_643, pad_token_id=None, scan_layers=True)
 
 
 PRESETS: dict[str, ModelConfig] = {
