@@ -68,7 +68,9 @@ def run_haf_jax(model_dir, data_file, workdir, steps, skip) -> float:
            "--config.model.remat=False", f"--config.train.steps={steps}", "--config.train.log_every=5",
            f"--config.train.eval_every={10 * steps}", "--config.optim.learning_rate=1e-5",
            "--config.optim.warmup_steps=0", "--config.data.eval_fraction=0.02", "--config.data.truncation=trl"]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"haf_jax.train failed:\n{done.stderr[-4000:]}")
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "pairs_per_s" in r and r.get("split") is None and r["step"] > skip]
     # each row covers the non-compiling steps of its interval: pairs = rate x time
