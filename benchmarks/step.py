@@ -68,24 +68,28 @@ def batch(cfg, b: int, length: int):
             "valid": np.ones((b,), bool), "ref_logp": np.zeros((b, 2), np.float32)}
 
 
-def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.float32):
+def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.float32, *, live_reference=False,
+              data=None):
+    """(median seconds of a warm step, XLA's FLOPs); `data`: a batch (default: `batch(cfg, b, length)`)."""
     mesh = sharding.make_mesh((1, -1, 1))
     scfg = step_lib.StepConfig(cfg, step_lib.LossConfig(objective=objective), compute_dtype=jnp.dtype(dtype))
     opt = make_optimizer(learning_rate=1e-4, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
     fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       params_lib.param_shardings(cfg, mesh), live_reference=False)
-    data = {k: v for k, v in batch(cfg, b, length).items() if k in keys}
-    state = init_state(params_lib.init_params(cfg, jax.random.key(0), mesh))
-    compiled = fn.lower(state, data, None, None).compile()  # compiled once: timed and cost-analysed
+                                       params_lib.param_shardings(cfg, mesh), live_reference=live_reference)
+    data = {k: v for k, v in (batch(cfg, b, length) if data is None else data).items() if k in keys}
+    params0 = params_lib.init_params(cfg, jax.random.key(0), mesh)
+    ref = jax.tree.map(jnp.copy, params0) if live_reference else None  # the frozen reference (state is donated)
+    state = init_state(params0)
+    compiled = fn.lower(state, data, ref, None).compile()  # compiled once: timed and cost-analysed
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
     fn = compiled
-    state, m = fn(state, data, None, None)
+    state, m = fn(state, data, ref, None)
     jax.block_until_ready(m)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        state, m = fn(state, data, None, None)
+        state, m = fn(state, data, ref, None)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     return statistics.median(times), xla_flops

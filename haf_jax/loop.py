@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, evaluation, fit, params as params_lib, plots, reference, sharding, step as step_lib
+from haf_jax import checkpoint, data, evaluation, fit, flops, params as params_lib, plots, reference, sharding, step as step_lib
 from haf_jax.metrics import MetricsLog, Throughput, read_rows, summary_table
 from haf_jax.profile import StepProfiler
 from haf_jax.model import hf, lora as lora_lib
@@ -365,6 +365,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
     train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
                                                    live_reference=live)
+    train_fn = flops.CountedStep(train_fn)  # compiled once per batch shape; its FLOPs give the MFU
     # Before any weight is loaded: a step that cannot fit stops here with the planner's verdict and advice.
     fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live)
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
@@ -388,7 +389,9 @@ def train(config, workdir: str | pathlib.Path) -> dict:
     if start >= c.train.steps:
         log(f"the run in {workdir} is already complete (step {start} of {c.train.steps}); nothing to train")
     bar = tqdm(total=c.train.steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
-    meter = Throughput()
+    peak, peak_source = flops.peak_flops(s.mesh.devices.flat)
+    log(f"MFU peak: {peak_source}")
+    meter = Throughput(peak_flops=peak)
     nan_fault_step = int(os.environ.get("HAF_JAX_FAULT_NAN_STEP", "0"))
 
     def flush(item):
@@ -419,7 +422,7 @@ def train(config, workdir: str | pathlib.Path) -> dict:
             profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)
             work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
-                    float(data.real_tokens(batch)) * jax.process_count(), compiles)
+                    float(data.real_tokens(batch)) * jax.process_count(), compiles, train_fn.last_flops)
             if pending is not None:
                 flush(pending)
             pending = (step, metrics, work)

@@ -21,17 +21,19 @@ class Throughput:
     A step whose batch shape is new to this process carries its compilation: its time goes to
     `compile_s` (cumulative) and is never averaged into the rates. Time spent outside steps (eval,
     checkpoints) is excluded by `pause()`. `rates()` gives, over the steps since the last call:
-    `pairs_per_s`, `tokens_per_s` (real tokens, padding excluded), `step_s`, and `compile_s`.
+    `pairs_per_s`, `tokens_per_s` (real tokens, padding excluded), `step_s`, and `compile_s`;
+    with `peak_flops` (FLOP/s of all devices, haf_jax.flops.peak_flops) and each step's FLOPs,
+    also `mfu` = FLOPs / (time x peak).
     """
 
-    def __init__(self, clock=time.monotonic):
-        self._clock, self._shapes = clock, set()
+    def __init__(self, clock=time.monotonic, peak_flops: float | None = None):
+        self._clock, self._shapes, self._peak = clock, set(), peak_flops
         self._last = clock()
         self.compile_s = 0.0
         self._reset()
 
     def _reset(self):
-        self._time = self._pairs = self._tokens = self._steps = 0.0
+        self._time = self._pairs = self._tokens = self._steps = self._flops = 0.0
 
     def dispatched(self, shape) -> bool:
         """Call when a step is launched with a batch of `shape`; True when it needs compiling."""
@@ -39,8 +41,8 @@ class Throughput:
         self._shapes.add(tuple(shape))
         return new
 
-    def arrived(self, pairs: float, tokens: float, compiles: bool):
-        """Call when a step's metrics are on the host (the step is finished)."""
+    def arrived(self, pairs: float, tokens: float, compiles: bool, flops: float = 0.0):
+        """Call when a step's metrics are on the host (the step is finished); `flops`: the step's."""
         now = self._clock()
         elapsed, self._last = now - self._last, now
         if compiles:
@@ -48,6 +50,7 @@ class Throughput:
             return
         self._time += elapsed
         self._pairs, self._tokens, self._steps = self._pairs + pairs, self._tokens + tokens, self._steps + 1
+        self._flops += flops
 
     def pause(self):
         """Restart the clock after work that is not a train step (eval, saving)."""
@@ -58,6 +61,8 @@ class Throughput:
         if self._steps:
             out.update(pairs_per_s=self._pairs / max(self._time, 1e-9),
                        tokens_per_s=self._tokens / max(self._time, 1e-9), step_s=self._time / self._steps)
+            if self._peak and self._flops:
+                out["mfu"] = self._flops / (max(self._time, 1e-9) * self._peak)
         self._reset()
         return out
 

@@ -226,12 +226,13 @@ def test_metrics_contract(run_a):
     for key in ("loss", "reward_loss", "policy_loss", "reward_accuracy", "compile_s"):
         assert all(key in row for row in r.values()), key
     # step 1 compiles: its time is compile_s, not a rate; later rows report rates of real steps only
-    assert first["compile_s"] > 0 and "pairs_per_s" not in first
+    assert first["compile_s"] > 0 and "pairs_per_s" not in first and "mfu" not in first
     steady = [row for row in r.values() if "pairs_per_s" in row]
     assert len(steady) >= STEPS // 2
     for row in steady:
         assert row["pairs_per_s"] * row["step_s"] == pytest.approx(4, rel=1e-6)  # 4 real pairs a step
         assert row["tokens_per_s"] > row["pairs_per_s"] * 2 * 8  # each pair has two sequences of > 8 tokens
+        assert 0 < row["mfu"] < 1  # the step's FLOPs over its time and this host's measured peak
     ev = eval_rows(run_a)
     assert sorted(ev) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
     for row in ev.values():

@@ -49,3 +49,6 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
           f"{per_chip / 2**30:.3f} GiB, temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB")
     assert state_bytes / 8 <= per_chip < 1.1 * state_bytes / 8
     assert per_chip + memory.temp_size_in_bytes < 15.75 * 2**30
+    # The LM head's log-probs run split by vocabulary: no chip holds the whole head's float32
+    # gradient (2 GiB here, the bound), nor the whole head gathered (1 GiB bf16), as both did before.
+    assert memory.temp_size_in_bytes < model.vocab_size * model.hidden_size * 4

@@ -23,6 +23,7 @@ import numpy as np
 
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
+from haf_jax.sharding import constrain
 
 HEAD_KEYS = ("reward_head", "lm_head", "lm_head_bias")
 
@@ -118,6 +119,13 @@ def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, 
     `jax.checkpoint`, so forward and backward hold one [N, chunk, V] float32 block, not [N, L, V].
     The head (tied embedding or untied matrix) is cast inside the chunk: its gradient then
     accumulates across chunks in its own (float32 master) dtype, not in the bf16 compute dtype.
+
+    Under a mesh the head is split by vocabulary over every device ("logit_vocab") and each chunk
+    of hidden states is gathered to all of them: every device computes all rows' logits for its
+    V / devices slice (the log-sum-exp and the target logit reduce across slices). The other way
+    round, FSDP's embed-sharded head would be all-gathered whole ([V, D] bf16) and its gradient
+    accumulated whole ([V, D] float32) on every device: 3 GiB per chip for a 256k x 2048 head
+    (benchmarks/haf_memory.py). Gathering a chunk of hidden states costs N x chunk x D.
     """
     n, length, d = hidden_NxLxD.shape
     hidden = hidden_NxLxD[:, :-1]
@@ -133,10 +141,19 @@ def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, 
     # [C, N, chunk, ...]: scan over the leading chunk axis.
     split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, chunk, *x.shape[2:]), 1, 0)
 
+    # The first constraint (the parameter's own layout) is where the head's gradient returns to
+    # that layout: else the vocabulary split leaks into the optimizer update of the head and its moments.
+    head_VxD = constrain(constrain(head_VxD, ("vocab", "embed")), ("logit_vocab", None))
+    bias_V = None if bias_V is None else constrain(bias_V, ("logit_vocab",))
+
     @jax.checkpoint
     def chunk_logprob(h_NxCxD, t_NxC, m_NxC):
-        logits = _logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
-        target_logit = jnp.take_along_axis(logits, t_NxC[..., None], axis=-1)[..., 0]
+        h_NxCxD = constrain(h_NxCxD, (None, None, None))
+        logits = constrain(_logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap), (None, None, "logit_vocab"))
+        # The target's logit as a masked sum over the vocabulary: exact (one non-zero term), and it
+        # reduces across vocabulary slices, where a gather along a split axis would not.
+        vocab_V = jnp.arange(logits.shape[-1], dtype=t_NxC.dtype)
+        target_logit = jnp.sum(jnp.where(vocab_V == t_NxC[..., None], logits, 0.0), axis=-1)
         logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
         return jnp.sum(logp * m_NxC, axis=-1)
 

@@ -1,0 +1,156 @@
+"""haf_jax's train step vs the same step in PyTorch + transformers (the paper authors' way), one run.
+
+    pip install -e '.[bench]'     # torch (CPU build is enough) and trl
+    python benchmarks/vs_pytorch.py [--iters 3] [--pairs 4] [--length 256] [--prompt 64]
+
+Issue 12's synthetic shape: Gemma architecture, 6 layers, width 512, 8 query / 1 key-value heads
+of 64, MLP 2048, vocabulary 32,000; random tokens, 4 pairs x 2 x 256 tokens, prompt 64, random
+response lengths (the same batch for both); float32; AdamW, clip 1.0, lr 1e-5. Three steps:
+
+  HaF, live reference     L_R + 0.2 L_P, the frozen initial model run every step (no gradient)
+  HaF, precomputed ref    the reference log-probs come with the batch
+  Baseline                L_R only, no LM head
+
+PyTorch: transformers' GemmaForCausalLM trunk, a bias-free Linear(D, 1) reward head read at the
+last real token, full [N, L, V] logits -> log_softmax -> gather (what TRL-style DPO code does),
+torch.optim.AdamW + clip_grad_norm_. haf_jax: the real jitted train step (benchmarks/step.py),
+built from the same transformers config (haf_jax.model.families.from_hf). Each step is timed warm,
+median of --iters, both on all CPU cores. The machine is shared: read the ratios, not the seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+ALPHA, BETA, LR = 0.2, 0.1, 1e-5
+
+
+def hf_config(vocab=32_000, layers=6, width=512, heads=8, kv_heads=1, head_dim=64, mlp=2048):
+    from transformers import GemmaConfig
+
+    return GemmaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                       max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+
+
+def random_batch(vocab: int, pairs: int, length: int, prompt: int, seed: int = 0) -> dict:
+    """A padded batch in haf_jax's layout: a shared random prompt per pair, random-length responses."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, (pairs, 2, length)).astype(np.int32)
+    tokens[:, 1, :prompt] = tokens[:, 0, :prompt]
+    last = prompt + rng.integers(length // 8, length - prompt, (pairs, 2))  # last real token
+    pos = np.arange(length)
+    mask = ((pos >= prompt) & (pos <= last[..., None])).astype(np.int32)
+    tokens = np.where(pos <= last[..., None], tokens, 0).astype(np.int32)
+    return {"tokens": tokens, "response_mask": mask, "last_index": last.astype(np.int32),
+            "valid": np.ones((pairs,), bool), "ref_logp": rng.normal(-800, 50, (pairs, 2)).astype(np.float32)}
+
+
+class TorchHaF:
+    """The authors' way in PyTorch: one trunk, a reward head, full-vocabulary log-softmax."""
+
+    def __init__(self, config, objective: str, live_reference: bool):
+        import copy
+
+        import torch
+        from transformers import GemmaForCausalLM
+
+        torch.manual_seed(0)
+        self.torch, self.objective = torch, objective
+        self.model = GemmaForCausalLM(config).float().train()
+        self.reward_head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.reward_head.weight)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if live_reference else None
+        params = list(self.model.parameters()) + list(self.reward_head.parameters())
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
+
+    def _logp(self, model, hidden, ids, mask):
+        logits = model.lm_head(hidden[:, :-1]).float()  # [N, L-1, V]
+        logp = self.torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (logp * mask[:, 1:]).sum(-1)
+
+    def step(self, batch) -> float:
+        torch = self.torch
+        b, _, length = batch["tokens"].shape
+        ids = torch.from_numpy(batch["tokens"].reshape(2 * b, length)).long()
+        last = torch.from_numpy(batch["last_index"].reshape(2 * b)).long()
+        attn = (torch.arange(length)[None] <= last[:, None]).long()
+        mask = torch.from_numpy(batch["response_mask"].reshape(2 * b, length)).float()
+        hidden = self.model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        reward = self.reward_head(hidden[torch.arange(2 * b), last])[:, 0].view(b, 2)
+        loss = -torch.nn.functional.logsigmoid(reward[:, 0] - reward[:, 1]).mean()
+        if self.objective == "haf":
+            logp = self._logp(self.model, hidden, ids, mask).view(b, 2)
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_hidden = self.reference.model(input_ids=ids, attention_mask=attn).last_hidden_state
+                    ref = self._logp(self.reference, ref_hidden, ids, mask).view(b, 2)
+            else:
+                ref = torch.from_numpy(batch["ref_logp"])
+            margin = (logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1])
+            loss = loss + ALPHA * -torch.nn.functional.logsigmoid(BETA * margin).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return loss.item()
+
+
+def time_torch(config, objective, live, data, iters) -> float:
+    runner = TorchHaF(config, objective, live)
+    runner.step(data)  # warm-up
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        runner.step(data)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=64)
+    args = ap.parse_args()
+
+    import jax
+    import torch
+
+    import step as jax_bench  # benchmarks/step.py
+    from haf_jax.model.families import from_hf
+
+    torch.set_num_threads(os.cpu_count())
+    config = hf_config()
+    cfg = from_hf(config.to_dict())
+    data = random_batch(config.vocab_size, args.pairs, args.length, args.prompt)
+    print(f"haf_jax on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads; Gemma 6 x 512, vocab 32000, {args.pairs} pairs x 2 x {args.length} "
+          f"(prompt {args.prompt}, {int(data['response_mask'].sum())} response tokens), float32, median of {args.iters}")
+    rows = []
+    for label, objective, live in (("HaF, live frozen reference", "haf", True),
+                                   ("HaF, precomputed reference", "haf", False),
+                                   ("Baseline (no LM head)", "baseline", False)):
+        t_torch = time_torch(config, objective, live, data, args.iters)
+        t_jax, _ = jax_bench.time_step(cfg, objective, args.pairs, args.length, args.iters, live_reference=live,
+                                       data=data)
+        rows.append((label, t_torch, t_jax))
+        print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x",
+              flush=True)
+    print("| step | PyTorch + transformers | haf_jax | ratio |\n|---|---|---|---|")
+    for label, t_torch, t_jax in rows:
+        print(f"| {label} | {t_torch:.2f} s | {t_jax:.2f} s | {t_torch / t_jax:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

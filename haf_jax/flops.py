@@ -1,0 +1,137 @@
+"""MFU: the FLOPs one train step executes, and the peak FLOP/s of the devices it runs on.
+
+FLOPs per step are counted on the step's jaxpr (the trace the compiled program is lowered from):
+every `dot_general` (the matmuls: projections, attention scores and values, MLP, LM head, and
+their gradients) counts 2 x output elements x contracted size, a `scan` body counts `length`
+times, a `cond` its costliest branch. The rematerialised forward passes are part of the traced
+backward, so they count: this is the hardware-FLOPs flavour of MFU. Elementwise work is left out,
+as in the usual 6 x parameters x tokens rule. XLA's own `compiled.cost_analysis()["flops"]` is
+not used because it counts a while loop's body once, whatever its trip count: the log-prob chunk
+loop (and scanned layers) would be undercounted by their length (tests/test_mfu.py shows it).
+
+Peaks are dense bfloat16 FLOP/s per device from the vendors' data sheets; on CPU the peak is
+measured once (a float32 matmul on this host), and the log says which.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per JAX device, matched against `device.device_kind` (first match wins,
+# so longer names come first). Sources: Cloud TPU system-architecture pages (v4 275 T, v5e 197 T,
+# v5p 459 T, v6e 918 T per chip; JAX shows one device per chip) and NVIDIA data sheets (A100 312 T,
+# H100 SXM 989 T, H100 PCIe 756 T, H200 989 T; dense, without sparsity).
+PEAK_BF16_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul FLOPs of a (Closed)Jaxpr, loops counted by their length."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            out_size = math.prod(eqn.outvars[0].aval.shape)
+            total += 2.0 * out_size * math.prod(lhs_shape[d] for d in contract_lhs)
+            continue
+        subs = [_sub_flops(v) for v in eqn.params.values()]
+        subs = [s for s in subs if s is not None]
+        if not subs:
+            continue
+        if eqn.primitive.name == "cond":  # one branch runs
+            total += max(subs)
+        elif eqn.primitive.name == "scan":
+            total += eqn.params["length"] * sum(subs)
+        else:  # jit, remat, custom_vjp, while (trip count unknown: once), ...
+            total += sum(subs)
+    return total
+
+
+def _sub_flops(value):
+    if hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns"):
+        return jaxpr_flops(value)
+    if isinstance(value, (tuple, list)) and value and all(hasattr(getattr(v, "jaxpr", v), "eqns") for v in value):
+        return max(jaxpr_flops(v) for v in value)  # cond branches
+    return None
+
+
+def peak_flops(devices) -> tuple[float | None, str]:
+    """(peak FLOP/s of all `devices` together, where the number comes from) — None when unknown."""
+    devices = list(devices)
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        # Fake CPU devices (--xla_force_host_platform_device_count) share one host's cores.
+        hosts = len({d.process_index for d in devices})
+        per_host = measured_cpu_flops()
+        return per_host * hosts, f"measured on this CPU host: {per_host / 1e9:.1f} GFLOP/s float32 matmul x {hosts} host(s)"
+    for name, peak in PEAK_BF16_FLOPS:
+        if name.lower() in kind.lower():
+            return peak * len(devices), f"{kind}: {peak / 1e12:.0f} TFLOP/s bf16 dense x {len(devices)} devices"
+    return None, f"unknown peak for device kind {kind!r} (no MFU)"
+
+
+def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a float32 [n, n] x [n, n] matmul on the default CPU device, best of `repeats`."""
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+class CountedStep:
+    """A jitted step compiled once per argument signature, through trace -> lower -> compile, so
+    that its FLOPs come from the same trace (no second compilation).
+
+    `step(*args)` runs it; afterwards `step.last_flops` is the FLOPs of the program that ran.
+    `step.lower(*abstract_args).compile()` (jax.jit's interface: the fit check before step 1
+    compiles the largest batch that way) keeps the executable for the calls of that signature.
+    """
+
+    def __init__(self, jitted):
+        self._jitted, self._compiled = jitted, {}
+        self.last_flops = 0.0
+
+    @staticmethod
+    def _key(args):
+        leaves, treedef = jax.tree.flatten(args)
+        return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+    def lower(self, *args):
+        """The lowering for `args` (arrays or jax.ShapeDtypeStructs); its .compile() is kept."""
+        traced = self._jitted.trace(*args)
+        return _Lowered(self._compiled, self._key(args), traced.lower(), jaxpr_flops(traced.jaxpr))
+
+    def __call__(self, *args):
+        key = self._key(args)
+        if key not in self._compiled:
+            self.lower(*args).compile()
+        compiled, self.last_flops = self._compiled[key]
+        return compiled(*args)
+
+
+class _Lowered:
+    """A lowered step whose compile() stores the executable (and its FLOPs) under its signature."""
+
+    def __init__(self, cache: dict, key, lowered, flops: float):
+        self._cache, self._key, self._lowered, self._flops = cache, key, lowered, flops
+
+    def compile(self):
+        compiled = self._lowered.compile()
+        self._cache[self._key] = (compiled, self._flops)
+        return compiled
