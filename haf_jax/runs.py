@@ -1,23 +1,23 @@
 """Load a scoring model from a haf_jax run directory or a Hugging Face checkpoint, alike.
 
-A run directory (what `haf_jax.train --workdir` writes) holds checkpoints/, model_config.json
-and tokenizer/; a Hugging Face directory (or hub id) holds config.json and safetensors.
+A run directory (what `haf_jax.train --workdir` writes, local or gs://...) holds checkpoints/,
+model_config.json and tokenizer/; a Hugging Face directory (or hub id) holds config.json and
+safetensors.
 """
 from __future__ import annotations
 
 import json
-import pathlib
 
 import ml_collections
 
-from haf_jax import checkpoint, params as params_lib, step as step_lib
+from haf_jax import build, checkpoint, params as params_lib, paths, step as step_lib
 from haf_jax.data import load_tokenizer
 from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.config import ModelConfig
 
 
 def is_run_dir(path) -> bool:
-    p = pathlib.Path(path)
+    p = paths.path(path)
     return (p / "checkpoints").is_dir() and (p / "model_config.json").is_file()
 
 
@@ -44,9 +44,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     checkpoint recorded, and merged with the adapters; info["lora"] then carries the LoraConfig,
     the trained adapters and the base's name for a PEFT export.
     """
-    from haf_jax import loop
-
-    run_dir = pathlib.Path(run_dir)
+    run_dir = paths.path(run_dir)
     model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
     if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
@@ -56,8 +54,8 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     step = select_step(ckpt, which)
     saved = ckpt.read_config(step)
     config = ml_collections.ConfigDict(saved)
-    lora = loop.lora_config(config)
-    _, abstract_state = step_lib.state_layout(model_cfg, loop.optimizer_for(config), mesh, lora)
+    lora = build.lora_config(config)
+    _, abstract_state = step_lib.state_layout(model_cfg, build.optimizer_for(config), mesh, lora)
     try:  # "last" walks back past a damaged newest step (reported); an explicit or best step must be intact
         state, _, _ = ckpt.restore(None if str(which) == "last" else step, abstract_state)
     except checkpoint.CorruptCheckpointError as e:
@@ -67,16 +65,17 @@ def load_run(run_dir, mesh, *, which: str | int = "best"):
     info = {"source": str(run_dir), "step": ckpt.restored_step}
     params = state["params"]
     if lora.enabled:
-        _, path = loop.model_source(config)
-        base = loop.initial_params(config, model_cfg, path, mesh)
+        _, path = build.model_source(config)
+        base = build.initial_params(config, model_cfg, path, mesh)
         frozen = {k: v for k, v in base.items() if k not in lora_lib.trainable_heads(model_cfg, lora)}
-        found = loop.base_fingerprint(frozen)["base_weights"]
+        found = build.base_fingerprint(frozen)["base_weights"]
         if found != saved.get("base_weights"):
             raise ValueError(f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
                              f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
         info["lora"] = {"config": lora, "adapters": params["lora"], "base": config.model.checkpoint}
         params = lora_lib.merge(params, frozen, lora)
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    with paths.local_dir(run_dir / "tokenizer") as tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
     return params, model_cfg, tokenizer, info
 
 

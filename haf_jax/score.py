@@ -8,6 +8,9 @@ logp_rejected (summed response log-probs under the model's LM head) and, with --
 ref_logp_chosen, ref_logp_rejected; `row` is the source record (0-based, counting the records a
 recipe keeps) and `id` the record's id when it has one. A pair the data layer skips (empty or identical responses, ...) gets a row
 {"row", "skipped": reason} in its place. The last stdout line is a JSON summary.
+
+--model, --reference, --data and --out may be gs://... URLs. Multi-host: run the same command on
+every host; each scores its slice of every batch, the rows are gathered and process 0 writes.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
           max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
           step: str = "best", chunk: int = 128) -> dict:
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict."""
-    from haf_jax import data, params as params_lib, sharding, step as step_lib
+    from haf_jax import data, params as params_lib, paths, sharding, step as step_lib
     from haf_jax.reference import pair_pass
     from haf_jax.model.heads import forward_pairs
     from haf_jax.runs import load_model
@@ -51,7 +54,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     max_prompt_length = min(max_prompt_length, max_length // 2)
     ds = data.load_pairs(data_spec, tokenizer, split="all", max_length=max_length,
                          max_prompt_length=max_prompt_length, template=template, eval_fraction=0.0,
-                         max_skip_fraction=1.0)
+                         max_skip_fraction=1.0, process_index=jax.process_index(), process_count=jax.process_count())
     print(data.format_report(ds.report), file=sys.stderr)
     # Batches are split over every device: round up to a multiple (filler pairs are masked).
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -86,9 +89,8 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
             row[f"{name}_chosen"], row[f"{name}_rejected"] = float(cols[name][i, 0]), float(cols[name][i, 1])
         rows.append((ds.groups[i] if ds.groups else i, i, row))
     rows += [(g, -1, {"row": g, "skipped": reason}) for g, reason in ds.skipped]
-    with open(out_path, "w") as f:
-        for _, _, row in sorted(rows, key=lambda r: r[:2]):
-            f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:
+        paths.write_text(out_path, "".join(json.dumps(row) + "\n" for _, _, row in sorted(rows, key=lambda r: r[:2])))
     margin = cols["reward"][:, 0] - cols["reward"][:, 1]
     summary = {
         "pairs": n, "reward_accuracy": float(np.mean(margin > 0)) if n else 0.0,
@@ -111,7 +113,9 @@ def main(argv) -> None:
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
     from haf_jax.data import DataError
+    from haf_jax.distributed import maybe_initialize
 
+    maybe_initialize()
     try:
         summary = score(_MODEL.value, _DATA.value, _OUT.value, reference=_REFERENCE.value, batch_size=_BATCH.value,
                         max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value,
@@ -119,7 +123,8 @@ def main(argv) -> None:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(summary))
+    if jax.process_index() == 0:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":
