@@ -10,7 +10,7 @@ Google's client libraries and gcsfs honour. tensorstore reads its own `TENSORSTO
 and asks for credentials; when the emulator variable is set and those are not, `path()` sets them
 from it (an emulator takes no credentials), so one variable points the whole stack at a fake GCS.
 
-Helpers for what epath does not do in one call: an atomic file write (a kill never leaves half a
+Directory listings are never cached (see below). Helpers for what epath does not do in one call: an atomic file write (a kill never leaves half a
 file: a local temp file renamed over the target; a remote object appears whole when written),
 and copying a local directory tree up (tokenizer, exports) or a remote one down (libraries such as
 transformers' tokenizers read local directories only).
@@ -22,7 +22,14 @@ import os
 import tempfile
 from typing import Iterator
 
+import fsspec
 from etils import epath
+
+# fsspec filesystems cache directory listings for the life of the process; a reader (score,
+# export, an eval loop) would then never see the checkpoints another process commits later
+# (orbax lists the directory to find steps). Object-store listings are cheap next to checkpoints.
+for _protocol in ("gs", "s3"):
+    fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 def is_remote(p) -> bool:
     """True for URLs such as gs://bucket/dir (anything with a scheme), False for local paths."""
@@ -45,6 +52,9 @@ def _point_tensorstore_at_emulator() -> None:
     url = host if "://" in host else f"http://{host}"
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore's no-credentials switch
+    # gcsfs (read when it is first imported) otherwise asks the storage-control gRPC API, which
+    # emulators lack, for every bucket's layout, and logs a warning each time that fails.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def write_bytes(target, data: bytes) -> None:

@@ -1,4 +1,5 @@
-"""gs:// for real, against a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1).
+"""gs:// for real, against a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1,
+with the generation header it leaves out: tests/gcs_emulator.py).
 
 The children get only the standard STORAGE_EMULATOR_HOST: gcsfs (behind etils.epath: metrics,
 reports, tokenizer, reference arrays, orbax's JSON items and directories) honours it, and
@@ -19,6 +20,7 @@ import time
 
 import pytest
 
+from haf_jax import paths
 from test_e2e_checkpoints import (REPO, STEPS, assert_same_losses, no_traceback, run_a, runner,  # noqa: F401
                                   shared_root, small_data, wait_until)
 
@@ -32,8 +34,7 @@ def emulator(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
-                             f"--port={port}", "--in-memory", "--default-bucket=bucket"],
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -61,6 +62,8 @@ def bucket_file(url: str, local):
 
 
 def committed(url: str) -> list[int]:
+    """The steps orbax sees committed under `url`, from another process than the writer's (this sees
+    new steps only because haf_jax.paths turns off fsspec's listing cache)."""
     import orbax.checkpoint as ocp
     from etils import epath
 
@@ -76,7 +79,8 @@ def in_emulator(emulator, monkeypatch):
     """This process pointed at the emulator by STORAGE_EMULATOR_HOST; the variables haf_jax.paths
     derives from it are removed again afterwards."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return emulator
@@ -84,8 +88,6 @@ def in_emulator(emulator, monkeypatch):
 
 def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
     import pathlib
-
-    from haf_jax import paths
 
     assert str(pathlib.Path("gs://b/run")) == "gs:/b/run"  # the bug paths.path() exists for
     assert str(paths.path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
@@ -98,7 +100,7 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
 def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     from test_checkpoint import abstract, assert_same, make_state, mesh_of, save
 
-    from haf_jax import checkpoint, paths
+    from haf_jax import checkpoint
 
     (tmp_path / "tok" / "sub").mkdir(parents=True)
     (tmp_path / "tok" / "a.json").write_text("{}")
@@ -111,6 +113,15 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
         open(os.path.join(d, "x.bin"), "wb").write(b"\x00\x01")
     assert paths.path("gs://bucket/t/out/x.bin").read_bytes() == b"\x00\x01"
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == in_emulator  # derived for tensorstore
+
+    # data files in a bucket: errors name the URL (and the line), as for local files
+    from haf_jax.data import DataError, sources
+
+    with pytest.raises(DataError, match=r"^gs://bucket/t/missing.jsonl: file not found"):
+        list(sources.read_rows(sources.parse_source("gs://bucket/t/missing.jsonl")))
+    paths.write_text("gs://bucket/t/bad.jsonl", '{"chosen": "a", "rejected": "b"}\n{oops\n')
+    with pytest.raises(DataError, match=r"^gs://bucket/t/bad.jsonl line 2"):
+        list(sources.read_rows(sources.parse_source("gs://bucket/t/bad.jsonl")))
 
     # orbax through tensorstore and gcsfs: round trip, retention, walk-back past a garbled newest step
     states = {s: make_state(mesh_of(1), seed=s) for s in (1, 2, 3)}
@@ -130,19 +141,22 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
 
 def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp_path, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.delenv(name, raising=False)  # haf_jax must derive them from STORAGE_EMULATOR_HOST
     env = {"HAF_JAX_CACHE": str(tmp_path / "cache")}
     run = "gs://bucket/run"
 
-    proc = runner.start(run, env=env)
-    try:
-        wait_until(lambda: any(s > 4 for s in committed(run + "/checkpoints")), proc, poll=0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads while we wait
+        proc = subprocess.Popen(runner.train_cmd(run), cwd=REPO, env=runner.env(tmp_path / "w", **env),
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: any(s > 4 for s in committed(run + "/checkpoints")), proc, poll=0.2)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     killed_at = max(committed(run + "/checkpoints"))
     assert killed_at < STEPS
 
