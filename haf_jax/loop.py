@@ -1,7 +1,8 @@
-"""The training run: build model, data and state from a config, then loop, evaluate, checkpoint.
+"""The training run, orchestrated: build (haf_jax.build), resume or start, loop, evaluate, checkpoint.
 
 `train(config, workdir)` is what `python -m haf_jax.train` calls; it returns the run summary.
-Metrics are fetched one step late so the device never waits on Python.
+Metrics are fetched one step late so the device never waits on Python. Elsewhere: the resume
+policy (run_config), reference log-probs (reference.for_run), metrics files (metrics).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, paths, reference, step as step_lib
-from haf_jax.build import (Setup, base_fingerprint, build, initial_params, lora_config, model_source,  # noqa: F401
-                           optimizer_for, split_trainable, step_config)
+from haf_jax.build import Setup, base_fingerprint, build, initial_params, split_trainable
+from haf_jax.build import optimizer_for, step_config  # noqa: F401  (callers and tests use loop.*)
 from haf_jax.metrics import MetricsLog, Throughput, log, past_metrics, summary_table
 from haf_jax.profile import StepProfiler
-from haf_jax.run_config import RunError, check_resumable, config_dict, with_added_defaults  # noqa: F401
+from haf_jax.run_config import RunError, check_resumable, config_dict
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
 

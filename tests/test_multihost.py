@@ -1,11 +1,13 @@
 """Multi-host faults with two real processes (jax.distributed on 127.0.0.1, one CPU device each).
 
 A SIGTERM to one process only (a preemption notice that reached one host) must make both save the
-same step and exit 0; exporting that run from two processes (parameters sharded across them,
-gathered) must give the same files as exporting it from one.
+same step and exit 0; exporting or scoring that run from two processes (parameters sharded
+across them, gathered; each process scores its slice of every batch) must give the same files as
+from one.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pathlib
@@ -92,3 +94,18 @@ def test_two_process_export_equals_one_process(preempted, tmp_path):
     assert one == two and any(p.suffix == ".safetensors" for p in one)
     for rel in one:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_two_process_score_equals_one_process(preempted, tmp_path):
+    workdir, _ = preempted
+    with gzip.open(ROOT / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz", "rt") as f:
+        (tmp_path / "data.jsonl").write_text("".join(next(f) for _ in range(70)))  # 70: a ragged last batch
+    data = tmp_path / "data.jsonl"
+    args = ["haf_jax.score", f"--model={workdir}", "--step=last", f"--data={data}", "--max_length=64",
+            "--max_prompt_length=32", "--batch_size=16"]
+    outs = finish(start([*args, f"--out={tmp_path / 'two.jsonl'}"], 2, tmp_path / "cache"))
+    summary = json.loads(outs[0].strip().splitlines()[-1])
+    finish(start([*args, f"--out={tmp_path / 'one.jsonl'}"], 1, tmp_path / "cache"))
+    two = (tmp_path / "two.jsonl").read_text()
+    assert two == (tmp_path / "one.jsonl").read_text()
+    assert len(two.splitlines()) == summary["pairs"] + summary["skipped"] == 70  # each pair once, in order
