@@ -27,6 +27,13 @@ SMALL = ["--config.train.steps=500", "--config.train.batch_size=4", "--config.da
 pytestmark = pytest.mark.slow
 
 
+def sample_rows(path: pathlib.Path, n: int) -> pathlib.Path:
+    """The first n records of the bundled sample as a JSON-lines file."""
+    with gzip.open(ROOT / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz", "rt") as f:
+        path.write_text("".join(next(f) for _ in range(n)))
+    return path
+
+
 def start(module_args: list[str], n: int, cache) -> list[subprocess.Popen]:
     """`python -m module_args...` as n processes of one jax.distributed job (n=1: a plain process)."""
     with socket.socket() as s:
@@ -54,7 +61,9 @@ def preempted(tmp_path_factory):
     """(workdir, outputs): a 2-process run whose process 1 alone got SIGTERM after step 2."""
     tmp = tmp_path_factory.mktemp("multihost")
     workdir = tmp / "run"
-    procs = start(["haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}", *SMALL], 2, tmp / "cache")
+    data = sample_rows(tmp / "data.jsonl", 64)  # a short reference pass before step 1
+    procs = start(["haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}", f"--config.data.train={data}",
+                   "--config.data.eval_fraction=0.25", *SMALL], 2, tmp / "cache")
     try:
         deadline = time.monotonic() + 600
         metrics = workdir / "metrics.jsonl"
@@ -98,9 +107,7 @@ def test_two_process_export_equals_one_process(preempted, tmp_path):
 
 def test_two_process_score_equals_one_process(preempted, tmp_path):
     workdir, _ = preempted
-    with gzip.open(ROOT / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz", "rt") as f:
-        (tmp_path / "data.jsonl").write_text("".join(next(f) for _ in range(70)))  # 70: a ragged last batch
-    data = tmp_path / "data.jsonl"
+    data = sample_rows(tmp_path / "data.jsonl", 70)  # 70: a ragged last batch
     args = ["haf_jax.score", f"--model={workdir}", "--step=last", f"--data={data}", "--max_length=64",
             "--max_prompt_length=32", "--batch_size=16"]
     outs = finish(start([*args, f"--out={tmp_path / 'two.jsonl'}"], 2, tmp_path / "cache"))
