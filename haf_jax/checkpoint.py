@@ -187,9 +187,11 @@ class Checkpointer:
         self.restored_step: int | None = None  # set by restore(): the step actually used
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if best_metric:
+            # Every step this class saves has a metrics item ({} without an eval); steps without
+            # one were written before it had them: kept rather than deleted unranked.
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=self._rank, reverse=(best_mode == "min"), n=1,
-                keep_checkpoints_without_metrics=False))
+                keep_checkpoints_without_metrics=True))
         options = ocp.CheckpointManagerOptions(
             best_fn=self._rank if best_metric else None, best_mode=best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),

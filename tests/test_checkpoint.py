@@ -117,6 +117,19 @@ def test_keep_last_k_plus_best(tmp_path):
         assert c.all_steps() == [9, 10] and c.best_step() == 9
 
 
+def test_steps_without_orbax_metrics_are_kept(tmp_path):
+    """A step written without orbax's metrics item (before retention used it) is never deleted
+    unranked; steps written now follow last-K + best."""
+    state = make_state(mesh_of(1))
+    with ckpt.Checkpointer(tmp_path, every_steps=1, best_metric=None) as c:
+        assert save(c, 1, state, {"reward_accuracy": 0.9})
+    with ckpt.Checkpointer(tmp_path, every_steps=1, keep=1) as c:
+        for step in (2, 3, 4):
+            assert save(c, step, state, {"reward_accuracy": 0.1 * step} if step == 3 else None)
+        c.wait_until_finished()
+        assert c.all_steps() == [1, 3, 4] and c.best_step() == 1  # best by meta, as before
+
+
 def test_should_save_steps_and_timer(tmp_path):
     c = ckpt.Checkpointer(tmp_path, every_steps=10, every_minutes=0.0)
     assert [s for s in range(1, 31) if c.should_save(s)] == [10, 20, 30]
