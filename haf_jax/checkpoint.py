@@ -12,7 +12,8 @@ Policies (each tested in tests/test_checkpoint.py):
   `AnyPreservationPolicy([LatestN(keep), BestN(n=1)])`; orbax's `max_to_keep` + `best_fn` alone
   would keep the best `keep` by metric and could drop the newest).  orbax's `metrics` item holds
   only {best_metric: value} (empty when the step has none) for that policy; all eval metrics are
-  kept in `meta`.
+  kept in `meta`.  Steps without that item (written before it was used) are kept, never deleted
+  unranked.
 - NaN/Inf: `save` raises FloatingPointError naming the step instead of writing such a state.
 - Integrity: a step is usable when orbax committed it (orbax hides a half-written step, by a
   rename on local disks and a commit marker on object stores, and a writer removes such leftovers
