@@ -154,7 +154,7 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
 @contextlib.contextmanager
 def _loops_that_drain():
-    """While active, `asyncio.new_event_loop()` (orbax's restore) makes `_DrainingLoop`s."""
+    """While active, `asyncio.new_event_loop()` (orbax's restore and metadata reads) makes `_DrainingLoop`s."""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_DrainingPolicy())
     try:
@@ -286,7 +286,8 @@ class Checkpointer:
         return None
 
     def _read_json(self, step: int, item: str):
-        return self._mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        with _loops_that_drain():
+            return self._mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def _score_of(self, step: int) -> float | None:
         if step not in self._scores:
@@ -308,7 +309,8 @@ class Checkpointer:
             if not isinstance(value, dict):
                 return f"item {item!r} is not a JSON object"
         try:
-            tree = self._mngr.item_metadata(step)["state"]
+            with _loops_that_drain():  # a failed read must not leave sibling reads behind either
+                tree = self._mngr.item_metadata(step)["state"]
         except Exception as e:
             return f"item 'state' has unreadable metadata ({type(e).__name__}: {_first_line(e)})"
         if tree is None:
