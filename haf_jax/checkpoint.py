@@ -6,19 +6,23 @@ and `meta` (eval metrics, per-leaf layout and checksums); the last three are JSO
 
 Policies (each tested in tests/test_checkpoint.py):
 - When: every `every_steps` steps, after `every_minutes` (process 0 decides, all hosts follow),
-  at JAX's preemption sync point, or `save(force=True)` (SIGTERM, end of run).  Saves are async:
+  or `save(force=True)` (preemption, end of run).  Saves are async:
   `save` returns after the device-to-host copy; `wait_until_finished()`/`close()` before exit.
-- Keep: the last `keep` steps AND the best by `meta.metrics[best_metric]` (orbax
-  `AnyPreservationPolicy(LatestN(keep), BestN(1))`; orbax's `max_to_keep` + `best_fn` would keep
-  the best `keep` by metric and could drop the newest).  Metrics live in `meta`, not orbax's
-  `metrics` item, because orbax parses those when the manager starts: one garbled file there
-  would make the whole directory unreadable.
+- Keep: the last `keep` steps AND the best by `best_metric` (orbax
+  `AnyPreservationPolicy([LatestN(keep), BestN(n=1)])`; orbax's `max_to_keep` + `best_fn` alone
+  would keep the best `keep` by metric and could drop the newest).  orbax's `metrics` item holds
+  only {best_metric: value} (empty when the step has none) for that policy; all eval metrics are
+  kept in `meta`.  Steps without that item (written before it was used) are kept, never deleted
+  unranked.
 - NaN/Inf: `save` raises FloatingPointError naming the step instead of writing such a state.
-- Integrity: a step is usable when orbax committed it (it writes `<step>.orbax-checkpoint-tmp-*`
-  and renames on commit, so a half-written step is invisible), its items exist and their JSON
-  parses (`latest_step`), it reads back without error and its per-leaf checksums (position-
-  weighted uint32 sums of the bits: exact, sharding-independent) match (`restore`); checksums
-  catch garbled chunk bytes that tensorstore reads back silently.  A bad step is reported with
+- Integrity: a step is usable when orbax committed it (orbax hides a half-written step, by a
+  rename on local disks and a commit marker on object stores, and a writer removes such leftovers
+  when it opens the directory: `cleanup_tmp_directories`), its JSON items read back as objects
+  and its array tree's metadata reads (`latest_step`), its arrays read back without error and
+  their per-leaf checksums (position-weighted uint32 sums of the bits: exact, sharding-
+  independent) match (`restore`); checksums catch garbled chunk bytes that tensorstore reads back
+  silently.  Everything goes through orbax's public CheckpointManager API and epath, so the same
+  code serves local disks and gs:// (haf_jax.paths).  A bad step is reported with
   `logging.warning` naming it and why; `restore(None, ...)` walks back to the newest good step.
   Nothing is deleted: the first `save` after a restore moves the steps newer than the restored
   one to `DIR/set_aside/<step>.<unix time>`, so retention and step numbers follow the live run.
@@ -29,22 +33,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
-import types
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
+
+from haf_jax import paths
 
 log = logging.getLogger(__name__)
 
-HARMLESS_PREFIXES = ("train.eval_every", "train.eval_steps", "train.log_every", "train.profile_steps", "checkpoint.",
-                     "workdir", "data.eval", "log.", "logging.")
 _ITEMS = ("state", "data", "config", "meta")
 _MISSING = "<missing>"
 
@@ -118,45 +119,6 @@ def _jsonable(tree):
     return json.loads(json.dumps(tree))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: d}
-
-
-def _matches(key: str, prefix: str) -> bool:
-    if prefix.endswith("."):
-        return key.startswith(prefix)
-    return key == prefix or key.startswith(prefix + ".")
-
-
-def compare_configs(saved: dict, current: dict, *,
-                    harmless_prefixes=HARMLESS_PREFIXES) -> tuple[list[str], list[str]]:
-    """Differences between a checkpoint's config and the current one, as (breaking, harmless).
-
-    Nested dicts are flattened to dotted keys and compared after a JSON round trip (so a tuple
-    equals a list).  Each difference reads "key: saved=X current=Y" (`<missing>` for a key on one
-    side only).  Policy: a key is harmless when it equals one of `harmless_prefixes` or lies
-    under it ("a.b" covers "a.b" and "a.b.*"; "a." covers "a.*") -- by default eval/log cadence,
-    checkpoint options, the workdir and the eval data, which never change the trained state.
-    Everything else is breaking (model shape, objective, loss weights, data, seed, batch size,
-    optimizer, train.steps via the LR schedule, keys that appeared or disappeared): the caller
-    refuses to resume on breaking differences and logs harmless ones.
-    """
-    a, b = _flatten(_jsonable(saved)), _flatten(_jsonable(current))
-    breaking, harmless = [], []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key, _MISSING), b.get(key, _MISSING)
-        if x == y:
-            continue
-        line = f"{key}: saved={x!r} current={y!r}"
-        (harmless if any(_matches(key, p) for p in harmless_prefixes) else breaking).append(line)
-    return breaking, harmless
-
-
 def _everyone(ok: bool) -> bool:
     """True only when `ok` holds on every process (a no-op on one process)."""
     if jax.process_count() == 1:
@@ -192,7 +154,7 @@ class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
 
 @contextlib.contextmanager
 def _loops_that_drain():
-    """While active, `asyncio.new_event_loop()` (orbax's restore) makes `_DrainingLoop`s."""
+    """While active, `asyncio.new_event_loop()` (orbax's restore and metadata reads) makes `_DrainingLoop`s."""
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_DrainingPolicy())
     try:
@@ -203,29 +165,8 @@ def _loops_that_drain():
 
 def _first_line(e: BaseException) -> str:
     """One line of an orbax/tensorstore error (they append multi-line tensorstore specs)."""
-    text = str(e).split(" See full TensorStore details")[0]
+    text = str(e).split(" See full TensorStore details")[0].split(" [tensorstore_spec=")[0]
     return (text.splitlines() or [""])[0][:300]
-
-
-class _LastKPlusBest:
-    """orbax PreservationPolicy: LatestN(keep) OR BestN(1) by a score read from our meta item."""
-
-    def __init__(self, keep: int, score_of: Callable[[int], float | None], mode: str):
-        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
-        if mode:
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m["score"], reverse=(mode == "min"), n=1,
-                keep_checkpoints_without_metrics=False))
-        self._policy = ocp.checkpoint_managers.AnyPreservationPolicy(policies)
-        self._score_of = score_of
-
-    def should_preserve(self, checkpoints, *, context):
-        infos = []
-        for c in checkpoints:
-            s = self._score_of(c.step)
-            infos.append(types.SimpleNamespace(
-                step=c.step, time=c.time, metrics=None if s is None else {"score": s}))
-        return self._policy.should_preserve(infos, context=context)
 
 
 class Checkpointer:
@@ -236,7 +177,7 @@ class Checkpointer:
                  async_save: bool = True, read_only: bool = False):
         if best_mode not in ("max", "min") or keep < 1:
             raise ValueError(f"need best_mode in ('max', 'min') and keep >= 1: {best_mode!r}, {keep}")
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))  # orbax needs absolute paths
+        self.directory = paths.path(directory)  # local ones absolute (orbax needs that), or gs://...
         self.every_steps, self.every_minutes = every_steps, every_minutes
         self.best_metric, self.best_mode = best_metric, best_mode
         self._scores: dict[int, float | None] = {}
@@ -244,15 +185,33 @@ class Checkpointer:
         self._stale: list[int] = []  # steps newer than the one restore() returned
         self._decision: tuple[int, bool] | None = None
         self._last_save = time.monotonic()
-        self._swept = read_only  # leftover tmp dirs are removed before this writer's first save
         self.restored_step: int | None = None  # set by restore(): the step actually used
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if best_metric:
+            # Every step this class saves has a metrics item ({} without an eval); steps without
+            # one were written before it had them: kept rather than deleted unranked.
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=self._rank, reverse=(best_mode == "min"), n=1,
+                keep_checkpoints_without_metrics=True))
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_LastKPlusBest(keep, self._score_of, best_metric and best_mode),
+            best_fn=self._rank if best_metric else None, best_mode=best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=not read_only,  # a reader never touches a live run's saves
+            save_interval_steps=0 if read_only else 1,  # when to save is decided here, not by orbax
             enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    **{item: ocp.JsonCheckpointHandler() for item in _ITEMS[1:]}}
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def _rank(self, metrics: dict) -> float:
+        """orbax's sort key of a step's metrics item: its best_metric value; the worst when absent."""
+        value = metrics.get(self.best_metric)
+        if isinstance(value, (int, float)):
+            return float(value)
+        return -np.inf if self.best_mode == "max" else np.inf
 
     def should_save(self, step: int) -> bool:
-        """every_steps, the every_minutes timer, or JAX's preemption sync point (same on all hosts)."""
+        """every_steps or the every_minutes timer (same on all hosts); preemption is the caller's (loop.Preemption)."""
         if self._decision is not None and self._decision[0] == step:
             return self._decision[1]
         due = self.every_steps > 0 and step % self.every_steps == 0
@@ -260,7 +219,6 @@ class Checkpointer:
             due = time.monotonic() - self._last_save >= 60.0 * self.every_minutes
             if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
                 due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
-        due = due or self._mngr.reached_preemption(step)
         self._decision = (step, due)
         return due
 
@@ -278,7 +236,6 @@ class Checkpointer:
         if step in self._bad:
             self._stale.append(step)
         self._set_aside_stale()
-        self._sweep_tmp()
         if step in self._mngr.all_steps():
             log.info("checkpoint step %d already exists in %s; not saving it again", step,
                      self.directory)
@@ -294,26 +251,15 @@ class Checkpointer:
                         "best checkpoint", step, self.best_metric, sorted(metrics))
         meta = {"format": 1, "step": int(step), "metrics": metrics, "checksums": checksums,
                 "layout": _layout(state)}
+        ranked = {} if self._scores[step] is None else {self.best_metric: self._scores[step]}
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(_jsonable(data_state)),
             config=ocp.args.JsonSave(_jsonable(config)),
             meta=ocp.args.JsonSave(meta),
-        ), force=True)
+        ), metrics=ranked if self.best_metric else None, force=True)
         self._last_save = time.monotonic()
         return True
-
-    def _sweep_tmp(self):
-        """Removes `<step>.orbax-checkpoint-tmp-*` dirs of dead writers (orbax ignores them).
-
-        Done lazily by the writer, not in __init__ as orbax's `cleanup_tmp_directories` would,
-        so that a reader (score/export next to a live run) never deletes an in-flight save.
-        """
-        if not self._swept and jax.process_index() == 0:
-            for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-                log.info("removing the unfinished checkpoint %s", tmp)
-                tmp.rmtree()
-        self._swept = True
 
     def _set_aside_stale(self):
         """Moves steps newer than the restored one to DIR/set_aside/ (never deletes them)."""
@@ -340,7 +286,8 @@ class Checkpointer:
         return None
 
     def _read_json(self, step: int, item: str):
-        return ocp.JsonCheckpointHandler().restore(self.directory / str(step) / item)
+        with _loops_that_drain():
+            return self._mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def _score_of(self, step: int) -> float | None:
         if step not in self._scores:
@@ -354,25 +301,20 @@ class Checkpointer:
         """Cheap structural check of a committed step; None when it looks complete."""
         if step in self._bad:
             return self._bad[step]
-        root = self.directory / str(step)
-        for item in _ITEMS:
-            if not (root / item).is_dir():
-                return f"item {item!r} is missing"
-        for item in ("data", "config", "meta"):
+        for item in _ITEMS[1:]:
             try:
                 value = self._read_json(step, item)
             except Exception as e:
-                return f"item {item!r} is unreadable ({type(e).__name__}: {e})"
+                return f"item {item!r} is missing or unreadable ({type(e).__name__}: {_first_line(e)})"
             if not isinstance(value, dict):
                 return f"item {item!r} is not a JSON object"
-        manifest = root / "state" / "manifest.ocdbt"
-        if not manifest.exists() or manifest.stat().length == 0:
-            return "state/manifest.ocdbt is missing or empty"
-        if (root / "state" / "_METADATA").exists():
-            try:
-                json.loads((root / "state" / "_METADATA").read_text())
-            except Exception as e:
-                return f"state/_METADATA is unreadable ({type(e).__name__})"
+        try:
+            with _loops_that_drain():  # a failed read must not leave sibling reads behind either
+                tree = self._mngr.item_metadata(step)["state"]
+        except Exception as e:
+            return f"item 'state' has unreadable metadata ({type(e).__name__}: {_first_line(e)})"
+        if tree is None:
+            return "item 'state' is missing"
         return None
 
     def _mark_bad(self, step: int, why: str):

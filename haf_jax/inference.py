@@ -13,11 +13,12 @@ import dataclasses
 import functools
 import sys
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from haf_jax import data, evaluation, params as params_lib, reference as reference_lib, runs, sharding, step as step_lib
+from haf_jax import build, data, evaluation, params as params_lib, reference as reference_lib, runs, sharding, step as step_lib
 
 RUN_EVAL = "run:eval"  # data spec: the run's own eval split (data.eval, or the carve out of data.train)
 REFERENCES = ("initial", "none", "free")  # besides a model path: see reference_logprobs
@@ -74,6 +75,7 @@ def load_data(spec: str, model: Model, *, max_length: int | None = None, max_pro
             raise ValueError(f"--data={RUN_EVAL} needs a run directory as the model, got {model.name}")
         common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
                       eval_fraction=d.eval_fraction, seed=c.train.seed, max_skip_fraction=d.max_skip_fraction,
+                      process_index=jax.process_index(), process_count=jax.process_count(),
                       **data.config_options(d), **data.eval_options(d))
         ds = data.load_pairs(d.eval or d.train or data.sample_paths()["data"], model.tokenizer,
                              split="all" if d.eval else "eval", **common)
@@ -86,7 +88,8 @@ def load_data(spec: str, model: Model, *, max_length: int | None = None, max_pro
         ds = data.load_pairs(spec, model.tokenizer, split="all", max_length=max_length,
                              max_prompt_length=max_prompt_length,
                              template=template or (d.template if d is not None else "none"), eval_fraction=0.0,
-                             max_skip_fraction=1.0, **options)
+                             max_skip_fraction=1.0, process_index=jax.process_index(),
+                             process_count=jax.process_count(), **options)
     if log:
         print(data.format_report(ds.report), file=sys.stderr)
     return ds
@@ -102,8 +105,6 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
     model path or hub id (same vocabulary), scored in its own architecture. The reference weights
     are loaded once for all `datasets` and dropped afterwards.
     """
-    from haf_jax import loop
-
     reference = reference or (INITIAL if model.run_config is not None else "none")
     if reference == "none":
         return None, False, "none"
@@ -112,8 +113,8 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
     if reference == INITIAL:
         if model.run_config is None:
             raise ValueError(f"--reference=initial needs a run directory as the model, got {model.name}")
-        cfg, path = loop.model_source(model.run_config)
-        ref_params = loop.initial_params(model.run_config, cfg, path, mesh)
+        cfg, path = build.model_source(model.run_config)
+        ref_params = build.initial_params(model.run_config, cfg, path, mesh)
         what = f"initial weights of {model.name} ({model.run_config.model.checkpoint or 'seeded random init'})"
         ref_cfg = dataclasses.replace(model.step_cfg, model=cfg)
     else:

@@ -1,18 +1,30 @@
 """Run metrics: `metrics.jsonl` (the contract in DESIGN.md s3), TensorBoard events (scalars, and the
 eval figures of haf_jax.plots as images), summary table.
 
-Only process 0 writes. Rows are plain JSON objects: train rows carry `step` and the loss
-metrics; eval rows carry `split: "eval"`. On resume, rows after the restored step are dropped
-so the file reads as if the run had never stopped.
+Only process 0 writes (and prints: `log`). Rows are plain JSON objects: train rows carry `step`
+and the loss metrics; eval rows carry `split: "eval"`. On resume, rows after the restored step
+are dropped so the file reads as if the run had never stopped. A remote workdir (gs://) gets the
+same files: objects cannot be appended to, so metrics.jsonl is rewritten whole at most every
+`REMOTE_FLUSH_S` seconds, at each eval row and at close.
 """
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import sys
 import time
 
 import jax
+
+from haf_jax import paths
+
+REMOTE_FLUSH_S = 30.0
+
+
+def log(msg: str) -> None:
+    """Prints `msg` to stderr on process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
 class Throughput:
@@ -68,18 +80,22 @@ class Throughput:
 
 
 class MetricsLog:
-    def __init__(self, workdir: pathlib.Path, *, resume_step: int = 0):
-        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    def __init__(self, workdir, *, resume_step: int = 0):
+        self.path = paths.path(workdir) / "metrics.jsonl"
         self.enabled = jax.process_index() == 0
         self._tb = None
+        self._remote = paths.is_remote(self.path)
+        self._lines: list[str] = []  # a remote file's content, rewritten whole
+        self._flushed = time.monotonic()
         if not self.enabled:
             return
         if self.path.exists():  # keep only what the restored state had already produced
             kept = [r for r in read_rows(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        from tensorboardX import SummaryWriter
+            self._lines = [json.dumps(r) + "\n" for r in kept]
+            paths.write_text(self.path, "".join(self._lines))
+        from tensorboardX import SummaryWriter  # writes gs:// itself (google-cloud-storage)
 
-        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+        self._tb = SummaryWriter(str(paths.path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict, *, split: str = "train") -> dict:
         row = {"step": int(step)}
@@ -87,8 +103,13 @@ class MetricsLog:
             row["split"] = split
         row.update({k: _plain(v) for k, v in metrics.items()})
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            if self._remote:
+                self._lines.append(json.dumps(row) + "\n")
+                if split != "train" or time.monotonic() - self._flushed >= REMOTE_FLUSH_S:
+                    self._flush()
+            else:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self._tb.add_scalar(f"{split}/{k}", v, step)
@@ -107,15 +128,21 @@ class MetricsLog:
             tags.append(f"{split}/{name}")
         return tags
 
+    def _flush(self):
+        paths.write_text(self.path, "".join(self._lines))
+        self._flushed = time.monotonic()
+
     def close(self):
+        if self._remote and self.enabled:
+            self._flush()
         if self._tb is not None:
             self._tb.close()
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
+def read_rows(path) -> list[dict]:
     """The rows of a metrics.jsonl; a half-written last line (a kill mid-write) is dropped."""
     rows = []
-    for line in pathlib.Path(path).read_text().splitlines():
+    for line in paths.path(path).read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -142,3 +169,24 @@ def summary_table(rows: dict[str, dict], keys: tuple[str, ...]) -> str:
             cells.append((f"{v:.4f}" if isinstance(v, float) else str(v)).rjust(width + 2))
         lines.append(name.ljust(8) + "".join(cells))
     return "\n".join(lines)
+
+
+def past_metrics(workdir, upto: int, best_metric: str):
+    """(best, last_eval, last_train) as metrics.jsonl records them up to step `upto`, so that a resumed
+    run's summary covers the evaluations made before the restart: (None, None, {}) on a fresh run."""
+    best, last_eval, last_train = None, None, {}
+    path = workdir / "metrics.jsonl"
+    if upto <= 0 or jax.process_index() != 0 or not path.exists():
+        return best, last_eval, last_train
+    for row in read_rows(path):
+        if row.get("step", upto + 1) > upto:
+            continue
+        step, values = row["step"], {k: v for k, v in row.items() if k not in ("step", "split")}
+        if row.get("split") == "eval":
+            last_eval = values
+            if isinstance(values.get(best_metric), (int, float)) and (
+                    best is None or values[best_metric] > best[1][best_metric]):
+                best = (step, values)
+        elif "split" not in row and step == upto:
+            last_train = values
+    return best, last_eval, last_train

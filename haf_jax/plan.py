@@ -113,7 +113,7 @@ def plan(config, topology: str) -> dict:
     import jax.numpy as jnp
 
     from haf_jax import params as params_lib, sharding, step as step_lib
-    from haf_jax.loop import model_source, optimizer_for, step_config
+    from haf_jax.build import model_source, optimizer_for, step_config
 
     model_cfg, _ = model_source(config)
     try:

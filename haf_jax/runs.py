@@ -1,19 +1,19 @@
 """Load a scoring model from a haf_jax run directory or a Hugging Face checkpoint, alike.
 
-A run directory (what `haf_jax.train --workdir` writes) holds checkpoints/, model_config.json
-and tokenizer/; a Hugging Face directory (or hub id) holds config.json and safetensors.
+A run directory (what `haf_jax.train --workdir` writes, local or gs://...) holds checkpoints/,
+model_config.json and tokenizer/; a Hugging Face directory (or hub id) holds config.json and
+safetensors.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from haf_jax import checkpoint, params as params_lib
+from haf_jax import build, checkpoint, params as params_lib, paths
 from haf_jax.data import load_tokenizer
 from haf_jax.model import hf, lora as lora_lib
 from haf_jax.model.config import ModelConfig
@@ -21,7 +21,7 @@ from haf_jax.model.heads import HEAD_KEYS
 
 
 def is_run_dir(path) -> bool:
-    p = pathlib.Path(path)
+    p = paths.path(path)
     return (p / "checkpoints").is_dir() and (p / "model_config.json").is_file()
 
 
@@ -53,9 +53,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
     checkpoint recorded, and merged with the adapters; info["lora"] then carries the LoraConfig,
     the trained adapters and the base's name for a PEFT export.
     """
-    from haf_jax import loop
-
-    run_dir = pathlib.Path(run_dir)
+    run_dir = paths.path(run_dir)
     model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
     if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
@@ -69,8 +67,8 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         for candidate in candidates:
             config = ml_collections.ConfigDict(ckpt.read_config(candidate))
             # Each checkpoint records its parameter layout (runs from before scanned layers: per layer).
-            layout_cfg = dataclasses.replace(model_cfg, **loop.layout_options(config))
-            lora = loop.lora_config(config)
+            layout_cfg = dataclasses.replace(model_cfg, **build.layout_options(config))
+            lora = build.lora_config(config)
             try:
                 params = ckpt.restore_params(candidate, params_lib.abstract_trainable(layout_cfg, lora, mesh))
                 break
@@ -84,10 +82,10 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         ckpt.close()
     info = {"source": str(run_dir), "step": ckpt.restored_step, "config": saved}
     if lora.enabled:
-        _, path = loop.model_source(config)
-        base = loop.initial_params(config, model_cfg, path, mesh)
+        _, path = build.model_source(config)
+        base = build.initial_params(config, model_cfg, path, mesh)
         frozen = {k: v for k, v in base.items() if k not in lora_lib.trainable_heads(model_cfg, lora)}
-        found = loop.base_fingerprint(frozen)["base_weights"]
+        found = build.base_fingerprint(frozen)["base_weights"]
         if found != saved.get("base_weights"):
             raise ValueError(f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
                              f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
@@ -96,26 +94,26 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
     if compute_dtype:
         params = cast_trunk(params, config.model.compute_dtype)
         info["compute_dtype"] = str(jnp.dtype(config.model.compute_dtype))
-    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    with paths.local_dir(run_dir / "tokenizer") as tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
     return params, model_cfg, tokenizer, info
 
 
 def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
     """(params, ModelConfig, tokenizer, info) of the weights a run started from (its model.checkpoint,
     or its seeded random init, with the zero reward head): the untrained model, for comparison."""
-    from haf_jax import loop
-
-    run_dir = pathlib.Path(run_dir)
+    run_dir = paths.path(run_dir)
     with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
         saved = ckpt.read_config()
     config = ml_collections.ConfigDict(saved)
-    model_cfg, path = loop.model_source(config)
-    params = loop.initial_params(config, model_cfg, path, mesh)
+    model_cfg, path = build.model_source(config)
+    params = build.initial_params(config, model_cfg, path, mesh)
     if compute_dtype:
         dtype = config.model.compute_dtype if compute_dtype is True else compute_dtype
         params = cast_trunk(params, dtype)
     info = {"source": str(run_dir), "step": 0, "config": saved, "initial": config.model.checkpoint or "random init"}
-    return params, model_cfg, load_tokenizer(str(run_dir / "tokenizer")), info
+    with paths.local_dir(run_dir / "tokenizer") as tokenizer_dir:
+        return params, model_cfg, load_tokenizer(tokenizer_dir), info
 
 
 def cast_trunk(params, dtype):

@@ -8,12 +8,16 @@ logp_rejected (summed response log-probs under the model's LM head) and, with --
 ref_logp_chosen, ref_logp_rejected; `row` is the source record (0-based, counting the records a
 recipe keeps) and `id` the record's id when it has one. A pair the data layer skips (empty or identical responses, ...) gets a row
 {"row", "skipped": reason} in its place. The last stdout line is a JSON summary.
+
+--model, --reference, --data and --out may be gs://... URLs. Multi-host: run the same command on
+every host; each scores its slice of every batch, the rows are gathered and process 0 writes.
 """
 from __future__ import annotations
 
 import json
 import sys
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
@@ -37,8 +41,9 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict.
 
     The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
-    parameters only are loaded (inference.open_model), its trunk in the compute dtype."""
-    from haf_jax import inference
+    parameters only are loaded (inference.open_model), its trunk in the compute dtype. On several
+    processes each scores its share of every batch; process 0 writes the gathered rows."""
+    from haf_jax import inference, paths
 
     mesh = inference.default_mesh()
     m = inference.open_model(model, mesh, which=step, beta=beta, chunk=chunk)
@@ -60,9 +65,8 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
             row[f"{name}_chosen"], row[f"{name}_rejected"] = float(col[i, 0]), float(col[i, 1])
         rows.append((ds.groups[i] if ds.groups else i, i, row))
     rows += [(g, -1, {"row": g, "skipped": reason}) for g, reason in ds.skipped]
-    with open(out_path, "w") as f:
-        for _, _, row in sorted(rows, key=lambda r: r[:2]):
-            f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:
+        paths.write_text(out_path, "".join(json.dumps(row) + "\n" for _, _, row in sorted(rows, key=lambda r: r[:2])))
     s = result.summary
     summary = {
         "pairs": len(ds), "reward_accuracy": s.get("reward_accuracy", 0.0), "mean_margin": s.get("reward_margin", 0.0),
@@ -84,7 +88,9 @@ def main(argv) -> None:
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
     from haf_jax.data import DataError
+    from haf_jax.distributed import maybe_initialize
 
+    maybe_initialize()
     try:
         summary = score(_MODEL.value, _DATA.value, _OUT.value, reference=_REFERENCE.value, batch_size=_BATCH.value,
                         max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value,
@@ -92,7 +98,8 @@ def main(argv) -> None:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(summary))
+    if jax.process_index() == 0:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -7,34 +7,16 @@ several processes.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from haf_jax.distributed import maybe_initialize
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
-
-
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one.
-
-    TPU pods and SLURM are detected by JAX itself; anywhere else set JAX_COORDINATOR_ADDRESS
-    (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
-    """
-    import jax
-
-    multi = (
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    )
-    if multi:
-        explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                        ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
-        jax.distributed.initialize(**explicit)
 
 
 def main(argv) -> None:
@@ -44,7 +26,7 @@ def main(argv) -> None:
     from haf_jax.data import DataError
     from haf_jax.loop import RunError, train
 
-    maybe_initialize_distributed()
+    maybe_initialize()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/gemma.py")

@@ -1,4 +1,4 @@
-"""Checkpoint layer: round trip, mesh changes, retention, corruption, NaN guard, config policy."""
+"""Checkpoint layer: round trip, mesh changes, retention, corruption, NaN guard; the resume config policy."""
 import asyncio
 import functools
 import glob
@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from haf_jax import checkpoint as ckpt
+from haf_jax import checkpoint as ckpt, run_config
 
 AXES = ("data", "fsdp", "tensor")
 SPECS = {"embed": P("fsdp", "tensor"), "mlp": {"w": P(None, "tensor"), "b": P()}, "head": P("fsdp", None)}
@@ -117,6 +117,19 @@ def test_keep_last_k_plus_best(tmp_path):
         assert c.all_steps() == [9, 10] and c.best_step() == 9
 
 
+def test_steps_without_orbax_metrics_are_kept(tmp_path):
+    """A step written without orbax's metrics item (before retention used it) is never deleted
+    unranked; steps written now follow last-K + best."""
+    state = make_state(mesh_of(1))
+    with ckpt.Checkpointer(tmp_path, every_steps=1, best_metric=None) as c:
+        assert save(c, 1, state, {"reward_accuracy": 0.9})
+    with ckpt.Checkpointer(tmp_path, every_steps=1, keep=1) as c:
+        for step in (2, 3, 4):
+            assert save(c, step, state, {"reward_accuracy": 0.1 * step} if step == 3 else None)
+        c.wait_until_finished()
+        assert c.all_steps() == [1, 3, 4] and c.best_step() == 1  # best by meta, as before
+
+
 def test_should_save_steps_and_timer(tmp_path):
     c = ckpt.Checkpointer(tmp_path, every_steps=10, every_minutes=0.0)
     assert [s for s in range(1, 31) if c.should_save(s)] == [10, 20, 30]
@@ -179,7 +192,7 @@ def _drop_item(step_dir):
 
 @pytest.mark.parametrize("damage,why", [
     (_truncate, "reading it failed"), (_garble, "checksum mismatch"),
-    (_garble_metadata, "_METADATA is unreadable"), (_garble_data_state, "'data' is unreadable"),
+    (_garble_metadata, "'state' has unreadable metadata"), (_garble_data_state, "'data' is missing or unreadable"),
     (_drop_item, "'config' is missing")])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage, why):
     states = {s: make_state(mesh_of(8), seed=s) for s in (1, 2, 3)}
@@ -205,13 +218,13 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage, why):
     assert tmp.exists() and (tmp_path / "3").exists()  # a reader never touches the directory
     c.close()
 
-    # Resuming writer: the skipped step is moved aside (not deleted) and step 3 can be re-saved.
+    # Resuming writer: orbax's unfinished save is removed when it opens the directory; the skipped
+    # step is moved aside (not deleted) and step 3 can be re-saved.
     w = ckpt.Checkpointer(tmp_path, every_steps=1)
     w.restore(None, abstract(mesh_of(1), states[3]))
-    assert w.restored_step == 2 and tmp.exists() and (tmp_path / "3").exists()
+    assert w.restored_step == 2 and not tmp.exists() and (tmp_path / "3").exists()
     assert save(w, 3, restored)
     w.close()
-    assert not tmp.exists()  # the writer cleaned up orbax's leftover tmp dir
     assert [p.name.split(".")[0] for p in (tmp_path / "set_aside").iterdir()] == ["3"]
     r = ckpt.Checkpointer(tmp_path, every_steps=1)
     assert r.latest_step() == 3
@@ -273,22 +286,36 @@ def test_failed_restore_leaves_no_read_behind(tmp_path, monkeypatch):
 def test_compare_configs():
     saved = {"model": {"preset": "tiny", "layers": 2}, "loss": {"objective": "haf", "alpha": 1.0},
              "train": {"eval_every": 100, "seed": 0, "shape": (2, 3)},
-             "checkpoint": {"every_steps": 50}, "workdir": "/a"}
+             "checkpoint": {"every_steps": 50}, "data": {"eval": "a.jsonl"}}
     current = {"model": {"preset": "tiny", "layers": 4}, "loss": {"objective": "dpo", "alpha": 1.0},
                "train": {"eval_every": 10, "seed": 0, "shape": [2, 3], "new_key": 1},
-               "checkpoint": {"every_steps": 20}, "workdir": "/b"}
-    breaking, harmless = ckpt.compare_configs(saved, current)
+               "checkpoint": {"every_steps": 20}, "data": {"eval": "b.jsonl"}}
+    breaking, harmless = run_config.compare_configs(saved, current)
     assert breaking == ["loss.objective: saved='haf' current='dpo'",
                         "model.layers: saved=2 current=4",
                         "train.new_key: saved='<missing>' current=1"]
     assert harmless == ["checkpoint.every_steps: saved=50 current=20",
-                        "train.eval_every: saved=100 current=10",
-                        "workdir: saved='/a' current='/b'"]
-    assert ckpt.compare_configs(saved, saved) == ([], [])
+                        "data.eval: saved='a.jsonl' current='b.jsonl'",
+                        "train.eval_every: saved=100 current=10"]
+    assert run_config.compare_configs(saved, saved) == ([], [])
     # "train.eval_every" must not cover a hypothetical "train.eval_everything".
-    assert ckpt.compare_configs({"train": {"eval_everything": 1}}, {"train": {"eval_everything": 2}})[0]
-    assert ckpt.compare_configs(saved, current, harmless_prefixes=("model.", "loss.objective", "train.",
-                                                                   "checkpoint.", "workdir"))[0] == []
+    assert run_config.compare_configs({"train": {"eval_everything": 1}}, {"train": {"eval_everything": 2}})[0]
+    assert run_config.compare_configs(saved, current, harmless_prefixes=("model.", "loss.objective", "train.",
+                                                                         "checkpoint.", "data.eval"))[0] == []
+
+
+def test_harmless_prefixes_name_existing_config_keys():
+    """Every harmless prefix names a key of the real config (a renamed key would silently turn breaking)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(
+        "gemma_config", pathlib.Path(__file__).parents[1] / "configs" / "gemma.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    keys = run_config._flatten(run_config.config_dict(module.get_config()))
+    for prefix in run_config.HARMLESS_PREFIXES:
+        assert any(run_config._matches(k, prefix) for k in keys), prefix
 
 
 def test_other_model_shape_is_an_error_not_corruption(tmp_path):

@@ -366,27 +366,27 @@ def test_no_usable_checkpoint_is_refused(run_a, runner, tmp_path):
     p = runner.train(workdir, check=False)
     assert p.returncode != 0
     no_traceback(p)
-    assert "none is usable" in p.stderr and f"step {STEPS}: state/manifest.ocdbt" in p.stderr, p.stderr[-3000:]
+    assert "none is usable" in p.stderr and f"step {STEPS}: item 'state'" in p.stderr, p.stderr[-3000:]
     assert (workdir / "metrics.jsonl").read_text() == (run_a / "metrics.jsonl").read_text()
 
 
 def test_workdir_reference_is_reused_only_for_its_data(tmp_path):
     """reference_<split>.npy in a workdir is tied to the data it was computed for (data.eval may change
     on resume) and is written atomically."""
-    from haf_jax import loop
+    from haf_jax import reference
 
     ds = type("DS", (), {"fingerprint": "abc", "__len__": lambda self: 3})()
     local = tmp_path / "reference_eval.npy"
-    assert loop._local_reference(local, ds) is None
+    assert reference._local_reference(local, ds) is None
     np.save(local, np.ones((3, 2), np.float32))
-    assert loop._local_reference(local, ds) is None  # no record of its data: recompute
+    assert reference._local_reference(local, ds) is None  # no record of its data: recompute
     local.with_suffix(".json").write_text(json.dumps({"data": "abc", "pairs": 3}))
-    assert loop._local_reference(local, ds).shape == (3, 2)
+    assert reference._local_reference(local, ds).shape == (3, 2)
     local.with_suffix(".json").write_text(json.dumps({"data": "other", "pairs": 3}))
-    assert loop._local_reference(local, ds) is None
+    assert reference._local_reference(local, ds) is None
     local.with_suffix(".json").write_text(json.dumps({"data": "abc", "pairs": 3}))
     local.write_bytes(local.read_bytes()[:40])  # half-written
-    assert loop._local_reference(local, ds) is None
+    assert reference._local_reference(local, ds) is None
 
 
 # ----------------------------------------------------------------------------- export / score

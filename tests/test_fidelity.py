@@ -240,7 +240,7 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
     import importlib.util
     import pathlib
 
-    from haf_jax import checkpoint, loop
+    from haf_jax import loop, run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]
@@ -268,8 +268,8 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
     for key in ("truncation", "degenerate", "batching", "eval_subsample", "eval_subsample_seed"):
         del saved["data"][key]
     del saved["loss"]["dpo_scale_by_alpha"]
-    breaking, _ = checkpoint.compare_configs(loop.with_added_defaults(saved), loop.config_dict(default))
+    breaking, _ = run_config.compare_configs(run_config.with_added_defaults(saved), run_config.config_dict(default))
     assert breaking == []
-    breaking, _ = checkpoint.compare_configs(loop.with_added_defaults(saved), loop.config_dict(c))
+    breaking, _ = run_config.compare_configs(run_config.with_added_defaults(saved), run_config.config_dict(c))
     assert {line.split(":")[0] for line in breaking} >= {"data.truncation", "data.degenerate", "data.batching",
                                                           "data.eval_subsample", "loss.dpo_scale_by_alpha"}

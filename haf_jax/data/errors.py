@@ -15,7 +15,7 @@ class DataError(ValueError):
 
     def __init__(self, message: str, *, source: str | None = None, where: str | None = None,
                  field: str | None = None):
-        self.source, self.where, self.field = source, where, field
+        self.message, self.source, self.where, self.field = message, source, where, field
         prefix = " ".join(p for p in (source, where) if p)
         if field is not None:
             prefix = f"{prefix}, field {field!r}" if prefix else f"field {field!r}"

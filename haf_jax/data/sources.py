@@ -38,6 +38,7 @@ import dataclasses
 import gzip
 import json
 import os
+import tempfile
 import zlib
 from typing import Any, Iterator
 
@@ -137,6 +138,9 @@ def _suffix(path: str) -> str:
 
 
 def _read_file(path: str) -> Iterator[tuple[str, dict]]:
+    if "://" in path:
+        yield from _read_remote_file(path)
+        return
     suffix = _suffix(path)
     if suffix not in SUFFIXES:
         raise DataError(f"unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}",
@@ -159,6 +163,29 @@ def _read_file(path: str) -> Iterator[tuple[str, dict]]:
         yield item
     if n == 0:
         raise DataError("empty file (no records)", source=path)
+
+
+def _read_remote_file(url: str) -> Iterator[tuple[str, dict]]:
+    """A gs://... (any fsspec URL) data file: copied to a temporary local file, then read as one;
+    errors name the URL."""
+    from haf_jax import paths
+
+    remote = paths.path(url)
+    if _suffix(url) not in SUFFIXES:
+        raise DataError(f"unsupported file type {_suffix(url)!r}; expected one of {', '.join(SUFFIXES)}",
+                        source=url)
+    if not remote.exists():
+        raise DataError("file not found", source=url)
+    if remote.is_dir():
+        raise DataError("is a directory, expected a data file", source=url)
+    with tempfile.TemporaryDirectory(prefix="haf_jax_data_") as tmp:
+        local = os.path.join(tmp, remote.name)
+        with open(local, "wb") as f:
+            f.write(remote.read_bytes())
+        try:
+            yield from _read_file(local)
+        except DataError as e:
+            raise DataError(e.message, source=url, where=e.where, field=e.field) from None
 
 
 def _open_bytes(path: str, gz: bool):

@@ -1,0 +1,152 @@
+"""Everything a run builds from its config before the first step: model config and initial weights,
+tokenizer, data, mesh, step config, optimizer and the state layout (`build` -> `Setup`).
+
+Shared by training (haf_jax.loop) and by loading a run back (haf_jax.runs).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+from haf_jax import data, params as params_lib, paths, reference, sharding, step as step_lib
+from haf_jax.metrics import log
+from haf_jax.model import hf, lora as lora_lib
+from haf_jax.model.families import preset
+from haf_jax.model.lora import LoraConfig
+from haf_jax.optim import make_optimizer
+from haf_jax.run_config import RunError
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from the config before the first step."""
+
+    config: object
+    model_config: object
+    tokenizer: object
+    train_ds: object
+    eval_ds: object
+    mesh: object
+    step_cfg: step_lib.StepConfig
+    optimizer: object
+    param_shardings: object  # of the full model (reference, frozen base)
+    trained_shardings: object  # of what the optimizer trains (all params, or LoRA adapters + heads)
+    init_state: object  # jitted trainable params -> state
+    abstract_state: object
+    checkpoint_dir: epath.Path | None
+    model_path: pathlib.Path | None  # HF directory the initial weights come from (None: random init)
+
+
+def model_source(config):
+    """(ModelConfig, HF dir or None) for the config's checkpoint or preset."""
+    if config.model.checkpoint:
+        path = hf.resolve_checkpoint(config.model.checkpoint)
+        model_cfg, _ = hf.load_hf_config(path)
+    else:
+        path, model_cfg = None, preset(config.model.preset)
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.get("attention", "auto"),
+                               **layout_options(config)), path
+
+
+def layout_options(config) -> dict:
+    """The run config's model.scan_layers and model.remat_policy (absent in configs of older runs:
+    per-layer parameters). `config`: a ConfigDict or the dict a checkpoint records."""
+    model = config["model"]
+    return {"scan_layers": bool(model.get("scan_layers", False)),
+            "remat_policy": str(model.get("remat_policy", "nothing"))}
+
+
+def initial_params(config, model_cfg, path, mesh):
+    """The initial weights: the HF checkpoint at `path`, or a random init of `model_cfg` (seeded)."""
+    if path is not None:
+        params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
+        log(f"loaded {path} ({info})")
+        return params
+    return params_lib.init_params(model_cfg, jax.random.key(config.train.seed), mesh)
+
+
+def build(config, workdir: epath.Path | None) -> Setup:
+    """Model config, tokenizer, data, mesh, step config, optimizer and state layout from `config`;
+    with a `workdir` (local or remote), also writes its data reports, model_config.json and tokenizer."""
+    model_cfg, path = model_source(config)
+    tok_source = config.model.tokenizer or (str(path) if path is not None else data.sample_paths()["tokenizer"])
+    with paths.local_dir(tok_source) if paths.is_remote(tok_source) else contextlib.nullcontext(tok_source) as t:
+        tokenizer = data.load_tokenizer(t)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise RunError(f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
+                       f"{model_cfg.vocab_size}")
+    d = config.data
+    train_spec = d.train or data.sample_paths()["data"]
+    common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
+                  eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
+                  process_index=jax.process_index(), process_count=jax.process_count(), **data.config_options(d))
+    eval_only = data.eval_options(d)  # data.eval_subsample[_seed]
+    if d.eval:  # separate files: each is used whole
+        train_ds = data.load_pairs(train_spec, tokenizer, split="all", **common)
+        eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common, **eval_only)
+    else:  # one source: a deterministic eval carve (eval_fraction, or the recipe's own rule)
+        train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
+        eval_ds = data.load_pairs(train_spec, tokenizer, split="eval", **common, **eval_only)
+    for name, ds in (("train", train_ds), ("eval", eval_ds)):
+        log(f"data report ({name}):\n{data.format_report(ds.report)}")
+        if workdir is not None and jax.process_index() == 0:
+            paths.write_text(workdir / f"data_report_{name}.json", json.dumps(ds.report, indent=1, default=str))
+
+    if workdir is not None and jax.process_index() == 0:  # a run directory is self-describing
+        paths.write_text(workdir / "model_config.json", json.dumps(dataclasses.asdict(model_cfg), indent=1))
+        with paths.writable_dir(workdir / "tokenizer") as tokenizer_dir:
+            tokenizer.save_pretrained(tokenizer_dir)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config.train[key] % (n_shards * config.optim.grad_accum if key == "batch_size" else n_shards):
+            raise RunError(f"train.{key}={config.train[key]} must be a multiple of the data-parallel size "
+                           f"{n_shards} (mesh {dict(mesh.shape)})"
+                           + (f" times optim.grad_accum={config.optim.grad_accum}" if key == "batch_size" else ""))
+    step_cfg = step_config(config, model_cfg)
+    optimizer = optimizer_for(config)
+    param_sh = params_lib.param_shardings(model_cfg, mesh)
+    trained_sh = params_lib.trainable_shardings(model_cfg, step_cfg.lora, mesh)
+    init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh, step_cfg.lora)
+    return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, trained_sh,
+                 init_state, abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
+
+
+def lora_config(config) -> LoraConfig:
+    return LoraConfig.from_config(config.model.lora) if "lora" in config.model else LoraConfig()
+
+
+def step_config(config, model_cfg) -> step_lib.StepConfig:
+    return step_lib.StepConfig(
+        model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
+        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
+        grad_accum=config.optim.grad_accum, lora=lora_config(config), packed=bool(config.data.get("packing", False)))
+
+
+def split_trainable(s: Setup, params0):
+    """(trainable params, frozen base or None): LoRA's fresh adapters + heads, or everything."""
+    lora = s.step_cfg.lora
+    if not lora.enabled:
+        return params0, None
+    trainable, frozen = lora_lib.split(params0, s.model_config, lora, jax.random.key(s.config.train.seed + 1))
+    trainable = {**trainable, "lora": jax.device_put(trainable["lora"], s.trained_shardings["lora"])}
+    return trainable, frozen
+
+
+def base_fingerprint(frozen) -> dict:
+    """What a LoRA run's checkpoints record of the base weights they adapt ({} without LoRA)."""
+    return {} if frozen is None else {"base_weights": reference.params_fingerprint(frozen)}
+
+
+def optimizer_for(config):
+    o = config.optim
+    return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
+                          warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
+                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                          moment_dtype=o.get("moment_dtype", "float32"))
