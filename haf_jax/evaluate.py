@@ -31,6 +31,8 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
+from haf_jax import paths
+
 TABLE_KEYS = ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss", "reward_margin",
               "implicit_margin", "reward_length_corr")
 RB_PREFIXES = {"rewardbench": 1, "rewardbench2": 2}
@@ -80,7 +82,7 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
     """Evaluates every model (and checkpoint) on every dataset; writes the report; returns report.json's dict."""
     from haf_jax import inference, plots, rewardbench
 
-    out = pathlib.Path(out_dir)
+    out = paths.path(out_dir)  # local or remote (gs://...)
     out.mkdir(parents=True, exist_ok=True)
     mesh = inference.default_mesh()
     batch_size = inference.round_batch(batch_size, mesh)
@@ -146,8 +148,8 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
         first = next(iter(next(iter(by_model.values())).values()))
         report[d_label] = {**first, "models": by_model}
     report = _finite(report)  # strict JSON: an undefined value (NaN correlation of a constant reward) is null
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default, allow_nan=False))
-    (out / "report.md").write_text(markdown_report(report))
+    paths.write_text(out / "report.json", json.dumps(report, indent=1, default=_json_default, allow_nan=False))
+    paths.write_text(out / "report.md", markdown_report(report))
     if len(model_items) > 1 or len(data_items) > 1:
         write_ood_grid(report, out, figures=figures)
     return report
@@ -249,7 +251,7 @@ def ood_grid(report: dict, key: str = "reward_accuracy") -> tuple[list[str], lis
     return models, datasets, grid
 
 
-def write_ood_grid(report: dict, out: pathlib.Path, *, figures: bool = True) -> dict:
+def write_ood_grid(report: dict, out, *, figures: bool = True) -> dict:
     """ood_grid.json / .md / .png: train-on-row (model) / test-on-column (dataset) accuracy."""
     from haf_jax import plots
 
@@ -269,8 +271,8 @@ def write_ood_grid(report: dict, out: pathlib.Path, *, figures: bool = True) -> 
         md.append("")
         if figures:
             plots.save(plots.accuracy_heatmap(grid, models, datasets, title=key), out / f"ood_grid_{key}.png")
-    (out / "ood_grid.json").write_text(json.dumps(tables, indent=1))
-    (out / "ood_grid.md").write_text("\n".join(md))
+    paths.write_text(out / "ood_grid.json", json.dumps(tables, indent=1))
+    paths.write_text(out / "ood_grid.md", "\n".join(md))
     return tables
 
 
@@ -314,8 +316,8 @@ def main(argv) -> None:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print((pathlib.Path(f.out) / "report.md").read_text(), file=sys.stderr)
-    print(json.dumps({"report": str(pathlib.Path(f.out) / "report.json"),
+    print((paths.path(f.out) / "report.md").read_text(), file=sys.stderr)
+    print(json.dumps({"report": str(paths.path(f.out) / "report.json"),
                       **{d: {k: e.get(k) for k in ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "score") if k in e}
                          for d, e in report.items()}}))
 

@@ -58,14 +58,19 @@ def advice(config, mesh_shape, chips: int, fits: bool, headroom: float) -> list[
     return out
 
 
-def abstract_step_args(config, step_cfg, model_cfg, mesh, keys, *, live: bool):
+def abstract_step_args(config, step_cfg, model_cfg, mesh, keys, *, live: bool, pack_shape=None):
     """(batch, live reference params or None, LoRA's frozen base or None) as ShapeDtypeStructs with
-    the step's shardings; the batch is the largest one: train.batch_size pairs x 2 x data.max_length."""
-    b, length = config.train.batch_size, config.data.max_length
-    dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length), "last_index": (b, 2), "valid": (b,),
-            "ref_logp": (b, 2)}
+    the step's shardings; the batch is the largest one: train.batch_size pairs x 2 x data.max_length,
+    or, packed, the loader's one static shape (`pack_shape`: data.packing.PackShape, global rows)."""
+    if pack_shape is not None:
+        b, rows = pack_shape.slots, (pack_shape.rows, pack_shape.length)
+        dims = {"tokens": rows, "response_mask": rows, "positions": rows, "segment_ids": rows}
+    else:
+        b, length = config.train.batch_size, config.data.max_length
+        dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length)}
+    dims.update({"last_index": (b, 2), "valid": (b,), "ref_logp": (b, 2)})
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
-    batch_sh = step_lib.batch_shardings(mesh, keys)
+    batch_sh = step_lib.batch_shardings(mesh, keys, packed=pack_shape is not None)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=batch_sh[k]) for k in keys}
     full = params_lib.abstract_params(model_cfg, mesh)
     ref = full if live and step_cfg.loss.needs_reference else None
@@ -123,11 +128,12 @@ def device_memory_bytes(devices) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
 
 
-def check_train_step(config, step_cfg, model_cfg, mesh, train_fn, keys, abstract_state, *, live: bool) -> None:
+def check_train_step(config, step_cfg, model_cfg, mesh, train_fn, keys, abstract_state, *, live: bool,
+                     pack_shape=None) -> None:
     """Compiles `train_fn` (the run's jitted train step) for the largest batch before step 1 and
     raises DoesNotFit with the verdict and advice when a device cannot hold it. The compiled step
     stays in `train_fn`'s cache, so the first step of that shape does not compile again."""
-    batch, ref, frozen = abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live)
+    batch, ref, frozen = abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live, pack_shape=pack_shape)
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     memory = device_memory_bytes(local)
     _, result = measure(train_fn, (abstract_state, batch, ref, frozen), memory_bytes=memory)
@@ -139,7 +145,7 @@ def check_train_step(config, step_cfg, model_cfg, mesh, train_fn, keys, abstract
     detail = f" ({result['xla_error']})" if result.get("xla_error") else ""
     lines = [f"the train step does not fit: it needs {need} per device of {size(memory)} "
              f"({mesh.devices.size} x {local[0].device_kind}, mesh {dict(zip(('data', 'fsdp', 'tensor'), mesh_shape))}, "
-             f"batch {config.train.batch_size} x 2 x {config.data.max_length}){detail}"]
+             f"batch tokens {' x '.join(map(str, batch['tokens'].shape))}){detail}"]
     lines += [f"advice: {a}" for a in advice(config, mesh_shape, mesh.devices.size, False, 0.0)]
     lines.append("(python -m haf_jax.plan --config=... --topology=... checks a setup without running it)")
     raise DoesNotFit("\n".join(lines))

@@ -129,7 +129,8 @@ def train(config, workdir) -> dict:
                                                    live_reference=live)
     train_fn = flops.CountedStep(train_fn)  # compiled once per batch shape; its FLOPs give the MFU
     # Before any weight is loaded: a step that cannot fit stops here with the planner's verdict and advice.
-    fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live)
+    fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live,
+                         pack_shape=getattr(loader, "shape", None) if s.step_cfg.packed else None)
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
     lora = s.step_cfg.lora.enabled  # LoRA always needs the base: it is frozen, not checkpointed
     params0 = load_params0() if lora or live or ckpt.latest_step() is None else None

@@ -121,6 +121,12 @@ def to_rgb(fig) -> np.ndarray:
 
 
 def save(fig, path) -> None:
-    """PNG at `path`; the figure is released afterwards."""
-    fig.savefig(str(path), format="png")
+    """PNG at `path` (local or a URL such as gs://...); the figure is released afterwards."""
+    import io
+
+    from haf_jax import paths
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     fig.clear()
+    paths.write_bytes(path, buf.getvalue())

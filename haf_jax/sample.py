@@ -32,6 +32,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
+from haf_jax import paths
 from haf_jax.data.errors import DataError, type_name
 
 PAPER_TEMPERATURE_RANGE = (0.5, 1.2)  # Best-of-N sampling in the paper: T ~ U(0.5, 1.2), top_p 0.85
@@ -63,12 +64,15 @@ def define_sampling_flags() -> dict:
 # ----------------------------------------------------------------------------- input
 
 def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+    """Text lines of a local or remote (gs://...) file, gzip-decoded for .gz."""
+    if path.endswith(".gz"):
+        return gzip.open(paths.path(path).open("rb"), "rt", encoding="utf-8")
+    return paths.path(path).open("r", encoding="utf-8")
 
 
 def read_jsonl(path: str):
     """(line number, object) of each non-blank line; DataError naming the file and line otherwise."""
-    if not pathlib.Path(path).is_file():
+    if not paths.path(path).is_file():
         raise DataError("no such file", source=path)
     try:
         with _open_text(path) as f:
@@ -276,10 +280,10 @@ def sample(model: str, prompts_path: str, *, n: int = 4, temperature: float | No
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """One JSON object per line at `path` (local or remote), written whole."""
+    target = paths.path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    paths.write_text(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def sampling_kwargs(fl: dict) -> dict:

@@ -188,3 +188,14 @@ def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp
     got = bucket_file("gs://bucket/scores.jsonl", tmp_path / "got" / "scores.jsonl").read_text()
     assert got == (tmp_path / "scores.jsonl").read_text()
     assert summary["pairs"] == len(got.splitlines()) - summary["skipped"] > 0
+
+    # evaluate reads the run and the data from the bucket and writes its report and figures there
+    p = runner.cli("haf_jax.evaluate", f"--model={run}", "--data=gs://bucket/data.jsonl", "--out=gs://bucket/eval",
+                   "--step=best", *common, workdir_for_env=tmp_path / "v1")
+    report = json.loads(bucket_file("gs://bucket/eval/report.json", tmp_path / "got" / "report.json").read_text())
+    (entry,) = report.values()
+    (model,) = entry["models"].values()
+    (best,) = model.values()
+    assert best["pairs"] == summary["pairs"] and best["reward_accuracy"] == pytest.approx(summary["reward_accuracy"])
+    figures = list(epath.Path("gs://bucket/eval").glob("figures/*/*/*.png"))
+    assert len(figures) == 3 and all(f.stat().length > 1000 for f in figures), figures

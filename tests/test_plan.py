@@ -104,5 +104,5 @@ def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_pat
     assert 2**20 < need < 2**30  # the tiny step's real size, above the injected figure
     message = str(e.value)
     assert message.startswith(f"the train step does not fit: it needs {need / 2**20:.1f} MiB per device of 1.0 MiB")
-    assert "batch 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
+    assert "batch tokens 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
     assert not (tmp_path / "run" / "reference_train.npy").exists()
