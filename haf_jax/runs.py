@@ -126,7 +126,8 @@ def cast_trunk(params, dtype):
 
 
 def load_model(path_or_id: str, mesh, *, which: str | int = "best", compute_dtype: str | bool = False):
-    """(params, ModelConfig, tokenizer, info) from a run directory, an HF directory or a hub id.
+    """(params, ModelConfig, tokenizer, info) from a run directory, an HF directory (local or gs://...)
+    or a hub id.
 
     compute_dtype: True casts a run's trunk to its model.compute_dtype; a dtype name casts any
     model's trunk to that dtype; False keeps the float32 weights."""
@@ -135,6 +136,10 @@ def load_model(path_or_id: str, mesh, *, which: str | int = "best", compute_dtyp
             params, cfg, tok, info = load_run(path_or_id, mesh, which=which)
             return cast_trunk(params, compute_dtype), cfg, tok, {**info, "compute_dtype": compute_dtype}
         return load_run(path_or_id, mesh, which=which, compute_dtype=compute_dtype)
+    if paths.is_remote(path_or_id):  # an export or HF directory in a bucket: read from a local copy
+        with paths.local_dir(path_or_id) as local:  # the weights are on the devices when it goes
+            params, model_cfg, tokenizer, info = load_model(local, mesh, which=which, compute_dtype=compute_dtype)
+        return params, model_cfg, tokenizer, {**info, "source": str(path_or_id)}
     path = hf.resolve_checkpoint(path_or_id)
     model_cfg, _ = hf.load_hf_config(path)
     params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))

@@ -188,6 +188,16 @@ def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp
     got = bucket_file("gs://bucket/scores.jsonl", tmp_path / "got" / "scores.jsonl").read_text()
     assert got == (tmp_path / "scores.jsonl").read_text()
     assert summary["pairs"] == len(got.splitlines()) - summary["skipped"] > 0
+    # an exported reward model in the bucket scores like the run it came from
+    runner.cli("haf_jax.score", "--model=gs://bucket/export/reward_model", "--data=gs://bucket/data.jsonl",
+               "--out=gs://bucket/scores_export.jsonl", *common, workdir_for_env=tmp_path / "s3")
+    from_export = bucket_file("gs://bucket/scores_export.jsonl", tmp_path / "got" / "scores_export.jsonl").read_text()
+    rows_export, rows_run = [[json.loads(line) for line in t.splitlines()] for t in (from_export, got)]
+    assert [r["row"] for r in rows_export] == [r["row"] for r in rows_run]
+    scored = [(a, b) for a, b in zip(rows_export, rows_run) if "reward_chosen" in b]
+    assert len(scored) == summary["pairs"]
+    for a, b in scored:
+        assert a["reward_chosen"] == pytest.approx(b["reward_chosen"], abs=1e-4), (a, b)
 
     # evaluate reads the run and the data from the bucket and writes its report and figures there
     p = runner.cli("haf_jax.evaluate", f"--model={run}", "--data=gs://bucket/data.jsonl", "--out=gs://bucket/eval",
