@@ -114,6 +114,13 @@ def _digest(tree) -> tuple[bool, dict[str, int]]:
     return bool(_fetch(finite)), {jax.tree_util.keystr(p): s for (p, _), s in zip(flat, sums)}
 
 
+def _checksum_problem(tree, checksums: dict) -> str | None:
+    """None when every leaf of `tree` read back matches its saved checksum, else what differs."""
+    _, sums = _digest(tree)
+    wrong = [k for k, v in sums.items() if checksums.get(k) != v]
+    return f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}" if wrong else None
+
+
 def _jsonable(tree):
     tree = jax.tree.map(lambda v: v.item() if hasattr(v, "item") else v, tree)
     return json.loads(json.dumps(tree))
@@ -401,11 +408,7 @@ class Checkpointer:
             except Exception as e:  # tensorstore/orbax raise many types for damaged files
                 problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
         if problem is None:
-            _, sums = _digest(r["state"])
-            saved = r["meta"].get("checksums") or {}
-            wrong = [k for k, v in sums.items() if saved.get(k) != v]
-            if wrong:
-                problem = f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}"
+            problem = _checksum_problem(r["state"], r["meta"].get("checksums") or {})
         if problem is not None:
             self._mark_bad(step, problem)
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
@@ -462,11 +465,7 @@ class Checkpointer:
             finally:
                 handler.close()
         if problem is None:
-            _, sums = _digest(restored)
-            checksums = self._read_json(step, "meta").get("checksums") or {}
-            wrong = [k for k, v in sums.items() if checksums.get(k) != v]
-            if wrong:
-                problem = f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}"
+            problem = _checksum_problem(restored, self._read_json(step, "meta").get("checksums") or {})
         if problem is not None:
             self._mark_bad(step, problem)
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
