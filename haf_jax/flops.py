@@ -3,7 +3,8 @@
 FLOPs per step are counted on the step's jaxpr (the trace the compiled program is lowered from):
 every `dot_general` (the matmuls: projections, attention scores and values, MLP, LM head, and
 their gradients) counts 2 x output elements x contracted size, a `scan` body counts `length`
-times, a `cond` its costliest branch. The rematerialised forward passes are part of the traced
+times, a `cond` its costliest branch; the LM head's chunks count as many times as they ran
+(`step_flops`: the log-prob loop skips chunks past the last response position). The rematerialised forward passes are part of the traced
 backward, so they count: this is the hardware-FLOPs flavour of MFU. Elementwise work is left out,
 as in the usual 6 x parameters x tokens rule. XLA's own `compiled.cost_analysis()["flops"]` is
 not used because it counts a while loop's body once, whatever its trip count: the log-prob chunk
@@ -35,35 +36,54 @@ PEAK_BF16_FLOPS = (
 
 
 def jaxpr_flops(jaxpr) -> float:
-    """Matmul FLOPs of a (Closed)Jaxpr, loops counted by their length."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
+    """Matmul FLOPs of a (Closed)Jaxpr, loops counted by their length, every log-prob chunk as run
+    (an upper bound when chunks are skipped: `step_flops` gives the exact count)."""
+    fixed, per_chunk, chunk_bound = _count(getattr(jaxpr, "jaxpr", jaxpr), 1.0, None)
+    return fixed + chunk_bound
+
+
+def step_flops(jaxpr) -> tuple[float, float]:
+    """(fixed, per_chunk): the step's matmul FLOPs are `fixed + per_chunk x chunks`, `chunks` being
+    the log-prob chunks it ran (metrics["logprob_chunks"], a mean over micro-batches).
+
+    The LM head's chunk loop skips the chunks past the last response position
+    (`heads.response_logprobs`: a `cond` inside a `scan`), so what a step executes depends on its
+    batch. Every `cond` met inside a `scan` is taken for such a chunk: its costliest branch,
+    divided by the scan's length, counts per chunk run (the forward, the recomputation inside the
+    backward and the live reference's pass each add theirs; they run the same chunks).
+    """
+    fixed, per_chunk, _ = _count(getattr(jaxpr, "jaxpr", jaxpr), 1.0, None)
+    return fixed, per_chunk
+
+
+def _count(jaxpr, scale: float, length: int | None) -> tuple[float, float, float]:
+    """(FLOPs outside chunk conds, chunk-cond FLOPs per chunk, chunk-cond FLOPs with every chunk run),
+    all multiplied by `scale` (the product of the enclosing scans' lengths); `length`: the innermost
+    enclosing scan's length (None outside scans)."""
+    fixed = per_chunk = bound = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        name = eqn.primitive.name
+        if name == "dot_general":
             (contract_lhs, _), _ = eqn.params["dimension_numbers"]
             lhs_shape = eqn.invars[0].aval.shape
-            out_size = math.prod(eqn.outvars[0].aval.shape)
-            total += 2.0 * out_size * math.prod(lhs_shape[d] for d in contract_lhs)
+            fixed += scale * 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in contract_lhs)
             continue
-        subs = [_sub_flops(v) for v in eqn.params.values()]
-        subs = [s for s in subs if s is not None]
-        if not subs:
+        if name == "cond":
+            costliest = max(sum(_count(b.jaxpr, scale, length)[::2]) for b in eqn.params["branches"])
+            if length:
+                per_chunk, bound = per_chunk + costliest / length, bound + costliest
+            else:
+                fixed += costliest
             continue
-        if eqn.primitive.name == "cond":  # one branch runs
-            total += max(subs)
-        elif eqn.primitive.name == "scan":
-            total += eqn.params["length"] * sum(subs)
-        else:  # jit, remat, custom_vjp, while (trip count unknown: once), ...
-            total += sum(subs)
-    return total
-
-
-def _sub_flops(value):
-    if hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns"):
-        return jaxpr_flops(value)
-    if isinstance(value, (tuple, list)) and value and all(hasattr(getattr(v, "jaxpr", v), "eqns") for v in value):
-        return max(jaxpr_flops(v) for v in value)  # cond branches
-    return None
+        inner_scale, inner_length = (scale * eqn.params["length"], eqn.params["length"]) if name == "scan" else (
+            scale, length)
+        for value in eqn.params.values():  # jit, remat, custom_vjp, while (trip count unknown: once), scan
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    f, c, b = _count(sub, inner_scale, inner_length)
+                    fixed, per_chunk, bound = fixed + f, per_chunk + c, bound + b
+    return fixed, per_chunk, bound
 
 
 def peak_flops(devices) -> tuple[float | None, str]:
@@ -98,14 +118,15 @@ class CountedStep:
     """A jitted step compiled once per argument signature, through trace -> lower -> compile, so
     that its FLOPs come from the same trace (no second compilation).
 
-    `step(*args)` runs it; afterwards `step.last_flops` is the FLOPs of the program that ran.
+    `step(*args)` runs it; afterwards `step.last_flops` is the (fixed, per_chunk) FLOP count of the
+    program that ran (`step_flops`; `flops_of(metrics)` applies it to the step's chunk count).
     `step.lower(*abstract_args).compile()` (jax.jit's interface: the fit check before step 1
     compiles the largest batch that way) keeps the executable for the calls of that signature.
     """
 
     def __init__(self, jitted):
         self._jitted, self._compiled = jitted, {}
-        self.last_flops = 0.0
+        self.last_flops = (0.0, 0.0)
 
     @staticmethod
     def _key(args):
@@ -115,7 +136,7 @@ class CountedStep:
     def lower(self, *args):
         """The lowering for `args` (arrays or jax.ShapeDtypeStructs); its .compile() is kept."""
         traced = self._jitted.trace(*args)
-        return _Lowered(self._compiled, self._key(args), traced.lower(), jaxpr_flops(traced.jaxpr))
+        return _Lowered(self._compiled, self._key(args), traced.lower(), step_flops(traced.jaxpr))
 
     def __call__(self, *args):
         key = self._key(args)
@@ -128,10 +149,16 @@ class CountedStep:
 class _Lowered:
     """A lowered step whose compile() stores the executable (and its FLOPs) under its signature."""
 
-    def __init__(self, cache: dict, key, lowered, flops: float):
+    def __init__(self, cache: dict, key, lowered, flops: tuple[float, float]):
         self._cache, self._key, self._lowered, self._flops = cache, key, lowered, flops
 
     def compile(self):
         compiled = self._lowered.compile()
         self._cache[self._key] = (compiled, self._flops)
         return compiled
+
+
+def flops_of(counted: tuple[float, float], metrics) -> float:
+    """A step's FLOPs from its (fixed, per_chunk) count and its metrics' `logprob_chunks`."""
+    fixed, per_chunk = counted
+    return fixed + per_chunk * float(metrics.get("logprob_chunks", 0.0))

@@ -161,7 +161,8 @@ def train(config, workdir) -> dict:
         nonlocal last_train
         step, metrics, work = item
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        meter.arrived(*work)
+        pairs, tokens, compiles, counted = work
+        meter.arrived(pairs, tokens, compiles, flops.flops_of(counted, m))
         if m.pop("finite") < 1.0:
             raise RunError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
                            f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written")

@@ -80,6 +80,17 @@ def constrain(x, logical_axes):
     return jax.lax.with_sharding_constraint(x, spec_for(tuple(logical_axes), x.shape, mesh))
 
 
+def shard_count(logical_axis: str, dim: int) -> int:
+    """How many pieces a dimension of size `dim` named `logical_axis` is split into under the
+    context mesh (1 outside one, or where the mesh axes do not divide it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = spec_for((logical_axis,), (dim,), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def under_mesh(fn, mesh: Mesh):
     """`fn` traced with `mesh` as the context mesh, so `constrain` takes effect."""
     def wrapped(*args):

@@ -105,6 +105,8 @@ def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
         centering=lc.centering, label_smoothing=lc.label_smoothing, simpo_gamma=lc.simpo_gamma, weight_B=batch["valid"].astype(jnp.float32),
         dpo_scale_by_alpha=lc.dpo_scale_by_alpha,
     )
+    if out.logprob_chunks is not None:  # what the LM head ran: the step's FLOPs (flops.step_flops)
+        metrics = {**metrics, "logprob_chunks": out.logprob_chunks}
     return loss, metrics
 
 

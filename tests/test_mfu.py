@@ -6,7 +6,7 @@ import pytest
 
 from haf_jax import flops
 from haf_jax.metrics import Throughput
-from haf_jax.model.heads import sequence_logprobs
+from haf_jax.model.heads import response_logprobs, sequence_logprobs
 
 
 def mlp_loss(w1, w2, x):
@@ -42,15 +42,47 @@ def test_loops_count_by_length_where_xla_counts_one_trip():
     assert xla(16) < xla(256) / 8  # why the trace is counted: XLA sees one trip of the chunk loop
 
 
+def test_skipped_logprob_chunks_are_not_counted():
+    """Only response positions reach the LM head: chunks past the last one are skipped, and the
+    step's FLOPs count the chunks that ran (fixed + per_chunk x chunks), forward and backward."""
+    n, length, d, v, chunk = 2, 65, 8, 300, 8   # 2 x 64 predicting positions, chunks of 2 x 8
+    rng = np.random.default_rng(0)
+    head = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(n, length, d)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, v, (n, length)), jnp.int32)
+    mask = np.zeros((n, length), np.int32)
+    mask[0, 40:50], mask[1, 5:9] = 1, 1          # 14 response tokens: one chunk of 16 holds them all
+
+    def loss(w, h):
+        logp, _, chunks = response_logprobs(w, h, tokens, jnp.asarray(mask), jnp.zeros_like(tokens), 1, chunk=chunk)
+        return jnp.sum(logp), chunks
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, chunks), _ = grad(head, hidden)
+    assert float(chunks) == 1.0
+    fixed, per_chunk = flops.step_flops(grad.trace(head, hidden).jaxpr)
+    block = n * chunk
+    # forward, recomputed forward and two backward matmuls (head and hidden) per chunk run
+    assert per_chunk == 4 * 2 * block * d * v and fixed == 0.0
+    assert flops.flops_of((fixed, per_chunk), {"logprob_chunks": chunks}) == 4 * 2 * block * d * v
+    assert flops.jaxpr_flops(grad.trace(head, hidden).jaxpr) == 4 * 2 * n * (length - 1) * d * v  # all run
+    mask[1, 60] = 1                                # the 15th response token... still one chunk
+    mask[0, 10:12] = 1                             # 17 tokens: two chunks
+    (_, chunks), _ = grad.__wrapped__(head, hidden) if False else grad(head, hidden)
+    assert float(chunks) == 1.0  # the mask above is traced as a constant: a new trace sees the change
+    (_, chunks), _ = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(head, hidden)
+    assert float(chunks) == 2.0
+
+
 def test_counted_step_compiles_once_per_shape_and_reports_its_flops():
     fn = flops.CountedStep(jax.jit(mlp_loss))
     w1, w2 = jnp.ones((256, 512)) / 256, jnp.ones((512, 128)) / 512
     x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 256)), jnp.float32)
     assert float(fn(w1, w2, x)) == float(jax.jit(mlp_loss)(w1, w2, x))  # the same program
-    assert fn.last_flops == 2 * 64 * 256 * 512 + 2 * 64 * 512 * 128
+    assert fn.last_flops == (2 * 64 * 256 * 512 + 2 * 64 * 512 * 128, 0.0)
     fn(w1, w2, x + 1)
     fn(w1, w2, x[:32])
-    assert len(fn._compiled) == 2 and fn.last_flops == 2 * 32 * 256 * 512 + 2 * 32 * 512 * 128
+    assert len(fn._compiled) == 2 and fn.last_flops == (2 * 32 * 256 * 512 + 2 * 32 * 512 * 128, 0.0)
 
 
 def test_mfu_is_flops_over_time_and_peak_and_leaves_compilation_out():

@@ -126,19 +126,28 @@ def allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window: int | None 
 
 def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
                   scale: float, softcap: float | None = None, window: int | None = None):
-    """The reference: float32 logits [N, K, G, L, S], masked, softmax, weighted values."""
+    """The reference: float32 logits [N, K, L x G, S], masked, softmax, weighted values.
+
+    The query heads sharing a key/value head are folded into the query axis (L x G rows per key
+    head) and both matmuls keep the natural output order of a batched matmul ([N, K] batch, then
+    rows, then columns). With one key/value head (MQA) every reshape is free, and the softmax and
+    both products (and their gradients) run without a transposed copy of the [.., L x G, S] logits.
+    """
     n, length, q, h = query_NxLxQxH.shape
-    k = key_NxSxKxH.shape[2]
+    s, k = key_NxSxKxH.shape[1], key_NxSxKxH.shape[2]
+    g = q // k
     dt = query_NxLxQxH.dtype
-    query = query_NxLxQxH.reshape(n, length, k, q // k, h)
-    logits = jnp.einsum("nlkgh,nskh->nkgls", query, key_NxSxKxH, preferred_element_type=jnp.float32)
-    logits = logits * scale
+    query = jnp.swapaxes(query_NxLxQxH.reshape(n, length, k, g, h), 1, 2).reshape(n, k, length * g, h)
+    key, value = jnp.swapaxes(key_NxSxKxH, 1, 2), jnp.swapaxes(value_NxSxKxH, 1, 2)   # [N, K, S, H]
+    logits = jnp.einsum("nkmh,nksh->nkms", query, key, preferred_element_type=jnp.float32)
+    logits = logits.reshape(n, k, length, g, s) * scale
     if softcap:
         logits = jnp.tanh(logits / softcap) * softcap
     allowed = allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window)
-    logits = jnp.where(allowed[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    return jnp.einsum("nkgls,nskh->nlkgh", probs, value_NxSxKxH).reshape(n, length, q, h)
+    logits = jnp.where(allowed[:, None, :, None, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt).reshape(n, k, length * g, s)
+    out = jnp.einsum("nkms,nksh->nkmh", probs, value)
+    return jnp.swapaxes(out.reshape(n, k, length, g, h), 1, 2).reshape(n, length, q, h)
 
 
 def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,

@@ -3,7 +3,8 @@
 reward:   r(x, y) = F(h_last), F a zero-initialised [D, 1] matrix, h_last the final-normed hidden
           state at the last real token (the EOS).
 log-prob: log pi(y|x) = sum over response positions of log_softmax(h W^T + b)[target], float32,
-          computed in chunks over the length so [N, L, V] float32 logits never exist at once.
+          computed for the response positions only, in chunks, so [N, L, V] float32 logits
+          never exist at once and prompt and padding positions never reach the LM head.
           W is the embedding (tied) or the model's own `lm_head` [V, D]; b the optional
           `lm_head_bias` [V] (Phi).
 
@@ -23,6 +24,8 @@ import numpy as np
 
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
+from haf_jax.model.linear import project
+from haf_jax import sharding
 from haf_jax.sharding import constrain
 
 HEAD_KEYS = ("reward_head", "lm_head", "lm_head_bias")
@@ -83,6 +86,7 @@ class PairOutputs:
     logp_Bx2: Optional[jax.Array] = None
     n_tokens_Bx2: Optional[jax.Array] = None
     ref_logp_Bx2: Optional[jax.Array] = None
+    logprob_chunks: Optional[jax.Array] = None   # float32 scalar: LM-head chunks run (response_logprobs)
 
 
 def hidden_states(params, config: ModelConfig, tokens_NxL, last_index_N):
@@ -102,7 +106,8 @@ def rewards(reward_kernel_Dx1, hidden_NxLxD, last_index_N):
 
 def _logits(hidden, head_VxD, bias_V, softcap):
     """float32 logits of hidden [..., D] under the LM head (the head cast to the hidden's dtype)."""
-    logits = jnp.einsum("...d,vd->...v", hidden, head_VxD.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    lead = "nlc"[:hidden.ndim - 1]
+    logits = project(f"{lead}d,vd->{lead}v", hidden, head_VxD.astype(hidden.dtype), jnp.float32)
     if bias_V is not None:
         logits = logits + bias_V.astype(jnp.float32)
     if softcap:
@@ -115,10 +120,31 @@ def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, 
     """Summed log-probs of the response tokens under the LM head -> (logp_N, n_tokens_N), float32.
 
     The logits at position i predict token i + 1, so position i contributes when token i + 1 is
-    marked in `response_mask_NxL`. The length is processed `chunk` positions at a time under
-    `jax.checkpoint`, so forward and backward hold one [N, chunk, V] float32 block, not [N, L, V].
-    The head (tied embedding or untied matrix) is cast inside the chunk: its gradient then
-    accumulates across chunks in its own (float32 master) dtype, not in the bf16 compute dtype.
+    marked in `response_mask_NxL`. Only response positions reach the LM head (`response_logprobs`).
+    """
+    logp, count, _ = response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL,
+                                       jnp.zeros(tokens_NxL.shape, jnp.int32), 1, bias_V=bias_V,
+                                       final_logit_softcap=final_logit_softcap, chunk=chunk)
+    return logp[:, 0], count[:, 0]
+
+
+def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, column_NxL, num_columns: int, *,
+                      bias_V=None, final_logit_softcap: float | None = None, chunk: int = 128):
+    """Response log-probs summed per row and column -> (logp_NxG, n_tokens_NxG, chunks run), float32,
+    G = num_columns.
+
+    Position i of a row predicts token i + 1; it counts when `response_mask_NxL[n, i + 1]` is set
+    and adds to column `column_NxL[n, i + 1]` (0 for a plain row; a packed row's sequence index).
+
+    Only response positions go through the LM head, the costliest matmul of the step (V x D per
+    position, forward, recomputation and backward): the positions of each batch shard (all rows
+    outside a mesh) are flattened, the response ones moved to the front in order, and they are
+    processed `chunk x rows-per-shard` at a time, a chunk beyond every shard's response count
+    skipped (`lax.cond`, the same decision on every device). Prompts and padding, typically more
+    than half of a preference batch, then cost nothing; a full-length response costs what it did.
+    Each chunk runs under `jax.checkpoint`, so forward and backward hold one [N, chunk, V] float32
+    block of logits, never [N, L, V]. The head (tied embedding or untied matrix) is cast inside
+    the chunk: its gradient then accumulates across chunks in its own (float32 master) dtype.
 
     Under a mesh the head is split by vocabulary over every device ("logit_vocab") and each chunk
     of hidden states is gathered to all of them: every device computes all rows' logits for its
@@ -127,19 +153,22 @@ def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, 
     accumulated whole ([V, D] float32) on every device: 3 GiB per chip for a 256k x 2048 head
     (benchmarks/haf_memory.py). Gathering a chunk of hidden states costs N x chunk x D.
     """
-    n, length, d = hidden_NxLxD.shape
-    hidden = hidden_NxLxD[:, :-1]
-    targets = tokens_NxL[:, 1:]
-    mask = response_mask_NxL[:, 1:].astype(jnp.float32)
-    chunk = max(1, min(chunk, length - 1))
-    n_chunks = -(-(length - 1) // chunk)
-    pad = n_chunks * chunk - (length - 1)
-    if pad:  # padded positions carry mask 0, so they add nothing
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    # [C, N, chunk, ...]: scan over the leading chunk axis.
-    split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, chunk, *x.shape[2:]), 1, 0)
+    n, length, _ = hidden_NxLxD.shape
+    shards = sharding.shard_count("batch", n)
+    rows = n // shards                     # rows per batch shard
+    per_shard = rows * (length - 1)        # predicting positions per shard
+    flat = lambda x: x.reshape(shards, per_shard, *x.shape[2:])   # [P, rows x (L - 1), ...], row order
+    hidden = constrain(flat(hidden_NxLxD[:, :-1]), ("batch", None, None))
+    targets = flat(tokens_NxL[:, 1:])
+    mask = flat(response_mask_NxL[:, 1:] != 0)
+    # Each shard's response positions first, in order; the rest of the index is never used.
+    order = jax.vmap(lambda m: jnp.nonzero(m, size=per_shard, fill_value=0)[0])(mask)
+    count_P = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    block = max(1, min(chunk, length - 1)) * rows
+    n_chunks = -(-per_shard // block)
+    order = jnp.pad(order, ((0, 0), (0, n_chunks * block - per_shard)))
+    used = jnp.arange(n_chunks * block) < count_P[:, None]                # [P, n_chunks x block]
+    to_chunks = lambda x: jnp.moveaxis(x.reshape(shards, n_chunks, block), 1, 0)   # [C, P, block]
 
     # The first constraint (the parameter's own layout) is where the head's gradient returns to
     # that layout: else the vocabulary split leaks into the optimizer update of the head and its moments.
@@ -147,21 +176,34 @@ def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, 
     bias_V = None if bias_V is None else constrain(bias_V, ("logit_vocab",))
 
     @jax.checkpoint
-    def chunk_logprob(h_NxCxD, t_NxC, m_NxC):
-        h_NxCxD = constrain(h_NxCxD, (None, None, None))
-        logits = constrain(_logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap), (None, None, "logit_vocab"))
+    def chunk_logprobs(index_PxB, used_PxB):
+        take = lambda x: jnp.take_along_axis(x, index_PxB.reshape(index_PxB.shape + (1,) * (x.ndim - 2)), axis=1)
+        h_PxBxD = constrain(take(hidden), (None, None, None))
+        logits = constrain(_logits(h_PxBxD, head_VxD, bias_V, final_logit_softcap), (None, None, "logit_vocab"))
         # The target's logit as a masked sum over the vocabulary: exact (one non-zero term), and it
         # reduces across vocabulary slices, where a gather along a split axis would not.
-        vocab_V = jnp.arange(logits.shape[-1], dtype=t_NxC.dtype)
-        target_logit = jnp.sum(jnp.where(vocab_V == t_NxC[..., None], logits, 0.0), axis=-1)
-        logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
-        return jnp.sum(logp * m_NxC, axis=-1)
+        vocab_V = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+        target_logit = jnp.sum(jnp.where(vocab_V == take(targets)[..., None], logits, 0.0), axis=-1)
+        return jnp.where(used_PxB, target_logit - jax.nn.logsumexp(logits, axis=-1), 0.0)
 
-    def body(total_N, xs):
-        return total_N + chunk_logprob(*xs), None
+    most = jnp.max(count_P)
+    put = jax.vmap(lambda buf, index, values: buf.at[index].add(values))
 
-    total_N, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32), (split(hidden), split(targets), split(mask)))
-    return total_N, jnp.sum(mask, axis=-1)
+    def body(logp_PxT, xs):
+        start, index, use = xs
+        logp = jax.lax.cond(start < most, chunk_logprobs, lambda i, u: jnp.zeros(i.shape, jnp.float32), index, use)
+        return put(logp_PxT, index, logp), None
+
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * block
+    logp_PxT, _ = jax.lax.scan(body, jnp.zeros((shards, per_shard), jnp.float32),
+                               (starts, to_chunks(order), to_chunks(used)))
+    # Each token's log-prob back at its position, then summed per (row, column) in position order:
+    # a row's sum does not depend on the other rows of its batch (how the chunks fell).
+    hit_NxTxG = (response_mask_NxL[:, 1:, None] != 0) & (column_NxL[:, 1:, None] == jnp.arange(num_columns))
+    logp_NxT = logp_PxT.reshape(n, length - 1)
+    logp = jnp.sum(jnp.where(hit_NxTxG, logp_NxT[..., None], 0.0), axis=1)
+    count = jnp.sum(hit_NxTxG, axis=1, dtype=jnp.float32)
+    return logp, count, jnp.minimum(-(-most // block), n_chunks).astype(jnp.float32)
 
 
 def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,
@@ -187,10 +229,10 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
         out = out.replace(reward_Bx2=rewards(params["reward_head"], hidden, last_N).reshape(b, 2))
     if policy:
         head, bias = lm_head(params, config)
-        logp, n_tok = sequence_logprobs(
-            head, hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length), bias_V=bias,
-            final_logit_softcap=config.final_logit_softcap, chunk=chunk)
-        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2))
+        logp, n_tok, chunks = response_logprobs(
+            head, hidden, tokens_NxL, batch["response_mask"].reshape(2 * b, length), jnp.zeros_like(tokens_NxL), 1,
+            bias_V=bias, final_logit_softcap=config.final_logit_softcap, chunk=chunk)
+        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2), logprob_chunks=chunks)
     return out
 
 
@@ -212,10 +254,10 @@ def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy:
         out = out.replace(reward_Bx2=r_RxS.reshape(b, 2))
     if policy:
         head, bias = lm_head(params, config)
-        logp, n_tok = segment_logprobs(head, hidden, tokens_RxT, batch["response_mask"], batch["segment_ids"],
-                                       segments, bias_V=bias, final_logit_softcap=config.final_logit_softcap,
-                                       chunk=chunk)
-        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2))
+        logp, n_tok, chunks = _segment_sums(head, hidden, tokens_RxT, batch["response_mask"], batch["segment_ids"],
+                                            segments, bias_V=bias, final_logit_softcap=config.final_logit_softcap,
+                                            chunk=chunk)
+        out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2), logprob_chunks=chunks)
     return out
 
 
@@ -224,38 +266,16 @@ def segment_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segm
     """`sequence_logprobs` per segment of packed rows -> (logp_NxS, n_tokens_NxS), float32, column
     s - 1 for segment id s (1..S; 0 = padding). Position i predicts token i + 1 only inside one
     segment (the last token of a sequence never predicts the next sequence's first), so each
-    segment's sum equals that of the sequence alone in its own row. Same chunking and
-    rematerialisation as `sequence_logprobs`: one [N, chunk, V] float32 block at a time."""
-    n, length, d = hidden_NxLxD.shape
-    seg_next = segment_ids_NxL[:, 1:]
-    same = seg_next == segment_ids_NxL[:, :-1]
-    mask = (response_mask_NxL[:, 1:] * same).astype(jnp.float32)
-    hidden, targets = hidden_NxLxD[:, :-1], tokens_NxL[:, 1:]
-    chunk = max(1, min(chunk, length - 1))
-    n_chunks = -(-(length - 1) // chunk)
-    pad = n_chunks * chunk - (length - 1)
-    if pad:  # padded positions carry mask 0, so they add nothing
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, mask, seg_next = (jnp.pad(x, ((0, 0), (0, pad))) for x in (targets, mask, seg_next))
-    split = lambda x: jnp.moveaxis(x.reshape(n, n_chunks, chunk, *x.shape[2:]), 1, 0)
-    columns = jnp.arange(1, num_segments + 1, dtype=segment_ids_NxL.dtype)
+    segment's sum equals that of the sequence alone in its own row."""
+    return _segment_sums(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments,
+                         bias_V=bias_V, final_logit_softcap=final_logit_softcap, chunk=chunk)[:2]
 
-    @jax.checkpoint
-    def chunk_logprob(h_NxCxD, t_NxC, m_NxC, s_NxC):
-        logits = _logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
-        target_logit = jnp.take_along_axis(logits, t_NxC[..., None], axis=-1)[..., 0]
-        logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
-        onehot_NxCxS = (s_NxC[..., None] == columns).astype(jnp.float32)
-        return jnp.einsum("nc,ncs->ns", logp * m_NxC, onehot_NxCxS), jnp.einsum("nc,ncs->ns", m_NxC, onehot_NxCxS)
 
-    def body(carry, xs):
-        logp, count = chunk_logprob(*xs)
-        return (carry[0] + logp, carry[1] + count), None
-
-    zeros = jnp.zeros((n, num_segments), jnp.float32)
-    (logp_NxS, n_NxS), _ = jax.lax.scan(body, (zeros, zeros),
-                                        (split(hidden), split(targets), split(mask), split(seg_next)))
-    return logp_NxS, n_NxS
+def _segment_sums(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments, **kw):
+    same = segment_ids_NxL[:, 1:] == segment_ids_NxL[:, :-1]
+    mask = response_mask_NxL.astype(bool) & jnp.pad(same, ((0, 0), (1, 0)))   # at the predicted token
+    return response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, mask, segment_ids_NxL.astype(jnp.int32) - 1,
+                             num_segments, **kw)
 
 
 def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):

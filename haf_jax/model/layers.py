@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from haf_jax.model import attention as attention_lib, scan as scan_lib
+from haf_jax.model.linear import project
 from haf_jax.model.config import REMAT_POLICIES, SLIDING, ModelConfig
 from haf_jax.sharding import constrain
 
@@ -129,9 +130,9 @@ class Attention(nn.Module):
         wv, bv = self._proj("v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"))
         o_name = names(c)["o_proj"]
         wo = param(self, o_name, INIT, (q, h, d), ("heads", "head_dim", "embed"))
-        query = jnp.einsum("nld,dqh->nlqh", x_NxLxD, wq.astype(dt))
-        key = jnp.einsum("nld,dkh->nlkh", x_NxLxD, wk.astype(dt))
-        value = jnp.einsum("nld,dkh->nlkh", x_NxLxD, wv.astype(dt))
+        query = project("nld,dqh->nlqh", x_NxLxD, wq.astype(dt))
+        key = project("nld,dkh->nlkh", x_NxLxD, wk.astype(dt))
+        value = project("nld,dkh->nlkh", x_NxLxD, wv.astype(dt))
         if c.qkv_bias:
             query, key, value = query + bq.astype(dt), key + bk.astype(dt), value + bv.astype(dt)
         if c.qk_norm:
@@ -158,7 +159,7 @@ class Attention(nn.Module):
             k_seg_NxS=k_seg_NxS, scale=c.attention_scale, softcap=c.attn_logit_softcap,
             window=c.sliding_window if self.sliding else None, implementation=c.attention,
             cached=cache is not None)
-        out = jnp.einsum("nlqh,qhd->nld", out, wo.astype(dt))
+        out = project("nlqh,qhd->nld", out, wo.astype(dt))
         if c.o_bias:
             out = out + param(self, f"{o_name}_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
         return out, cache
@@ -182,7 +183,7 @@ class MLP(nn.Module):
         def dense(name, shape, axes, bias_axis):
             w = param(self, name, INIT, shape, axes).astype(dt)
             b = param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], (bias_axis,)) if c.mlp_bias else None
-            return lambda x: x @ w + (b.astype(dt) if b is not None else 0)
+            return lambda x: project("nld,df->nlf", x, w) + (b.astype(dt) if b is not None else 0)
 
         act = _activation(c.activation)
         up = dense(nm["up"], (d, f), ("embed", "mlp"), "mlp")
