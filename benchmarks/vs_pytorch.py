@@ -116,6 +116,28 @@ def time_torch(config, objective, live, data, iters) -> float:
     return statistics.median(times)
 
 
+def matmul_seconds(m: int, k: int, n: int, repeats: int = 15) -> tuple[float, float]:
+    """(PyTorch, XLA) best seconds of one float32 [m, k] x [k, n] matmul, the two timed in turn:
+    what each library's kernels reach on this machine, next to the step ratios."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    import torch
+
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    ja, jb = jax.device_put(a), jax.device_put(b)
+    matmul = jax.jit(lambda x, y: x @ y)
+    runs = (lambda: ta @ tb, lambda: matmul(ja, jb).block_until_ready())
+    best = [float("inf")] * 2
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            t = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=3)
@@ -137,6 +159,10 @@ def main():
     print(f"haf_jax on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads; Gemma 6 x 512, vocab 32000, {args.pairs} pairs x 2 x {args.length} "
           f"(prompt {args.prompt}, {int(data['response_mask'].sum())} response tokens), float32, median of {args.iters}")
+    tokens = 2 * args.pairs * args.length
+    t_mm_torch, t_mm_xla = matmul_seconds(tokens, config.hidden_size, config.intermediate_size)
+    print(f"one MLP matmul [{tokens}, {config.hidden_size}] x [{config.hidden_size}, {config.intermediate_size}]: "
+          f"PyTorch {t_mm_torch * 1e3:.1f} ms, XLA {t_mm_xla * 1e3:.1f} ms (PyTorch/XLA {t_mm_torch / t_mm_xla:.2f}x)")
     rows = []
     for label, objective, live in (("HaF, live frozen reference", "haf", True),
                                    ("HaF, precomputed reference", "haf", False),
@@ -148,6 +174,7 @@ def main():
         print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x",
               flush=True)
     print("| step | PyTorch + transformers | haf_jax | ratio |\n|---|---|---|---|")
+    print(f"| one MLP matmul | {t_mm_torch * 1e3:.1f} ms | {t_mm_xla * 1e3:.1f} ms | {t_mm_torch / t_mm_xla:.2f}x |")
     for label, t_torch, t_jax in rows:
         print(f"| {label} | {t_torch:.2f} s | {t_jax:.2f} s | {t_torch / t_jax:.2f}x |")
 
