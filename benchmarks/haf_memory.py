@@ -7,7 +7,7 @@ and prints XLA's per-chip temporaries and the HaF / Baseline ratios, all in one 
     python benchmarks/haf_memory.py                       # gemma-2b, v5litepod-8, 16 pairs x 2 x 512
     python benchmarks/haf_memory.py --layers 2            # same widths and 256k vocabulary, 2 layers (quick)
 
-"As it was": heads.sequence_logprobs before the change (kept below verbatim), where GSPMD
+"As it was": the log-prob head before the change (kept below verbatim), where GSPMD
 follows the FSDP layout of the tied embedding (embed split over chips) into the chunk loop: the
 whole head is all-gathered in bf16 (1 GiB for 256k x 2048) and its gradient accumulated whole in
 float32 (2 GiB) on every chip. Now the head is split by vocabulary over all chips for the
@@ -80,6 +80,7 @@ def main():
     args = parser.parse_args()
 
     import jax
+    import jax.numpy as jnp
 
     jax.config.update("jax_platforms", "cpu")  # nothing runs: the TPU programs are only compiled
     from haf_jax import plan as plan_lib
@@ -94,16 +95,22 @@ def main():
         config.model.preset = name
     if args.chunk:
         config.model.logprob_chunk = args.chunk
-    now = heads.sequence_logprobs
+    now = heads.response_logprobs
+
+    def before(head, hidden, tokens, mask, column, num_columns, **kw):
+        """The old head in response_logprobs' place (unpacked rows: one column)."""
+        logp, count = sequence_logprobs_before(head, hidden, tokens, mask, **kw)
+        return logp[:, None], count[:, None], jnp.float32(0.0)
+
     runs = {}
-    for label, objective, head_fn in (("baseline", "baseline", now), ("haf_before", "haf", sequence_logprobs_before),
+    for label, objective, head_fn in (("baseline", "baseline", now), ("haf_before", "haf", before),
                                       ("haf_after", "haf", now)):
         config.loss.objective = objective
-        heads.sequence_logprobs = head_fn  # forward_pairs looks it up at trace time
+        heads.response_logprobs = head_fn  # forward_pairs looks it up at trace time
         try:
             report = plan_lib.plan(config, args.topology)
         finally:
-            heads.sequence_logprobs = now
+            heads.response_logprobs = now
         runs[label] = report["bytes_per_chip"] | {"compile_s": report["compile_s"], "fits": report["fits"]}
         b = runs[label]
         print(f"{label:11s} temporaries {b['temporaries'] / GiB:6.3f} GiB  arguments {b['arguments'] / GiB:6.3f} GiB  "

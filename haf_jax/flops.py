@@ -3,12 +3,13 @@
 FLOPs per step are counted on the step's jaxpr (the trace the compiled program is lowered from):
 every `dot_general` (the matmuls: projections, attention scores and values, MLP, LM head, and
 their gradients) counts 2 x output elements x contracted size, a `scan` body counts `length`
-times, a `cond` its costliest branch; the LM head's chunks count as many times as they ran
-(`step_flops`: the log-prob loop skips chunks past the last response position). The rematerialised forward passes are part of the traced
-backward, so they count: this is the hardware-FLOPs flavour of MFU. Elementwise work is left out,
-as in the usual 6 x parameters x tokens rule. XLA's own `compiled.cost_analysis()["flops"]` is
-not used because it counts a while loop's body once, whatever its trip count: the log-prob chunk
-loop (and scanned layers) would be undercounted by their length (tests/test_mfu.py shows it).
+times, a `cond` its costliest branch, and the LM head's chunk loops (while loops) as many times
+as they ran: their trip count depends on the batch's response positions (`step_flops`). The
+rematerialised forward passes are part of the traced backward, so they count: this is the
+hardware-FLOPs flavour of MFU. Elementwise work is left out, as in the usual 6 x parameters x
+tokens rule. XLA's own `compiled.cost_analysis()["flops"]` is not used because it counts a loop
+body once, whatever its trip count: scanned layers would be undercounted by their number
+(tests/test_mfu.py shows it), and the chunk loops cannot be known before the step runs.
 
 Peaks are dense bfloat16 FLOP/s per device from the vendors' data sheets; on CPU the peak is
 measured once (a float32 matmul on this host), and the log says which.
@@ -36,54 +37,46 @@ PEAK_BF16_FLOPS = (
 
 
 def jaxpr_flops(jaxpr) -> float:
-    """Matmul FLOPs of a (Closed)Jaxpr, loops counted by their length, every log-prob chunk as run
-    (an upper bound when chunks are skipped: `step_flops` gives the exact count)."""
-    fixed, per_chunk, chunk_bound = _count(getattr(jaxpr, "jaxpr", jaxpr), 1.0, None)
-    return fixed + chunk_bound
+    """Matmul FLOPs of a (Closed)Jaxpr, scans counted by their length, a while loop's body once."""
+    return sum(step_flops(jaxpr))
 
 
 def step_flops(jaxpr) -> tuple[float, float]:
-    """(fixed, per_chunk): the step's matmul FLOPs are `fixed + per_chunk x chunks`, `chunks` being
-    the log-prob chunks it ran (metrics["logprob_chunks"], a mean over micro-batches).
+    """(fixed, per_chunk): a step's matmul FLOPs are `fixed + per_chunk x chunks`, `chunks` being
+    how many log-prob chunks it ran (metrics["logprob_chunks"], a mean over micro-batches).
 
-    The LM head's chunk loop skips the chunks past the last response position
-    (`heads.response_logprobs`: a `cond` inside a `scan`), so what a step executes depends on its
-    batch. Every `cond` met inside a `scan` is taken for such a chunk: its costliest branch,
-    divided by the scan's length, counts per chunk run (the forward, the recomputation inside the
-    backward and the live reference's pass each add theirs; they run the same chunks).
+    The LM head runs over the response positions only, as many chunks as the batch needs
+    (`model/lm_logprobs.py`: a `while_loop` forward and another in its backward), so what a step
+    executes depends on its batch. Every while loop of the step is such a chunk loop: its body
+    counts per chunk run (the forward, the backward and a live reference's pass run the same
+    chunks). Everything else is fixed: scan bodies times their length, a cond's costliest branch.
     """
-    fixed, per_chunk, _ = _count(getattr(jaxpr, "jaxpr", jaxpr), 1.0, None)
-    return fixed, per_chunk
+    return _count(getattr(jaxpr, "jaxpr", jaxpr))
 
 
-def _count(jaxpr, scale: float, length: int | None) -> tuple[float, float, float]:
-    """(FLOPs outside chunk conds, chunk-cond FLOPs per chunk, chunk-cond FLOPs with every chunk run),
-    all multiplied by `scale` (the product of the enclosing scans' lengths); `length`: the innermost
-    enclosing scan's length (None outside scans)."""
-    fixed = per_chunk = bound = 0.0
+def _count(jaxpr) -> tuple[float, float]:
+    """(FLOPs outside while loops, FLOPs of one trip of every while loop)."""
+    fixed = per_chunk = 0.0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
             (contract_lhs, _), _ = eqn.params["dimension_numbers"]
             lhs_shape = eqn.invars[0].aval.shape
-            fixed += scale * 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in contract_lhs)
-            continue
-        if name == "cond":
-            costliest = max(sum(_count(b.jaxpr, scale, length)[::2]) for b in eqn.params["branches"])
-            if length:
-                per_chunk, bound = per_chunk + costliest / length, bound + costliest
-            else:
-                fixed += costliest
-            continue
-        inner_scale, inner_length = (scale * eqn.params["length"], eqn.params["length"]) if name == "scan" else (
-            scale, length)
-        for value in eqn.params.values():  # jit, remat, custom_vjp, while (trip count unknown: once), scan
-            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    f, c, b = _count(sub, inner_scale, inner_length)
-                    fixed, per_chunk, bound = fixed + f, per_chunk + c, bound + b
-    return fixed, per_chunk, bound
+            fixed += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in contract_lhs)
+        elif name == "cond":  # one branch runs
+            f, c = max((_count(b.jaxpr) for b in eqn.params["branches"]), key=sum)
+            fixed, per_chunk = fixed + f, per_chunk + c
+        elif name == "while":
+            per_chunk += sum(_count(eqn.params["body_jaxpr"].jaxpr))
+        else:  # scan (times its length), jit, remat, custom_vjp, ...
+            times = eqn.params["length"] if name == "scan" else 1
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        f, c = _count(sub)
+                        fixed, per_chunk = fixed + times * f, per_chunk + times * c
+    return fixed, per_chunk
 
 
 def peak_flops(devices) -> tuple[float | None, str]:

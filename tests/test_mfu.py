@@ -6,7 +6,7 @@ import pytest
 
 from haf_jax import flops
 from haf_jax.metrics import Throughput
-from haf_jax.model.heads import response_logprobs, sequence_logprobs
+from haf_jax.model.heads import response_logprobs
 
 
 def mlp_loss(w1, w2, x):
@@ -28,50 +28,50 @@ def test_matmul_flops_match_xla_and_the_formula_without_loops():
     assert counted == pytest.approx(xla["flops"], rel=0.03)  # XLA adds the elementwise work
 
 
-def test_loops_count_by_length_where_xla_counts_one_trip():
+def test_loops_count_by_trips_where_xla_counts_one():
+    """Every position a response: the chunk loop's FLOPs x the chunks it ran are the whole head's,
+    whatever the chunking; XLA's cost analysis counts one trip (why the trace is counted)."""
     n, length, d, v = 2, 257, 32, 500
     args = (jax.ShapeDtypeStruct((v, d), jnp.float32), jax.ShapeDtypeStruct((n, length, d), jnp.float32),
             jax.ShapeDtypeStruct((n, length), jnp.int32), jax.ShapeDtypeStruct((n, length), jnp.float32))
-    counts = {}
+    ones = np.ones((n, length), np.float32)
+    xla = {}
     for chunk in (256, 64, 16):
-        fn = jax.jit(lambda w, h, t, m, c=chunk: sequence_logprobs(w, h, t, m, chunk=c)[0])
-        counts[chunk] = (flops.jaxpr_flops(fn.trace(*args).jaxpr), fn.lower(*args).compile().cost_analysis())
-    for chunk, (counted, _) in counts.items():
-        assert counted == 2 * n * (length - 1) * d * v  # 256 positions, whatever the chunking
-    xla = lambda c: (counts[c][1][0] if isinstance(counts[c][1], (list, tuple)) else counts[c][1])["flops"]
-    assert xla(16) < xla(256) / 8  # why the trace is counted: XLA sees one trip of the chunk loop
+        fn = jax.jit(lambda w, h, t, m, c=chunk: response_logprobs(w, h, t, m, jnp.zeros_like(t), 1, chunk=c))
+        fixed, per_chunk = flops.step_flops(fn.trace(*args).jaxpr)
+        chunks = fn(jnp.ones((v, d)), jnp.ones((n, length, d)), jnp.ones((n, length), jnp.int32), ones)[2]
+        assert float(chunks) == 256 / chunk
+        assert fixed + per_chunk * float(chunks) == 2 * n * (length - 1) * d * v  # 2 x 256 positions
+        cost = fn.lower(*args).compile().cost_analysis()
+        xla[chunk] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    assert xla[16] < xla[256] / 8
 
 
-def test_skipped_logprob_chunks_are_not_counted():
-    """Only response positions reach the LM head: chunks past the last one are skipped, and the
-    step's FLOPs count the chunks that ran (fixed + per_chunk x chunks), forward and backward."""
-    n, length, d, v, chunk = 2, 65, 8, 300, 8   # 2 x 64 predicting positions, chunks of 2 x 8
+def test_chunks_that_did_not_run_are_not_counted():
+    """Only response positions reach the LM head; a step's FLOPs count the chunks that ran
+    (fixed + per_chunk x chunks), forward and backward."""
+    n, length, d, v, chunk = 2, 65, 8, 300, 8   # 2 x 64 predicting positions, chunks of 2 x 8 = 16
     rng = np.random.default_rng(0)
     head = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
     hidden = jnp.asarray(rng.normal(size=(n, length, d)), jnp.float32)
     tokens = jnp.asarray(rng.integers(0, v, (n, length)), jnp.int32)
-    mask = np.zeros((n, length), np.int32)
-    mask[0, 40:50], mask[1, 5:9] = 1, 1          # 14 response tokens: one chunk of 16 holds them all
 
-    def loss(w, h):
-        logp, _, chunks = response_logprobs(w, h, tokens, jnp.asarray(mask), jnp.zeros_like(tokens), 1, chunk=chunk)
+    def loss(w, h, mask):
+        logp, _, chunks = response_logprobs(w, h, tokens, mask, jnp.zeros_like(tokens), 1, chunk=chunk)
         return jnp.sum(logp), chunks
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, chunks), _ = grad(head, hidden)
-    assert float(chunks) == 1.0
-    fixed, per_chunk = flops.step_flops(grad.trace(head, hidden).jaxpr)
+    mask = np.zeros((n, length), np.int32)
+    mask[0, 40:50], mask[1, 5:9] = 1, 1          # 14 response tokens: one chunk holds them all
+    assert float(grad(head, hidden, mask)[0][1]) == 1.0
+    mask[0, 10:13] = 1                           # 17: two chunks
+    assert float(grad(head, hidden, mask)[0][1]) == 2.0
+    fixed, per_chunk = flops.step_flops(grad.trace(head, hidden, mask).jaxpr)
     block = n * chunk
-    # forward, recomputed forward and two backward matmuls (head and hidden) per chunk run
-    assert per_chunk == 4 * 2 * block * d * v and fixed == 0.0
-    assert flops.flops_of((fixed, per_chunk), {"logprob_chunks": chunks}) == 4 * 2 * block * d * v
-    assert flops.jaxpr_flops(grad.trace(head, hidden).jaxpr) == 4 * 2 * n * (length - 1) * d * v  # all run
-    mask[1, 60] = 1                                # the 15th response token... still one chunk
-    mask[0, 10:12] = 1                             # 17 tokens: two chunks
-    (_, chunks), _ = grad.__wrapped__(head, hidden) if False else grad(head, hidden)
-    assert float(chunks) == 1.0  # the mask above is traced as a constant: a new trace sees the change
-    (_, chunks), _ = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(head, hidden)
-    assert float(chunks) == 2.0
+    # forward; backward: recomputed logits, the head's and the hidden states' gradients
+    assert fixed == 0.0 and per_chunk == 4 * 2 * block * d * v
+    assert flops.flops_of((fixed, per_chunk), {"logprob_chunks": 2.0}) == 2 * 4 * 2 * block * d * v
+    assert flops.flops_of((fixed, per_chunk), {}) == 0.0     # no log-probs (Baseline): none counted
 
 
 def test_counted_step_compiles_once_per_shape_and_reports_its_flops():

@@ -24,6 +24,7 @@ import numpy as np
 
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
+from haf_jax.model import lm_logprobs
 from haf_jax.model.linear import project
 from haf_jax import sharding
 from haf_jax.sharding import constrain
@@ -136,15 +137,14 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
     Position i of a row predicts token i + 1; it counts when `response_mask_NxL[n, i + 1]` is set
     and adds to column `column_NxL[n, i + 1]` (0 for a plain row; a packed row's sequence index).
 
-    Only response positions go through the LM head, the costliest matmul of the step (V x D per
-    position, forward, recomputation and backward): the positions of each batch shard (all rows
-    outside a mesh) are flattened, the response ones moved to the front in order, and they are
-    processed `chunk x rows-per-shard` at a time, a chunk beyond every shard's response count
-    skipped (`lax.cond`, the same decision on every device). Prompts and padding, typically more
-    than half of a preference batch, then cost nothing; a full-length response costs what it did.
-    Each chunk runs under `jax.checkpoint`, so forward and backward hold one [N, chunk, V] float32
-    block of logits, never [N, L, V]. The head (tied embedding or untied matrix) is cast inside
-    the chunk: its gradient then accumulates across chunks in its own (float32 master) dtype.
+    Only response positions go through the LM head, the costliest matmul of the step: the
+    positions of each batch shard (all rows outside a mesh) are flattened, the response ones
+    moved to the front in order, and `model/lm_logprobs.py` runs the head over them
+    `chunk x rows-per-shard` at a time, as many chunks as the fullest shard needs, with a
+    hand-written backward, so forward and backward hold one [N, chunk, V] float32 block of logits,
+    never [N, L, V]. Prompts and padding, typically more than half of a preference batch, cost
+    nothing; a full-length response costs what it did. The head (tied embedding or untied matrix)
+    is cast inside the chunk: its gradient accumulates in float32 and returns in its own dtype.
 
     Under a mesh the head is split by vocabulary over every device ("logit_vocab") and each chunk
     of hidden states is gathered to all of them: every device computes all rows' logits for its
@@ -165,45 +165,21 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
     order = jax.vmap(lambda m: jnp.nonzero(m, size=per_shard, fill_value=0)[0])(mask)
     count_P = jnp.sum(mask, axis=1, dtype=jnp.int32)
     block = max(1, min(chunk, length - 1)) * rows
-    n_chunks = -(-per_shard // block)
-    order = jnp.pad(order, ((0, 0), (0, n_chunks * block - per_shard)))
-    used = jnp.arange(n_chunks * block) < count_P[:, None]                # [P, n_chunks x block]
-    to_chunks = lambda x: jnp.moveaxis(x.reshape(shards, n_chunks, block), 1, 0)   # [C, P, block]
+    order = jnp.pad(order, ((0, 0), (0, -per_shard % block)))   # whole chunks
 
     # The first constraint (the parameter's own layout) is where the head's gradient returns to
     # that layout: else the vocabulary split leaks into the optimizer update of the head and its moments.
     head_VxD = constrain(constrain(head_VxD, ("vocab", "embed")), ("logit_vocab", None))
     bias_V = None if bias_V is None else constrain(bias_V, ("logit_vocab",))
-
-    @jax.checkpoint
-    def chunk_logprobs(index_PxB, used_PxB):
-        take = lambda x: jnp.take_along_axis(x, index_PxB.reshape(index_PxB.shape + (1,) * (x.ndim - 2)), axis=1)
-        h_PxBxD = constrain(take(hidden), (None, None, None))
-        logits = constrain(_logits(h_PxBxD, head_VxD, bias_V, final_logit_softcap), (None, None, "logit_vocab"))
-        # The target's logit as a masked sum over the vocabulary: exact (one non-zero term), and it
-        # reduces across vocabulary slices, where a gather along a split axis would not.
-        vocab_V = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-        target_logit = jnp.sum(jnp.where(vocab_V == take(targets)[..., None], logits, 0.0), axis=-1)
-        return jnp.where(used_PxB, target_logit - jax.nn.logsumexp(logits, axis=-1), 0.0)
-
-    most = jnp.max(count_P)
-    put = jax.vmap(lambda buf, index, values: buf.at[index].add(values))
-
-    def body(logp_PxT, xs):
-        start, index, use = xs
-        logp = jax.lax.cond(start < most, chunk_logprobs, lambda i, u: jnp.zeros(i.shape, jnp.float32), index, use)
-        return put(logp_PxT, index, logp), None
-
-    starts = jnp.arange(n_chunks, dtype=jnp.int32) * block
-    logp_PxT, _ = jax.lax.scan(body, jnp.zeros((shards, per_shard), jnp.float32),
-                               (starts, to_chunks(order), to_chunks(used)))
+    logp_PxT = lm_logprobs.token_logprobs(head_VxD, bias_V, hidden, targets, order, count_P, block=block,
+                                          softcap=final_logit_softcap)
     # Each token's log-prob back at its position, then summed per (row, column) in position order:
     # a row's sum does not depend on the other rows of its batch (how the chunks fell).
     hit_NxTxG = (response_mask_NxL[:, 1:, None] != 0) & (column_NxL[:, 1:, None] == jnp.arange(num_columns))
     logp_NxT = logp_PxT.reshape(n, length - 1)
     logp = jnp.sum(jnp.where(hit_NxTxG, logp_NxT[..., None], 0.0), axis=1)
     count = jnp.sum(hit_NxTxG, axis=1, dtype=jnp.float32)
-    return logp, count, jnp.minimum(-(-most // block), n_chunks).astype(jnp.float32)
+    return logp, count, lm_logprobs.chunks_run(count_P, block).astype(jnp.float32)
 
 
 def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,

@@ -1,0 +1,138 @@
+"""Log-probs of given target tokens under the LM head at listed positions only, chunk by chunk,
+with a hand-written backward pass.
+
+The LM head is the costliest matmul of a HaF step (V x D per position for the forward, again to
+recompute, twice for the backward), and in preference data most positions are prompt or
+padding. `token_logprobs` runs the head over the listed positions only: a `while_loop` over
+`ceil(count / block)` chunks of `block` positions, where `count` is the largest number of listed
+positions of any batch shard (the same trip count on every device). A `lax.cond` skipping
+chunks inside a `scan` (the differentiable way to get a data-dependent trip count) cost 1 GiB of
+extra temporaries per chip on TPU (gemma-2b's 256k head, v5e-8: branch buffers that XLA could
+not share across the loop), so the backward is written out here instead, as its own loop:
+
+  forward   logits = h W^T (+ b, soft-cap), log p = logits[target] - logsumexp(logits)
+  backward  recompute logits; d logits = g * (onehot(target) - softmax(logits)) (* (1 - (logits /
+            cap)^2) under a soft-cap); dW += d logits^T h, db += sum d logits, dh = d logits W
+
+so one chunk of [P, block, V] float32 logits is alive at a time, forward or backward, and nothing
+per chunk is kept between the passes. Mixed precision is that of `jnp.einsum` with float32
+output: the head is cast to the hidden states' dtype for the matmuls, the logits and their
+gradient are float32, the head's gradient accumulates in float32 and returns in the head's dtype.
+
+Sharding (when traced under a mesh): the caller places the head split by vocabulary over all
+devices ("logit_vocab") and the hidden states by batch shard; each chunk of gathered hidden
+states is replicated, so every device computes all rows' logits for its vocabulary slice.
+
+Shapes: P batch shards, T positions per shard (rows x positions, flattened), B = block, D width,
+V vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from haf_jax.sharding import constrain
+
+
+def token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, *, block: int,
+                   softcap: float | None = None):
+    """log p(target) at the first `count_P[p]` positions of `order_PxT[p]` (indices into T, each at
+    most once), 0 at every other position -> float32 [P, T]. Differentiable in the head, the bias
+    (None: no bias) and the hidden states."""
+    return _token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
+
+
+def chunks_run(count_P, block: int):
+    """How many chunks `token_logprobs` runs (int32 scalar)."""
+    return (jnp.max(count_P) + block - 1) // block
+
+
+def _chunk(c, order_PxT, count_P, block):
+    """Chunk c: (positions [P, B], whether each is listed [P, B])."""
+    index = jax.lax.dynamic_slice_in_dim(order_PxT, c * block, block, axis=1)
+    used = c * block + jnp.arange(block) < count_P[:, None]
+    return index, used
+
+
+def _take(x_PxT, index_PxB):
+    return jnp.take_along_axis(x_PxT, index_PxB.reshape(index_PxB.shape + (1,) * (x_PxT.ndim - 2)), axis=1)
+
+
+def _put(buffer_PxT, index_PxB, values_PxB):
+    return jax.vmap(lambda buf, index, values: buf.at[index].add(values))(buffer_PxT, index_PxB, values_PxB)
+
+
+def _logits(head_VxD, bias_V, hidden_PxTxD, index_PxB, softcap):
+    """(hidden states of the chunk [P, B, D], replicated; their float32 logits [P, B, V], split by vocabulary)."""
+    h = constrain(_take(hidden_PxTxD, index_PxB), (None, None, None))
+    logits = jnp.einsum("pbd,vd->pbv", h, head_VxD.astype(h.dtype), preferred_element_type=jnp.float32)
+    if bias_V is not None:
+        logits = logits + bias_V.astype(jnp.float32)
+    if softcap:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return h, constrain(logits, (None, None, "logit_vocab"))
+
+
+def _is_target(logits_PxBxV, targets_PxT, index_PxB):
+    # The target's logit as a masked sum over the vocabulary: exact (one non-zero term), and it
+    # reduces across vocabulary slices, where a gather along a split axis would not.
+    vocab_V = jnp.arange(logits_PxBxV.shape[-1], dtype=targets_PxT.dtype)
+    return vocab_V == _take(targets_PxT, index_PxB)[..., None]
+
+
+def _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
+    def body(c, logp_PxT):
+        index, used = _chunk(c, order_PxT, count_P, block)
+        _, logits = _logits(head_VxD, bias_V, hidden_PxTxD, index, softcap)
+        target = jnp.sum(jnp.where(_is_target(logits, targets_PxT, index), logits, 0.0), axis=-1)
+        return _put(logp_PxT, index, jnp.where(used, target - jax.nn.logsumexp(logits, axis=-1), 0.0))
+
+    zeros = jnp.zeros(targets_PxT.shape, jnp.float32)
+    return jax.lax.fori_loop(0, chunks_run(count_P, block), body, zeros)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
+    return _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
+
+
+def _token_logprobs_fwd(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
+    out = _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
+    return out, (head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P)
+
+
+def _token_logprobs_bwd(block, softcap, residuals, g_PxT):
+    head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P = residuals
+
+    def body(c, carry):
+        d_head, d_bias, d_hidden = carry
+        index, used = _chunk(c, order_PxT, count_P, block)
+        h, logits = _logits(head_VxD, bias_V, hidden_PxTxD, index, softcap)
+        probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+        g = jnp.where(used, _take(g_PxT, index), 0.0)
+        d_logits = g[..., None] * (_is_target(logits, targets_PxT, index) - probs)
+        if softcap:
+            d_logits = d_logits * (1.0 - jnp.square(logits / softcap))
+        d_logits = constrain(d_logits, (None, None, "logit_vocab"))
+        d_h = jnp.einsum("pbv,vd->pbd", d_logits, head_VxD.astype(h.dtype), preferred_element_type=jnp.float32)
+        # The head's gradient contracts the chunk's positions: merged into one axis (a plain matmul).
+        rows = d_logits.shape[0] * d_logits.shape[1]
+        d_head = d_head + jnp.einsum("tv,td->vd", d_logits.reshape(rows, -1), h.reshape(rows, -1),
+                                     preferred_element_type=jnp.float32)
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(d_logits, axis=(0, 1))
+        d_hidden = constrain(_put(d_hidden, index, d_h.astype(d_hidden.dtype)), ("batch", None, None))
+        return constrain(d_head, ("logit_vocab", None)), d_bias, d_hidden
+
+    init = (constrain(jnp.zeros(head_VxD.shape, jnp.float32), ("logit_vocab", None)),
+            None if bias_V is None else jnp.zeros(bias_V.shape, jnp.float32),
+            # each position is written once (padding adds zeros): no float32 accumulator needed
+            constrain(jnp.zeros(hidden_PxTxD.shape, hidden_PxTxD.dtype), ("batch", None, None)))
+    d_head, d_bias, d_hidden = jax.lax.fori_loop(0, chunks_run(count_P, block), body, init)
+    return (d_head.astype(head_VxD.dtype), None if bias_V is None else d_bias.astype(bias_V.dtype),
+            d_hidden, None, None, None)
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
