@@ -51,7 +51,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", default="64,128,512", help="comma-separated chunk lengths to measure")
     chunks = [int(c) for c in parser.parse_args().chunks.split(",")]
-    gib = 2.0 ** 30
     for argnums, what in (((0, 1), "hidden and embedding"), ((0,), "hidden only")):
         report(chunks, argnums, what)
 
