@@ -10,8 +10,8 @@ Everything is measured in this one run (the machine is shared and noisy, so abso
 drift; the ratios are what to compare): peak FLOP/s of this device from a large float32
 matmul in the compute dtype, then the HaF, Baseline and DPO steps (warm, median of --iters). Model FLOPs per step are
 counted analytically (matmuls only: 6 x params-touched per token for forward+backward, plus
-attention scores, plus the LM head where the objective computes it) and cross-checked against
-XLA's own cost analysis of the compiled step.
+attention scores, plus the LM head at the response positions where the objective computes it)
+and shown next to XLA's own cost analysis of the compiled step (which counts a loop body once).
 """
 from __future__ import annotations
 
@@ -49,14 +49,15 @@ def peak_flops(n: int = 2048, iters: int = 5, dtype=jnp.float32) -> float:
     return 2 * n ** 3 / min(times)
 
 
-def model_flops(cfg, n_seq: int, length: int, lm_head: bool) -> float:
-    """Forward+backward matmul FLOPs of one step over n_seq sequences of `length` tokens."""
+def model_flops(cfg, n_seq: int, length: int, lm_head: bool, response_positions: int = 0) -> float:
+    """Forward+backward matmul FLOPs of one step over n_seq sequences of `length` tokens; the LM
+    head runs at the `response_positions` of each sequence only (heads.response_logprobs)."""
     d, f, q, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     per_token = cfg.num_layers * (d * (q + 2 * k) * h + q * h * d + 3 * d * f)  # weights touched
     attn = cfg.num_layers * 2 * q * h * length  # scores + weighted sum, per token (full causal upper bound)
-    head = cfg.vocab_size * d if lm_head else d
-    tokens = n_seq * length
-    return 3 * 2 * tokens * (per_token + attn + head)  # forward 2x, backward 4x
+    trunk = n_seq * length * (per_token + attn + d)   # + the reward head
+    head = n_seq * response_positions * cfg.vocab_size * d if lm_head else 0
+    return 3 * 2 * (trunk + head)  # forward 2x, backward 4x
 
 
 def batch(cfg, b: int, length: int):
@@ -116,7 +117,8 @@ def main():
     rows = {}
     for objective in args.objectives.split(","):
         seconds, xla = time_step(cfg, objective, args.batch, args.length, args.iters, dtype)
-        flops = model_flops(cfg, 2 * args.batch, args.length, lm_head=objective != "baseline")
+        flops = model_flops(cfg, 2 * args.batch, args.length, lm_head=objective != "baseline",
+                            response_positions=args.length - args.length // 4)   # batch(): the last 3/4
         rows[objective] = (seconds, flops, xla)
         print(f"{objective:9s} step {seconds * 1e3:8.1f} ms  {args.batch / seconds:7.2f} pairs/s  "
               f"{2 * args.batch * args.length / seconds:9.0f} tokens/s  model {flops / 1e9:7.2f} GFLOP  "

@@ -18,7 +18,6 @@ from jax.experimental import multihost_utils
 
 from haf_jax import checkpoint, data, evaluation, fit, flops, params as params_lib, paths, plots, reference, step as step_lib
 from haf_jax.build import Setup, base_fingerprint, build, initial_params, layout_options, split_trainable
-from haf_jax.build import optimizer_for, step_config  # noqa: F401  (callers and tests use loop.*)
 from haf_jax.metrics import MetricsLog, Throughput, log, past_metrics, summary_table
 from haf_jax.profile import StepProfiler
 from haf_jax.run_config import RunError, check_resumable, config_dict, with_added_defaults

@@ -3,7 +3,7 @@
 Every OBJECTIVE,DATASET loads through config_flags by path (as haf_jax.train does, from a directory
 where configs/ is not importable) with the paper's hyperparameters (PAPER.md s5); each dataset's
 train and eval specs build on local copies of the hub datasets in their public schemas (the
-fixtures of test_data_hub_local.py), with the options loop.build passes; the real-size parameter
+fixtures of test_data_hub_local.py), with the options build.build passes; the real-size parameter
 trees are shaped with jax.eval_shape (nothing allocated; the LoRA adapter count checked exactly);
 and the train step of each setup and objective compiles on a shrunken model of the same family
 (6 compiles).
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pytest
 from test_data_hub_local import ROWS, hub, no_network, tok  # noqa: F401  (fixtures: local hub copies, offline)
 
-from haf_jax import data, loop, params as params_lib, sharding, step as step_lib
+from haf_jax import build as build_lib, data, params as params_lib, sharding, step as step_lib
 from haf_jax.data.formats import RECIPES, parse_spec
 from haf_jax.model import heads, lora as lora_lib
 from haf_jax.model.families import preset
@@ -89,7 +89,7 @@ def test_every_combination_loads_with_the_paper_setup(configs):
         else:                                      # first 10% / 5% of the one split (the recipe's rule)
             assert c.data.eval == "" and RECIPES[recipe].first_eval_fraction == {"alpaca": 0.10, "arena": 0.05}[dataset]
         # the step config the loop builds from it
-        sc = loop.step_config(c, preset(preset_name))
+        sc = build_lib.step_config(c, preset(preset_name))
         assert sc.loss.objective == objective and sc.loss.dpo_scale_by_alpha and sc.lora.rank == rank
         assert sc.compute_dtype == jnp.bfloat16
 
@@ -125,7 +125,7 @@ def local(spec, hub_dir):
 
 
 def loaded_splits(c, hub_dir, tokenizer):
-    """(train, eval) as loop.build loads them, from the local hub copies."""
+    """(train, eval) as build.build loads them, from the local hub copies."""
     common = dict(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
                   template=c.data.template, eval_fraction=c.data.eval_fraction, seed=c.train.seed,
                   max_skip_fraction=c.data.max_skip_fraction, **data.config_options(c.data))
@@ -199,7 +199,7 @@ def shrunk(name):
 @pytest.mark.parametrize("objective", ["haf", "baseline", "dpo"])
 @pytest.mark.parametrize("setup", sorted(SETUPS))
 def test_train_step_compiles_on_a_shrunken_model(setup, objective, configs):
-    """The step built from the paper config (loop.step_config / optimizer_for: bf16, remat, LoRA) lowers
+    """The step built from the paper config (build.step_config / optimizer_for: bf16, remat, LoRA) lowers
     and compiles for a full batch of 16 pairs x 512 tokens. The step depends on the setup and the
     objective only (the dataset selects data), so this covers every combination's step."""
     c = configs[(setup, objective, "helpful")]
@@ -208,8 +208,8 @@ def test_train_step_compiles_on_a_shrunken_model(setup, objective, configs):
     model_cfg = dataclasses.replace(shrunk(c.model.preset), remat=bool(c.model.remat))
     assert model_cfg.family == preset(c.model.preset).family
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = loop.step_config(c, model_cfg)
-    opt = loop.optimizer_for(c)
+    cfg = build_lib.step_config(c, model_cfg)
+    opt = build_lib.optimizer_for(c)
     _, abstract = step_lib.state_layout(model_cfg, opt, mesh, cfg.lora)
     psh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh,
