@@ -40,7 +40,10 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
     c.model.remat_policy = "nothing"  # what remat keeps: nothing | dots | dots_no_batch (matmul outputs)
     c.model.scan_layers = not tiny  # one compiled block per repeating layer pattern (compiles much faster)
-    c.model.logprob_chunk = 128  # positions per chunk of the LM-head log-prob computation
+    # Response positions per batch shard per chunk of the LM-head log-probs: smaller wastes less on
+    # short responses (at most chunk - 1 per shard); on TPU 512 keeps HaF's temporaries near Baseline's
+    # (gemma-2b, v5e-8: 1.08x; 128: 1.19x, benchmarks/haf_memory.py).
+    c.model.logprob_chunk = 128 if tiny else 512
     c.model.attention = "auto"  # auto (splash on TPU, cudnn on GPU, else xla) | xla | cudnn | splash
     c.model.lora = ConfigDict()  # low-rank adapters (haf_jax/model/lora.py); rank 0 = full fine-tuning
     c.model.lora.rank = 0  # adapter rank r (paper, Mistral-7B: 64)

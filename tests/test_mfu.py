@@ -40,7 +40,7 @@ def test_loops_count_by_trips_where_xla_counts_one():
         fn = jax.jit(lambda w, h, t, m, c=chunk: response_logprobs(w, h, t, m, jnp.zeros_like(t), 1, chunk=c))
         fixed, per_chunk = flops.step_flops(fn.trace(*args).jaxpr)
         chunks = fn(jnp.ones((v, d)), jnp.ones((n, length, d)), jnp.ones((n, length), jnp.int32), ones)[2]
-        assert float(chunks) == 256 / chunk
+        assert float(chunks) == n * 256 / chunk   # both rows' positions, flattened
         assert fixed + per_chunk * float(chunks) == 2 * n * (length - 1) * d * v  # 2 x 256 positions
         cost = fn.lower(*args).compile().cost_analysis()
         xla[chunk] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
@@ -50,7 +50,7 @@ def test_loops_count_by_trips_where_xla_counts_one():
 def test_chunks_that_did_not_run_are_not_counted():
     """Only response positions reach the LM head; a step's FLOPs count the chunks that ran
     (fixed + per_chunk x chunks), forward and backward."""
-    n, length, d, v, chunk = 2, 65, 8, 300, 8   # 2 x 64 predicting positions, chunks of 2 x 8 = 16
+    n, length, d, v, chunk = 2, 65, 8, 300, 16  # 2 x 64 predicting positions, chunks of 16
     rng = np.random.default_rng(0)
     head = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
     hidden = jnp.asarray(rng.normal(size=(n, length, d)), jnp.float32)
@@ -67,7 +67,7 @@ def test_chunks_that_did_not_run_are_not_counted():
     mask[0, 10:13] = 1                           # 17: two chunks
     assert float(grad(head, hidden, mask)[0][1]) == 2.0
     fixed, per_chunk = flops.step_flops(grad.trace(head, hidden, mask).jaxpr)
-    block = n * chunk
+    block = chunk
     # forward; backward: recomputed logits, the head's and the hidden states' gradients
     assert fixed == 0.0 and per_chunk == 4 * 2 * block * d * v
     assert flops.flops_of((fixed, per_chunk), {"logprob_chunks": 2.0}) == 2 * 4 * 2 * block * d * v

@@ -140,9 +140,9 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
     Only response positions go through the LM head, the costliest matmul of the step: the
     positions of each batch shard (all rows outside a mesh) are flattened, the response ones
     moved to the front in order, and `model/lm_logprobs.py` runs the head over them
-    `chunk x rows-per-shard` at a time, as many chunks as the fullest shard needs, with a
-    hand-written backward, so forward and backward hold one [N, chunk, V] float32 block of logits,
-    never [N, L, V]. Prompts and padding, typically more than half of a preference batch, cost
+    `chunk` per shard at a time, as many chunks as the fullest shard needs, with a hand-written
+    backward, so forward and backward hold one [shards, chunk, V] float32 block of logits, never
+    [N, L, V], and at most chunk - 1 positions per shard are computed in vain. Prompts and padding, typically more than half of a preference batch, cost
     nothing; a full-length response costs what it did. The head (tied embedding or untied matrix)
     is cast inside the chunk: its gradient accumulates in float32 and returns in its own dtype.
 
@@ -164,7 +164,7 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
     # Each shard's response positions first, in order; the rest of the index is never used.
     order = jax.vmap(lambda m: jnp.nonzero(m, size=per_shard, fill_value=0)[0])(mask)
     count_P = jnp.sum(mask, axis=1, dtype=jnp.int32)
-    block = max(1, min(chunk, length - 1)) * rows
+    block = max(1, min(chunk, per_shard))
     order = jnp.pad(order, ((0, 0), (0, -per_shard % block)))   # whole chunks
 
     # The first constraint (the parameter's own layout) is where the head's gradient returns to
