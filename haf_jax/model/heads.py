@@ -142,16 +142,17 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
     moved to the front in order, and `model/lm_logprobs.py` runs the head over them
     `chunk` per shard at a time, as many chunks as the fullest shard needs, with a hand-written
     backward, so forward and backward hold one [shards, chunk, V] float32 block of logits, never
-    [N, L, V], and at most chunk - 1 positions per shard are computed in vain. Prompts and padding, typically more than half of a preference batch, cost
-    nothing; a full-length response costs what it did. The head (tied embedding or untied matrix)
-    is cast inside the chunk: its gradient accumulates in float32 and returns in its own dtype.
+    [N, L, V], and at most chunk - 1 positions per shard are computed in vain. Prompts and
+    padding, typically more than half of a preference batch, cost nothing; a full-length response
+    costs what it did. The head (tied embedding or untied matrix) is cast inside the chunk: its
+    gradient accumulates in float32 and returns in its own dtype.
 
     Under a mesh the head is split by vocabulary over every device ("logit_vocab") and each chunk
     of hidden states is gathered to all of them: every device computes all rows' logits for its
     V / devices slice (the log-sum-exp and the target logit reduce across slices). The other way
     round, FSDP's embed-sharded head would be all-gathered whole ([V, D] bf16) and its gradient
     accumulated whole ([V, D] float32) on every device: 3 GiB per chip for a 256k x 2048 head
-    (benchmarks/haf_memory.py). Gathering a chunk of hidden states costs N x chunk x D.
+    (benchmarks/haf_memory.py). Gathering a chunk of hidden states costs shards x chunk x D.
     """
     n, length, _ = hidden_NxLxD.shape
     shards = sharding.shard_count("batch", n)
