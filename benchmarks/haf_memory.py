@@ -35,7 +35,7 @@ def sequence_logprobs_before(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_N
     import jax
     import jax.numpy as jnp
 
-    from haf_jax.model.heads import _logits
+    from haf_jax.model.lm_logprobs import head_logits
 
     n, length, d = hidden_NxLxD.shape
     hidden = hidden_NxLxD[:, :-1]
@@ -52,7 +52,7 @@ def sequence_logprobs_before(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_N
 
     @jax.checkpoint
     def chunk_logprob(h_NxCxD, t_NxC, m_NxC):
-        logits = _logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
+        logits = head_logits(h_NxCxD, head_VxD, bias_V, final_logit_softcap)
         target_logit = jnp.take_along_axis(logits, t_NxC[..., None], axis=-1)[..., 0]
         logp = target_logit - jax.nn.logsumexp(logits, axis=-1)
         return jnp.sum(logp * m_NxC, axis=-1)

@@ -25,7 +25,6 @@ import numpy as np
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
 from haf_jax.model import lm_logprobs
-from haf_jax.model.linear import project
 from haf_jax import sharding
 from haf_jax.sharding import constrain
 
@@ -103,17 +102,6 @@ def rewards(reward_kernel_Dx1, hidden_NxLxD, last_index_N):
     """Reward read at each row's last real token -> float32 [N]."""
     h_last_NxD = jnp.take_along_axis(hidden_NxLxD, last_index_N[:, None, None], axis=1)[:, 0]
     return h_last_NxD.astype(jnp.float32) @ reward_kernel_Dx1[:, 0].astype(jnp.float32)
-
-
-def _logits(hidden, head_VxD, bias_V, softcap):
-    """float32 logits of hidden [..., D] under the LM head (the head cast to the hidden's dtype)."""
-    lead = "nlc"[:hidden.ndim - 1]
-    logits = project(f"{lead}d,vd->{lead}v", hidden, head_VxD.astype(hidden.dtype), jnp.float32)
-    if bias_V is not None:
-        logits = logits + bias_V.astype(jnp.float32)
-    if softcap:
-        logits = jnp.tanh(logits / softcap) * softcap
-    return logits
 
 
 def sequence_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, bias_V=None,
@@ -231,7 +219,7 @@ def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy:
         out = out.replace(reward_Bx2=r_RxS.reshape(b, 2))
     if policy:
         head, bias = lm_head(params, config)
-        logp, n_tok, chunks = _segment_sums(head, hidden, tokens_RxT, batch["response_mask"], batch["segment_ids"],
+        logp, n_tok, chunks = segment_logprobs(head, hidden, tokens_RxT, batch["response_mask"], batch["segment_ids"],
                                             segments, bias_V=bias, final_logit_softcap=config.final_logit_softcap,
                                             chunk=chunk)
         out = out.replace(logp_Bx2=logp.reshape(b, 2), n_tokens_Bx2=n_tok.reshape(b, 2), logprob_chunks=chunks)
@@ -239,16 +227,11 @@ def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy:
 
 
 def segment_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments: int,
-                     *, bias_V=None, final_logit_softcap: float | None = None, chunk: int = 128):
-    """`sequence_logprobs` per segment of packed rows -> (logp_NxS, n_tokens_NxS), float32, column
+                     **kw):
+    """`response_logprobs` per segment of packed rows -> (logp_NxS, n_tokens_NxS, chunks run), column
     s - 1 for segment id s (1..S; 0 = padding). Position i predicts token i + 1 only inside one
     segment (the last token of a sequence never predicts the next sequence's first), so each
     segment's sum equals that of the sequence alone in its own row."""
-    return _segment_sums(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments,
-                         bias_V=bias_V, final_logit_softcap=final_logit_softcap, chunk=chunk)[:2]
-
-
-def _segment_sums(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments, **kw):
     same = segment_ids_NxL[:, 1:] == segment_ids_NxL[:, :-1]
     mask = response_mask_NxL.astype(bool) & jnp.pad(same, ((0, 0), (1, 0)))   # at the predicted token
     return response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, mask, segment_ids_NxL.astype(jnp.int32) - 1,
@@ -258,7 +241,8 @@ def _segment_sums(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment
 def full_logits(params, config: ModelConfig, tokens_NxL, last_index_N):
     """[N, L, V] float32 logits of the LM head (for tests and small inputs only)."""
     head, bias = lm_head(params, config)
-    return _logits(hidden_states(params, config, tokens_NxL, last_index_N), head, bias, config.final_logit_softcap)
+    return lm_logprobs.head_logits(hidden_states(params, config, tokens_NxL, last_index_N), head, bias,
+                                   config.final_logit_softcap)
 
 
 def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache, logits_at_N=None):
@@ -272,4 +256,4 @@ def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache, logits
     if logits_at_N is not None:
         hidden = jnp.take_along_axis(hidden, logits_at_N[:, None, None], axis=1)[:, 0]
     head, bias = lm_head(params, config)
-    return _logits(hidden, head, bias, config.final_logit_softcap), cache
+    return lm_logprobs.head_logits(hidden, head, bias, config.final_logit_softcap), cache

@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from haf_jax.model.linear import project
 from haf_jax.sharding import constrain
 
 
@@ -64,15 +65,22 @@ def _put(buffer_PxT, index_PxB, values_PxB):
     return jax.vmap(lambda buf, index, values: buf.at[index].add(values))(buffer_PxT, index_PxB, values_PxB)
 
 
-def _logits(head_VxD, bias_V, hidden_PxTxD, index_PxB, softcap):
-    """(hidden states of the chunk [P, B, D], replicated; their float32 logits [P, B, V], split by vocabulary)."""
-    h = constrain(_take(hidden_PxTxD, index_PxB), (None, None, None))
-    logits = jnp.einsum("pbd,vd->pbv", h, head_VxD.astype(h.dtype), preferred_element_type=jnp.float32)
+def head_logits(hidden, head_VxD, bias_V=None, softcap: float | None = None):
+    """float32 logits [..., V] of hidden states [..., D] (up to 3 leading axes) under the LM head (cast
+    to the hidden states' dtype), plus its bias, soft-capped: the one definition of the LM head."""
+    lead = "nlc"[:hidden.ndim - 1]
+    logits = project(f"{lead}d,vd->{lead}v", hidden, head_VxD.astype(hidden.dtype), jnp.float32)
     if bias_V is not None:
         logits = logits + bias_V.astype(jnp.float32)
     if softcap:
         logits = jnp.tanh(logits / softcap) * softcap
-    return h, constrain(logits, (None, None, "logit_vocab"))
+    return logits
+
+
+def _logits(head_VxD, bias_V, hidden_PxTxD, index_PxB, softcap):
+    """(hidden states of the chunk [P, B, D], replicated; their float32 logits [P, B, V], split by vocabulary)."""
+    h = constrain(_take(hidden_PxTxD, index_PxB), (None, None, None))
+    return h, constrain(head_logits(h, head_VxD, bias_V, softcap), (None, None, "logit_vocab"))
 
 
 def _is_target(logits_PxBxV, targets_PxT, index_PxB):
