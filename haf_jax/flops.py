@@ -112,7 +112,7 @@ class CountedStep:
     that its FLOPs come from the same trace (no second compilation).
 
     `step(*args)` runs it; afterwards `step.last_flops` is the (fixed, per_chunk) FLOP count of the
-    program that ran (`step_flops`; `flops_of(metrics)` applies it to the step's chunk count).
+    program that ran (`step_flops`; `flops_of(step.last_flops, metrics)` applies it to the step's chunk count).
     `step.lower(*abstract_args).compile()` (jax.jit's interface: the fit check before step 1
     compiles the largest batch that way) keeps the executable for the calls of that signature.
     """
