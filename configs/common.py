@@ -75,6 +75,9 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.data.packing = False
     c.data.pack_length = 0  # tokens per packed row; 0 = 4 * max_length (at least 2 * max_length)
     c.data.pack_rows = 0  # rows per step; 0 = train.batch_size pairs of the mean length, rounded down
+    # Shared prompts (haf_jax/data/packing.py): a pair's prompt is run once for both responses
+    # (one row per pair, or packed with data.packing); same numbers, fewer tokens.
+    c.data.share_prompt = False
 
     c.loss = ConfigDict()
     c.loss.objective = "haf"  # haf | baseline | dpo

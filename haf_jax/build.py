@@ -126,7 +126,9 @@ def step_config(config, model_cfg) -> step_lib.StepConfig:
     return step_lib.StepConfig(
         model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
         compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
-        grad_accum=config.optim.grad_accum, lora=lora_config(config), packed=bool(config.data.get("packing", False)))
+        grad_accum=config.optim.grad_accum, lora=lora_config(config),
+        packed=bool(config.data.get("packing", False) or config.data.get("share_prompt", False)),
+        share_prompt=bool(config.data.get("share_prompt", False)))
 
 
 def split_trainable(s: Setup, params0):

@@ -115,8 +115,10 @@ def train(config, workdir) -> dict:
     loader = data.train_loader(s.train_ds, c, data_parallel=s.mesh.shape["data"] * s.mesh.shape["fsdp"])
     padding = loader.padding()
     log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
-        f"{padding['pairs_per_step']:g} pairs a step" + (f" (unpacked: {padding['unpacked_padding_fraction']:.1%})"
-                                                          if s.step_cfg.packed else " (data.packing=True packs)"))
+        f"{padding['pairs_per_step']:g} pairs a step" + (
+            f" (unpacked: {padding['unpacked_padding_fraction']:.1%})" if "unpacked_padding_fraction" in padding else
+            f", {padding['tokens_vs_unshared']:.2f}x the tokens of unshared pairs" if "tokens_vs_unshared" in padding
+            else " (data.packing=True packs)"))
     if jax.process_index() == 0:  # the train data report states the padding of its batches
         paths.write_text(workdir / "data_report_train.json",
                          json.dumps({**s.train_ds.report, "batches": padding}, indent=1, default=str))
@@ -179,9 +181,9 @@ def train(config, workdir) -> dict:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
-            compiles = meter.dispatched(batch["tokens"].shape)
             profiler.before(step)
             state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
+            compiles = meter.dispatched(batch["tokens"].shape, metrics)
             profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)
             work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
@@ -217,6 +219,7 @@ def train(config, workdir) -> dict:
             flush(pending)
     finally:
         profiler.close()
+        meter.close()
         preempt.close()
         bar.close()
         ckpt.wait_until_finished()

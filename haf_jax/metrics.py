@@ -9,6 +9,8 @@ same files: objects cannot be appended to, so metrics.jsonl is rewritten whole a
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import math
 import sys
@@ -28,7 +30,7 @@ def log(msg: str) -> None:
 
 
 class Throughput:
-    """Honest training rates: per logged interval, measured when each step's results reach the host.
+    """Honest training rates: per logged interval, from the moments the steps finish on the devices.
 
     A step whose batch shape is new to this process carries its compilation: its time goes to
     `compile_s` (cumulative) and is never averaged into the rates. Time spent outside steps (eval,
@@ -36,27 +38,43 @@ class Throughput:
     `pairs_per_s`, `tokens_per_s` (real tokens, padding excluded), `step_s`, and `compile_s`;
     with `peak_flops` (FLOP/s of all devices, haf_jax.flops.peak_flops) and each step's FLOPs,
     also `mfu` = FLOPs / (time x peak).
+
+    A step's time runs from the previous step's finish (or the last pause) to its own. The finish
+    is stamped by a watcher thread that waits on the step's outputs as soon as it is launched: the
+    loop only reads a step's metrics after launching the next one, so a host delay before that read
+    would otherwise move time from one step into its neighbour (one-step rows then showed MFU > 1).
     """
 
     def __init__(self, clock=time.monotonic, peak_flops: float | None = None):
         self._clock, self._shapes, self._peak = clock, set(), peak_flops
         self._last = clock()
+        self._finishes: collections.deque[concurrent.futures.Future] = collections.deque()
+        self._watcher = None
         self.compile_s = 0.0
         self._reset()
 
     def _reset(self):
         self._time = self._pairs = self._tokens = self._steps = self._flops = 0.0
 
-    def dispatched(self, shape) -> bool:
-        """Call when a step is launched with a batch of `shape`; True when it needs compiling."""
+    def dispatched(self, shape, outputs=None) -> bool:
+        """Call right after launching a step on a batch of `shape`; True when it needs compiling.
+        `outputs` (the step's device arrays) are watched so its finish is stamped when it happens."""
         new = tuple(shape) not in self._shapes
         self._shapes.add(tuple(shape))
+        if outputs is not None:
+            if self._watcher is None:
+                self._watcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="step-finish")
+            self._finishes.append(self._watcher.submit(self._finish, outputs))
         return new
 
+    def _finish(self, outputs) -> float:
+        jax.block_until_ready(outputs)
+        return self._clock()
+
     def arrived(self, pairs: float, tokens: float, compiles: bool, flops: float = 0.0):
-        """Call when a step's metrics are on the host (the step is finished); `flops`: the step's."""
-        now = self._clock()
-        elapsed, self._last = now - self._last, now
+        """Call, in launch order, when a step's metrics are on the host; `flops`: the step's."""
+        now = self._finishes.popleft().result() if self._finishes else self._clock()
+        elapsed, self._last = max(now - self._last, 0.0), max(now, self._last)
         if compiles:
             self.compile_s += elapsed
             return
@@ -77,6 +95,10 @@ class Throughput:
                 out["mfu"] = self._flops / (max(self._time, 1e-9) * self._peak)
         self._reset()
         return out
+
+    def close(self):
+        if self._watcher is not None:
+            self._watcher.shutdown(wait=False)
 
 
 class MetricsLog:

@@ -28,7 +28,7 @@ ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "attention": "
                         "remat_policy": "nothing"},
               "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
                        "eval_subsample": 0, "eval_subsample_seed": 0, "packing": False, "pack_length": 0,
-                       "pack_rows": 0},
+                       "pack_rows": 0, "share_prompt": False},
               "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""},
               "optim": {"moment_dtype": "float32"}}
 

@@ -6,8 +6,8 @@ train_step(state, batch, ref_params, frozen) -> (state, metrics)
   weights (model/lora.py); the step merges them, so gradients exist only for the trained part.
   batch = {"tokens" [B,2,L], "response_mask" [B,2,L], "last_index" [B,2], "valid" [B],
            "ref_logp" [B,2] (precomputed reference; absent in live mode)}
-  or, packed (StepConfig.packed, data/packing.py): "tokens", "positions", "segment_ids",
-  "response_mask" [R,T] and the same per-pair keys [B,...], pair b in row b // (B / R).
+  or, packed (StepConfig.packed, data/packing.py; also for shared prompts): "tokens", "positions",
+  "segment_ids", "response_mask" [R,T] and the same per-pair keys [B,...], pair b in row b // (B / R).
 The state is donated. A non-finite loss or gradient leaves the state unchanged and is reported
 through metrics["finite"] = 0, so the host can stop without the bad state ever existing.
 """
@@ -78,6 +78,7 @@ class StepConfig:
     grad_accum: int = 1
     lora: lora_lib.LoraConfig = lora_lib.LoraConfig()
     packed: bool = False  # training batches are packed rows (data.packing); eval/reference batches never are
+    share_prompt: bool = False  # ... whose pairs share their prompts (data.share_prompt; packed is then True)
 
 
 def model_params(params, frozen, cfg: StepConfig):
@@ -88,7 +89,7 @@ def model_params(params, frozen, cfg: StepConfig):
 def _outputs(params, cfg: StepConfig, batch, ref_params):
     """Model outputs for one (micro-)batch, with the reference log-probs attached."""
     out = forward_pairs(params, cfg.model, batch, reward=cfg.loss.needs_reward, policy=cfg.loss.needs_policy,
-                        chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
+                        chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt)
     if cfg.loss.needs_reference:
         if ref_params is not None:  # live reference: frozen initial weights, same tokens
             out = out.replace(ref_logp_Bx2=jax.lax.stop_gradient(reference_logprobs(ref_params, batch, cfg=cfg)))
@@ -157,7 +158,7 @@ def micro_batches(batch, a: int):
 def reference_logprobs(params, batch, *, cfg: StepConfig):
     """Summed response log-probs [B, 2] of the (initial) weights: the precomputed reference."""
     return forward_pairs(params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
-                         compute_dtype=cfg.compute_dtype).logp_Bx2
+                         compute_dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt).logp_Bx2
 
 
 def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()):

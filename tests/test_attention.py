@@ -85,13 +85,48 @@ def test_splash_gradients_equal_xla_under_a_mesh(qkv):
 def test_cudnn_arguments_mean_the_xla_mask(qkv):
     """cudnn_attention's call (segment mask, causal, left window) run by dot_product_attention's XLA
     implementation equals the reference: the same arguments go to cuDNN on a GPU."""
-    q, k, v, seg, _ = qkv
-    real = _real(qkv)
-    for window in (None, 40):
-        got = A.cudnn_attention(q, k, v, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25, window=window,
-                                implementation="xla")
-        want = _xla(qkv, scale=0.25, window=window)
-        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+    for data in (qkv, _shared_prompt_row()):
+        q, k, v, seg, pos = data
+        real = _real(data)
+        for window in (None, 40):
+            got = A.cudnn_attention(q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25,
+                                    window=window, implementation="xla")
+            want = _xla(data, scale=0.25, window=window)
+            np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+
+
+def _shared_prompt_row(prompt=30, chosen=50, rejected=20, pad=12):
+    """One row [shared prompt but its last token | last + chosen | last + rejected | padding] in the
+    data.share_prompt layout (segments -1, 1, 2, 0; both sequences restart at the prompt's last
+    position), the two plain rows [prompt, chosen] and [prompt, rejected] it stands for, and where
+    each plain row's tokens sit in the shared one."""
+    rng = np.random.default_rng(1)
+    p, c, r = (rng.normal(size=(n, Q + 2 * K, H)) for n in (prompt, chosen, rejected))
+    parts = [p[:-1], np.concatenate([p[-1:], c]), np.concatenate([p[-1:], r]), np.zeros((pad, Q + 2 * K, H))]
+    row = np.concatenate(parts)[None]
+    seg = np.concatenate([np.full(prompt - 1, -1), np.full(chosen + 1, 1), np.full(rejected + 1, 2),
+                          np.zeros(pad)]).astype(np.int32)[None]
+    pos = np.concatenate([np.arange(prompt - 1), np.arange(prompt - 1, prompt + chosen),
+                          np.arange(prompt - 1, prompt + rejected), np.zeros(pad)]).astype(np.int32)[None]
+    split = lambda x: tuple(jnp.asarray(a, jnp.float32) for a in (x[..., :Q, :], x[..., Q:Q + K, :], x[..., Q + K:, :]))
+    return (*split(row), jnp.asarray(seg), jnp.asarray(pos))
+
+
+def test_shared_prompt_row_attends_as_two_plain_rows():
+    """Each response of a shared-prompt row sees its prompt and itself (at its own positions) and
+    never the other response: its attention outputs equal those of its plain row."""
+    q, k, v, seg, pos = _shared_prompt_row()
+    shared = np.asarray(A.xla_attention(q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg,
+                                        scale=0.25, softcap=5.0, window=40))[0]
+    s = np.asarray(seg)[0]
+    prefix = np.flatnonzero(s == -1)
+    for side in (1, 2):
+        idx = np.concatenate([prefix, np.flatnonzero(s == side)])   # the plain row's tokens, in order
+        plain = [x[:, idx] for x in (q, k, v)]
+        ones, p = jnp.ones((1, len(idx)), jnp.int32), jnp.arange(len(idx), dtype=jnp.int32)[None]
+        want = np.asarray(A.xla_attention(*plain, q_pos_NxL=p, k_pos_NxS=p, q_seg_NxL=ones, k_seg_NxS=ones,
+                                          scale=0.25, softcap=5.0, window=40))[0]
+        np.testing.assert_allclose(shared[idx], want, rtol=1e-5, atol=1e-6)
 
 
 def test_choose_falls_back_with_a_reason():

@@ -23,11 +23,11 @@ def hh(shared_data):
                            max_length=MAX_LENGTH, max_prompt_length=64)
 
 
-def _packed_and_unpacked(ds, pairs, shape):
+def _packed_and_unpacked(ds, pairs, shape, share_prompt=False):
     """The same pairs as one packed batch of `shape` and one unpacked batch (None when they do not fit)."""
-    slots, offsets = packing.pack_order(np.asarray(pairs), ds.all_lengths.sum(axis=1), shape)
+    slots, offsets = packing.pack_order(np.asarray(pairs), packing.pair_tokens(ds, share_prompt), shape)
     assert slots, "the pairs did not fill one packed batch"
-    packed = packing.make_packed_batch(ds, slots[0], offsets[0], shape)
+    packed = packing.make_packed_batch(ds, slots[0], offsets[0], shape, share_prompt)
     chosen = packed["index"][packed["valid"]]
     unpacked = batching.make_batch(ds, chosen, MAX_LENGTH)
     return packed, unpacked
@@ -53,36 +53,73 @@ def test_packed_batch_layout(hh):
     assert (packed["index"][~packed["valid"]] == -1).all()
 
 
-@pytest.mark.parametrize("objective", ["haf"])
-def test_packed_equals_unpacked_on_real_pairs(hh, objective):
+def test_shared_prompt_layout(hh):
+    """data.share_prompt: each pair's prompt once (segment -(k + 1)) and its last token again at the
+    start of each sequence; prompt + sequence read in row order are the unpacked sequence."""
+    shape = packing.PackShape(rows=2, length=4 * MAX_LENGTH, per_row=8)
+    packed, unpacked = _packed_and_unpacked(hh, np.arange(40), shape, share_prompt=True)
+    valid = np.flatnonzero(packed["valid"])
+    assert len(valid) >= 6
+    saved = 0
+    for u, b in enumerate(valid):
+        row, k = divmod(b, shape.per_row)
+        seg = packed["segment_ids"][row]
+        prompt = np.flatnonzero(seg == -(1 + k))
+        assert len(prompt) > 0 and not packed["response_mask"][row, prompt].any()
+        for side in (0, 1):
+            own = np.flatnonzero(seg == 1 + 2 * k + side)
+            idx = np.concatenate([prompt, own])
+            n = int(unpacked["last_index"][u, side]) + 1
+            assert len(idx) == n and packed["last_index"][b, side] == own[-1]
+            np.testing.assert_array_equal(packed["tokens"][row, idx], unpacked["tokens"][u, side, :n])
+            np.testing.assert_array_equal(packed["positions"][row, idx], np.arange(n))
+            np.testing.assert_array_equal(packed["response_mask"][row, idx], unpacked["response_mask"][u, side, :n])
+        saved += len(prompt)   # the prompt once (P - 1 shared + 1 per sequence) instead of twice
+    assert packing.real_tokens(packed) == packing.real_tokens(unpacked) - saved
+
+
+@pytest.mark.parametrize("layout", ["packed", "packed_shared", "row_shared"])
+def test_packed_equals_unpacked_on_real_pairs(hh, layout):
     """Tiny Gemma 2 (soft-caps, GQA, a sliding window of 32 that real sequences exceed) with GPT-2's
-    vocabulary: per-pair rewards, summed log-probs, token counts and the HaF loss agree."""
+    vocabulary: per-pair rewards, summed log-probs, token counts, the HaF loss and its gradients
+    agree between unpacked pairs and the same pairs packed, packed with shared prompts, or one
+    pair a row with a shared prompt (SharedPromptLoader's batches)."""
     model = dataclasses.replace(preset("tiny"), vocab_size=50304, sliding_window=32, attention="xla")
     params = heads.init_params(model, jax.random.key(0))
     # A non-zero reward head, so rewards differ between pairs.
     params["reward_head"] = jax.random.normal(jax.random.key(1), params["reward_head"].shape) * 0.1
     shape = packing.PackShape(rows=2, length=4 * MAX_LENGTH, per_row=8)
-    packed, unpacked = _packed_and_unpacked(hh, np.arange(100, 160), shape)
+    share = layout != "packed"
+    packed, unpacked = _packed_and_unpacked(hh, np.arange(100, 160), shape, share_prompt=share)
+    if layout == "row_shared":
+        pairs = packed["index"][packed["valid"]]
+        loader = packing.SharedPromptLoader(hh, len(pairs), shuffle=False, prefetch=0)
+        packed = packing.make_packed_batch(hh, pairs, np.zeros(len(pairs), np.int64),
+                                           packing.PackShape(len(pairs), loader.buckets[-1], 1), share_prompt=True)
     n = int(packed["valid"].sum())
     assert n >= 5 and unpacked["tokens"].shape[0] == n
-    assert len(set(packed["segment_ids"][0]) - {0}) >= 4   # several sequences share a row
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective=objective), logprob_chunk=48)
+    if layout != "row_shared":
+        assert len(set(packed["segment_ids"][0]) - {0}) >= 4   # several sequences share a row
+    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective="haf"), logprob_chunk=48, share_prompt=share)
     ref = np.random.default_rng(0).normal(-200, 20, (len(hh), 2)).astype(np.float32)   # any reference
 
-    @jax.jit
-    def run(batch):   # what step._loss computes, keeping the per-pair outputs
-        out = step_lib._outputs(params, cfg, batch, None)
-        return out, losses.objective(out, objective=objective, weight_B=batch["valid"].astype(jnp.float32))[0]
+    def loss(p, batch):   # what step._loss computes, keeping the per-pair outputs
+        out = step_lib._outputs(p, cfg, batch, None)
+        return losses.objective(out, objective="haf", weight_B=batch["valid"].astype(jnp.float32))[0], out
 
+    run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     with_ref = lambda b: {**{k: v for k, v in b.items() if k != "index"}, "ref_logp": ref[b["index"]]}
-    out_p, loss_p = run(with_ref(packed))
-    out_u, loss_u = run(with_ref(unpacked))
+    (loss_p, out_p), grad_p = run(params, with_ref(packed))
+    (loss_u, out_u), grad_u = run(params, with_ref(unpacked))
     valid = packed["valid"]
     for field in ("reward_Bx2", "logp_Bx2", "n_tokens_Bx2"):
         np.testing.assert_allclose(np.asarray(getattr(out_p, field))[valid], np.asarray(getattr(out_u, field)),
                                    rtol=2e-5, atol=2e-4, err_msg=field)
     assert np.ptp(np.asarray(out_u.reward_Bx2)) > 1e-3 and (np.asarray(out_u.n_tokens_Bx2) > 0).all()
     np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
+    for (path, g_p), g_u in zip(jax.tree_util.tree_leaves_with_path(grad_p), jax.tree.leaves(grad_u)):
+        np.testing.assert_allclose(np.asarray(g_p), np.asarray(g_u), rtol=1e-3, atol=1e-6 * float(jnp.abs(g_u).max()),
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_micro_batches_keep_pairs_with_their_rows():

@@ -1,4 +1,6 @@
 """metrics.Throughput: rates per logged interval that never include compilation or eval time."""
+import threading
+
 from haf_jax.metrics import Throughput
 
 
@@ -36,6 +38,48 @@ def test_compilation_and_pauses_are_not_averaged_in():
     meter.arrived(4, 800, compiles=False)
     r = meter.rates()
     assert r == {"compile_s": 40.0, "pairs_per_s": 4.0, "tokens_per_s": 800.0, "step_s": 1.0}
+
+
+class PendingOutput:
+    """A step's output that becomes ready when the test says so (jax.block_until_ready waits on it)."""
+
+    def __init__(self):
+        self.ready = threading.Event()
+
+    def block_until_ready(self):
+        self.ready.wait()
+        return self
+
+
+def test_step_time_is_taken_at_its_finish_not_when_the_host_reads_it():
+    """The loop reads step k's metrics only after launching step k + 1; a host delay before that
+    read must not move time from one step into the next (one-step rows once showed MFU 1.68)."""
+    clock = Clock()
+    meter = Throughput(clock, peak_flops=100.0)
+
+    def launch():
+        output = PendingOutput()
+        meter.dispatched((4, 2, 64), output)
+        return output, meter._finishes[-1]
+
+    def finish(launched, at):
+        clock.now = at
+        launched[0].ready.set()
+        launched[1].result()  # the watcher has stamped it
+
+    first, second = launch(), launch()
+    finish(first, 101.0)  # the compiling step
+    finish(second, 102.0)  # a 1 s step, finished while the host was busy elsewhere
+    clock.now = 102.9  # the host reads step 1 late ...
+    meter.arrived(4, 400, compiles=True)
+    finish(launch(), 103.0)
+    # ... and step 2 at 103.0 (step 3 finished): arrival to arrival would say 0.1 s
+    meter.arrived(4, 400, compiles=False, flops=50.0)
+    assert meter.rates() == {"compile_s": 1.0, "pairs_per_s": 4.0, "tokens_per_s": 400.0, "step_s": 1.0,
+                             "mfu": 0.5}
+    meter.arrived(4, 400, compiles=False, flops=50.0)
+    assert meter.rates()["step_s"] == 1.0
+    meter.close()
 
 
 def test_profile_steps_spec():

@@ -124,7 +124,8 @@ class PairLoader:
         self.steps_per_epoch = len(ds) // batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"dataset has {len(ds)} pairs, fewer than one batch of {batch_size}")
-        self._pair_len = ds.all_lengths.max(axis=1)
+        self._pair_len = ds.all_lengths.max(axis=1)   # what length grouping and the buckets go by
+        self.buckets = ds.buckets
         self.epoch, self.position = 0, 0
         self._thread = self._queue = self._stop = None
         self._plan_cache = (None, None)
@@ -154,7 +155,7 @@ class PairLoader:
             order = np.random.default_rng([self.seed, epoch, 1 << 30]).permutation(self.steps_per_epoch)
             per_proc = per_proc[order]
         longest = self._pair_len[per_proc.reshape(self.steps_per_epoch, -1)].max(axis=1)
-        lengths = np.array([bucket_for(int(x), self.ds.buckets) for x in longest], np.int32)
+        lengths = np.array([bucket_for(int(x), self.buckets) for x in longest], np.int32)
         self._plan_cache = (epoch, (per_proc, lengths))
         return per_proc, lengths
 

@@ -50,7 +50,8 @@ class PairDataset:
 
     pairs: list of N dicts {prompt, chosen, rejected, chat, id?} (text, all processes);
     tokens: `tokenize.TokenizedPairs` of the owned pairs; local_indices: int64 [n_local];
-    all_lengths: int32 [N, 2] token lengths (prompt + response) of chosen/rejected of ALL pairs.
+    all_lengths: int32 [N, 2] token lengths (prompt + response) of chosen/rejected of ALL pairs;
+    prompt_lengths: int32 [N] their prompts' token lengths (a shared-prompt row's size needs both).
     """
     pairs: list
     tokens: tokenize.TokenizedPairs
@@ -66,6 +67,7 @@ class PairDataset:
     groups: list = dataclasses.field(default_factory=list)  # [N] source row (group) of each pair
     skipped: list = dataclasses.field(default_factory=list)  # (source row, reason) of skipped pairs
     batching: str = "length_grouped"  # how a PairLoader over this split batches by default (batching.py)
+    prompt_lengths: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -168,19 +170,19 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
                   if cache_dir else None)
     cached = _load_cache(cache_file, len(local_indices))
     if cached is not None:
-        tokens, lengths, raw, flags = cached
+        tokens, lengths, raw, flags, prompt_lengths = cached
     elif process_count == 1 or distributed:
         tokens = tokenize.encode_pairs(tokenizer, [pairs[i] for i in local_indices], **enc_kw)
-        lengths, raw, flags = _gather(tokens, n, process_index, process_count, distributed)
+        lengths, raw, flags, prompt_lengths = _gather(tokens, n, process_index, process_count, distributed)
     else:   # simulation in one process: tokenise all, keep the slice
         full = tokenize.encode_pairs(tokenizer, pairs, **enc_kw)
-        lengths, raw, flags = full.lengths, full.raw_lengths, full.flags
+        lengths, raw, flags, prompt_lengths = full.lengths, full.raw_lengths, full.flags, _prompt_lengths(full)
         tokens = tokenize.TokenizedPairs(*[[getattr(full, f)[i] for i in local_indices]
                                           for f in ("prompt", "chosen", "rejected")],
                                          full.lengths[local_indices], full.raw_lengths[local_indices],
                                          full.flags[local_indices])
     if cache_file and cached is None:
-        _save_cache(cache_file, tokens, lengths, raw, flags)
+        _save_cache(cache_file, tokens, lengths, raw, flags, prompt_lengths)
 
     report = dict(
         version=REPORT_VERSION, **settings, rows_read=conv.rows_read,
@@ -199,7 +201,8 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
                        buckets=list(buckets or batching_lib.length_buckets(max_length)),
                        process_index=process_index, process_count=process_count,
                        report=report, fingerprint=fingerprint, groups=[p["group"] for p in pairs],
-                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=batching)
+                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=batching,
+                       prompt_lengths=prompt_lengths)
 
 
 def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.ndarray:
@@ -249,26 +252,33 @@ def _jax_process_count() -> int:
     return jax.process_count()
 
 
+def _prompt_lengths(tokens) -> np.ndarray:
+    return np.array([len(p) for p in tokens.prompt], np.int32)
+
+
 def _gather(tokens, n, p, n_proc, distributed):
-    """Global (lengths [n,2], raw_lengths [n,2], flags [n]) from every process's owned pairs."""
+    """Global (lengths [n,2], raw_lengths [n,2], flags [n], prompt lengths [n]) from every process's
+    owned pairs."""
     if not distributed:
-        return tokens.lengths, tokens.raw_lengths, tokens.flags
+        return tokens.lengths, tokens.raw_lengths, tokens.flags, _prompt_lengths(tokens)
     from jax.experimental import multihost_utils
 
     per = -(-n // n_proc)
-    local = np.zeros((per, 5), np.int32)
+    local = np.zeros((per, 6), np.int32)
     m = len(tokens.flags)
     local[:m, 0:2], local[:m, 2:4], local[:m, 4] = tokens.lengths, tokens.raw_lengths, tokens.flags
-    allv = np.asarray(multihost_utils.process_allgather(local))        # [P, per, 5]
-    out = np.zeros((n, 5), np.int32)
+    local[:m, 5] = _prompt_lengths(tokens)
+    allv = np.asarray(multihost_utils.process_allgather(local))        # [P, per, 6]
+    out = np.zeros((n, 6), np.int32)
     for q in range(n_proc):
         out[q::n_proc] = allv[q, :len(range(q, n, n_proc))]
-    return out[:, 0:2], out[:, 2:4], out[:, 4].astype(np.uint8)
+    return out[:, 0:2], out[:, 2:4], out[:, 4].astype(np.uint8), out[:, 5]
 
 
-def _save_cache(path, tokens, lengths, raw, flags):
+def _save_cache(path, tokens, lengths, raw, flags, prompt_lengths):
     """Write the tokenised slice + global arrays atomically (ragged lists stored flat)."""
-    arrays = {"lengths": lengths, "raw": raw, "flags": flags, "local_lengths": tokens.lengths,
+    arrays = {"lengths": lengths, "raw": raw, "flags": flags, "prompt_lengths": prompt_lengths,
+              "local_lengths": tokens.lengths,
               "local_raw": tokens.raw_lengths, "local_flags": tokens.flags}
     for f in ("prompt", "chosen", "rejected"):
         parts = getattr(tokens, f)
@@ -291,8 +301,8 @@ def _load_cache(path, n_local):
         if len(ragged[0]) != n_local:
             return None
         tokens = tokenize.TokenizedPairs(*ragged, z["local_lengths"], z["local_raw"], z["local_flags"])
-        return tokens, z["lengths"], z["raw"], z["flags"]
-    except (OSError, ValueError, KeyError):   # unreadable cache: just tokenise again
+        return tokens, z["lengths"], z["raw"], z["flags"], z["prompt_lengths"]
+    except (OSError, ValueError, KeyError):   # unreadable (or older) cache: just tokenise again
         return None
 
 

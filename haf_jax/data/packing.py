@@ -16,6 +16,16 @@ Both sides of a pair share a row (chosen, then rejected), so every per-pair quan
 its own row: the model gathers [R, 2K] values per row and reshapes them to [B, 2], and the
 steps and losses see the same [B, 2] arrays as with unpacked [B, 2, L] batches.
 
+Shared prompts (data.share_prompt): a pair's prompt is written once, not once per side: slot k
+takes [prompt but its last token | last + chosen | last + rejected], the shared part being segment
+-(k + 1) at positions 0 .. P - 2 and each sequence restarting at position P - 1 with the prompt's
+last token, so that token's logits predict the first response token inside each sequence's own
+segment. Attention lets a sequence see its pair's shared segment (model/attention.py), so the
+hidden states, rewards and log-probs are those of the two plain sequences, and the pair costs
+P + 1 + |chosen| + |rejected| tokens instead of 2P + |chosen| + |rejected| (`pair_tokens`).
+`SharedPromptLoader` puts one such pair per row at bucketed lengths (no packing);
+`PackedLoader(share_prompt=True)` packs them.
+
 Plan of an epoch (`PackedLoader`): process p permutes its own pairs with ``(seed, epoch, p)``
 (the permutation `PairLoader` uses without length grouping) and fills batches in that order by
 best fit (the row with the least room left that still takes the whole pair, at most K pairs per
@@ -52,7 +62,18 @@ class PackShape:
         return self.rows * self.per_row
 
 
-def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multiple: int = 1) -> PackShape:
+def pair_tokens(ds, share_prompt: bool = False) -> np.ndarray:
+    """int64 [N]: the tokens each pair takes in a row, both sequences whole or with the prompt shared
+    (module docstring: once, plus its last token again per sequence)."""
+    both = ds.all_lengths.sum(axis=1).astype(np.int64)
+    if not share_prompt:
+        return both
+    prompt = ds.prompt_lengths.astype(np.int64)
+    return both - prompt + (prompt > 0)
+
+
+def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multiple: int = 1,
+               share_prompt: bool = False) -> PackShape:
     """The global packed shape for about `batch_size` pairs a step; `rows` / `length` 0 = automatic.
 
     length (T): 0 -> 4 * max_length; at least 2 * max_length so every pair fits a row.
@@ -62,7 +83,7 @@ def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multi
     K: room for four times the average pairs a row, never more than the shortest pair allows.
     Depends only on the global pair lengths, so every process computes the same shape.
     """
-    pair_len = ds.all_lengths.sum(axis=1)
+    pair_len = pair_tokens(ds, share_prompt)
     length = int(length) or 4 * ds.max_length
     if length < 2 * ds.max_length:
         raise DataError(f"data.pack_length={length} is shorter than a pair can be (2 x data.max_length "
@@ -129,7 +150,7 @@ def pack_order(order: np.ndarray, pair_len_N: np.ndarray, shape: PackShape) -> t
         carry = misses + candidates[carry_i:]
 
 
-def make_packed_batch(ds, slots: np.ndarray, offsets: np.ndarray, shape: PackShape) -> dict:
+def make_packed_batch(ds, slots: np.ndarray, offsets: np.ndarray, shape: PackShape, share_prompt: bool = False) -> dict:
     """The process-local packed batch of pair `slots` at `offsets` (module docstring)."""
     r, t, k = shape.rows, shape.length, shape.per_row
     tokens = np.full((r, t), ds.pad_id, np.int32)
@@ -141,13 +162,19 @@ def make_packed_batch(ds, slots: np.ndarray, offsets: np.ndarray, shape: PackSha
     for b in np.flatnonzero(slots >= 0):
         row, at = b // k, int(offsets[b])
         j = ds.local_position(int(slots[b]))
-        prompt = tp.prompt[j]
+        prompt, start = tp.prompt[j], 0
+        if share_prompt and len(prompt):   # all but the last prompt token once, as segment -(k + 1)
+            start = len(prompt) - 1
+            tokens[row, at:at + start] = prompt[:-1]
+            positions[row, at:at + start] = np.arange(start)
+            segments[row, at:at + start] = -(1 + b % k)
+            prompt, at = prompt[-1:], at + start
         n_p = len(prompt)
         for side, resp in enumerate((tp.chosen[j], tp.rejected[j])):
             end = at + n_p + len(resp)
             tokens[row, at:at + n_p] = prompt
             tokens[row, at + n_p:end] = resp
-            positions[row, at:end] = np.arange(end - at)
+            positions[row, at:end] = start + np.arange(end - at)
             segments[row, at:end] = 1 + 2 * (b % k) + side
             mask[row, at + n_p:end] = 1
             last[b, side] = end - 1
@@ -163,11 +190,13 @@ class PackedLoader(batching.PairLoader):
     of the current epoch (packing makes it vary a little between epochs)."""
 
     def __init__(self, ds, batch_size: int, *, seed: int = 0, shuffle: bool = True, length: int = 0,
-                 rows: int = 0, row_multiple: int = 1, prefetch: int = 4):
+                 rows: int = 0, row_multiple: int = 1, prefetch: int = 4, share_prompt: bool = False):
         super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, length_grouping=False, prefetch=prefetch)
-        self.shape = pack_shape(ds, batch_size, length=length, rows=rows, row_multiple=row_multiple)
+        self.share_prompt = share_prompt
+        self.shape = pack_shape(ds, batch_size, length=length, rows=rows, row_multiple=row_multiple,
+                                share_prompt=share_prompt)
         self.local_shape = dataclasses.replace(self.shape, rows=self.shape.rows // ds.process_count)
-        self._pair_tokens = ds.all_lengths.sum(axis=1)
+        self._pair_tokens = pair_tokens(ds, share_prompt)
         self._steps: dict[int, int] = {}   # epoch -> batches (kept: the plan cache holds one epoch)
         self.steps_per_epoch = self.epoch_steps(0)
 
@@ -198,7 +227,8 @@ class PackedLoader(batching.PairLoader):
     def batch_at(self, epoch: int, position: int) -> dict:
         slots, offsets = self.plan(epoch)
         p = self.ds.process_index
-        return make_packed_batch(self.ds, slots[position, p], offsets[position, p], self.local_shape)
+        return make_packed_batch(self.ds, slots[position, p], offsets[position, p], self.local_shape,
+                                 self.share_prompt)
 
     def padding(self, epoch: int = 0) -> dict:
         """One epoch of this loader: padding fraction of the row tokens, pairs a step, steps, shape,
@@ -213,20 +243,50 @@ class PackedLoader(batching.PairLoader):
                 "unpacked_padding_fraction": unpacked.padding(epoch)["padding_fraction"]}
 
 
+class SharedPromptLoader(batching.PairLoader):
+    """`PairLoader` (same plan, state and resume contract) whose batches put each pair in a row of
+    its own with the prompt shared (module docstring): B rows of T tokens, one pair slot a row,
+    T the smallest of `length_buckets(2 x max_length)` that fits the batch's longest pair."""
+
+    def __init__(self, ds, batch_size: int, **kw):
+        super().__init__(ds, batch_size, **kw)
+        self._pair_len = pair_tokens(ds, share_prompt=True)   # what length grouping and buckets read
+        self.buckets = batching.length_buckets(2 * ds.max_length)
+        self.shape = PackShape(batch_size, max(self.buckets), 1)   # the largest batch (the fit check)
+
+    def batch_at(self, epoch: int, position: int) -> dict:
+        idx, lengths = self.plan(epoch)
+        slots = idx[position, self.ds.process_index]
+        shape = PackShape(len(slots), int(lengths[position]), 1)
+        return make_packed_batch(self.ds, slots, np.zeros(len(slots), np.int64), shape, share_prompt=True)
+
+    def padding(self, epoch: int = 0) -> dict:
+        idx, lengths = self.plan(epoch)
+        real = float(self._pair_len[idx.reshape(len(idx), -1)].sum())
+        total = float(self.batch_size * lengths.astype(np.int64).sum())
+        unpacked = batching.PairLoader(self.ds, self.batch_size, seed=self.seed, shuffle=self.shuffle, prefetch=0)
+        return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
+                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist()))),
+                "tokens_vs_unshared": round(total / (2 * self.batch_size * float(unpacked.plan(epoch)[1].sum())), 4)}
+
+
 def train_loader(ds, config, *, data_parallel: int = 1):
     """The training iterator a run config asks for: `PackedLoader` with data.packing, else
-    `PairLoader`. Packed rows split over `data_parallel` shards x optim.grad_accum micro-batches."""
+    `SharedPromptLoader` with data.share_prompt, else `PairLoader`. Packed rows split over
+    `data_parallel` shards x optim.grad_accum micro-batches."""
     c = config
+    share = bool(c.data.get("share_prompt", False))
     if not c.data.get("packing", False):
-        return batching.PairLoader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
+        loader = SharedPromptLoader if share else batching.PairLoader
+        return loader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
     return PackedLoader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True,
                         length=int(c.data.get("pack_length", 0)), rows=int(c.data.get("pack_rows", 0)),
-                        row_multiple=data_parallel * int(c.optim.grad_accum))
+                        row_multiple=data_parallel * int(c.optim.grad_accum), share_prompt=share)
 
 
 def real_tokens(batch: dict) -> int:
     """Non-padding tokens of a process-local batch, packed or not (throughput counts these)."""
     if "segment_ids" in batch:
-        return int((batch["segment_ids"] > 0).sum())
+        return int((batch["segment_ids"] != 0).sum())   # shared prompts (< 0) are real tokens too
     valid = batch["valid"].astype(bool)
     return int((batch["last_index"][valid] + 1).sum())

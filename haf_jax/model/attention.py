@@ -12,9 +12,18 @@ are multiples of its 128-token blocks; neither serves KV-cache decoding. Splash 
 backend runs in Pallas interpret mode (for tests; slow).
 
 Masking is the same for all: query i attends key j when both lie in the same segment
-(`segment ids`, 0 = padding, its own segment) and j's position is not after i's (and, in a
-sliding layer, within `window` positions). Rows are laid out in order inside each segment, so
-position order is index order and the kernels' causal masks by index are the same rule.
+(`segment ids`, 0 = padding, its own segment), or j lies in the shared prompt of i's segment (see
+below), and j's position is not after i's (and, in a sliding layer, within `window` positions).
+Rows are laid out in order inside each segment, so position order is index order and the
+kernels' causal masks by index are the same rule.
+
+Shared prompts (data.share_prompt, data/packing.py): the chosen and rejected sequences of pair
+slot k are segments 2k + 1 and 2k + 2, and the prompt they share (but its last token, which each
+sequence repeats at its start) is segment -(k + 1), before them in the row. A sequence's queries
+also attend the keys of its pair's shared prompt: `visible_segment` below. The prompt is run once
+for both responses; each response sees exactly the keys (prompt, own tokens) and positions it
+would see in a row of its own. Splash's segment ids express equality only, so rows with shared
+prompts run the XLA kernel on TPU (`for_shared_prompt`); cuDNN takes the rule as its mask.
 
 Shapes: N rows, L queries, S keys, Q query heads, K key/value heads (G = Q // K), H head width.
 """
@@ -107,7 +116,8 @@ def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q
         _warn_once(f"model.attention=splash on {platform}: Pallas interpret mode (correct but slow; for tests)")
     args = (query_NxLxQxH, key_NxSxKxH, value_NxSxKxH)
     if impl == "cudnn":
-        return cudnn_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, window=window)
+        return cudnn_attention(*args, q_pos_NxL=q_pos_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
+                               k_seg_NxS=k_seg_NxS, scale=scale, window=window)
     if impl == "splash":
         return splash_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap,
                                 window=window, interpret=platform != "tpu")
@@ -115,10 +125,31 @@ def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q
                          k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap, window=window)
 
 
+def for_shared_prompt(config):
+    """`config` for rows with shared prompts: an attention request that resolves to splash (whose
+    segment ids are equality only) becomes "xla", with the reason logged once."""
+    import dataclasses
+
+    platform, _ = _target()
+    resolved = default_implementation(platform) if config.attention == "auto" else config.attention
+    if resolved != "splash":
+        return config
+    _warn_once(f"model.attention={config.attention}: using xla attention for rows with shared prompts "
+               f"(data.share_prompt): splash's segment ids cannot let two sequences see one prompt")
+    return dataclasses.replace(config, attention="xla")
+
+
+def visible_segment(q_seg_NxL, k_seg_NxS):
+    """bool [N, L, S]: key segment equals the query's, or is the shared prompt of the query's pair
+    (module docstring: sequence 2k + 1 or 2k + 2 sees prompt -(k + 1)); padding (0) sees only itself."""
+    q, k = q_seg_NxL[:, :, None], k_seg_NxS[:, None, :]
+    return (k == q) | ((q > 0) & (k == -((q + 1) // 2)))
+
+
 def allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window: int | None = None):
-    """bool [N, L, S]: same segment, key position not after the query's, within the window."""
+    """bool [N, L, S]: visible segment, key position not after the query's, within the window."""
     q_pos, k_pos = q_pos_NxL[:, :, None], k_pos_NxS[:, None, :]
-    allowed = (k_pos <= q_pos) & (q_seg_NxL[:, :, None] == k_seg_NxS[:, None, :])
+    allowed = (k_pos <= q_pos) & visible_segment(q_seg_NxL, k_seg_NxS)
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed
@@ -150,15 +181,16 @@ def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos
     return jnp.swapaxes(out.reshape(n, k, length, g, h), 1, 2).reshape(n, length, q, h)
 
 
-def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,
-                    window: int | None = None, implementation: str = "cudnn"):
-    """cuDNN flash attention: causal (by index), the segment rule as a boolean mask, sliding window
-    as cuDNN's left window (window - 1 earlier keys). `implementation="xla"` runs the same call
-    through JAX's reference implementation (tests, no GPU)."""
-    same_segment = (q_seg_NxL[:, :, None] == k_seg_NxS[:, None, :])[:, None]   # [N, 1, L, S]
+def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
+                    scale: float, window: int | None = None, implementation: str = "cudnn"):
+    """cuDNN flash attention: causal (by index) and the whole rule (`allowed_mask`) as its boolean
+    mask. The sliding window is in that mask, by position: cuDNN's own left window counts indices,
+    and a rejected response's distance to its shared prompt is longer in the row than in positions.
+    `implementation="xla"` runs the same call through JAX's reference implementation (tests, no GPU)."""
+    allowed = allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window)[:, None]   # [N, 1, L, S]
     return jax.nn.dot_product_attention(
-        query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, mask=same_segment, scale=scale, is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+        query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, mask=allowed, scale=scale, is_causal=True,
+        implementation=implementation)
 
 
 def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softcap: float | None,

@@ -24,7 +24,7 @@ import numpy as np
 
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
-from haf_jax.model import lm_logprobs
+from haf_jax.model import attention, lm_logprobs
 from haf_jax import sharding
 from haf_jax.sharding import constrain
 
@@ -172,15 +172,19 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, col
 
 
 def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,
-                  chunk: int = 128, compute_dtype=jnp.float32) -> PairOutputs:
+                  chunk: int = 128, compute_dtype=jnp.float32, shared_prompt: bool = False) -> PairOutputs:
     """Runs the trunk once over chosen and rejected and applies the requested heads.
 
     batch: tokens [B, 2, L] int32, response_mask [B, 2, L], last_index [B, 2] (pair axis: 0 chosen,
     1 rejected); or a packed batch (data/packing.py: tokens, positions, segment_ids, response_mask
     [R, T], last_index [B, 2] within row b // (B / R)), which gives the same [B, 2] outputs.
+    `shared_prompt`: a packed batch's pairs may share their prompts (data.share_prompt; the
+    attention kernel must then express that mask: `attention.for_shared_prompt`).
     params: float32 master weights; they are cast to `compute_dtype` for the trunk.
     """
     if "segment_ids" in batch:
+        if shared_prompt:
+            config = attention.for_shared_prompt(config)
         return _forward_packed(params, config, batch, reward=reward, policy=policy, chunk=chunk,
                                compute_dtype=compute_dtype)
     tokens = batch["tokens"]
@@ -204,7 +208,8 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
 def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy: bool, chunk: int,
                     compute_dtype) -> PairOutputs:
     """forward_pairs of a packed batch: R rows of T tokens, K = B / R pair slots per row, slot k's
-    chosen / rejected sequence being segment 1 + 2k / 2 + 2k of its row."""
+    chosen / rejected sequence being segment 1 + 2k / 2 + 2k of its row (and its shared prompt, if
+    any, segment -(k + 1): it holds no response token and no read-out)."""
     tokens_RxT = batch["tokens"]
     r, t = tokens_RxT.shape
     b = batch["last_index"].shape[0]
@@ -229,9 +234,9 @@ def _forward_packed(params, config: ModelConfig, batch, *, reward: bool, policy:
 def segment_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segment_ids_NxL, num_segments: int,
                      **kw):
     """`response_logprobs` per segment of packed rows -> (logp_NxS, n_tokens_NxS, chunks run), column
-    s - 1 for segment id s (1..S; 0 = padding). Position i predicts token i + 1 only inside one
-    segment (the last token of a sequence never predicts the next sequence's first), so each
-    segment's sum equals that of the sequence alone in its own row."""
+    s - 1 for segment id s (1..S; 0 = padding, < 0 shared prompts: no column). Position i predicts
+    token i + 1 only inside one segment (the last token of a sequence never predicts the next
+    sequence's first), so each segment's sum equals that of the sequence alone in its own row."""
     same = segment_ids_NxL[:, 1:] == segment_ids_NxL[:, :-1]
     mask = response_mask_NxL.astype(bool) & jnp.pad(same, ((0, 0), (1, 0)))   # at the predicted token
     return response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, mask, segment_ids_NxL.astype(jnp.int32) - 1,
