@@ -10,7 +10,8 @@ with the GPT-2 BPE tokenizer; 4 pairs per step, max length 256, float32, AdamW l
 TRL drops pairs longer than max_length where haf_jax cuts them, so both get only the pairs whose
 chosen and rejected texts fit in 250 tokens (counted here), in the same file.
 
-Steady state: haf_jax's own logged rates (metrics.jsonl `pairs_per_s` and `step_s` per
+haf_jax runs twice: as is, and with `data.share_prompt=True` (each pair's prompt run once for
+both responses, one pair a row). Steady state: haf_jax's own logged rates (metrics.jsonl `pairs_per_s` and `step_s` per
 interval, compilation excluded) after step --skip; TRL's from step-end times after step --skip.
 The machine is shared and noisy: read the ratio.
 """
@@ -60,14 +61,15 @@ def write_pairs(source: pathlib.Path, target: pathlib.Path, tok) -> int:
     return kept
 
 
-def run_haf_jax(model_dir, data_file, workdir, steps, skip) -> float:
+def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> float:
     cmd = [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
            f"--config.model.checkpoint={model_dir}", f"--config.data.train={data_file}",
            "--config.loss.objective=baseline", f"--config.train.batch_size={PAIRS}",
            f"--config.data.max_length={MAX_LENGTH}", "--config.model.compute_dtype=float32",
            "--config.model.remat=False", f"--config.train.steps={steps}", "--config.train.log_every=5",
            f"--config.train.eval_every={10 * steps}", "--config.optim.learning_rate=1e-5",
-           "--config.optim.warmup_steps=0", "--config.data.eval_fraction=0.02", "--config.data.truncation=trl"]
+           "--config.optim.warmup_steps=0", "--config.data.eval_fraction=0.02", "--config.data.truncation=trl",
+           *extra]
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"haf_jax.train failed:\n{done.stderr[-4000:]}")
@@ -127,7 +129,11 @@ def main():
         print(f"TRL RewardTrainer   {trl_rate:6.2f} pairs/s", flush=True)
         jax_rate = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax", args.steps, args.skip)
         print(f"haf_jax.train       {jax_rate:6.2f} pairs/s", flush=True)
-    print(f"Baseline, haf_jax / TRL steady-state pairs/s: {jax_rate / trl_rate:.2f}x")
+        shared_rate = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax_shared", args.steps, args.skip,
+                                  "--config.data.share_prompt=True")
+        print(f"haf_jax.train, data.share_prompt=True {shared_rate:6.2f} pairs/s", flush=True)
+    print(f"Baseline, haf_jax / TRL steady-state pairs/s: {jax_rate / trl_rate:.2f}x; "
+          f"with shared prompts {shared_rate / trl_rate:.2f}x")
 
 
 if __name__ == "__main__":

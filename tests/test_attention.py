@@ -193,3 +193,20 @@ def test_splash_packed_train_step_compiles_for_tpu_v5e():
     lowered = fn.lower(abstract, batch, None, None)
     assert "splash" in lowered.as_text()                  # the Pallas kernel, not the XLA fallback
     assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
+
+
+def test_shared_prompt_rows_leave_splash(monkeypatch, caplog):
+    """Splash's segment ids are equality only: rows with shared prompts run XLA attention on TPU
+    (with the reason logged); cuDNN takes the rule as its mask and stays."""
+    from haf_jax.model.families import preset
+
+    config = dataclasses.replace(preset("tiny"), attention="auto")
+    monkeypatch.setattr(A, "_target", lambda: ("tpu", None))
+    with caplog.at_level(logging.WARNING, logger="haf_jax"):
+        assert A.for_shared_prompt(config).attention == "xla"
+        assert A.for_shared_prompt(dataclasses.replace(config, attention="splash")).attention == "xla"
+    assert "shared prompts" in caplog.text
+    assert A.for_shared_prompt(dataclasses.replace(config, attention="xla")).attention == "xla"
+    monkeypatch.setattr(A, "_target", lambda: ("gpu", "9.0"))
+    assert A.for_shared_prompt(config) is config
+    assert A.for_shared_prompt(dataclasses.replace(config, attention="cudnn")).attention == "cudnn"

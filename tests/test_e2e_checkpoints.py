@@ -479,14 +479,22 @@ def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path
     assert info["step"] in committed_steps(run_a)
 
 
-def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path):
-    """data.packing: one static batch shape, the padding before/after in the train data report, and
-    a SIGKILLed packed run resumes (PackedLoader state in the checkpoint) to the same losses."""
-    packed = ("--config.data.packing=True",)
-    whole = tmp_path / "packed_a"
+@pytest.mark.parametrize("layout", ["packing", "share_prompt"])
+def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path, layout):
+    """data.packing: one static batch shape, the padding before/after in the train data report;
+    data.share_prompt: one pair a row with its prompt run once, fewer row tokens than unshared
+    pairs, and step 1's policy loss ln 2 (its log-probs equal the reference precomputed on plain
+    rows). Either way a SIGKILLed run resumes (the loader's state in the checkpoint) to the same losses."""
+    packed = (f"--config.data.{layout}=True",)
+    whole = tmp_path / f"{layout}_a"
     runner.train(whole, *packed)
     report = json.loads((whole / "data_report_train.json").read_text())["batches"]
-    assert re.fullmatch(r"\d+x256", report["shape"]) and report["padding_fraction"] < report["unpacked_padding_fraction"]
+    if layout == "packing":
+        assert re.fullmatch(r"\d+x256", report["shape"]) and report["padding_fraction"] < report["unpacked_padding_fraction"]
+    else:
+        assert re.fullmatch(r"4x\d+(, 4x\d+)*", report["shape"]) and report["tokens_vs_unshared"] < 0.9, report
+        first = train_rows(whole)[1]
+        assert abs(first["policy_loss"] - math.log(2)) <= 1e-5 and abs(first["reward_loss"] - math.log(2)) <= 1e-6
     workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY, *packed)
     p = runner.train(workdir, *packed)
     assert re.search(r"resumed from .* at step \d+", p.stderr), p.stderr[-3000:]

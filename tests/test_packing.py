@@ -171,6 +171,34 @@ def test_packed_loader_resumes_across_an_epoch(hh):
                 np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_shared_prompt_loader_resumes_across_an_epoch(hh):
+    """SharedPromptLoader: PairLoader's plan and state; every row holds one pair in the smallest
+    bucket of 2 x max_length that fits the batch's longest pair; resume continues exactly."""
+    loader = packing.SharedPromptLoader(hh, 32, seed=3, prefetch=2)
+    need = packing.pair_tokens(hh, share_prompt=True)
+    seen = []
+    for _ in range(loader.steps_per_epoch - 2):
+        b = next(loader)
+        length = b["tokens"].shape[1]
+        assert b["tokens"].shape[0] == 32 and length in loader.buckets
+        assert need[b["index"]].max() <= length and (length == loader.buckets[0] or
+                                                     need[b["index"]].max() > loader.buckets[loader.buckets.index(length) - 1])
+        assert ((b["segment_ids"] != 0).sum(axis=1) == need[b["index"]]).all()
+        seen.extend(b["index"].tolist())
+    assert len(seen) == len(set(seen))
+    state = dict(loader.state)
+    expected = [next(loader) for _ in range(4)]          # crosses into epoch 1
+    assert loader.epoch == 1
+    loader.close()
+    resumed = packing.SharedPromptLoader(hh, 32, seed=0, prefetch=2)
+    resumed.restore(state)
+    with resumed:
+        for want in expected:
+            got = next(resumed)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_pack_settings_are_checked(hh):
     with pytest.raises(data.DataError, match="pack_length=200 is shorter than a pair"):
         packing.PackedLoader(hh, 16, length=200)
