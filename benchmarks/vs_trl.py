@@ -61,22 +61,27 @@ def write_pairs(source: pathlib.Path, target: pathlib.Path, tok) -> int:
     return kept
 
 
-def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> float:
+def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> tuple[float, float]:
+    """(steady-state pairs/s, MFU) of a haf_jax.train run, from its metrics.jsonl."""
     cmd = [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
            f"--config.model.checkpoint={model_dir}", f"--config.data.train={data_file}",
-           "--config.loss.objective=baseline", f"--config.train.batch_size={PAIRS}",
+           f"--config.train.batch_size={PAIRS}",
            f"--config.data.max_length={MAX_LENGTH}", "--config.model.compute_dtype=float32",
            "--config.model.remat=False", f"--config.train.steps={steps}", "--config.train.log_every=5",
            f"--config.train.eval_every={10 * steps}", "--config.optim.learning_rate=1e-5",
            "--config.optim.warmup_steps=0", "--config.data.eval_fraction=0.02", "--config.data.truncation=trl",
            *extra]
+    if not any(x.startswith("--config.loss.objective=") for x in extra):
+        cmd.append("--config.loss.objective=baseline")
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"haf_jax.train failed:\n{done.stderr[-4000:]}")
     rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "pairs_per_s" in r and r.get("split") is None and r["step"] > skip]
     # each row covers the non-compiling steps of its interval: pairs = rate x time
-    return sum(r["pairs_per_s"] * r["step_s"] for r in rows) / sum(r["step_s"] for r in rows)
+    time = sum(r["step_s"] for r in rows)
+    return (sum(r["pairs_per_s"] * r["step_s"] for r in rows) / time,
+            sum(r.get("mfu", float("nan")) * r["step_s"] for r in rows) / time)
 
 
 def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
@@ -114,6 +119,8 @@ def main():
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the steady-state rate")
     ap.add_argument("--data", default=str(SHARED / "hh-rlhf-harmless-base" / "test.jsonl.gz"))
     ap.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
+    ap.add_argument("--haf", action="store_true", help="also run haf_jax's HaF step (precomputed reference), "
+                    "with and without shared prompts (TRL has no HaF: read it against the Baseline rates)")
     args = ap.parse_args()
     import torch
 
@@ -127,11 +134,17 @@ def main():
               f"{torch.get_num_threads()} threads", flush=True)
         trl_rate = run_trl(tmp / "model", tmp / "pairs.jsonl", tmp / "trl", args.steps, args.skip)
         print(f"TRL RewardTrainer   {trl_rate:6.2f} pairs/s", flush=True)
-        jax_rate = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax", args.steps, args.skip)
-        print(f"haf_jax.train       {jax_rate:6.2f} pairs/s", flush=True)
-        shared_rate = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax_shared", args.steps, args.skip,
-                                  "--config.data.share_prompt=True")
-        print(f"haf_jax.train, data.share_prompt=True {shared_rate:6.2f} pairs/s", flush=True)
+        jax_rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax", args.steps, args.skip)
+        print(f"haf_jax.train       {jax_rate:6.2f} pairs/s (MFU {mfu:.1%})", flush=True)
+        shared_rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax_shared", args.steps,
+                                       args.skip, "--config.data.share_prompt=True")
+        print(f"haf_jax.train, data.share_prompt=True {shared_rate:6.2f} pairs/s (MFU {mfu:.1%})", flush=True)
+        if args.haf:
+            for label, extra in (("", ()), (", data.share_prompt=True", ("--config.data.share_prompt=True",))):
+                rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / f"haf{len(extra)}", args.steps,
+                                        args.skip, "--config.loss.objective=haf", *extra)
+                print(f"haf_jax.train HaF{label} {rate:6.2f} pairs/s ({rate / trl_rate:.2f}x TRL's Baseline; "
+                      f"MFU {mfu:.1%}: HaF is within its FLOP ratio of Baseline where its MFU is as high)", flush=True)
     print(f"Baseline, haf_jax / TRL steady-state pairs/s: {jax_rate / trl_rate:.2f}x; "
           f"with shared prompts {shared_rate / trl_rate:.2f}x")
 
