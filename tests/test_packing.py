@@ -162,11 +162,15 @@ def test_packed_loader_resumes_across_an_epoch(hh):
     expected = [next(loader) for _ in range(4)]          # crosses into epoch 1
     assert loader.epoch == 1 and loader.epoch_steps(1) > 0
     loader.close()
-    resumed = packing.PackedLoader(hh, 64, seed=0, prefetch=2)
-    resumed.restore(state)
-    with resumed:
+    _assert_resumes(packing.PackedLoader(hh, 64, seed=0, prefetch=2), state, expected)
+
+
+def _assert_resumes(fresh, state, expected):
+    """`fresh` (a new loader with another seed), restored to `state`, yields the `expected` batches."""
+    fresh.restore(state)
+    with fresh:
         for want in expected:
-            got = next(resumed)
+            got = next(fresh)
             for key in want:
                 np.testing.assert_array_equal(got[key], want[key])
 
@@ -190,13 +194,7 @@ def test_shared_prompt_loader_resumes_across_an_epoch(hh):
     expected = [next(loader) for _ in range(4)]          # crosses into epoch 1
     assert loader.epoch == 1
     loader.close()
-    resumed = packing.SharedPromptLoader(hh, 32, seed=0, prefetch=2)
-    resumed.restore(state)
-    with resumed:
-        for want in expected:
-            got = next(resumed)
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key])
+    _assert_resumes(packing.SharedPromptLoader(hh, 32, seed=0, prefetch=2), state, expected)
 
 
 def test_pack_settings_are_checked(hh):
