@@ -114,6 +114,7 @@ def plan(config, topology: str) -> dict:
 
     from haf_jax import params as params_lib, sharding, step as step_lib
     from haf_jax.build import model_source, optimizer_for, step_config
+    from haf_jax.data import packing
 
     model_cfg, _ = model_source(config)
     try:
@@ -133,7 +134,9 @@ def plan(config, topology: str) -> dict:
     param_sh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(step_cfg, optimizer, mesh, jax.tree.map(lambda x: x.sharding, abstract_state),
                                        param_sh, live_reference=live)
-    batch, ref, frozen = fit.abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live)
+    pack_shape = packing.largest_shape(config, n_shards * accum) if step_cfg.packed else None
+    batch, ref, frozen = fit.abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live,
+                                                pack_shape=pack_shape)
     sizes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     hbm = hbm_per_chip(gen, chips)
     # v4's topology description has one device per TensorCore (2 per chip): its memory analysis is
@@ -144,7 +147,8 @@ def plan(config, topology: str) -> dict:
               "objective": step_cfg.loss.objective, "compute_dtype": str(jnp.dtype(step_cfg.compute_dtype)),
               "remat": bool(model_cfg.remat), "scan_layers": bool(model_cfg.scan_layers),
               "moment_dtype": str(config.optim.get("moment_dtype", "float32")), "lora_rank": int(config.model.lora.rank),
-              "batch": [b, 2, length], "grad_accum": accum,
+              "batch": [b, 2, length] if pack_shape is None else [pack_shape.rows, pack_shape.length],
+              "grad_accum": accum,
               "state_bytes_total": sizes(abstract_state), "frozen_bytes_total": sizes(frozen) + sizes(ref)}
     _, result = fit.measure(fn, (abstract_state, batch, ref, frozen), memory_bytes=hbm, per_chip=per_chip)
     report.update(result)

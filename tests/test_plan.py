@@ -106,3 +106,12 @@ def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_pat
     assert message.startswith(f"the train step does not fit: it needs {need / 2**20:.1f} MiB per device of 1.0 MiB")
     assert "batch tokens 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
     assert not (tmp_path / "run" / "reference_train.npy").exists()
+
+
+@pytest.mark.parametrize("layout, rows", [("packing", [8, 1024]), ("share_prompt", [16, 512])])
+def test_packed_and_shared_prompt_steps_are_planned_at_their_largest_batch(capsys, layout, rows):
+    """Packed rows and shared-prompt rows are planned at the largest batch their loader can make
+    (the planner reads no data): 16 pairs of at most 2 x 256 tokens in rows of 4 x 256 -> 8 rows;
+    shared prompts: 16 rows of 2 x 256."""
+    report, _ = _run(capsys, "--topology=cpu:8", f"--config.data.{layout}=True")
+    assert report["fits"] is True and report["batch"] == rows

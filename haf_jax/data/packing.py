@@ -270,6 +270,22 @@ class SharedPromptLoader(batching.PairLoader):
                 "tokens_vs_unshared": round(total / (2 * self.batch_size * float(unpacked.plan(epoch)[1].sum())), 4)}
 
 
+def largest_shape(config, row_multiple: int = 1) -> PackShape | None:
+    """The largest global batch the training loader of `config` can make, from the config alone
+    (the planner compiles for it without reading the data): packed rows (every pair at most
+    2 x max_length tokens bounds the automatic row count), one shared-prompt pair a row of
+    2 x max_length, or None for plain [B, 2, L] batches."""
+    d, b = config.data, int(config.train.batch_size)
+    if d.get("packing", False):
+        length = int(d.get("pack_length", 0)) or 4 * d.max_length
+        multiple = int(row_multiple)
+        rows = int(d.get("pack_rows", 0)) or max(multiple, (b * 2 * d.max_length // length) // multiple * multiple)
+        return PackShape(rows, length, 4 * math.ceil(b / rows))
+    if d.get("share_prompt", False):
+        return PackShape(b, max(batching.length_buckets(2 * d.max_length)), 1)
+    return None
+
+
 def train_loader(ds, config, *, data_parallel: int = 1):
     """The training iterator a run config asks for: `PackedLoader` with data.packing, else
     `SharedPromptLoader` with data.share_prompt, else `PairLoader`. Packed rows split over
