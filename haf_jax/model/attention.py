@@ -29,6 +29,7 @@ Shapes: N rows, L queries, S keys, Q query heads, K key/value heads (G = Q // K)
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -128,8 +129,6 @@ def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q
 def for_shared_prompt(config):
     """`config` for rows with shared prompts: an attention request that resolves to splash (whose
     segment ids are equality only) becomes "xla", with the reason logged once."""
-    import dataclasses
-
     platform, _ = _target()
     resolved = default_implementation(platform) if config.attention == "auto" else config.attention
     if resolved != "splash":
