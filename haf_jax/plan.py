@@ -134,7 +134,7 @@ def plan(config, topology: str) -> dict:
     param_sh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(step_cfg, optimizer, mesh, jax.tree.map(lambda x: x.sharding, abstract_state),
                                        param_sh, live_reference=live)
-    pack_shape = packing.largest_shape(config, n_shards * accum) if step_cfg.packed else None
+    pack_shape = packing.largest_shape(config, n_shards * accum)   # None: plain [B, 2, L] batches
     batch, ref, frozen = fit.abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live,
                                                 pack_shape=pack_shape)
     sizes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
