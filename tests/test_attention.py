@@ -129,6 +129,38 @@ def test_shared_prompt_row_attends_as_two_plain_rows():
         np.testing.assert_allclose(shared[idx], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", ["packed", "shared_prompt", "odd_length"])
+def test_causal_blocks_equal_the_dense_kernel(qkv, rows):
+    """xla_attention(causal=True) (query blocks, each against the keys up to its end) gives the
+    dense kernel's outputs and gradients on every real query: packed rows with padding, a shared-
+    prompt row (responses see keys before them in the row, never after), a length no block divides."""
+    data = {"packed": qkv, "shared_prompt": _shared_prompt_row()}.get(rows) or _shared_prompt_row(10, 31, 20, pad=3)
+    q, k, v, seg, pos = data
+    assert len(A.query_blocks(q.shape[1])) == {"packed": 8, "shared_prompt": 3, "odd_length": 2}[rows]
+    weight = jnp.asarray(_real(data), jnp.float32)[:, :, None, None]
+    kw = dict(q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25, softcap=5.0, window=40)
+
+    def run(causal):
+        f = lambda a, b, c: A.xla_attention(a, b, c, causal=causal, **kw)
+        loss = lambda a, b, c: jnp.sum(jnp.sin(f(a, b, c)) * weight)
+        return jax.jit(f)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (out, grads), (want, want_grads) = run(True), run(False)
+    real = _real(data)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6)
+    for got, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_query_blocks_cover_the_row_once():
+    for length in (1, 31, 63, 64, 100, 256, 1000, 4096):
+        blocks = A.query_blocks(length)
+        assert blocks[0][0] == 0 and blocks[-1][1] == length
+        assert all(b == c for (_, b), (c, _) in zip(blocks, blocks[1:]))
+        assert len(blocks) == max(1, min(A.QUERY_BLOCKS, length // A.MIN_QUERY_BLOCK))
+        assert min(b - a for a, b in blocks) >= min(length, A.MIN_QUERY_BLOCK)
+
+
 def test_choose_falls_back_with_a_reason():
     base = dict(platform="gpu", dtype=jnp.bfloat16, head_dim=128, length=512, softcap=None, cached=False)
     assert A.choose("auto", **base) == ("cudnn", None)
@@ -161,7 +193,7 @@ def test_fallback_is_logged_once(qkv, caplog):
         call()
     assert [r.getMessage() for r in caplog.records] == [
         "model.attention=cudnn: using xla attention instead (cudnn needs a GPU (platform cpu))"]
-    np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(qkv, scale=0.25, softcap=5.0)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(qkv, scale=0.25, softcap=5.0, causal=True)), rtol=1e-6)
 
 
 def test_splash_packed_train_step_compiles_for_tpu_v5e():
