@@ -69,9 +69,9 @@ def batch(cfg, b: int, length: int):
             "valid": np.ones((b,), bool), "ref_logp": np.zeros((b, 2), np.float32)}
 
 
-def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.float32, *, live_reference=False,
-              data=None):
-    """(median seconds of a warm step, XLA's FLOPs); `data`: a batch (default: `batch(cfg, b, length)`)."""
+def warm_step(cfg, objective: str, b: int, length: int, dtype=jnp.float32, *, live_reference=False, data=None):
+    """(run: one more warm step, blocking; XLA's FLOPs): the jitted train step compiled and run once.
+    `data`: a batch (default: `batch(cfg, b, length)`)."""
     mesh = sharding.make_mesh((1, -1, 1))
     scfg = step_lib.StepConfig(cfg, step_lib.LossConfig(objective=objective), compute_dtype=jnp.dtype(dtype))
     opt = make_optimizer(learning_rate=1e-4, total_steps=1000)
@@ -84,14 +84,24 @@ def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.fl
     state = init_state(params0)
     compiled = fn.lower(state, data, ref, None).compile()  # compiled once: timed and cost-analysed
     xla_flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-    fn = compiled
-    state, m = fn(state, data, ref, None)
-    jax.block_until_ready(m)
+
+    def run():
+        nonlocal state
+        state, m = compiled(state, data, ref, None)
+        jax.block_until_ready(m)
+
+    run()
+    return run, xla_flops
+
+
+def time_step(cfg, objective: str, b: int, length: int, iters: int, dtype=jnp.float32, *, live_reference=False,
+              data=None):
+    """(median seconds of a warm step, XLA's FLOPs); `data`: a batch (default: `batch(cfg, b, length)`)."""
+    run, xla_flops = warm_step(cfg, objective, b, length, dtype, live_reference=live_reference, data=data)
     times = []
     for _ in range(iters):
         t = time.perf_counter()
-        state, m = fn(state, data, ref, None)
-        jax.block_until_ready(m)
+        run()
         times.append(time.perf_counter() - t)
     return statistics.median(times), xla_flops
 

@@ -1,7 +1,7 @@
 """haf_jax's train step vs the same step in PyTorch + transformers (the paper authors' way), one run.
 
     pip install -e '.[bench]'     # torch (CPU build is enough) and trl
-    python benchmarks/vs_pytorch.py [--iters 3] [--pairs 4] [--length 256] [--prompt 64]
+    python benchmarks/vs_pytorch.py [--iters 5] [--pairs 4] [--length 256] [--prompt 64]
 
 Issue 12's synthetic shape: Gemma architecture, 6 layers, width 512, 8 query / 1 key-value heads
 of 64, MLP 2048, vocabulary 32,000; random tokens, 4 pairs x 2 x 256 tokens, prompt 64, random
@@ -15,7 +15,8 @@ PyTorch: transformers' GemmaForCausalLM trunk, a bias-free Linear(D, 1) reward h
 last real token, full [N, L, V] logits -> log_softmax -> gather (what TRL-style DPO code does),
 torch.optim.AdamW + clip_grad_norm_. haf_jax: the real jitted train step (benchmarks/step.py),
 built from the same transformers config (haf_jax.model.families.from_hf). Each step is timed warm,
-median of --iters, both on all CPU cores. The machine is shared: read the ratios, not the seconds.
+the two sides in turn, median of --iters, both on all CPU cores. The machine is shared: read the
+ratios, not the seconds.
 """
 from __future__ import annotations
 
@@ -105,15 +106,16 @@ class TorchHaF:
         return loss.item()
 
 
-def time_torch(config, objective, live, data, iters) -> float:
-    runner = TorchHaF(config, objective, live)
-    runner.step(data)  # warm-up
-    times = []
+def time_side_by_side(runs, iters: int) -> list[float]:
+    """Median seconds of each warm callable in `runs`, timed in turn (A, B, A, B, ...) so that both
+    see the same machine load: a busy neighbour slows both sides of a ratio, not one."""
+    times = [[] for _ in runs]
     for _ in range(iters):
-        t = time.perf_counter()
-        runner.step(data)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for i, run in enumerate(runs):
+            t = time.perf_counter()
+            run()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def matmul_seconds(m: int, k: int, n: int, repeats: int = 15) -> tuple[float, float]:
@@ -140,7 +142,7 @@ def matmul_seconds(m: int, k: int, n: int, repeats: int = 15) -> tuple[float, fl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=64)
@@ -167,9 +169,10 @@ def main():
     for label, objective, live in (("HaF, live frozen reference", "haf", True),
                                    ("HaF, precomputed reference", "haf", False),
                                    ("Baseline (no LM head)", "baseline", False)):
-        t_torch = time_torch(config, objective, live, data, args.iters)
-        t_jax, _ = jax_bench.time_step(cfg, objective, args.pairs, args.length, args.iters, live_reference=live,
-                                       data=data)
+        runner = TorchHaF(config, objective, live)
+        runner.step(data)  # warm-up
+        run_jax, _ = jax_bench.warm_step(cfg, objective, args.pairs, args.length, live_reference=live, data=data)
+        t_torch, t_jax = time_side_by_side([lambda: runner.step(data), run_jax], args.iters)
         rows.append((label, t_torch, t_jax))
         print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x",
               flush=True)
