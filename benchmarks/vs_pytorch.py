@@ -118,6 +118,23 @@ def time_side_by_side(runs, iters: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def matmul_flops(cfg, data, objective: str, live: bool) -> tuple[float, float]:
+    """(PyTorch's, haf_jax's) matmul FLOPs of one step on `data` (step.model_flops): PyTorch's LM head
+    runs at all L - 1 positions of every sequence, haf_jax's at the response positions in whole chunks
+    (heads.response_logprobs, StepConfig.logprob_chunk); a live reference adds a forward pass, a
+    third of a forward + backward. Their ratio is how much less work haf_jax does: a time ratio above
+    it is the rest, faster work."""
+    import step as jax_bench
+    from haf_jax.step import StepConfig
+
+    n, length = 2 * data["tokens"].shape[0], data["tokens"].shape[-1]
+    chunk = StepConfig.logprob_chunk
+    chunks = -(-int((data["response_mask"][..., 1:] != 0).sum()) // chunk)
+    flops = [jax_bench.model_flops(cfg, n, length, objective == "haf", positions)
+             for positions in (length - 1, chunks * chunk / n)]
+    return tuple(f * 4 / 3 if live else f for f in flops)
+
+
 def matmul_seconds(m: int, k: int, n: int, repeats: int = 15) -> tuple[float, float]:
     """(PyTorch, XLA) best seconds of one float32 [m, k] x [k, n] matmul, the two timed in turn:
     what each library's kernels reach on this machine, next to the step ratios."""
@@ -173,13 +190,14 @@ def main():
         runner.step(data)  # warm-up
         run_jax, _ = jax_bench.warm_step(cfg, objective, args.pairs, args.length, live_reference=live, data=data)
         t_torch, t_jax = time_side_by_side([lambda: runner.step(data), run_jax], args.iters)
-        rows.append((label, t_torch, t_jax))
-        print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x",
-              flush=True)
-    print("| step | PyTorch + transformers | haf_jax | ratio |\n|---|---|---|---|")
-    print(f"| one MLP matmul | {t_mm_torch * 1e3:.1f} ms | {t_mm_xla * 1e3:.1f} ms | {t_mm_torch / t_mm_xla:.2f}x |")
-    for label, t_torch, t_jax in rows:
-        print(f"| {label} | {t_torch:.2f} s | {t_jax:.2f} s | {t_torch / t_jax:.2f}x |")
+        f_torch, f_jax = matmul_flops(cfg, data, objective, live)
+        rows.append((label, t_torch, t_jax, f_torch / f_jax))
+        print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x   "
+              f"(FLOP ratio {f_torch / f_jax:4.2f}x)", flush=True)
+    print("| step | PyTorch + transformers | haf_jax | ratio | FLOP ratio |\n|---|---|---|---|---|")
+    print(f"| one MLP matmul | {t_mm_torch * 1e3:.1f} ms | {t_mm_xla * 1e3:.1f} ms | {t_mm_torch / t_mm_xla:.2f}x | 1 |")
+    for label, t_torch, t_jax, flop_ratio in rows:
+        print(f"| {label} | {t_torch:.2f} s | {t_jax:.2f} s | {t_torch / t_jax:.2f}x | {flop_ratio:.2f}x |")
 
 
 if __name__ == "__main__":
