@@ -8,8 +8,9 @@ For each loader (unpacked length-grouped, unpacked random, packed at each row le
 model and state run `--steps` consecutive batches after one warm-up batch per distinct shape
 (compilation excluded), on one device. Prints real (non-padding) tokens/s, pairs/s, padding and
 the ratio to the length-grouped unpacked loader. With the XLA attention (the only one on a CPU),
-attention costs O(row length) per token whatever the segments, so packing long rows pays only
-when attention is a small share of the step (wide models) or a kernel skips masked blocks.
+a token attends over its row up to itself (causal query blocks) whatever the segments, so packing
+long rows pays only when attention is a small share of the step (wide models) or a kernel skips
+masked blocks.
 `--shape=issue`: Gemma architecture, 6 layers, width 512, 8 query / 1 key-value heads of 64, MLP
 2048 (issue 12's table); `tiny`: the tiny preset. No assertions: numbers only.
 """
