@@ -133,11 +133,18 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
         metrics = {k: v if k == "num_pairs" else v / a for k, v in metrics.items()}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    old = {**state, "step": state["step"] + 1}
-    # Keep the previous weights when anything is non-finite: the bad state never exists.
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(operands):
+        params, opt_state, grads = operands
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # Keep the previous weights and moments when anything is non-finite: the bad state never exists.
+    # A cond runs one branch, in place; a select between new and old state read both (on the 2-core
+    # CPU it took the optimizer step of issue 12's model from 78 to 128 ms).
+    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
+                                     (params, state["opt_state"], grads))
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
 
