@@ -138,10 +138,14 @@ def test_non_finite_loss_keeps_state_and_reports():
     before = jax.device_get(state["params"])
     bad = jax.tree.map(jnp.copy, state)
     bad["params"]["reward_head"] = jnp.full_like(bad["params"]["reward_head"], jnp.nan)
+    moments = jax.device_get(bad["opt_state"])
     new, m = r["train"](bad, put(batch, r["keys"], r["mesh"]), None, None)
     assert jax.device_get(m["finite"]) == 0.0
     assert np.isnan(jax.device_get(new["params"]["reward_head"])).all()  # unchanged, not updated further
     np.testing.assert_array_equal(jax.device_get(new["params"]["embed_tokens"]), before["embed_tokens"])
+    for got, want in zip(jax.tree.leaves(jax.device_get(new["opt_state"])), jax.tree.leaves(moments)):
+        np.testing.assert_array_equal(got, want)   # moments and update count kept too
+    assert int(new["step"]) == int(state["step"]) + 1
 
 
 @pytest.mark.parametrize("objective", ["haf", "baseline", "dpo"])
