@@ -115,10 +115,8 @@ def train(config, workdir) -> dict:
     loader = data.train_loader(s.train_ds, c, data_parallel=s.mesh.shape["data"] * s.mesh.shape["fsdp"])
     padding = loader.padding()
     log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
-        f"{padding['pairs_per_step']:g} pairs a step" + (
-            f" (unpacked: {padding['unpacked_padding_fraction']:.1%})" if "unpacked_padding_fraction" in padding else
-            f", {padding['tokens_vs_unshared']:.2f}x the tokens of unshared pairs" if "tokens_vs_unshared" in padding
-            else " (data.packing=True packs)"))
+        f"{padding['pairs_per_step']:g} pairs a step, {padding['tokens_vs_plain']:.2f}x the tokens of plain "
+        f"[B, 2, L] batches (data.packing and data.share_prompt change that)")
     if jax.process_index() == 0:  # the train data report states the padding of its batches
         paths.write_text(workdir / "data_report_train.json",
                          json.dumps({**s.train_ds.report, "batches": padding}, indent=1, default=str))

@@ -492,7 +492,7 @@ def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path, layout)
     if layout == "packing":
         assert re.fullmatch(r"\d+x256", report["shape"]) and report["padding_fraction"] < report["unpacked_padding_fraction"]
     else:
-        assert re.fullmatch(r"4x\d+(, 4x\d+)*", report["shape"]) and report["tokens_vs_unshared"] < 0.9, report
+        assert re.fullmatch(r"4x\d+(, 4x\d+)*", report["shape"]) and report["tokens_vs_plain"] < 0.9, report
         first = train_rows(whole)[1]
         assert abs(first["policy_loss"] - math.log(2)) <= 1e-5 and abs(first["reward_loss"] - math.log(2)) <= 1e-6
     workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY, *packed)

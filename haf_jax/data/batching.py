@@ -169,12 +169,15 @@ class PairLoader:
         return self.steps_per_epoch
 
     def padding(self, epoch: int = 0) -> dict:
-        """Token counts of one epoch of this loader: padding fraction, pairs a step, batch shapes."""
+        """Token counts of one epoch of this loader: padding fraction, pairs a step, batch shapes, and
+        `tokens_vs_plain`, its row tokens over those of this (plain) loader's batches: 1 here; the
+        packing loaders report theirs."""
         idx, lengths = self.plan(epoch)
         real = float(self.ds.all_lengths[idx.reshape(len(idx), -1)].sum())
         total = float(2 * self.batch_size * lengths.astype(np.int64).sum())
         return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist())))}
+                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist()))),
+                "tokens": total, "tokens_vs_plain": 1.0}
 
     # ---------------------------------------------------------------- iteration
     @property

@@ -232,15 +232,22 @@ class PackedLoader(batching.PairLoader):
 
     def padding(self, epoch: int = 0) -> dict:
         """One epoch of this loader: padding fraction of the row tokens, pairs a step, steps, shape,
-        and the padding fraction unpacked batches of `batch_size` pairs would have had."""
+        and the padding fraction and tokens of plain batches of `batch_size` pairs (`_vs_plain`)."""
         slots, _ = self.plan(epoch)
         real = float(self._pair_tokens[slots[slots >= 0]].sum())
         total = float(slots.shape[0] * self.shape.rows * self.shape.length)
-        unpacked = batching.PairLoader(self.ds, self.batch_size, seed=self.seed, shuffle=self.shuffle, prefetch=0)
+        plain = _plain_padding(self, epoch)
         return {"padding_fraction": round(1 - real / total, 4),
                 "pairs_per_step": round(float((slots >= 0).sum()) / slots.shape[0], 2),
                 "steps": int(slots.shape[0]), "shape": f"{self.shape.rows}x{self.shape.length}",
-                "unpacked_padding_fraction": unpacked.padding(epoch)["padding_fraction"]}
+                "unpacked_padding_fraction": plain["padding_fraction"],
+                "tokens_vs_plain": round(total / plain["tokens"], 4)}
+
+
+def _plain_padding(loader, epoch: int) -> dict:
+    """The padding report of plain [B, 2, L] batches of `loader`'s pairs, batch size, seed and order."""
+    return batching.PairLoader(loader.ds, loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
+                               prefetch=0).padding(epoch)
 
 
 class SharedPromptLoader(batching.PairLoader):
@@ -264,10 +271,9 @@ class SharedPromptLoader(batching.PairLoader):
         idx, lengths = self.plan(epoch)
         real = float(self._pair_len[idx.reshape(len(idx), -1)].sum())
         total = float(self.batch_size * lengths.astype(np.int64).sum())
-        unpacked = batching.PairLoader(self.ds, self.batch_size, seed=self.seed, shuffle=self.shuffle, prefetch=0)
         return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
                 "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist()))),
-                "tokens_vs_unshared": round(total / (2 * self.batch_size * float(unpacked.plan(epoch)[1].sum())), 4)}
+                "tokens_vs_plain": round(total / _plain_padding(self, epoch)["tokens"], 4)}
 
 
 def largest_shape(config, row_multiple: int = 1) -> PackShape | None:
