@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+from haf_jax.core import forward
 from haf_jax.data import PairLoader, format_report, load_pairs, load_tokenizer, sample_paths  # noqa: E402
 
 
@@ -92,13 +93,15 @@ def real_step(ds, batch_size):
     import jax
     import numpy as np
 
-    from haf_jax import params as params_lib, sharding, step as step_lib
+    from haf_jax.core import params as params_lib
+    from haf_jax.core import sharding
+    from haf_jax.core.optim import make_optimizer
     from haf_jax.model.families import preset
-    from haf_jax.optim import make_optimizer
+    from haf_jax.training import step as step_lib
 
     cfg = preset("tiny")
     mesh = sharding.make_mesh((1, -1, 1))
-    scfg = step_lib.StepConfig(cfg, step_lib.LossConfig())
+    scfg = forward.StepConfig(cfg, forward.LossConfig())
     opt = make_optimizer(learning_rate=1e-3, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
     fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),

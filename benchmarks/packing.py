@@ -25,10 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from haf_jax import data, params as params_lib, sharding, step as step_lib  # noqa: E402
+from haf_jax import data  # noqa: E402
+from haf_jax.core import forward, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.core.optim import make_optimizer  # noqa: E402
 from haf_jax.data import PackedLoader, PairLoader  # noqa: E402
 from haf_jax.model.families import preset  # noqa: E402
-from haf_jax.optim import make_optimizer  # noqa: E402
+from haf_jax.training import step as step_lib
 
 
 def model_for(shape: str, vocab: int):
@@ -65,7 +68,7 @@ def main():
           f"{a.objective}; {jax.devices()[0].device_kind}")
     base = None
     for name, loader in loaders:
-        cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective=a.objective),
+        cfg = forward.StepConfig(model, forward.LossConfig(objective=a.objective),
                                   packed=isinstance(loader, PackedLoader))
         fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
                                            params_lib.param_shardings(model, mesh), live_reference=False)
@@ -77,11 +80,11 @@ def main():
         for b in batches:   # warm-up: one step per distinct shape (compilation excluded below)
             if b["tokens"].shape not in seen:
                 seen.add(b["tokens"].shape)
-                state, m = fn(state, step_lib.put_batch(b, keys, mesh), None, None)
+                state, m = fn(state, forward.put_batch(b, keys, mesh), None, None)
                 jax.block_until_ready(m)
         t = time.perf_counter()
         for b in batches:
-            state, m = fn(state, step_lib.put_batch(b, keys, mesh), None, None)
+            state, m = fn(state, forward.put_batch(b, keys, mesh), None, None)
         jax.block_until_ready(m)
         dt = time.perf_counter() - t
         tokens = sum(data.real_tokens(b) for b in batches)

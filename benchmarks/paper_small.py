@@ -20,7 +20,7 @@ What it does, all offline and deterministic:
   default data.eval carve at eval_fraction 0.1 and seed 0; the trainer's own carve is re-drawn with
   train.seed, which would give every seed a different eval split), train = the other 2,081 rows.
   The data layer skips a few rows (empty response, prompt mismatch); the reports are in each run.
-* Training: `haf_jax.loop.train` in this process (one JAX compilation cache, one reference cache
+* Training: `haf_jax.training.loop.train` in this process (one JAX compilation cache, one reference cache
   for all runs), config `configs/llama.py` with model.checkpoint = the converted model; the SAME
   hyperparameters for every objective: lr 1e-3 (linear decay, no warmup; the tiny model needs a
   large lr to move in 120 steps; nothing was tuned per objective), batch 16 pairs, max_length 128
@@ -37,7 +37,7 @@ What it does, all offline and deterministic:
   drawn by `numpy.random.default_rng(1234)` (rows in eval order, one permutation per row; a row
   is dropped if 10 draws all give the original order). Same words, same length: a preference for
   word order / grammaticality that the base LM knows something about and that HH training does not
-  ask for. Scored through `haf_jax.runs.load_model` + the jitted `forward_pairs` pass
+  ask for. Scored through `haf_jax.evaluation.loading.load_model` + the jitted `forward_pairs` pass
   `haf_jax.score` uses (same tokenisation, same max_length/max_prompt_length), with the converted
   start model as the reference for the implicit reward.
 * best / last (PAPER.md s8.6): `last` = the final step; `best` = the eval step the run itself picks
@@ -178,16 +178,17 @@ class Scorer:
     def __call__(self, params, model_cfg, desc: str):
         import jax
 
-        from haf_jax import params as params_lib, sharding, step as step_lib
+        from haf_jax.core import params as params_lib
+        from haf_jax.core import sharding
+        from haf_jax.evaluation.evaluator import pair_pass
         from haf_jax.model.heads import forward_pairs
-        from haf_jax.reference import pair_pass
 
         keys = ["tokens", "response_mask", "last_index"]
         if model_cfg not in self._fns:
             self._fns[model_cfg] = jax.jit(
                 lambda p, b: forward_pairs(p, model_cfg, b, chunk=128),
                 in_shardings=(params_lib.param_shardings(model_cfg, self.mesh),
-                              step_lib.batch_shardings(self.mesh, keys)),
+                              forward.batch_shardings(self.mesh, keys)),
                 out_shardings=sharding.replicated(self.mesh))
         fn = self._fns[model_cfg]
 
@@ -195,7 +196,7 @@ class Scorer:
             out = fn(params, b)
             return {"reward": out.reward_Bx2, "logp": out.logp_Bx2}
 
-        return pair_pass(self.ds, one, lambda b: step_lib.put_batch(b, keys, self.mesh),
+        return pair_pass(self.ds, one, lambda b: forward.put_batch(b, keys, self.mesh),
                          batch_size=self.args.eval_batch, desc=desc)
 
 
@@ -234,7 +235,7 @@ def run_config(args, objective: str, seed: int, ckpt_dir, train_path, eval_path)
 
 
 def eval_rows(workdir: pathlib.Path) -> list[dict]:
-    from haf_jax.metrics import read_rows
+    from haf_jax.training.metrics import read_rows
 
     return [r for r in read_rows(workdir / "metrics.jsonl") if r.get("split") == "eval"]
 
@@ -333,9 +334,11 @@ def _run(args, objectives, root, bin_path, tok_path, t_start) -> int:
     import jax
     from absl import logging
 
-    from haf_jax import data, loop, sharding
+    from haf_jax import data
+    from haf_jax.core import sharding
+    from haf_jax.evaluation.loading import load_model
     from haf_jax.model import llama2c
-    from haf_jax.runs import load_model
+    from haf_jax.training import loop
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     ckpt_dir = root / "aidreams"

@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haf_jax import params as params_lib, sharding, step as step_lib
+from haf_jax.core import forward, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.core.optim import make_optimizer
 from haf_jax.model import heads
 from haf_jax.model.families import preset
-from haf_jax.optim import make_optimizer
+from haf_jax.training import step as step_lib
 
 SMALL = dataclasses.replace(preset("tiny"), vocab_size=8192, hidden_size=256, intermediate_size=1024,
                             num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
@@ -73,7 +75,7 @@ def warm_step(cfg, objective: str, b: int, length: int, dtype=jnp.float32, *, li
     """(run: one more warm step, blocking; XLA's FLOPs): the jitted train step compiled and run once.
     `data`: a batch (default: `batch(cfg, b, length)`)."""
     mesh = sharding.make_mesh((1, -1, 1))
-    scfg = step_lib.StepConfig(cfg, step_lib.LossConfig(objective=objective), compute_dtype=jnp.dtype(dtype))
+    scfg = forward.StepConfig(cfg, forward.LossConfig(objective=objective), compute_dtype=jnp.dtype(dtype))
     opt = make_optimizer(learning_rate=1e-4, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
     fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),

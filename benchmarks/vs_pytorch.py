@@ -125,7 +125,8 @@ def matmul_flops(cfg, data, objective: str, live: bool) -> tuple[float, float]:
     third of a forward + backward. Their ratio is how much less work haf_jax does: a time ratio above
     it is the rest, faster work."""
     import step as jax_bench
-    from haf_jax.step import StepConfig
+
+    from haf_jax.core.forward import StepConfig
 
     n, length = 2 * data["tokens"].shape[0], data["tokens"].shape[-1]
     chunk = StepConfig.logprob_chunk
@@ -166,9 +167,9 @@ def main():
     args = ap.parse_args()
 
     import jax
+    import step as jax_bench  # benchmarks/step.py
     import torch
 
-    import step as jax_bench  # benchmarks/step.py
     from haf_jax.model.families import from_hf
 
     torch.set_num_threads(os.cpu_count())

@@ -3,7 +3,7 @@
 Entry points are the CLIs `python -m haf_jax.train | score | export | data`; the names below are
 the library surface for people who build on the pieces.
 """
-from haf_jax.losses import bradley_terry, objective, pair_metrics, policy_loss
+from haf_jax.core.losses import bradley_terry, objective, pair_metrics, policy_loss
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.families import preset
 from haf_jax.model.heads import forward_pairs, rewards, sequence_logprobs

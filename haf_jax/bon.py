@@ -78,7 +78,9 @@ def score_candidates(reward_model: str, rows: list[dict], *, template: str = "no
     The candidates go through the data layer as (prompt, candidate) pairs and the pass is
     evaluation.Evaluator with the reward head only: the path `score` and the loop evaluate with,
     so a candidate's score is `score`'s reward_chosen for the same text."""
-    from haf_jax import data, evaluation, inference
+    from haf_jax import data
+    from haf_jax.evaluation import evaluator as evaluation
+    from haf_jax.evaluation import inference
 
     mesh = mesh or inference.default_mesh()
     model = inference.open_model(reward_model, mesh, which=step)

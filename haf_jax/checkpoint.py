@@ -22,7 +22,7 @@ Policies (each tested in tests/test_checkpoint.py):
   their per-leaf checksums (position-weighted uint32 sums of the bits: exact, sharding-
   independent) match (`restore`); checksums catch garbled chunk bytes that tensorstore reads back
   silently.  Everything goes through orbax's public CheckpointManager API and epath, so the same
-  code serves local disks and gs:// (haf_jax.paths).  A bad step is reported with
+  code serves local disks and gs:// (haf_jax.core.paths).  A bad step is reported with
   `logging.warning` naming it and why; `restore(None, ...)` walks back to the newest good step.
   Nothing is deleted: the first `save` after a restore moves the steps newer than the restored
   one to `DIR/set_aside/<step>.<unix time>`, so retention and step numbers follow the live run.
@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from haf_jax import paths
+from haf_jax.core import paths
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
-from haf_jax import paths
+from haf_jax.core import paths
 
 TABLE_KEYS = ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss", "reward_margin",
               "implicit_margin", "reward_length_corr")
@@ -68,7 +68,7 @@ def _labelled(items: list[str]) -> list[tuple[str, str]]:
 
 
 def _checkpoints(path: str, steps: list[str]) -> list[str]:
-    from haf_jax import runs
+    from haf_jax.evaluation import loading as runs
 
     if not runs.is_run_dir(path):
         return ["final"]
@@ -80,7 +80,7 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
              template: str = "", beta: float | None = None, compute_dtype: str = "", chunk: int = 128,
              figures: bool = True) -> dict:
     """Evaluates every model (and checkpoint) on every dataset; writes the report; returns report.json's dict."""
-    from haf_jax import inference, plots, rewardbench
+    from haf_jax.evaluation import inference, plots, rewardbench
 
     out = paths.path(out_dir)  # local or remote (gs://...)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,8 @@ def _json_default(v):
 
 def _rewardbench_entry(rb, ds, result, model) -> dict:
     """subsets / sections / score of the reward head, and of the implicit reward when there is one."""
-    from haf_jax import losses, rewardbench
+    from haf_jax.core import losses
+    from haf_jax.evaluation import rewardbench
 
     version, rows, index = rb
     if len(ds) != len(index):  # degenerate pairs are kept, so every pair must be there
@@ -253,7 +254,7 @@ def ood_grid(report: dict, key: str = "reward_accuracy") -> tuple[list[str], lis
 
 def write_ood_grid(report: dict, out, *, figures: bool = True) -> dict:
     """ood_grid.json / .md / .png: train-on-row (model) / test-on-column (dataset) accuracy."""
-    from haf_jax import plots
+    from haf_jax.evaluation import plots
 
     tables = {}
     md = ["# Out-of-distribution grid", "",

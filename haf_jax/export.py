@@ -37,7 +37,8 @@ def to_host(tree):
 def export(workdir: str, out: str, *, which: str = "best") -> dict:
     import jax
 
-    from haf_jax import paths, runs, sharding
+    from haf_jax.core import paths, sharding
+    from haf_jax.evaluation import loading as runs
     from haf_jax.model import hf
 
     if not runs.is_run_dir(workdir):
@@ -73,7 +74,7 @@ def main(argv) -> None:
         raise app.UsageError("--workdir and --out are required")
     import jax
 
-    from haf_jax.distributed import maybe_initialize
+    from haf_jax.core.distributed import maybe_initialize
 
     maybe_initialize()
     try:

@@ -25,7 +25,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from haf_jax import fit
+from haf_jax.training import fit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
                                           lock_config=True)
@@ -112,9 +112,11 @@ def plan(config, topology: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from haf_jax import params as params_lib, sharding, step as step_lib
-    from haf_jax.build import model_source, optimizer_for, step_config
+    from haf_jax.core import params as params_lib
+    from haf_jax.core import sharding
+    from haf_jax.core.model_setup import model_source, optimizer_for, step_config
     from haf_jax.data import packing
+    from haf_jax.training import step as step_lib
 
     model_cfg, _ = model_source(config)
     try:

@@ -32,7 +32,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from haf_jax import paths
+from haf_jax.core import paths
 from haf_jax.data.errors import DataError, type_name
 
 PAPER_TEMPERATURE_RANGE = (0.5, 1.2)  # Best-of-N sampling in the paper: T ~ U(0.5, 1.2), top_p 0.85
@@ -185,8 +185,9 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from haf_jax import sampling, sharding
+    from haf_jax.core import sharding
     from haf_jax.data.batching import bucket_for, length_buckets
+    from haf_jax.generation import decode as sampling
 
     n_prompts, n = temperatures_PxN.shape
     if n < 1:
@@ -245,9 +246,10 @@ def sample(model: str, prompts_path: str, *, n: int = 4, temperature: float | No
     import jax
     import jax.numpy as jnp
 
-    from haf_jax import sampling, sharding
+    from haf_jax.core import sharding
     from haf_jax.data import TEMPLATES, tokenize
-    from haf_jax.runs import load_model
+    from haf_jax.evaluation.loading import load_model
+    from haf_jax.generation import decode as sampling
 
     temps = candidate_temperatures(len(prompts), n, seed=seed, temperature=temperature,
                                    temperature_range=temperature_range)

@@ -43,7 +43,8 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
     parameters only are loaded (inference.open_model), its trunk in the compute dtype. On several
     processes each scores its share of every batch; process 0 writes the gathered rows."""
-    from haf_jax import inference, paths
+    from haf_jax.core import paths
+    from haf_jax.evaluation import inference
 
     mesh = inference.default_mesh()
     m = inference.open_model(model, mesh, which=step, beta=beta, chunk=chunk)
@@ -87,8 +88,8 @@ def main(argv) -> None:
     for flag in (_MODEL, _DATA, _OUT):
         if not flag.value:
             raise app.UsageError(f"--{flag.name} is required")
+    from haf_jax.core.distributed import maybe_initialize
     from haf_jax.data import DataError
-    from haf_jax.distributed import maybe_initialize
 
     maybe_initialize()
     try:

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from haf_jax.distributed import maybe_initialize
+from haf_jax.core.distributed import maybe_initialize
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
                                           lock_config=True)
@@ -24,7 +24,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from haf_jax.data import DataError
-    from haf_jax.loop import RunError, train
+    from haf_jax.training.loop import RunError, train
 
     maybe_initialize()
     config = _CONFIG.value

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import sharding
+from haf_jax.core import forward, sharding
 from haf_jax.model import attention as A
 
 N, L, Q, K, H = 2, 256, 4, 2, 16
@@ -204,14 +204,15 @@ def test_splash_packed_train_step_compiles_for_tpu_v5e():
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other test processes may hold libtpu's lock
     from jax.experimental import topologies
 
-    from haf_jax import params as params_lib, step as step_lib
+    from haf_jax.core import params as params_lib
+    from haf_jax.core.optim import make_optimizer
     from haf_jax.model.families import preset
-    from haf_jax.optim import make_optimizer
+    from haf_jax.training import step as step_lib
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4").devices
     mesh = sharding.make_mesh((1, -1, 1), devices=devices)
     model = dataclasses.replace(preset("tiny"), head_dim=128, query_pre_attn_scalar=128, attention="splash")
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16, packed=True)
+    cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16, packed=True)
     opt = make_optimizer(learning_rate=1e-5, total_steps=100)
     _, abstract = step_lib.state_layout(model, opt, mesh)
     fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
@@ -220,7 +221,7 @@ def test_splash_packed_train_step_compiles_for_tpu_v5e():
     dims = {"tokens": (rows, length), "response_mask": (rows, length), "positions": (rows, length),
             "segment_ids": (rows, length), "last_index": (slots, 2), "valid": (slots,), "ref_logp": (slots, 2)}
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
-    shardings = step_lib.batch_shardings(mesh, keys, packed=True)
+    shardings = forward.batch_shardings(mesh, keys, packed=True)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=shardings[k]) for k in keys}
     lowered = fn.lower(abstract, batch, None, None)
     assert "splash" in lowered.as_text()                  # the Pallas kernel, not the XLA fallback

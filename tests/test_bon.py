@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-
-from haf_jax import bon, score as score_lib, sharding
-from haf_jax.data import DataError
 from parity import perturb
 from test_sample import BOS, EOS, V, _tokenizer, build_causal_lm
+
+from haf_jax import bon
+from haf_jax import score as score_lib
+from haf_jax.core import sharding
+from haf_jax.data import DataError
 
 T.logging.set_verbosity_error()
 

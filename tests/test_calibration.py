@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from haf_jax import losses
+from haf_jax.core import losses
 
 
 def numpy_calibration(margin, outcome, n_bins=15):

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from haf_jax import checkpoint as ckpt, run_config
+from haf_jax import checkpoint as ckpt
+from haf_jax.training import resume as run_config
 
 AXES = ("data", "fsdp", "tensor")
 SPECS = {"embed": P("fsdp", "tensor"), "mlp": {"w": P(None, "tensor"), "b": P()}, "head": P("fsdp", None)}

@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from haf_jax import params as params_lib
-from haf_jax import data, sharding
+from haf_jax import data
+from haf_jax.core import params as params_lib
+from haf_jax.core import sharding
 from haf_jax.model import hf
 from haf_jax.model.families import preset
 from haf_jax.score import score

@@ -373,7 +373,7 @@ def test_no_usable_checkpoint_is_refused(run_a, runner, tmp_path):
 def test_workdir_reference_is_reused_only_for_its_data(tmp_path):
     """reference_<split>.npy in a workdir is tied to the data it was computed for (data.eval may change
     on resume) and is written atomically."""
-    from haf_jax import reference
+    from haf_jax.training import reference
 
     ds = type("DS", (), {"fingerprint": "abc", "__len__": lambda self: 3})()
     local = tmp_path / "reference_eval.npy"

@@ -13,8 +13,16 @@ import shutil
 
 import numpy as np
 import pytest
-from test_e2e_checkpoints import (_score_rows, kill_after_checkpoint, rows, runner, shared_root,  # noqa: F401 (fixtures)
-                                  small_data, train_rows, transformers_scores)
+from test_e2e_checkpoints import (  # noqa: F401 (fixtures)
+    _score_rows,
+    kill_after_checkpoint,
+    rows,
+    runner,
+    shared_root,
+    small_data,
+    train_rows,
+    transformers_scores,
+)
 
 STEPS, EVERY, EVAL_EVERY = 8, 2, 4
 LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0",
@@ -66,8 +74,10 @@ def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
     import jax
     from flax import traverse_util
 
-    from haf_jax import runs, sharding
-    from haf_jax.model import hf, lora as lora_lib
+    from haf_jax.core import sharding
+    from haf_jax.evaluation import loading as runs
+    from haf_jax.model import hf
+    from haf_jax.model import lora as lora_lib
 
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     merged, config, _, info = runs.load_run(lora_run, mesh, which="last")

@@ -3,7 +3,6 @@ inference restores parameters only; reports, figures and RewardBench through a t
 
 One tiny run (2 steps of 8 pairs, max_length 48) trained in-process is shared by the module.
 """
-import dataclasses
 import gzip
 import json
 import os
@@ -13,10 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from haf_jax import checkpoint, data, losses, plots, rewardbench, runs, sharding
+from haf_jax import checkpoint, data
+from haf_jax.core import losses, sharding
 from haf_jax.evaluate import evaluate
-from haf_jax.metrics import MetricsLog, read_rows
+from haf_jax.evaluation import loading as runs
+from haf_jax.evaluation import plots, rewardbench
 from haf_jax.score import score
+from haf_jax.training.metrics import MetricsLog, read_rows
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RB_V1, RB_V2 = REPO / "tests" / "data" / "rewardbench_v1.jsonl", REPO / "tests" / "data" / "rewardbench_v2.jsonl"
@@ -39,7 +41,7 @@ def _config(train, eval_):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from haf_jax.loop import train
+    from haf_jax.training.loop import train
 
     root = tmp_path_factory.mktemp("evaluate")
     rows = [json.loads(line) for line in gzip.open(data.sample_paths()["data"], "rt")][:24]

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import checkpoint, sharding
+from haf_jax import checkpoint
+from haf_jax.core import sharding
 
 
 def _state(mesh):

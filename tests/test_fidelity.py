@@ -15,12 +15,21 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from haf_jax import losses, step as step_lib
-from haf_jax.data import DataError, PairLoader, config_options, eval_options, format_report, load_pairs, load_tokenizer
-from haf_jax.data import sample_paths
+from haf_jax.core import forward, losses
+from haf_jax.data import (
+    DataError,
+    PairLoader,
+    config_options,
+    eval_options,
+    format_report,
+    load_pairs,
+    load_tokenizer,
+    sample_paths,
+)
 from haf_jax.data.tokenize import PROMPT_CUT, RESPONSE_CUT, encode_pairs
 from haf_jax.model import heads
 from haf_jax.model.families import preset
+from haf_jax.training import step as step_lib
 
 BOS, EOS = 2, 1        # the bundled tokenizer's
 MODEL = dataclasses.replace(preset("tiny"), vocab_size=2048)
@@ -218,11 +227,11 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
              "valid": np.ones(4, bool), "ref_logp": rng.normal(-120, 5, (4, 2)).astype(np.float32)}
     got = {}
     for flag in (False, True):
-        lc = step_lib.LossConfig.from_config(ConfigDict({"objective": "dpo", "alpha": 0.2, "beta": 0.1,
+        lc = forward.LossConfig.from_config(ConfigDict({"objective": "dpo", "alpha": 0.2, "beta": 0.1,
                                                          "policy": "sigmoid", "margin": 0.0, "centering": 0.0,
                                                          "label_smoothing": 0.0, "simpo_gamma": 0.0,
                                                          "dpo_scale_by_alpha": flag}))
-        cfg = step_lib.StepConfig(MODEL, lc, logprob_chunk=16)
+        cfg = forward.StepConfig(MODEL, lc, logprob_chunk=16)
         got[flag] = jax.jit(lambda p, b: jax.value_and_grad(step_lib._loss, has_aux=True)(p, cfg, b, None, None))(
             params, batch)
     (l0, _), g0 = got[False]
@@ -240,7 +249,8 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
     import importlib.util
     import pathlib
 
-    from haf_jax import loop, run_config
+    from haf_jax.training import loop
+    from haf_jax.training import resume as run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]

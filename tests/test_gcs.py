@@ -3,7 +3,7 @@ with the generation header it leaves out: tests/gcs_emulator.py).
 
 The children get only the standard STORAGE_EMULATOR_HOST: gcsfs (behind etils.epath: metrics,
 reports, tokenizer, reference arrays, orbax's JSON items and directories) honours it, and
-haf_jax.paths points tensorstore (orbax's array writes) at the same emulator. The run is trained
+haf_jax.core.paths points tensorstore (orbax's array writes) at the same emulator. The run is trained
 into gs://bucket/run, killed with SIGKILL after a checkpoint, resumed from the bucket, and must
 match the uninterrupted local run of test_e2e_checkpoints bit for bit; export and score then read
 the run from the bucket and write to it, and give what they give for the local run.
@@ -19,10 +19,19 @@ import sys
 import time
 
 import pytest
+from test_e2e_checkpoints import (  # noqa: F401
+    REPO,
+    STEPS,
+    assert_same_losses,
+    no_traceback,
+    run_a,
+    runner,
+    shared_root,
+    small_data,
+    wait_until,
+)
 
-from haf_jax import paths
-from test_e2e_checkpoints import (REPO, STEPS, assert_same_losses, no_traceback, run_a, runner,  # noqa: F401
-                                  shared_root, small_data, wait_until)
+from haf_jax.core import paths
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +72,7 @@ def bucket_file(url: str, local):
 
 def committed(url: str) -> list[int]:
     """The steps orbax sees committed under `url`, from another process than the writer's (this sees
-    new steps only because haf_jax.paths turns off fsspec's listing cache)."""
+    new steps only because haf_jax.core.paths turns off fsspec's listing cache)."""
     import orbax.checkpoint as ocp
     from etils import epath
 
@@ -76,7 +85,7 @@ def committed(url: str) -> list[int]:
 
 @pytest.fixture
 def in_emulator(emulator, monkeypatch):
-    """This process pointed at the emulator by STORAGE_EMULATOR_HOST; the variables haf_jax.paths
+    """This process pointed at the emulator by STORAGE_EMULATOR_HOST; the variables haf_jax.core.paths
     derives from it are removed again afterwards."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
     for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",

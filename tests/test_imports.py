@@ -1,5 +1,6 @@
 """The package's import graph has no cycle, counting imports inside functions too (a lazy import
-hides a cycle, it does not remove it); sharding.py and the model layer keep their places."""
+hides a cycle, it does not remove it), and the rooms keep their layers (docs/DESIGN.md "The house"):
+commands -> training / evaluation / generation -> model / data / core."""
 import ast
 import pathlib
 
@@ -53,10 +54,44 @@ def test_no_import_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+COMMANDS = {f"haf_jax.{c}" for c in ("train", "score", "evaluate", "export", "plan", "sample", "bon", "cli")} | {
+    "haf_jax.data.__main__"}
+
+
+def _room(module: str) -> str:
+    """haf_jax.training.loop -> training; haf_jax.score -> command; haf_jax -> package."""
+    if module in COMMANDS:
+        return "command"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or module.endswith("__init__") else ("package" if len(parts) == 1 else parts[1])
+
+
 def test_layering():
     graph = _graph()
-    assert not {d for d in graph["haf_jax.sharding"] if d.startswith("haf_jax.")}, graph["haf_jax.sharding"]
+    problems = []
     for name, deps in graph.items():
-        if name.startswith("haf_jax.model"):  # the model knows logical axis names only: no runs, no optimizer
-            outside = {d for d in deps if not d.startswith("haf_jax.model")} - {"haf_jax.sharding"}
-            assert not outside, (name, outside)
+        room = _room(name)
+        for dep in deps:
+            dep_room = _room(dep)
+            if room == "command" and dep_room == "command" and dep != "haf_jax.cli":
+                problems.append(f"{name} (a command) imports the command {dep}")
+            if room in ("evaluation", "generation") and dep_room == "training":
+                problems.append(f"{name} ({room}) imports {dep} (training)")
+            if room == "model" and dep_room != "model" and dep != "haf_jax.core.sharding":
+                problems.append(f"{name} (model) imports {dep}: the model knows logical axis names only")
+            if room == "data" and dep_room in ("model", "training", "evaluation", "generation"):
+                problems.append(f"{name} (data) imports {dep}")
+            if room == "core" and dep_room in ("training", "evaluation", "generation", "command"):
+                problems.append(f"{name} (core, shared by every room) imports {dep}")
+            if room == "checkpoint" and dep_room not in ("checkpoint", "core"):
+                problems.append(f"{name} (checkpoint) imports {dep}")
+    assert not {d for d in graph["haf_jax.core.sharding"] if d.startswith("haf_jax.")}, graph["haf_jax.core.sharding"]
+    assert not problems, "\n".join(sorted(problems))
+
+
+def test_layering_rule_bites():
+    """The room of each kind of module is read as intended (else test_layering checks nothing)."""
+    assert _room("haf_jax.score") == _room("haf_jax.data.__main__") == "command"
+    assert _room("haf_jax.training.loop") == "training" and _room("haf_jax.evaluation.evaluator") == "evaluation"
+    assert _room("haf_jax.model.heads") == "model" and _room("haf_jax.core.sharding") == "core"
+    assert {"haf_jax.training.loop", "haf_jax.evaluation.evaluator"} <= set(_graph())

@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import sharding, step as step_lib
-from haf_jax.model import heads, lora as lora_lib
+from haf_jax.core import forward, sharding
+from haf_jax.core.optim import make_optimizer
+from haf_jax.model import heads
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.families import PRESETS
-from haf_jax.optim import make_optimizer
+from haf_jax.training import step as step_lib
 
 CONFIG = dataclasses.replace(PRESETS["tiny"], vocab_size=64)
 LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
@@ -80,9 +82,9 @@ def test_adapted_forward_starts_at_the_base_and_its_gradient_is_right():
 
 def _compiled_step(lora):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = step_lib.StepConfig(PRESETS["tiny"], step_lib.LossConfig(), lora=lora)
+    cfg = forward.StepConfig(PRESETS["tiny"], forward.LossConfig(), lora=lora)
     opt = make_optimizer(learning_rate=1e-3, total_steps=10)
-    from haf_jax import params as params_lib
+    from haf_jax.core import params as params_lib
 
     _, abstract = step_lib.state_layout(cfg.model, opt, mesh, lora)
     psh = params_lib.param_shardings(cfg.model, mesh)

@@ -1,4 +1,4 @@
-"""haf_jax.losses against an independent float64 NumPy implementation."""
+"""haf_jax.core.losses against an independent float64 NumPy implementation."""
 import itertools
 import math
 import zlib
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import losses
+from haf_jax.core import losses
 
 B = 16
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import flops
-from haf_jax.metrics import Throughput
 from haf_jax.model.heads import response_logprobs
+from haf_jax.training import flops
+from haf_jax.training.metrics import Throughput
 
 
 def mlp_loss(w1, w2, x):

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from parity import assert_params_equal, hf_reference, pair_batch, right_padded
+from parity import logits as _logits
+from parity import pairs as _pairs
+from parity import perturb as _perturb
 from safetensors.numpy import load_file, save_file
 
-from haf_jax.model import families
-from haf_jax.model import hf
-from parity import assert_params_equal, hf_reference, logits as _logits, pair_batch, pairs as _pairs, perturb as _perturb, right_padded
+from haf_jax.model import families, hf
 
 FAMILIES = ("gemma", "gemma2", "gemma3")
 V, PAD, EOS, BOS = 300, 0, 1, 2

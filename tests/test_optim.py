@@ -1,11 +1,11 @@
-"""haf_jax.optim: schedules, clipping, AdamW defaults and gradient accumulation."""
+"""haf_jax.core.optim: schedules, clipping, AdamW defaults and gradient accumulation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from haf_jax.optim import learning_rate_schedule, make_optimizer
+from haf_jax.core.optim import learning_rate_schedule, make_optimizer
 
 
 def lrs(schedule, steps):

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import data, losses, step as step_lib
+from haf_jax import data
+from haf_jax.core import forward, losses
 from haf_jax.data import batching, packing, tokenize
 from haf_jax.model import heads
 from haf_jax.model.families import preset
+from haf_jax.training import step as step_lib
 
 MAX_LENGTH = 128
 
@@ -100,7 +102,7 @@ def test_packed_equals_unpacked_on_real_pairs(hh, layout):
     assert n >= 5 and unpacked["tokens"].shape[0] == n
     if layout != "row_shared":
         assert len(set(packed["segment_ids"][0]) - {0}) >= 4   # several sequences share a row
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective="haf"), logprob_chunk=48, share_prompt=share)
+    cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), logprob_chunk=48, share_prompt=share)
     ref = np.random.default_rng(0).normal(-200, 20, (len(hh), 2)).astype(np.float32)   # any reference
 
     def loss(p, batch):   # what step._loss computes, keeping the per-pair outputs

@@ -21,10 +21,14 @@ import jax.numpy as jnp
 import pytest
 from test_data_hub_local import ROWS, hub, no_network, tok  # noqa: F401  (fixtures: local hub copies, offline)
 
-from haf_jax import build as build_lib, data, params as params_lib, sharding, step as step_lib
+from haf_jax import data
+from haf_jax.core import model_setup, sharding
+from haf_jax.core import params as params_lib
 from haf_jax.data.formats import RECIPES, parse_spec
-from haf_jax.model import heads, lora as lora_lib
+from haf_jax.model import heads
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.families import preset
+from haf_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SETUPS = {"phi2_full": ("configs/paper/phi2_full.py", "phi-2", "microsoft/phi-2", "phi2", 1e-5, 0),
@@ -89,7 +93,7 @@ def test_every_combination_loads_with_the_paper_setup(configs):
         else:                                      # first 10% / 5% of the one split (the recipe's rule)
             assert c.data.eval == "" and RECIPES[recipe].first_eval_fraction == {"alpaca": 0.10, "arena": 0.05}[dataset]
         # the step config the loop builds from it
-        sc = build_lib.step_config(c, preset(preset_name))
+        sc = model_setup.step_config(c, preset(preset_name))
         assert sc.loss.objective == objective and sc.loss.dpo_scale_by_alpha and sc.lora.rank == rank
         assert sc.compute_dtype == jnp.bfloat16
 
@@ -208,8 +212,8 @@ def test_train_step_compiles_on_a_shrunken_model(setup, objective, configs):
     model_cfg = dataclasses.replace(shrunk(c.model.preset), remat=bool(c.model.remat))
     assert model_cfg.family == preset(c.model.preset).family
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    cfg = build_lib.step_config(c, model_cfg)
-    opt = build_lib.optimizer_for(c)
+    cfg = model_setup.step_config(c, model_cfg)
+    opt = model_setup.optimizer_for(c)
     _, abstract = step_lib.state_layout(model_cfg, opt, mesh, cfg.lora)
     psh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh,

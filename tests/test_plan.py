@@ -86,7 +86,7 @@ def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_pat
     or reference pass, instead of an XLA out-of-memory traceback."""
     import importlib.util
 
-    from haf_jax import fit, loop
+    from haf_jax.training import fit, loop
 
     spec = importlib.util.spec_from_file_location("cfg_gemma_fit", ROOT / "configs" / "gemma.py")
     module = importlib.util.module_from_spec(spec)

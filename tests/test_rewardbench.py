@@ -12,8 +12,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from haf_jax import rewardbench
 from haf_jax.data import DataError
+from haf_jax.evaluation import rewardbench
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 V1, V2 = DATA / "rewardbench_v1.jsonl", DATA / "rewardbench_v2.jsonl"

@@ -1,9 +1,9 @@
-"""haf_jax.sample / haf_jax.sampling: greedy decoding against transformers' generate and the
+"""haf_jax.sample / haf_jax.generation.decode: greedy decoding against transformers' generate and the
 llama2.c model's known greedy ids, top-p / top-k / temperature sampling against a NumPy nucleus
 computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
 
 The tiny models are random transformers models with every weight perturbed (tests/parity.py),
-saved as safetensors with a word-level tokenizer and loaded through haf_jax.runs.load_model, the
+saved as safetensors with a word-level tokenizer and loaded through haf_jax.evaluation.loading.load_model, the
 path the CLI takes. Each decode shape compiles once per module (the settings are shared).
 """
 import json
@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from parity import perturb
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from haf_jax import sample as sample_lib, sampling, sharding
+from haf_jax import sample as sample_lib
+from haf_jax.core import sharding
 from haf_jax.data import DataError
+from haf_jax.evaluation.loading import load_model
+from haf_jax.generation import decode as sampling
 from haf_jax.model import heads, llama2c
-from haf_jax.runs import load_model
-from parity import perturb
 
 T.logging.set_verbosity_error()
 

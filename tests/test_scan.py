@@ -11,13 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from parity import assert_params_equal
+from parity import logits as full_logits
 
-from haf_jax import params as params_lib, sharding, step as step_lib
-from haf_jax.model import heads, hf, layers, lora as lora_lib, scan
+from haf_jax.core import forward, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.core.optim import make_optimizer
+from haf_jax.model import heads, hf, layers, scan
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.config import FULL, SLIDING, ModelConfig
 from haf_jax.model.families import PRESETS, preset
-from haf_jax.optim import make_optimizer
-from parity import assert_params_equal, logits as full_logits
+from haf_jax.training import step as step_lib
 
 decode = jax.jit(heads.decode, static_argnums=1)
 
@@ -123,12 +127,12 @@ def test_three_train_steps_equal_and_a_per_layer_state_resumes_scanned(params):
     batches = [_batch(rng) for _ in range(3)]
 
     def setup(config):
-        cfg = step_lib.StepConfig(model=config, loss=step_lib.LossConfig())
+        cfg = forward.StepConfig(model=config, loss=forward.LossConfig())
         init, abstract = step_lib.state_layout(config, optimizer, mesh)
         state_sh = jax.tree.map(lambda x: x.sharding, abstract)
         fn, keys = step_lib.jit_train_step(cfg, optimizer, mesh, state_sh, params_lib.param_shardings(config, mesh),
                                            live_reference=False)
-        return init, abstract, lambda state, batch: fn(state, step_lib.put_batch(batch, keys, mesh), None, None)
+        return init, abstract, lambda state, batch: fn(state, forward.put_batch(batch, keys, mesh), None, None)
 
     def run(step_fn, state, todo):
         losses = []

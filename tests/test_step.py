@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import params as params_lib
-from haf_jax import evaluation, sharding, step as step_lib
+from haf_jax.core import forward, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.core.optim import make_optimizer
+from haf_jax.evaluation import evaluator as evaluation
 from haf_jax.model.families import preset
-from haf_jax.optim import make_optimizer
+from haf_jax.training import step as step_lib
 
 MODEL = dataclasses.replace(preset("tiny"), vocab_size=64, sliding_window=8)
 BOS, EOS, PAD = 2, 1, 0
@@ -41,7 +43,7 @@ def synthetic_pairs(rng: np.random.Generator, n: int, length: int = 24):
 def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-3, steps=100, bf16_remat=False):
     mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
     model = dataclasses.replace(MODEL, remat=bf16_remat)
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective=objective), logprob_chunk=8,
+    cfg = forward.StepConfig(model, forward.LossConfig(objective=objective), logprob_chunk=8,
                               grad_accum=grad_accum, compute_dtype=jnp.bfloat16 if bf16_remat else jnp.float32)
     opt = make_optimizer(learning_rate=lr, total_steps=steps)
     init_state, abstract = step_lib.state_layout(MODEL, opt, mesh)
@@ -50,13 +52,13 @@ def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-
                                              live_reference=live)
     eval_fn = jax.jit(sharding.under_mesh(functools.partial(
         evaluation.pair_scores, cfg=cfg, reward=objective != "dpo", policy=objective != "baseline"), mesh))
-    ref_fn, ref_keys = step_lib.jit_reference(cfg, mesh, psh)
+    ref_fn, ref_keys = forward.jit_reference(cfg, mesh, psh)
     params0 = params_lib.init_params(MODEL, jax.random.key(0), mesh)
     return dict(mesh=mesh, cfg=cfg, init_state=init_state, train=train_fn, keys=keys, eval=eval_fn, ref=ref_fn, ref_keys=ref_keys, params0=params0, psh=psh)
 
 
 def put(batch, keys, mesh):
-    shs = step_lib.batch_shardings(mesh, keys)
+    shs = forward.batch_shardings(mesh, keys)
     return {k: jax.device_put(np.asarray(batch[k]), shs[k]) for k in keys}
 
 

@@ -1,7 +1,7 @@
 """metrics.Throughput: rates per logged interval that never include compilation or eval time."""
 import threading
 
-from haf_jax.metrics import Throughput
+from haf_jax.training.metrics import Throughput
 
 
 class Clock:
@@ -85,7 +85,7 @@ def test_step_time_is_taken_at_its_finish_not_when_the_host_reads_it():
 def test_profile_steps_spec():
     import pytest
 
-    from haf_jax.profile import parse_steps
+    from haf_jax.training.profile import parse_steps
 
     assert parse_steps("") is None and parse_steps("10-12") == (10, 12) and parse_steps(" 3 - 3 ") == (3, 3)
     for bad in ("12-10", "0-2", "5", "a-b", "1-2-3"):

@@ -22,15 +22,17 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
     """gemma-2b's widths (256k vocabulary, 8 heads of 256, MLP 16384) on 2 layers, HaF, bf16,
     remat, 16 pairs x 2 x 128 tokens, FSDP over 8 chips: each chip's arguments are ~1/8 of the
     state (Adam's moments are not replicated), and the step fits a v5e chip's 16 GiB."""
-    from haf_jax import params as params_lib, sharding, step as step_lib
+    from haf_jax.core import forward, sharding
+    from haf_jax.core import params as params_lib
+    from haf_jax.core.optim import make_optimizer
     from haf_jax.model.families import preset
-    from haf_jax.optim import make_optimizer
+    from haf_jax.training import step as step_lib
 
     devices = _v5e_8()
     assert len(devices) == 8 and "v5" in devices[0].device_kind.lower()
     mesh = sharding.make_mesh((1, -1, 1), devices=devices)
     model = dataclasses.replace(preset("gemma-2b"), num_layers=2, layer_types=(), remat=True)
-    cfg = step_lib.StepConfig(model, step_lib.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16)
+    cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16)
     opt = make_optimizer(learning_rate=1e-5, total_steps=100)
     _, abstract = step_lib.state_layout(model, opt, mesh)
     fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
@@ -39,7 +41,7 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
     dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length), "last_index": (b, 2), "valid": (b,),
             "ref_logp": (b, 2)}
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
-    shardings = step_lib.batch_shardings(mesh, keys)
+    shardings = forward.batch_shardings(mesh, keys)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=shardings[k]) for k in keys}
     memory = fn.lower(abstract, batch, None, None).compile().memory_analysis()
 

@@ -168,7 +168,7 @@ def _read_file(path: str) -> Iterator[tuple[str, dict]]:
 def _read_remote_file(url: str) -> Iterator[tuple[str, dict]]:
     """A gs://... (any fsspec URL) data file: copied to a temporary local file, then read as one;
     errors name the URL."""
-    from haf_jax import paths
+    from haf_jax.core import paths
 
     remote = paths.path(url)
     if _suffix(url) not in SUFFIXES:

@@ -35,8 +35,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from haf_jax.core.sharding import spec_for
 from haf_jax.model.config import ATTENTIONS as IMPLEMENTATIONS
-from haf_jax.sharding import spec_for
 
 NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
 SPLASH_BLOCK = 128       # splash's query / key block; lengths must be multiples of it

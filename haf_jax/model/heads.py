@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from haf_jax.core import sharding
+from haf_jax.core.sharding import constrain
+from haf_jax.model import attention, lm_logprobs
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.layers import INIT, Decoder, param
-from haf_jax.model import attention, lm_logprobs
-from haf_jax import sharding
-from haf_jax.sharding import constrain
 
 HEAD_KEYS = ("reward_head", "lm_head", "lm_head_bias")
 

@@ -151,7 +151,7 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
 
     Returns (params, info) with info = {"architecture", "reward_head": "loaded" | "zero-initialised",
     "prefix", "ignored": [skipped tensor names]}. With `shardings` (a tree like the params, e.g.
-    haf_jax.params.param_shardings), each array is placed as soon as it is read, so the host holds
+    haf_jax.core.params.param_shardings), each array is placed as soon as it is read, so the host holds
     one tensor at a time.
     """
     directory = pathlib.Path(directory)

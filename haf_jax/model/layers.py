@@ -18,10 +18,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from haf_jax.model import attention as attention_lib, scan as scan_lib
-from haf_jax.model.linear import project
+from haf_jax.core.sharding import constrain
+from haf_jax.model import attention as attention_lib
+from haf_jax.model import scan as scan_lib
 from haf_jax.model.config import REMAT_POLICIES, SLIDING, ModelConfig
-from haf_jax.sharding import constrain
+from haf_jax.model.linear import project
 
 INIT = nn.initializers.normal(stddev=0.02)
 

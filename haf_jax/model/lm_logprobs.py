@@ -33,8 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from haf_jax.core.sharding import constrain
 from haf_jax.model.linear import project
-from haf_jax.sharding import constrain
 
 
 def token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, *, block: int,

@@ -1,4 +1,4 @@
-"""The training run, orchestrated: build (haf_jax.build), resume or start, loop, evaluate, checkpoint.
+"""The training run, orchestrated: build (haf_jax.training.setup), resume or start, loop, evaluate, checkpoint.
 
 `train(config, workdir)` is what `python -m haf_jax.train` calls; it returns the run summary.
 Metrics are fetched one step late so the device never waits on Python. Elsewhere: the resume
@@ -16,11 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data, evaluation, fit, flops, params as params_lib, paths, plots, reference, step as step_lib
-from haf_jax.build import Setup, base_fingerprint, build, initial_params, layout_options, split_trainable
-from haf_jax.metrics import MetricsLog, Throughput, log, past_metrics, summary_table
-from haf_jax.profile import StepProfiler
-from haf_jax.run_config import RunError, check_resumable, config_dict, with_added_defaults
+from haf_jax import checkpoint, data
+from haf_jax.core import forward, paths
+from haf_jax.core import params as params_lib
+from haf_jax.core.logs import log
+from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
+from haf_jax.evaluation import evaluator as evaluation
+from haf_jax.evaluation import plots
+from haf_jax.training import fit, flops, reference
+from haf_jax.training import step as step_lib
+from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
+from haf_jax.training.profile import StepProfiler
+from haf_jax.training.resume import RunError, check_resumable, config_dict, with_added_defaults
+from haf_jax.training.setup import Setup, build, split_trainable
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
 
@@ -180,7 +188,7 @@ def train(config, workdir) -> dict:
             if step == nan_fault_step:  # fault injection for tests: poison the weights
                 state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
             profiler.before(step)
-            state, metrics = train_fn(state, step_lib.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
+            state, metrics = train_fn(state, forward.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
             compiles = meter.dispatched(batch["tokens"].shape, metrics)
             profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)

@@ -13,9 +13,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from haf_jax import build, checkpoint, params as params_lib, paths
+from haf_jax import checkpoint
+from haf_jax.core import model_setup, paths
+from haf_jax.core import params as params_lib
 from haf_jax.data import load_tokenizer
-from haf_jax.model import hf, lora as lora_lib
+from haf_jax.model import hf
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.heads import HEAD_KEYS
 
@@ -67,8 +70,8 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         for candidate in candidates:
             config = ml_collections.ConfigDict(ckpt.read_config(candidate))
             # Each checkpoint records its parameter layout (runs from before scanned layers: per layer).
-            layout_cfg = dataclasses.replace(model_cfg, **build.layout_options(config))
-            lora = build.lora_config(config)
+            layout_cfg = dataclasses.replace(model_cfg, **model_setup.layout_options(config))
+            lora = model_setup.lora_config(config)
             try:
                 params = ckpt.restore_params(candidate, params_lib.abstract_trainable(layout_cfg, lora, mesh))
                 break
@@ -82,10 +85,10 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         ckpt.close()
     info = {"source": str(run_dir), "step": ckpt.restored_step, "config": saved}
     if lora.enabled:
-        _, path = build.model_source(config)
-        base = build.initial_params(config, model_cfg, path, mesh)
+        _, path = model_setup.model_source(config)
+        base = model_setup.initial_params(config, model_cfg, path, mesh)
         frozen = {k: v for k, v in base.items() if k not in lora_lib.trainable_heads(model_cfg, lora)}
-        found = build.base_fingerprint(frozen)["base_weights"]
+        found = model_setup.base_fingerprint(frozen)["base_weights"]
         if found != saved.get("base_weights"):
             raise ValueError(f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
                              f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
@@ -106,8 +109,8 @@ def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
     with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
         saved = ckpt.read_config()
     config = ml_collections.ConfigDict(saved)
-    model_cfg, path = build.model_source(config)
-    params = build.initial_params(config, model_cfg, path, mesh)
+    model_cfg, path = model_setup.model_source(config)
+    params = model_setup.initial_params(config, model_cfg, path, mesh)
     if compute_dtype:
         dtype = config.model.compute_dtype if compute_dtype is True else compute_dtype
         params = cast_trunk(params, dtype)

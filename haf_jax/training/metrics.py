@@ -1,5 +1,5 @@
 """Run metrics: `metrics.jsonl` (the contract in DESIGN.md s3), TensorBoard events (scalars, and the
-eval figures of haf_jax.plots as images), summary table.
+eval figures of haf_jax.evaluation.plots as images), summary table.
 
 Only process 0 writes (and prints: `log`). Rows are plain JSON objects: train rows carry `step`
 and the loss metrics; eval rows carry `split: "eval"`. On resume, rows after the restored step
@@ -13,20 +13,14 @@ import collections
 import concurrent.futures
 import json
 import math
-import sys
 import time
 
 import jax
 
-from haf_jax import paths
+from haf_jax.core import paths
+from haf_jax.core.logs import log  # noqa: F401  (the loop's log lines)
 
 REMOTE_FLUSH_S = 30.0
-
-
-def log(msg: str) -> None:
-    """Prints `msg` to stderr on process 0 only."""
-    if jax.process_index() == 0:
-        print(msg, file=sys.stderr, flush=True)
 
 
 class Throughput:
@@ -36,7 +30,7 @@ class Throughput:
     `compile_s` (cumulative) and is never averaged into the rates. Time spent outside steps (eval,
     checkpoints) is excluded by `pause()`. `rates()` gives, over the steps since the last call:
     `pairs_per_s`, `tokens_per_s` (real tokens, padding excluded), `step_s`, and `compile_s`;
-    with `peak_flops` (FLOP/s of all devices, haf_jax.flops.peak_flops) and each step's FLOPs,
+    with `peak_flops` (FLOP/s of all devices, haf_jax.training.flops.peak_flops) and each step's FLOPs,
     also `mfu` = FLOPs / (time x peak).
 
     A step's time runs from the previous step's finish (or the last pause) to its own. The finish
@@ -142,7 +136,7 @@ class MetricsLog:
         ({name: Figure}; built only on the writing process); returns the tags written."""
         if not self.enabled:
             return []
-        from haf_jax.plots import to_rgb
+        from haf_jax.evaluation.plots import to_rgb
 
         tags = []
         for name, fig in make_figures().items():

@@ -20,8 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from haf_jax import losses, params as params_lib, reference, sharding, step as step_lib
+from haf_jax.core import forward, losses, sharding
+from haf_jax.core import params as params_lib
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
@@ -39,10 +41,10 @@ class Result:
         return {f"{k[:-len('_Nx2')]}_Bx2": v for k, v in self.scores.items()}
 
 
-def pair_scores(params, batch, ref_params, frozen, *, cfg: step_lib.StepConfig, reward: bool, policy: bool):
+def pair_scores(params, batch, ref_params, frozen, *, cfg: forward.StepConfig, reward: bool, policy: bool):
     """Per-pair scores of one batch: {reward_Nx2, logp_Nx2, ref_logp_Nx2 (live reference only),
     n_tokens_Nx2}, each float32 [B, 2]."""
-    out = forward_pairs(step_lib.model_params(params, frozen, cfg), cfg.model, batch, reward=reward, policy=policy,
+    out = forward_pairs(forward.model_params(params, frozen, cfg), cfg.model, batch, reward=reward, policy=policy,
                         chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
     # Response tokens as the log-prob counts them: the first position is never a target.
     scores = {"n_tokens_Nx2": jnp.sum(batch["response_mask"][..., 1:].astype(jnp.float32), axis=-1)}
@@ -51,7 +53,7 @@ def pair_scores(params, batch, ref_params, frozen, *, cfg: step_lib.StepConfig, 
     if policy:
         scores["logp_Nx2"] = out.logp_Bx2
         if ref_params is not None:
-            scores["ref_logp_Nx2"] = step_lib.reference_logprobs(ref_params, batch, cfg=cfg)
+            scores["ref_logp_Nx2"] = forward.reference_logprobs(ref_params, batch, cfg=cfg)
     return scores
 
 
@@ -68,7 +70,7 @@ class Evaluator:
       live_reference: reference log-probs come from `ref_params` inside the pass (same architecture).
     """
 
-    def __init__(self, cfg: step_lib.StepConfig, mesh, *, reward: bool = True, policy: bool = True,
+    def __init__(self, cfg: forward.StepConfig, mesh, *, reward: bool = True, policy: bool = True,
                  live_reference: bool = False):
         self.cfg, self.mesh, self.reward, self.policy = cfg, mesh, reward, policy
         self.live_reference = live_reference and policy
@@ -85,10 +87,10 @@ class Evaluator:
         """
         if (ref_params is not None) != self.live_reference:
             raise ValueError("ref_params must be given exactly when the Evaluator was built with live_reference=True")
-        put = lambda b: step_lib.put_batch(b, BATCH_KEYS, self.mesh)  # noqa: E731
+        put = lambda b: forward.put_batch(b, BATCH_KEYS, self.mesh)  # noqa: E731
         n = len(dataset)
         if n:
-            scores = reference.pair_pass(dataset, lambda b: self._fn(params, b, ref_params, frozen), put,
+            scores = pair_pass(dataset, lambda b: self._fn(params, b, ref_params, frozen), put,
                                          batch_size=batch_size, desc=desc)
         else:
             scores = {k: np.zeros((0, 2), np.float32) for k in self._names()}
@@ -110,14 +112,47 @@ class Evaluator:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_pair_scores(cfg: step_lib.StepConfig, mesh, reward: bool, policy: bool, live_reference: bool):
+def _jitted_pair_scores(cfg: forward.StepConfig, mesh, reward: bool, policy: bool, live_reference: bool):
     """pair_scores(params, batch, ref_params, frozen) jitted with explicit shardings (cached: one
     compilation per batch shape for all evaluations with these settings)."""
     full_sh = params_lib.param_shardings(cfg.model, mesh)
     trained_sh = params_lib.trainable_shardings(cfg.model, cfg.lora, mesh)
     fn = sharding.under_mesh(lambda p, b, ref, frozen: pair_scores(p, b, ref, frozen, cfg=cfg, reward=reward,
                                                                    policy=policy), mesh)
-    return jax.jit(fn, in_shardings=(trained_sh, step_lib.batch_shardings(mesh, BATCH_KEYS),
+    return jax.jit(fn, in_shardings=(trained_sh, forward.batch_shardings(mesh, BATCH_KEYS),
                                      full_sh if live_reference else None,
                                      params_lib.frozen_shardings(cfg.model, cfg.lora, mesh)),
                    out_shardings=sharding.replicated(mesh))
+
+
+def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str, np.ndarray]:
+    """One in-order pass of `dataset`: fn(device batch) -> {name: [B, 2]} gives {name: float32 [N, 2]}.
+
+    Rows land by the dataset's pair index (filler pairs dropped), also when each host holds only
+    its slice of every batch. Used for the reference pass and by haf_jax.score.
+    """
+    from tqdm import tqdm
+
+    out: dict[str, np.ndarray] = {}
+    n_batches = -(-len(dataset) // batch_size)
+    bar = tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, unit="batch",
+               disable=jax.process_index() != 0, leave=False)
+    for batch in bar:
+        values = jax.device_get(fn(put_batch(batch)))
+        index, valid = batch["index"], batch["valid"]
+        if jax.process_count() > 1:  # each host holds its slice of the indices
+            index = multihost_utils.process_allgather(index, tiled=True)
+            valid = multihost_utils.process_allgather(valid, tiled=True)
+        for name, value in values.items():
+            column = out.setdefault(name, np.full((len(dataset), 2), np.nan, np.float32))
+            column[index[valid]] = np.asarray(value)[valid]
+    for name, column in out.items():
+        if np.isnan(column).any():
+            raise RuntimeError(f"{desc}: {int(np.isnan(column).any(axis=1).sum())} pairs got no {name}")
+    return out
+
+
+def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
+    """Reference log-probs of `params` for every pair of `dataset` -> float32 [len(dataset), 2]."""
+    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size,
+                     desc=desc)["logp"]

@@ -15,75 +15,18 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from haf_jax import paths, step as step_lib
-from haf_jax.metrics import log
-from haf_jax.run_config import RunError
+from haf_jax.core import forward, paths
+from haf_jax.core import params as params_lib
+from haf_jax.core.logs import log
+from haf_jax.evaluation.evaluator import compute
+from haf_jax.training.resume import RunError
 
 
 def default_cache_dir():
     root = os.environ.get("HAF_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "haf_jax")
     return paths.path(root) / "reference"
-
-
-def params_fingerprint(params) -> str:
-    """Hash of every parameter's path, shape, dtype and two position-weighted checksums.
-
-    Computed on device (one reduction per leaf), so it is cheap even for sharded 27B weights,
-    and any change to any weight changes it with overwhelming probability.
-    """
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-
-    @jax.jit
-    def sums(tree):
-        def one(x):
-            x = x.astype(jnp.float32).ravel()
-            ramp = jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7071)
-            return jnp.stack([jnp.sum(x), jnp.sum(x * ramp)])
-        return jax.tree.map(one, tree)
-
-    values = jax.device_get(sums(params))
-    h = hashlib.sha256()
-    for (path, leaf), (_, v) in zip(leaves, jax.tree_util.tree_leaves_with_path(values)):
-        h.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
-        h.update(np.asarray(v, np.float32).tobytes())
-    return h.hexdigest()[:32]
-
-
-def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str, np.ndarray]:
-    """One in-order pass of `dataset`: fn(device batch) -> {name: [B, 2]} gives {name: float32 [N, 2]}.
-
-    Rows land by the dataset's pair index (filler pairs dropped), also when each host holds only
-    its slice of every batch. Used for the reference pass and by haf_jax.score.
-    """
-    from tqdm import tqdm
-
-    out: dict[str, np.ndarray] = {}
-    n_batches = -(-len(dataset) // batch_size)
-    bar = tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, unit="batch",
-               disable=jax.process_index() != 0, leave=False)
-    for batch in bar:
-        values = jax.device_get(fn(put_batch(batch)))
-        index, valid = batch["index"], batch["valid"]
-        if jax.process_count() > 1:  # each host holds its slice of the indices
-            index = multihost_utils.process_allgather(index, tiled=True)
-            valid = multihost_utils.process_allgather(valid, tiled=True)
-        for name, value in values.items():
-            column = out.setdefault(name, np.full((len(dataset), 2), np.nan, np.float32))
-            column[index[valid]] = np.asarray(value)[valid]
-    for name, column in out.items():
-        if np.isnan(column).any():
-            raise RuntimeError(f"{desc}: {int(np.isnan(column).any(axis=1).sum())} pairs got no {name}")
-    return out
-
-
-def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
-    """Reference log-probs of `params` for every pair of `dataset` -> float32 [len(dataset), 2]."""
-    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size,
-                     desc=desc)["logp"]
 
 
 def _load(path) -> np.ndarray:
@@ -131,11 +74,11 @@ def _local_reference(local, ds) -> np.ndarray | None:
 
 
 def for_run(s, params0, workdir, load_params0=None) -> dict[str, np.ndarray]:
-    """Precomputed reference log-probs per split of the run built as `s` (haf_jax.build.Setup): from
+    """Precomputed reference log-probs per split of the run built as `s` (haf_jax.training.setup.Setup): from
     the workdir, the global cache, or one pass.
 
     `params0` are the initial weights, or None with `load_params0()` to get them only when needed."""
-    ref_fn, keys = step_lib.jit_reference(s.step_cfg, s.mesh, s.param_shardings)
+    ref_fn, keys = forward.jit_reference(s.step_cfg, s.mesh, s.param_shardings)
     out = {}
     for name, ds in (("train", s.train_ds), ("eval", s.eval_ds)):
         local = workdir / f"reference_{name}.npy" if workdir is not None else None
@@ -147,10 +90,10 @@ def for_run(s, params0, workdir, load_params0=None) -> dict[str, np.ndarray]:
             params0 = load_params0()
         if params0 is None:
             raise RunError(f"{local} is missing and the initial weights are not available to recompute it")
-        key = {"weights": params_fingerprint(params0), "data": ds.fingerprint,
+        key = {"weights": params_lib.params_fingerprint(params0), "data": ds.fingerprint,
                "model": dataclasses.asdict(s.model_config), "dtype": str(s.step_cfg.compute_dtype),
                "chunk": s.step_cfg.logprob_chunk, "mesh": dict(s.mesh.shape)}
-        put = lambda b: step_lib.put_batch(b, keys, s.mesh)
+        put = lambda b: forward.put_batch(b, keys, s.mesh)
         bs = s.config.train.eval_batch_size
         array, hit = cached(key, lambda: compute(ds, params0, ref_fn, put, batch_size=bs,
                                                  desc=f"reference log-probs ({name})"))

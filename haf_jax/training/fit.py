@@ -15,7 +15,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from haf_jax import params as params_lib, step as step_lib
+from haf_jax.core import forward
+from haf_jax.core import params as params_lib
 
 GiB = 2**30
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -70,7 +71,7 @@ def abstract_step_args(config, step_cfg, model_cfg, mesh, keys, *, live: bool, p
         dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length)}
     dims.update({"last_index": (b, 2), "valid": (b,), "ref_logp": (b, 2)})
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
-    batch_sh = step_lib.batch_shardings(mesh, keys, packed=pack_shape is not None)
+    batch_sh = forward.batch_shardings(mesh, keys, packed=pack_shape is not None)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=batch_sh[k]) for k in keys}
     full = params_lib.abstract_params(model_cfg, mesh)
     ref = full if live and step_cfg.loss.needs_reference else None

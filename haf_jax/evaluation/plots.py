@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from haf_jax import losses
+from haf_jax.core import losses
 
 
 def _figure(width: float = 6.0, height: float = 4.5, ncols: int = 1):
@@ -124,7 +124,7 @@ def save(fig, path) -> None:
     """PNG at `path` (local or a URL such as gs://...); the figure is released afterwards."""
     import io
 
-    from haf_jax import paths
+    from haf_jax.core import paths
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -1,7 +1,7 @@
 """Everything a run builds from its config before the first step: model config and initial weights,
 tokenizer, data, mesh, step config, optimizer and the state layout (`build` -> `Setup`).
 
-Shared by training (haf_jax.loop) and by loading a run back (haf_jax.runs).
+What training alone needs; the factories evaluation and the planner share with it are core/model_setup.py.
 """
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from etils import epath
 
-from haf_jax import data, params as params_lib, paths, reference, sharding, step as step_lib
-from haf_jax.metrics import log
-from haf_jax.model import hf, lora as lora_lib
-from haf_jax.model.families import preset
-from haf_jax.model.lora import LoraConfig
-from haf_jax.optim import make_optimizer
-from haf_jax.run_config import RunError
+from haf_jax import data
+from haf_jax.core import forward, paths, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.core.logs import log
+from haf_jax.core.model_setup import model_source, optimizer_for, step_config
+from haf_jax.model import lora as lora_lib
+from haf_jax.training import step as step_lib
+from haf_jax.training.resume import RunError
 
 
 @dataclasses.dataclass
@@ -33,7 +33,7 @@ class Setup:
     train_ds: object
     eval_ds: object
     mesh: object
-    step_cfg: step_lib.StepConfig
+    step_cfg: forward.StepConfig
     optimizer: object
     param_shardings: object  # of the full model (reference, frozen base)
     trained_shardings: object  # of what the optimizer trains (all params, or LoRA adapters + heads)
@@ -41,34 +41,6 @@ class Setup:
     abstract_state: object
     checkpoint_dir: epath.Path | None
     model_path: pathlib.Path | None  # HF directory the initial weights come from (None: random init)
-
-
-def model_source(config):
-    """(ModelConfig, HF dir or None) for the config's checkpoint or preset."""
-    if config.model.checkpoint:
-        path = hf.resolve_checkpoint(config.model.checkpoint)
-        model_cfg, _ = hf.load_hf_config(path)
-    else:
-        path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.get("attention", "auto"),
-                               **layout_options(config)), path
-
-
-def layout_options(config) -> dict:
-    """The run config's model.scan_layers and model.remat_policy (absent in configs of older runs:
-    per-layer parameters). `config`: a ConfigDict or the dict a checkpoint records."""
-    model = config["model"]
-    return {"scan_layers": bool(model.get("scan_layers", False)),
-            "remat_policy": str(model.get("remat_policy", "nothing"))}
-
-
-def initial_params(config, model_cfg, path, mesh):
-    """The initial weights: the HF checkpoint at `path`, or a random init of `model_cfg` (seeded)."""
-    if path is not None:
-        params, info = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
-        log(f"loaded {path} ({info})")
-        return params
-    return params_lib.init_params(model_cfg, jax.random.key(config.train.seed), mesh)
 
 
 def build(config, workdir: epath.Path | None) -> Setup:
@@ -118,19 +90,6 @@ def build(config, workdir: epath.Path | None) -> Setup:
                  init_state, abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
 
 
-def lora_config(config) -> LoraConfig:
-    return LoraConfig.from_config(config.model.lora) if "lora" in config.model else LoraConfig()
-
-
-def step_config(config, model_cfg) -> step_lib.StepConfig:
-    return step_lib.StepConfig(
-        model=model_cfg, loss=step_lib.LossConfig.from_config(config.loss),
-        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
-        grad_accum=config.optim.grad_accum, lora=lora_config(config),
-        packed=bool(config.data.get("packing", False) or config.data.get("share_prompt", False)),
-        share_prompt=bool(config.data.get("share_prompt", False)))
-
-
 def split_trainable(s: Setup, params0):
     """(trainable params, frozen base or None): LoRA's fresh adapters + heads, or everything."""
     lora = s.step_cfg.lora
@@ -139,16 +98,3 @@ def split_trainable(s: Setup, params0):
     trainable, frozen = lora_lib.split(params0, s.model_config, lora, jax.random.key(s.config.train.seed + 1))
     trainable = {**trainable, "lora": jax.device_put(trainable["lora"], s.trained_shardings["lora"])}
     return trainable, frozen
-
-
-def base_fingerprint(frozen) -> dict:
-    """What a LoRA run's checkpoints record of the base weights they adapt ({} without LoRA)."""
-    return {} if frozen is None else {"base_weights": reference.params_fingerprint(frozen)}
-
-
-def optimizer_for(config):
-    o = config.optim
-    return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
-                          warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
-                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                          moment_dtype=o.get("moment_dtype", "float32"))

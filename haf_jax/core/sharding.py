@@ -11,7 +11,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -57,7 +58,7 @@ def spec_for(logical_axes, shape, mesh: Mesh) -> P:
     for name, dim in zip(logical_axes, shape):
         axes = RULES.get(name) if name is not None else None
         if name is not None and name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no rule in haf_jax.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no rule in haf_jax.core.sharding.RULES")
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         if axes and dim % math.prod(mesh.shape[a] for a in axes):

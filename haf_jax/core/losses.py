@@ -290,7 +290,7 @@ def objective(
 
 
 # ----------------------------------------------------------------------------- evaluation maths
-# Whole-split statistics of per-pair scores (haf_jax.evaluation gathers the arrays; the training
+# Whole-split statistics of per-pair scores (haf_jax.evaluation.evaluator gathers the arrays; the training
 # loop, `score` and `evaluate` all aggregate here). Each takes host or device arrays over N pairs.
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)

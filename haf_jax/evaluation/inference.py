@@ -5,7 +5,7 @@ supported Hugging Face checkpoint, with the trunk in the compute dtype (a run's 
 `load_data` tokenises a data spec as the run was trained (its max_length, template, truncation, ...),
 and the spec `run:eval` is a run's own eval split. `reference_logprobs` gives the reference log-probs
 of the implicit reward: the run's initial weights, another model, none, or reference-free.
-Scoring itself is `evaluation.Evaluator`, the path the training loop evaluates with.
+Scoring itself is `evaluator.Evaluator`, the path the training loop evaluates with.
 """
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from haf_jax import build, data, evaluation, params as params_lib, reference as reference_lib, runs, sharding, step as step_lib
+from haf_jax import data
+from haf_jax.core import forward, model_setup, sharding
+from haf_jax.core import params as params_lib
+from haf_jax.evaluation import evaluator
+from haf_jax.evaluation import loading as runs
 
 RUN_EVAL = "run:eval"  # data spec: the run's own eval split (data.eval, or the carve out of data.train)
 REFERENCES = ("initial", "none", "free")  # besides a model path: see reference_logprobs
@@ -34,7 +38,7 @@ class Model:
     model_cfg: object
     tokenizer: object
     info: dict
-    step_cfg: step_lib.StepConfig
+    step_cfg: forward.StepConfig
     run_config: ml_collections.ConfigDict | None  # a run directory's saved config; None for HF checkpoints
 
 
@@ -55,12 +59,12 @@ def open_model(path: str, mesh, *, which: str | int = "best", beta: float | None
                                                              compute_dtype=compute_dtype or is_run)
     run_config = ml_collections.ConfigDict(info.pop("config")) if is_run else None
     if run_config is not None:
-        loss = step_lib.LossConfig.from_config(run_config.loss)
+        loss = forward.LossConfig.from_config(run_config.loss)
         loss = dataclasses.replace(loss, beta=beta) if beta is not None else loss
         dtype = jnp.dtype(compute_dtype or run_config.model.compute_dtype)
     else:
-        loss, dtype = step_lib.LossConfig(beta=0.1 if beta is None else beta), jnp.dtype(compute_dtype or "float32")
-    step_cfg = step_lib.StepConfig(model=model_cfg, loss=loss, compute_dtype=dtype, logprob_chunk=chunk)
+        loss, dtype = forward.LossConfig(beta=0.1 if beta is None else beta), jnp.dtype(compute_dtype or "float32")
+    step_cfg = forward.StepConfig(model=model_cfg, loss=loss, compute_dtype=dtype, logprob_chunk=chunk)
     return Model(str(path), params, model_cfg, tokenizer, info, step_cfg, run_config)
 
 
@@ -113,8 +117,8 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
     if reference == INITIAL:
         if model.run_config is None:
             raise ValueError(f"--reference=initial needs a run directory as the model, got {model.name}")
-        cfg, path = build.model_source(model.run_config)
-        ref_params = build.initial_params(model.run_config, cfg, path, mesh)
+        cfg, path = model_setup.model_source(model.run_config)
+        ref_params = model_setup.initial_params(model.run_config, cfg, path, mesh)
         what = f"initial weights of {model.name} ({model.run_config.model.checkpoint or 'seeded random init'})"
         ref_cfg = dataclasses.replace(model.step_cfg, model=cfg)
     else:
@@ -122,19 +126,19 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
         if cfg.vocab_size != model.model_cfg.vocab_size:
             raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size {model.model_cfg.vocab_size}")
         what = reference
-        ref_cfg = step_lib.StepConfig(cfg, step_lib.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
+        ref_cfg = forward.StepConfig(cfg, forward.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
                                       logprob_chunk=model.step_cfg.logprob_chunk)
     ref_fn, keys = _jit_reference(ref_cfg, mesh)
-    arrays = [reference_lib.compute(ds, ref_params, ref_fn, lambda b: step_lib.put_batch(b, keys, mesh),
+    arrays = [evaluator.compute(ds, ref_params, ref_fn, lambda b: forward.put_batch(b, keys, mesh),
                                     batch_size=batch_size, desc="reference log-probs")
               if len(ds) else np.zeros((0, 2), np.float32) for ds in datasets]
     return arrays, False, what
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_reference(cfg: step_lib.StepConfig, mesh):
+def _jit_reference(cfg: forward.StepConfig, mesh):
     """step.jit_reference, compiled once per settings for every model and dataset evaluated."""
-    return step_lib.jit_reference(cfg, mesh, params_lib.param_shardings(cfg.model, mesh))
+    return forward.jit_reference(cfg, mesh, params_lib.param_shardings(cfg.model, mesh))
 
 
 def default_mesh():
@@ -147,6 +151,6 @@ def round_batch(batch_size: int, mesh) -> int:
     return -(-batch_size // n_shards) * n_shards
 
 
-def evaluator_for(model: Model, mesh) -> evaluation.Evaluator:
+def evaluator_for(model: Model, mesh) -> evaluator.Evaluator:
     """Both heads, the full (merged) parameters, precomputed or no reference."""
-    return evaluation.Evaluator(model.step_cfg, mesh)
+    return evaluator.Evaluator(model.step_cfg, mesh)

@@ -3,13 +3,16 @@ counts. (The model layer only names axes; the mesh lives here and in sharding.py
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from haf_jax import sharding
-from haf_jax.model import heads, lora as lora_lib, scan
+from haf_jax.core import sharding
+from haf_jax.model import heads, scan
+from haf_jax.model import lora as lora_lib
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.lora import LoraConfig
 
@@ -64,3 +67,27 @@ def relayout(tree, config: ModelConfig, abstract):
     layout (scanned or per layer, model/scan.py), placed as the ShapeDtypeStructs of `abstract` say."""
     converted = scan.to_layout(tree, config)
     return jax.jit(lambda x: x, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))(converted)
+
+
+def params_fingerprint(params) -> str:
+    """Hash of every parameter's path, shape, dtype and two position-weighted checksums.
+
+    Computed on device (one reduction per leaf), so it is cheap even for sharded 27B weights,
+    and any change to any weight changes it with overwhelming probability.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+
+    @jax.jit
+    def sums(tree):
+        def one(x):
+            x = x.astype(jnp.float32).ravel()
+            ramp = jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7071)
+            return jnp.stack([jnp.sum(x), jnp.sum(x * ramp)])
+        return jax.tree.map(one, tree)
+
+    values = jax.device_get(sums(params))
+    h = hashlib.sha256()
+    for (path, leaf), (_, v) in zip(leaves, jax.tree_util.tree_leaves_with_path(values)):
+        h.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        h.update(np.asarray(v, np.float32).tobytes())
+    return h.hexdigest()[:32]
