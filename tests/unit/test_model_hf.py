@@ -344,7 +344,7 @@ def test_gemma_runs_from_before_the_family_decoder_still_load():
     from haf_jax.model.families import PRESETS
     from haf_jax.model.heads import abstract_params
 
-    old = json.loads((pathlib.Path(__file__).parent / "data" / "gemma_tiny_before_decoder.json").read_text())
+    old = json.loads((pathlib.Path(__file__).parents[1] / "data" / "gemma_tiny_before_decoder.json").read_text())
     config = ModelConfig.from_dict(old["model_config"])
     assert config == dataclasses.replace(PRESETS["tiny"], remat=config.remat)
     shapes, _ = abstract_params(config)

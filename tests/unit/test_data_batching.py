@@ -169,7 +169,7 @@ def test_two_real_processes(tmp_path, data, tok, ds):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), port, str(p), data,
                                str(sample_paths()["tokenizer"]), str(tmp_path / f"out{p}.json")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

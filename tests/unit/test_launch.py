@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "tpu_vm.sh"
 ARGS = ["my-tpu", "us-central2-b", "configs/gemma.py:gemma-2b", "gs://bucket/runs/g2",
         "--config.mesh.shape=(1,-1,4)", "--config.data.train=it's $HOME/a b.jsonl"]

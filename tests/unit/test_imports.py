@@ -4,7 +4,7 @@ commands -> training / evaluation / generation -> model / data / core."""
 import ast
 import pathlib
 
-PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "haf_jax"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "haf_jax"
 
 
 def _module(path: pathlib.Path) -> str:

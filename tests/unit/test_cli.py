@@ -49,6 +49,6 @@ def test_train_cli_rejects_bad_config_overrides(tmp_path, override, message):
 
     p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py",
                         f"--workdir={tmp_path}", override], capture_output=True, text=True, timeout=120,
-                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr

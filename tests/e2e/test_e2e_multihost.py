@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SMALL = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.data.max_length=64",
          "--config.data.max_prompt_length=32", "--config.train.eval_every=3", "--config.checkpoint.every_steps=3",
          "--config.train.log_every=1", "--config.train.eval_batch_size=16"]

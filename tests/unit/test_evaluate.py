@@ -20,7 +20,7 @@ from haf_jax.evaluation import plots, rewardbench
 from haf_jax.score import score
 from haf_jax.training.metrics import MetricsLog, read_rows
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 RB_V1, RB_V2 = REPO / "tests" / "data" / "rewardbench_v1.jsonl", REPO / "tests" / "data" / "rewardbench_v2.jsonl"
 MAX_LENGTH, MAX_PROMPT = 48, 24
 

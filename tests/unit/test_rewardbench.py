@@ -15,7 +15,7 @@ import pytest
 from haf_jax.data import DataError
 from haf_jax.evaluation import rewardbench
 
-DATA = pathlib.Path(__file__).resolve().parent / "data"
+DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 V1, V2 = DATA / "rewardbench_v1.jsonl", DATA / "rewardbench_v2.jsonl"
 
 

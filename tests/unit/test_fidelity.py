@@ -256,7 +256,7 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]
     path = write_jsonl(tmp_path / "l.jsonl", rows)
     spec = importlib.util.spec_from_file_location("cfg_gemma_fidelity",
-                                                  pathlib.Path(__file__).resolve().parents[1] / "configs" / "gemma.py")
+                                                  pathlib.Path(__file__).resolve().parents[2] / "configs" / "gemma.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     default = module.get_config()

@@ -30,7 +30,7 @@ from haf_jax.model import lora as lora_lib
 from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SETUPS = {"phi2_full": ("configs/paper/phi2_full.py", "phi-2", "microsoft/phi-2", "phi2", 1e-5, 0),
           "mistral7b_lora": ("configs/paper/mistral7b_lora.py", "mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3",
                              "mistral", 3e-5, 64)}

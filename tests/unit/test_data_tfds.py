@@ -20,7 +20,7 @@ from test_data_hub_local import _error  # noqa: E402  (one-line DataError messag
 
 from haf_jax.data import PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
 FIELDS = {"labelled_prefs": tfds_prefs.LABELLED_FIELDS}
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from test_e2e_checkpoints import _score_rows, child_env, shared_root, train_rows, transformers_scores  # noqa: F401
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz"
 STEPS = 6
 SMALL = [

@@ -312,7 +312,7 @@ def test_harmless_prefixes_name_existing_config_keys():
     import pathlib
 
     spec = importlib.util.spec_from_file_location(
-        "gemma_config", pathlib.Path(__file__).parents[1] / "configs" / "gemma.py")
+        "gemma_config", pathlib.Path(__file__).parents[2] / "configs" / "gemma.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     keys = run_config._flatten(run_config.config_dict(module.get_config()))

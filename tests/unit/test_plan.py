@@ -8,7 +8,7 @@ import pytest
 
 from haf_jax import plan
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GEMMA = f"--config={ROOT / 'configs' / 'gemma.py'}"
 KEYS = ("fits", "topology", "chips", "mesh", "hbm_per_chip_bytes", "bytes_per_chip", "flops_per_step", "compile_s")
 

@@ -25,7 +25,7 @@ import pytest
 
 from haf_jax.data import DataError, load_pairs, load_tokenizer, sample_paths
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
