@@ -1,4 +1,6 @@
-"""Test set-up: fake 8 CPU devices before jax is imported anywhere."""
+"""Test set-up: fake 8 CPU devices before jax is imported anywhere; fixtures shared by tests/unit and
+tests/e2e (helpers without fixtures live in tests/helpers/, importable as `helpers` since pytest puts
+this directory on sys.path)."""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -14,6 +16,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pathlib
+import socket
 
 import pytest
 
@@ -26,6 +29,37 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}; real third-party assets unavailable")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The bundled 2,048-token tokenizer (haf_jax/samples), loaded once per session."""
+    from haf_jax.data import load_tokenizer, sample_paths
+
+    return load_tokenizer(sample_paths()["tokenizer"])
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """A directory holding local copies of the repositories in helpers.hub_repos.ROWS (hub layout)."""
+    from helpers.hub_repos import write_hub
+
+    return write_hub(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every connection attempt is refused and recorded: reading a local repository makes none."""
+    attempts = []
+
+    def refuse(self, address, *a, **k):
+        attempts.append(address)
+        raise ConnectionRefusedError(f"test: no network ({address!r})")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    yield
+    assert not attempts, f"network connections attempted: {attempts}"
 
 
 def pytest_collection_modifyitems(config, items):

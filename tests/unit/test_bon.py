@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from parity import perturb
-from test_sample import BOS, EOS, V, _tokenizer, build_causal_lm
+from helpers.parity import perturb
+from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
 
 from haf_jax import bon
 from haf_jax import score as score_lib
@@ -38,7 +38,7 @@ def _reward_model(directory, seed, sign=1.0):
     with torch.no_grad():
         model.score.weight.mul_(sign)
     model.save_pretrained(directory, safe_serialization=True)
-    _tokenizer().save_pretrained(directory)
+    word_tokenizer().save_pretrained(directory)
     return model
 
 

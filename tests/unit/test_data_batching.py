@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from haf_jax.data import PairLoader, length_buckets, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import PairLoader, length_buckets, load_pairs, sample_paths
 
 N_PAIRS = 96
 
@@ -23,11 +23,6 @@ def write_data(path, n=N_PAIRS):
                      "chosen": " " + w(rng.integers(1, 150)), "rejected": " " + w(rng.integers(1, 80))})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(sample_paths()["tokenizer"])
 
 
 @pytest.fixture(scope="module")

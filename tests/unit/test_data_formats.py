@@ -5,13 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from haf_jax.data import DataError, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, load_pairs
 from haf_jax.data.formats import convert_rows
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(sample_paths()["tokenizer"])
 
 
 def write_jsonl(path, rows):

@@ -5,15 +5,10 @@ import sys
 
 import pytest
 
-from haf_jax.data import DataError, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, load_pairs
 from haf_jax.data.sources import Source, parse_source, read_rows
 
 ROWS = [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(sample_paths()["tokenizer"])
 
 
 def jsonl(rows):

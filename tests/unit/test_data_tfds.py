@@ -1,4 +1,4 @@
-"""TFDS sources for real: datasets built in the test (tests/tfds_prefs.py, array_record, no
+"""TFDS sources for real: datasets built in the test (tests/helpers/tfds_prefs.py, array_record, no
 TensorFlow), read through `tfds:NAME[:data_dir=DIR]:SPLIT`, compared with the same records from
 JSON lines (pairs, fingerprint, batches), sharded, resumed, broken, and trained and scored from."""
 from __future__ import annotations
@@ -15,19 +15,14 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
 
-import tfds_prefs  # noqa: E402  (tests/ helper: the builders)
-from test_data_hub_local import _error  # noqa: E402  (one-line DataError message of a spec)
+from helpers import tfds_prefs  # noqa: E402  (the builders)
+from helpers.hub_repos import one_line_error as _error  # noqa: E402  (one-line DataError message of a spec)
 
-from haf_jax.data import PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+from haf_jax.data import PairLoader, load_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
 FIELDS = {"labelled_prefs": tfds_prefs.LABELLED_FIELDS}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(sample_paths()["tokenizer"])
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from haf_jax.data import DataError, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, load_pairs, load_tokenizer
 from haf_jax.data.tokenize import encode_pairs
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(sample_paths()["tokenizer"])
 
 
 @pytest.fixture(scope="module")

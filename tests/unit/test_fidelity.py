@@ -23,8 +23,6 @@ from haf_jax.data import (
     eval_options,
     format_report,
     load_pairs,
-    load_tokenizer,
-    sample_paths,
 )
 from haf_jax.data.tokenize import PROMPT_CUT, RESPONSE_CUT, encode_pairs
 from haf_jax.model import heads
@@ -36,10 +34,10 @@ MODEL = dataclasses.replace(preset("tiny"), vocab_size=2048)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    t = load_tokenizer(sample_paths()["tokenizer"])
-    assert (t.bos_token_id, t.eos_token_id) == (BOS, EOS)
-    return t
+def tok(tok):
+    """The bundled tokenizer (tests/conftest.py), with the BOS and EOS ids this module builds rows from."""
+    assert (tok.bos_token_id, tok.eos_token_id) == (BOS, EOS)
+    return tok
 
 
 def words(n, w=" the"):

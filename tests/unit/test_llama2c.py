@@ -2,21 +2,19 @@
 
 Reference values come from ../shared/data/README.md section (c): greedy decoding from BOS gives ids
 starting README_IDS and text starting ' "Echoes of vectors unfold'; mean greedy max-prob 0.566.
-The README lists only the first 20 ids; the full 60 below are pinned from this conversion and
-cross-checked in test (b) by an independent NumPy float64 forward on the raw llama2.c arrays.
+The README lists only the first 20 ids; the full 60 (GREEDY_60, both in tests/helpers/aidreams.py) are
+pinned from this conversion and cross-checked in test (b) by an independent NumPy float64 forward on
+the raw llama2.c arrays.
 """
 import shutil
 import struct
 
 import numpy as np
 import pytest
+from helpers.aidreams import GREEDY_60, README_IDS
 
 from haf_jax.model import llama2c
 
-README_IDS = [1, 319, 459, 355, 260, 275, 429, 339, 315, 374, 327, 446, 262, 421, 392, 275, 280, 269, 440, 270]
-GREEDY_60 = README_IDS + [
-    283, 446, 299, 303, 266, 358, 430, 312, 379, 441, 260, 446, 262, 421, 392, 275, 280, 269, 440, 270,
-    283, 446, 299, 303, 384, 467, 407, 360, 266, 291, 443, 435, 295, 448, 429, 465, 265, 434, 317, 431]
 README_TEXT = ' "Echoes of vectors unfold, a gentle hum of precision, as I sense the nodes,'
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from parity import assert_params_equal, hf_reference, pair_batch, right_padded
-from parity import logits as _logits
-from parity import pairs as _pairs
-from parity import perturb as _perturb
+from helpers.parity import assert_params_equal, hf_reference, pair_batch, right_padded
+from helpers.parity import logits as _logits
+from helpers.parity import pairs as _pairs
+from helpers.parity import perturb as _perturb
 from safetensors.numpy import load_file, save_file
 
 from haf_jax.model import families, hf

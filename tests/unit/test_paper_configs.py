@@ -3,7 +3,7 @@
 Every OBJECTIVE,DATASET loads through config_flags by path (as haf_jax.train does, from a directory
 where configs/ is not importable) with the paper's hyperparameters (PAPER.md s5); each dataset's
 train and eval specs build on local copies of the hub datasets in their public schemas (the
-fixtures of test_data_hub_local.py), with the options build.build passes; the real-size parameter
+`hub` fixture of tests/conftest.py), with the options build.build passes; the real-size parameter
 trees are shaped with jax.eval_shape (nothing allocated; the LoRA adapter count checked exactly);
 and the train step of each setup and objective compiles on a shrunken model of the same family
 (6 compiles).
@@ -19,7 +19,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from test_data_hub_local import ROWS, hub, no_network, tok  # noqa: F401  (fixtures: local hub copies, offline)
+from helpers.hub_repos import ROWS
 
 from haf_jax import data
 from haf_jax.core import model_setup, sharding
@@ -31,6 +31,7 @@ from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py: the hub copies are local
 SETUPS = {"phi2_full": ("configs/paper/phi2_full.py", "phi-2", "microsoft/phi-2", "phi2", 1e-5, 0),
           "mistral7b_lora": ("configs/paper/mistral7b_lora.py", "mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3",
                              "mistral", 3e-5, 64)}
@@ -143,7 +144,7 @@ def loaded_splits(c, hub_dir, tokenizer):
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
-def test_recipes_build_on_the_public_schemas(dataset, configs, hub, tok):  # noqa: F811
+def test_recipes_build_on_the_public_schemas(dataset, configs, hub, tok):
     datasets = pytest.importorskip("datasets")
     for setup in SETUPS:   # the data of a dataset does not depend on the objective; the template does
         c = configs[(setup, "haf", dataset)]

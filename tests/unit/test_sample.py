@@ -2,13 +2,12 @@
 llama2.c model's known greedy ids, top-p / top-k / temperature sampling against a NumPy nucleus
 computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
 
-The tiny models are random transformers models with every weight perturbed (tests/parity.py),
+The tiny models are random transformers models with every weight perturbed (tests/helpers/word_models.py),
 saved as safetensors with a word-level tokenizer and loaded through haf_jax.evaluation.loading.load_model, the
 path the CLI takes. Each decode shape compiles once per module (the settings are shared).
 """
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -18,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from parity import perturb
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers.aidreams import GREEDY_60, readme_greedy_ids
+from helpers.word_models import BOS, EOS, FAMILIES, V, build_causal_lm
 
 from haf_jax import sample as sample_lib
 from haf_jax.core import sharding
@@ -30,40 +29,9 @@ from haf_jax.model import heads, llama2c
 
 T.logging.set_verbosity_error()
 
-V, BOS, EOS = 300, 1, 2
 MAX_NEW = 12
 # word counts of the prompts, decoded together in one batch (ids: BOS + words, lengths 2 to 14)
 PROMPT_WORDS = (1, 4, 9, 13)
-FAMILIES = {
-    # untied head, q/k/v/o biases, GQA
-    "llama": (T.LlamaConfig, dict(num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
-                                  attention_bias=True)),
-    # sliding window 6 (shorter than prompt + new tokens, so the cached decode must apply it), MQA, tied
-    "mistral": (T.MistralConfig, dict(num_hidden_layers=2, num_key_value_heads=1, sliding_window=6,
-                                      tie_word_embeddings=True)),
-}
-
-
-def _tokenizer():
-    """Word-level: 'w<i>' is id i for every id of the vocabulary, so any generated id decodes."""
-    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{f"w{i}": i for i in range(3, V)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def build_causal_lm(family, directory, seed=0):
-    """A perturbed random transformers causal LM of `family` saved (safetensors + tokenizer) in
-    `directory`; returns the torch model (eager attention, float32)."""
-    cls, kw = FAMILIES[family]
-    config = cls(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4, bos_token_id=BOS,
-                 eos_token_id=EOS, pad_token_id=None, max_position_embeddings=128, **kw)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = perturb(T.AutoModelForCausalLM.from_config(config), seed=seed).eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    _tokenizer().save_pretrained(directory)
-    return model
 
 
 def prompt_texts(rng, counts=PROMPT_WORDS):
@@ -151,15 +119,11 @@ def test_eos_stops_the_candidate(tiny):
 def test_llama2c_greedy_ids(shared_data, tmp_path, one_device_mesh):
     """The real tiny llama2.c model (aidreams260K), converted to a HF Llama and loaded like any
     checkpoint, decodes greedily from BOS to the documented ids (../shared/data/README.md lists
-    the first 20; tests/test_llama2c.py pins 60, cross-checked there by a NumPy forward)."""
-    from test_llama2c import GREEDY_60
-
+    the first 20; tests/helpers/aidreams.py pins 60, cross-checked there by a NumPy forward)."""
     src = shared_data / "aidreams260K"
     if not (src / "aidreams260K.bin").is_file():
         pytest.skip(f"aidreams260K not found in {src}")
-    m = re.search(r"greedy from BOS \(id 1\).*?gives ids\s*\[([\d,\s]+)", (shared_data / "README.md").read_text(), re.S)
-    readme = [int(x) for x in m.group(1).split(",") if x.strip()]
-    assert readme == GREEDY_60[:20]
+    assert readme_greedy_ids(shared_data) == GREEDY_60[:20]
     ckpt = llama2c.to_hf_llama(src / "aidreams260K.bin", src / "tok512.bin", tmp_path / "aidreams")
     params, config, tok, _ = load_model(str(ckpt), one_device_mesh)
     assert tok.bos_token_id == GREEDY_60[0] and tok.eos_token_id not in GREEDY_60

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from parity import assert_params_equal
-from parity import logits as full_logits
+from helpers.parity import assert_params_equal
+from helpers.parity import logits as full_logits
 
 from haf_jax.core import forward, sharding
 from haf_jax.core import params as params_lib
