@@ -2,34 +2,29 @@
 
 For Llama, Qwen2 and Phi a tiny random `transformers` model (the family's features on, the bundled
 2,048-token tokenizer saved beside it) is written with save_pretrained(safe_serialization=True).
-One `python -m haf_jax.train` child per checkpoint (configs/<family>.py with
---config.model.checkpoint=DIR) trains 6 steps of 4 pairs on a 32-row slice of the bundled sample
-(24 train / 8 eval pairs, max_length 64); then `haf_jax.export` and `haf_jax.score` run on it side by
-side and transformers scores the export exactly as `score` scores the run. The real aidreams260K
-llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by haf_jax's own forward
+One in-process run per checkpoint (haf_jax.training.loop.train on configs/<family>.py with
+--config.model.checkpoint=DIR, one CPU device) trains 6 steps of 4 pairs on a 32-row slice of the
+bundled sample (24 train / 8 eval pairs, max_length 64); then `haf_jax.export` and `haf_jax.score`
+children run on it side by side and transformers scores the export exactly as `score` scores the run.
+The real aidreams260K llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by haf_jax's own forward
 against the ids in ../shared/data/README.md, and trained for a few steps with its own 512-token
 tokenizer. Children are set up as in test_e2e_checkpoints.py (one CPU device, offline, their own
-reference cache, the session's shared JAX compilation cache). About 2 minutes on 2 cores.
-test_family_configs_load_by_path (fast, not marked slow) loads every configs/<family>.py through
-config_flags as haf_jax.train does, from a directory where configs/ is not importable.
+reference cache, the session's shared JAX compilation cache). (test_family_configs_load_by_path moved
+to tests/unit/test_family_configs.py.)
 """
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import math
 import pathlib
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from test_e2e_checkpoints import _score_rows, child_env, shared_root, train_rows, transformers_scores  # noqa: F401
+from helpers.aidreams import readme_greedy_ids
+from helpers.runs import REPO, TIMEOUT, child_env, score_rows, train_in_process, train_rows, transformers_scores
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz"
 STEPS = 6
 SMALL = [
     f"--config.train.steps={STEPS}", "--config.train.batch_size=4", "--config.data.max_length=64",
@@ -37,21 +32,11 @@ SMALL = [
     f"--config.checkpoint.every_steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_batch_size=8",
     "--config.data.eval_fraction=0.25",
 ]
-TIMEOUT = 300
 LN2 = math.log(2)
-CONFIGS = {"llama": "configs/llama.py", "mistral": "configs/mistral.py", "qwen2": "configs/qwen2.py",
-           "phi": "configs/phi.py", "gemma": "configs/gemma.py"}
+CONFIGS = {"llama": "configs/llama.py", "qwen2": "configs/qwen2.py", "phi": "configs/phi.py"}
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def data32(tmp_path_factory):
-    path = tmp_path_factory.mktemp("families_data") / "pairs32.jsonl"
-    with gzip.open(SAMPLE, "rt") as f:
-        path.write_text("".join(next(f) for _ in range(32)))
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,11 +67,10 @@ def _finish(proc, what):
     return out, err
 
 
-def train(config, workdir, checkpoint, data, shared_root):
-    """One training child from `checkpoint`; returns its train rows (step -> row)."""
-    proc = _start(["haf_jax.train", f"--config={config}", f"--workdir={workdir}", f"--config.data.train={data}",
-                   f"--config.model.checkpoint={checkpoint}", *SMALL], workdir, shared_root)
-    _finish(proc, f"train {config}")
+def train(config, workdir, checkpoint, data):
+    """One in-process run of `config` from `checkpoint`; returns its train rows (step -> row)."""
+    train_in_process(workdir, f"--config.data.train={data}", f"--config.model.checkpoint={checkpoint}", *SMALL,
+                     config=config)
     return train_rows(workdir)
 
 
@@ -158,48 +142,8 @@ def build_checkpoint(family, out):
 # ----------------------------------------------------------------------------- tests
 
 
-def _load_config_as_train_does(spec):
-    """config_flags parsing exactly as haf_jax.train declares it (file loaded by path)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv(["prog", f"--config={spec}"])
-    return fv.config
-
-
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_family_configs_load_by_path(family, tmp_path, monkeypatch):
-    """Every family config loads common.py beside it from any working directory; its default is a
-    tiny offline preset (bundled tokenizer's vocabulary), its presets are the family module's."""
-    from absl import flags
-
-    from haf_jax.model import families
-
-    monkeypatch.chdir(tmp_path)  # not the repo: configs/ is not importable from here
-    path = REPO / CONFIGS[family]
-    spec = importlib.util.spec_from_file_location(f"cfg_{family}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module_presets = families.FAMILIES[family].PRESETS
-    assert set(module.PRESETS) == set(module_presets), (family, module.PRESETS, sorted(module_presets))
-    default = _load_config_as_train_does(path)
-    tiny = families.preset(default.model.preset)
-    assert default.model.preset.startswith("tiny") and default.model.checkpoint == ""
-    assert (tiny.vocab_size, tiny.hidden_size, tiny.num_layers) == (2048, 64, 2)
-    assert default.data.train == "" and default.model.compute_dtype == "float32" and default.train.steps == 150
-    for name in module.PRESETS:
-        c = _load_config_as_train_does(f"{path}:{name}")
-        assert c.model.preset == name and families.preset(name).family.startswith(family)
-        assert c.to_dict().keys() == default.to_dict().keys()
-    with pytest.raises(flags.IllegalFlagValueError, match=f"unknown preset 'nope' for {CONFIGS[family]}"):
-        _load_config_as_train_does(f"{path}:nope")
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
-def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, tmp_path):
+def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_device, tmp_path):
     """Train from a tiny <family> checkpoint; export; transformers scores the export like `score`
     scores the run (rewards and log-probs within 2e-3)."""
     from safetensors.numpy import load_file
@@ -209,7 +153,7 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, tmp_p
 
     ckpt = build_checkpoint(family, tmp_path / "ckpt")
     run = tmp_path / "run"
-    rows = train(CONFIGS[family], run, ckpt, data32, shared_root)
+    rows = train(CONFIGS[family], run, ckpt, data32)
     check_losses(rows)
     # the transformers config reads back as exactly this family's tiny preset
     assert ModelConfig.from_dict(json.loads((run / "model_config.json").read_text())) == preset(f"tiny-{family}")
@@ -231,7 +175,7 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, tmp_p
     assert all(k.endswith("k_proj.bias") for k in unchanged), unchanged
     assert all(np.isfinite(v).all() for v in after.values())
 
-    ours = _score_rows(scores)
+    ours = score_rows(scores)
     got = transformers_scores(out, pairs, max_length=64, max_prompt_length=32)
     assert sorted(got) == [r["row"] for r in ours] == list(range(8))
     worst = {"reward": 0.0, "logp": 0.0}
@@ -247,18 +191,7 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, tmp_p
           f"export vs score max |diff| reward={worst['reward']:.2e} logp={worst['logp']:.2e}")
 
 
-def _readme_greedy_ids(shared_data) -> list[int]:
-    """The ids listed in ../shared/data/README.md section (c) (the first 20 of the greedy run)."""
-    text = (shared_data / "README.md").read_text()
-    m = re.search(r"greedy from BOS \(id 1\).*?gives ids\s*\[([\d,\s]+)", text, re.S)
-    assert m, "../shared/data/README.md no longer lists the aidreams260K greedy ids"
-    ids = [int(x) for x in m.group(1).split(",") if x.strip()]
-    assert len(ids) == 20, ids
-    return ids
-
-
-@pytest.mark.slow
-def test_aidreams_greedy_and_haf(shared_data, shared_root, data32, tmp_path):
+def test_aidreams_greedy_and_haf(shared_data, data32, one_device, tmp_path):
     """The real tiny Llama (llama2.c aidreams260K -> HF Llama): haf_jax's own forward, whole-prefix
     and with the KV cache, decodes greedily from BOS to the README's ids; HaF trains from it."""
     import jax
@@ -269,7 +202,7 @@ def test_aidreams_greedy_and_haf(shared_data, shared_root, data32, tmp_path):
     src = shared_data / "aidreams260K"
     if not (src / "aidreams260K.bin").is_file() or not (src / "tok512.bin").is_file():
         pytest.skip(f"aidreams260K model/tokenizer not found in {src}")
-    expected = _readme_greedy_ids(shared_data)
+    expected = readme_greedy_ids(shared_data)
     ckpt = llama2c.to_hf_llama(src / "aidreams260K.bin", src / "tok512.bin", tmp_path / "aidreams")
     cfg, _ = hf.load_hf_config(ckpt)
     params, info = hf.load_params(ckpt, cfg)
@@ -294,7 +227,7 @@ def test_aidreams_greedy_and_haf(shared_data, shared_root, data32, tmp_path):
     assert cached == expected
 
     # HaF from the converted checkpoint with its own tokenizer (512 tokens, BOS 1, EOS 2)
-    rows = train(CONFIGS["llama"], tmp_path / "run", ckpt, data32, shared_root)
+    rows = train(CONFIGS["llama"], tmp_path / "run", ckpt, data32)
     check_losses(rows)
     saved = json.loads((tmp_path / "run" / "model_config.json").read_text())
     assert (saved["vocab_size"], saved["num_layers"], saved["bos_token_id"], saved["eos_token_id"]) == (512, 4, 1, 2)

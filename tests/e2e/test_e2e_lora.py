@@ -3,7 +3,8 @@ the reward head move, resume is bit-exact and refuses another base, and the expo
 Hugging Face checkpoints and the PEFT adapter) score like haf_jax in transformers and peft.
 
 One base checkpoint (the tiny Gemma preset, random weights, the bundled tokenizer) written as a
-Hugging Face directory; one uninterrupted LoRA run shared by the tests (built once under xdist).
+Hugging Face directory; one uninterrupted LoRA run shared by the tests (built once under xdist;
+both are fixtures of tests/e2e/conftest.py).
 """
 from __future__ import annotations
 
@@ -13,56 +14,18 @@ import shutil
 
 import numpy as np
 import pytest
-from test_e2e_checkpoints import (  # noqa: F401 (fixtures)
-    _score_rows,
+from helpers.runs import (
+    LORA,
+    LORA_EVAL_EVERY,
+    LORA_STEPS,
     kill_after_checkpoint,
     rows,
-    runner,
-    shared_root,
-    small_data,
+    score_rows,
     train_rows,
     transformers_scores,
 )
 
-STEPS, EVERY, EVAL_EVERY = 8, 2, 4
-LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0",
-        f"--config.train.steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
-        f"--config.train.eval_every={EVAL_EVERY}", "--config.optim.learning_rate=0.01"]
-
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def lora_base(shared_root):
-    """A Hugging Face GemmaForCausalLM directory of the tiny preset (seeded random weights)."""
-    from filelock import FileLock
-
-    path = shared_root / "lora_base"
-    with FileLock(str(shared_root / "lora_base.lock")):
-        if not (path / "config.json").exists():
-            import jax
-
-            from haf_jax import data
-            from haf_jax.model import heads, hf
-            from haf_jax.model.families import PRESETS
-
-            params = jax.device_get(heads.init_params(PRESETS["tiny"], jax.random.key(7)))
-            tok = data.load_tokenizer(data.sample_paths()["tokenizer"])
-            hf.save_hf(params, PRESETS["tiny"], path.with_suffix(".tmp"), kind="policy", tokenizer=tok)
-            path.with_suffix(".tmp").rename(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def lora_run(runner, shared_root, lora_base):
-    from filelock import FileLock
-
-    workdir = shared_root / "lora_run"
-    with FileLock(str(shared_root / "lora_run.lock")):
-        if not (workdir / "summary.json").exists():
-            shutil.rmtree(workdir, ignore_errors=True)
-            runner.train(workdir, *LORA, f"--config.model.checkpoint={lora_base}")
-    return workdir
+STEPS, EVAL_EVERY = LORA_STEPS, LORA_EVAL_EVERY
 
 
 def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
@@ -134,7 +97,7 @@ def test_lora_exports_score_like_the_run(lora_run, lora_base, runner, small_data
     scores = tmp_path / "scores.jsonl"
     runner.cli("haf_jax.score", f"--model={lora_run}", "--step=last", f"--data={pairs}", f"--out={scores}",
                "--max_length=64", "--max_prompt_length=32", "--batch_size=4", workdir_for_env=tmp_path / "x")
-    ours = _score_rows(scores)
+    ours = score_rows(scores)
     assert len(ours) == 6
 
     # merged checkpoints in transformers: rewards and summed log-probs

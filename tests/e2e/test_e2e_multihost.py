@@ -15,7 +15,6 @@ SMALL = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.data
          "--config.train.log_every=1", "--config.train.eval_batch_size=16"]
 
 
-@pytest.mark.slow
 def test_two_processes_train_one_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,11 +1,11 @@
 """gs:// for real, against a local Google Cloud Storage emulator (gcp-storage-emulator on 127.0.0.1,
-with the generation header it leaves out: tests/gcs_emulator.py).
+with the generation header it leaves out: tests/helpers/gcs_emulator.py).
 
 The children get only the standard STORAGE_EMULATOR_HOST: gcsfs (behind etils.epath: metrics,
 reports, tokenizer, reference arrays, orbax's JSON items and directories) honours it, and
 haf_jax.core.paths points tensorstore (orbax's array writes) at the same emulator. The run is trained
 into gs://bucket/run, killed with SIGKILL after a checkpoint, resumed from the bucket, and must
-match the uninterrupted local run of test_e2e_checkpoints bit for bit; export and score then read
+match the uninterrupted local run A (tests/e2e/conftest.py) bit for bit; export and score then read
 the run from the bucket and write to it, and give what they give for the local run.
 """
 from __future__ import annotations
@@ -19,21 +19,9 @@ import sys
 import time
 
 import pytest
-from test_e2e_checkpoints import (  # noqa: F401
-    REPO,
-    STEPS,
-    assert_same_losses,
-    no_traceback,
-    run_a,
-    runner,
-    shared_root,
-    small_data,
-    wait_until,
-)
+from helpers.runs import REPO, STEPS, assert_same_losses, no_traceback, wait_until
 
 from haf_jax.core import paths
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def emulator(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "gcs_emulator.py"), str(port)],
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "gcs_emulator.py"), str(port)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -107,7 +95,7 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
 
 
 def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
-    from test_checkpoint import abstract, assert_same, make_state, mesh_of, save
+    from helpers.checkpoint_states import abstract, assert_same, make_state, mesh_of, save
 
     from haf_jax import checkpoint
 

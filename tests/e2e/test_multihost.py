@@ -24,8 +24,6 @@ SMALL = ["--config.train.steps=500", "--config.train.batch_size=4", "--config.da
          "--config.data.max_prompt_length=32", "--config.train.eval_every=1000", "--config.checkpoint.every_steps=1000",
          "--config.train.log_every=1", "--config.train.eval_batch_size=16"]
 
-pytestmark = pytest.mark.slow
-
 
 def sample_rows(path: pathlib.Path, n: int) -> pathlib.Path:
     """The first n records of the bundled sample as a JSON-lines file."""

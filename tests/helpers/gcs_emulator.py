@@ -1,4 +1,4 @@
-"""gcp-storage-emulator as `python tests/gcs_emulator.py PORT`: in memory, bucket `bucket`, 127.0.0.1.
+"""gcp-storage-emulator as `python tests/helpers/gcs_emulator.py PORT`: in memory, bucket `bucket`, 127.0.0.1.
 
 One fix over the package as released: real GCS answers a media download with the object's
 `x-goog-generation` (and `x-goog-metageneration`) header, the emulator leaves them out.

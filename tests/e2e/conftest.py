@@ -1,0 +1,129 @@
+"""Fixtures of the end-to-end tests: runs shared by the tests that only read them (built once per
+session, also across pytest-xdist workers, under file locks in a directory all workers share), the
+data slices they train on, and a one-device view of this process for in-process runs.
+
+Every test under tests/e2e is marked `slow` (so `-m "not slow"` runs tests/unit alone).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+
+import jax
+import pytest
+from helpers.runs import LORA, SAMPLE, Runner
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "/tests/e2e/" in str(item.path).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory):
+    """A directory shared by all xdist workers of this session (the base temp's parent)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "e2e_shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def sample_slice(path, n: int):
+    """The first n records of the bundled sample as a JSON-lines file at `path` (written atomically)."""
+    with gzip.open(SAMPLE, "rt") as f:
+        lines = [next(f) for _ in range(n)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_data(shared_root):
+    """64 pairs of the bundled sample (48 train / 16 eval with data.eval_fraction=0.25)."""
+    from filelock import FileLock
+
+    path = shared_root / "small.jsonl"
+    with FileLock(str(shared_root / "small.lock")):
+        if not path.exists():
+            sample_slice(path, 64)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data32(shared_root):
+    """32 pairs of the bundled sample (24 train / 8 eval): the family runs."""
+    from filelock import FileLock
+
+    path = shared_root / "pairs32.jsonl"
+    with FileLock(str(shared_root / "pairs32.lock")):
+        if not path.exists():
+            sample_slice(path, 32)
+    return path
+
+
+@pytest.fixture(scope="session")
+def runner(shared_root, small_data):
+    return Runner(shared_root, small_data)
+
+
+@pytest.fixture(scope="session")
+def run_a(runner, shared_root):
+    """The uninterrupted reference run (a child process), built once per session (also across xdist
+    workers). Tests must not modify it: copy it first (shutil.copytree)."""
+    from filelock import FileLock
+
+    workdir = shared_root / "run_a"
+    with FileLock(str(shared_root / "run_a.lock")):
+        if not (workdir / "summary.json").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            runner.train(workdir)
+    return workdir
+
+
+@pytest.fixture
+def one_device(monkeypatch, tmp_path):
+    """This process seen as a one-device machine for an in-process run (tests/conftest.py fakes 8 CPU
+    devices for the unit tests; the mesh of a run takes every device jax.devices() lists, and the
+    children of the other e2e tests get one): runs in-process train on the same device as a child,
+    with their own reference cache (HAF_JAX_CACHE), as Runner gives a child."""
+    devices = jax.devices()[:1]
+    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
+    monkeypatch.setenv("HAF_JAX_CACHE", str(tmp_path / "haf_jax_cache"))
+    return devices[0]
+
+
+@pytest.fixture(scope="session")
+def lora_base(shared_root):
+    """A Hugging Face GemmaForCausalLM directory of the tiny preset (seeded random weights)."""
+    from filelock import FileLock
+
+    path = shared_root / "lora_base"
+    with FileLock(str(shared_root / "lora_base.lock")):
+        if not (path / "config.json").exists():
+            from haf_jax import data
+            from haf_jax.model import heads, hf
+            from haf_jax.model.families import PRESETS
+
+            params = jax.device_get(heads.init_params(PRESETS["tiny"], jax.random.key(7)))
+            tok = data.load_tokenizer(data.sample_paths()["tokenizer"])
+            hf.save_hf(params, PRESETS["tiny"], path.with_suffix(".tmp"), kind="policy", tokenizer=tok)
+            path.with_suffix(".tmp").rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_run(runner, shared_root, lora_base):
+    """The uninterrupted LoRA run (helpers.runs.LORA on lora_base), a child process built once per session."""
+    from filelock import FileLock
+
+    workdir = shared_root / "lora_run"
+    with FileLock(str(shared_root / "lora_run.lock")):
+        if not (workdir / "summary.json").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            runner.train(workdir, *LORA, f"--config.model.checkpoint={lora_base}")
+    return workdir
