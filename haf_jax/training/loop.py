@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 
 import jax
@@ -162,7 +161,6 @@ def train(config, workdir) -> dict:
     peak, peak_source = flops.peak_flops(s.mesh.devices.flat)
     log(f"MFU peak: {peak_source}")
     meter = Throughput(peak_flops=peak)
-    nan_fault_step = int(os.environ.get("HAF_JAX_FAULT_NAN_STEP", "0"))
 
     def flush(item):
         nonlocal last_train
@@ -185,8 +183,6 @@ def train(config, workdir) -> dict:
             batch = next(loader)
             if "ref_logp" in train_keys:
                 batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
-            if step == nan_fault_step:  # fault injection for tests: poison the weights
-                state = {**state, "params": jax.tree.map(lambda p: p * jnp.nan, state["params"])}
             profiler.before(step)
             state, metrics = train_fn(state, forward.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
             compiles = meter.dispatched(batch["tokens"].shape, metrics)

@@ -19,8 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_offline_default_run(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")
-                or k.startswith("HAF_JAX_FAULT")]:
+    for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")]:
         env.pop(key)
     env.update(HAF_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")

@@ -129,7 +129,7 @@ def test_train_from_local_hub_repository(hub, tok, tmp_path):
     """The README's hh_harmless command with the hub id replaced by a local copy, offline."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "HAF_JAX_FAULT"))]:
+    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
         env.pop(key)
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")

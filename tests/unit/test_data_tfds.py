@@ -180,7 +180,7 @@ def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
 def child_env(tmp_path, **extra):
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE", "HAF_JAX_FAULT"))]:
+    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
         env.pop(key)
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
