@@ -4,7 +4,7 @@
 StandardSave, restorable onto any mesh), `data` (iterator position), `config` (the run config)
 and `meta` (eval metrics, per-leaf layout and checksums); the last three are JSON.
 
-Policies (each tested in tests/test_checkpoint.py):
+Policies (each tested in tests/unit/test_checkpoint.py):
 - When: every `every_steps` steps, after `every_minutes` (process 0 decides, all hosts follow),
   or `save(force=True)` (preemption, end of run).  Saves are async:
   `save` returns after the device-to-host copy; `wait_until_finished()`/`close()` before exit.

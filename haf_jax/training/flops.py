@@ -9,7 +9,7 @@ rematerialised forward passes are part of the traced backward, so they count: th
 hardware-FLOPs flavour of MFU. Elementwise work is left out, as in the usual 6 x parameters x
 tokens rule. XLA's own `compiled.cost_analysis()["flops"]` is not used because it counts a loop
 body once, whatever its trip count: scanned layers would be undercounted by their number
-(tests/test_mfu.py shows it), and the chunk loops cannot be known before the step runs.
+(tests/unit/test_mfu.py shows it), and the chunk loops cannot be known before the step runs.
 
 Peaks are dense bfloat16 FLOP/s per device from the vendors' data sheets; on CPU the peak is
 measured once (a float32 matmul on this host), and the log says which.

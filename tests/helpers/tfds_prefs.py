@@ -1,4 +1,4 @@
-"""Small TFDS builders for the tests (tests/test_data_tfds.py): one per record form, plus broken ones.
+"""Small TFDS builders for the tests (tests/unit/test_data_tfds.py): one per record form, plus broken ones.
 
 A real `tfds.core.GeneratorBasedBuilder` in its own importable module, as a user's dataset would
 be. `prepare(name, data_dir)` writes it in the array_record file format (no TensorFlow needed);
