@@ -180,8 +180,9 @@ def poison_reference(workdir, step: int, *overrides: str) -> list[int]:
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(small_data, one_device, tmp_path):
     """A batch whose loss is NaN (its reference log-probs are) at a save and eval step: the guard must
-    stop the run there, before evaluating or writing that state."""
-    nan_step = 2 * EVAL_EVERY
+    stop the run there, before evaluating or writing that state. The step is in the first epoch, so
+    its pairs are in no earlier batch."""
+    nan_step = EVAL_EVERY
     workdir = tmp_path / "run"
     overrides = (f"--config.data.train={small_data}", *SMALL)
     assert len(poison_reference(workdir, nan_step, *overrides)) == 4

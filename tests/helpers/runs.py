@@ -45,9 +45,11 @@ def load_config(spec: str, *overrides: str):
     from absl import flags
     from ml_collections import config_flags
 
+    argv = ["prog", f"--config={spec}", *overrides]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv(["prog", f"--config={spec}", *overrides])
+    # the override flags (--config.KEY) are declared from the argv they will parse (sys.argv for the command)
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
     return fv.config
 
 
