@@ -136,7 +136,10 @@ def plan(config, topology: str) -> dict:
     param_sh = params_lib.param_shardings(model_cfg, mesh)
     fn, keys = step_lib.jit_train_step(step_cfg, optimizer, mesh, jax.tree.map(lambda x: x.sharding, abstract_state),
                                        param_sh, live_reference=live)
-    pack_shape = packing.largest_shape(config, n_shards * accum)   # None: plain [B, 2, L] batches
+    d = config.data
+    pack_shape = packing.largest_shape(b, length, packing=d.packing, share_prompt=d.share_prompt,
+                                       pack_length=d.pack_length, pack_rows=d.pack_rows,
+                                       row_multiple=n_shards * accum)   # None: plain [B, 2, L] batches
     batch, ref, frozen = fit.abstract_step_args(config, step_cfg, model_cfg, mesh, keys, live=live,
                                                 pack_shape=pack_shape)
     sizes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -148,7 +151,7 @@ def plan(config, topology: str) -> dict:
               "device_kind": devices[0].device_kind, "hbm_per_chip_bytes": hbm,
               "objective": step_cfg.loss.objective, "compute_dtype": str(jnp.dtype(step_cfg.compute_dtype)),
               "remat": bool(model_cfg.remat), "scan_layers": bool(model_cfg.scan_layers),
-              "moment_dtype": str(config.optim.get("moment_dtype", "float32")), "lora_rank": int(config.model.lora.rank),
+              "moment_dtype": str(config.optim.moment_dtype), "lora_rank": int(config.model.lora.rank),
               "batch": [b, 2, length] if pack_shape is None else [pack_shape.rows, pack_shape.length],
               "grad_accum": accum,
               "state_bytes_total": sizes(abstract_state), "frozen_bytes_total": sizes(frozen) + sizes(ref)}

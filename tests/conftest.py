@@ -17,7 +17,8 @@ import pathlib
 
 import pytest
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,24 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"../shared/data not found at {SHARED_DATA}; real third-party assets unavailable")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def load_config():
+    """The one way tests load a run config: `load_config("configs/gemma.py[:ARG]")` parses it as
+    `python -m haf_jax.train --config=...` does (ml_collections' config_flags, the file loaded by
+    path, locked), from any working directory; a relative path is taken from the repository root."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    def load(spec: str):
+        path, colon, arg = str(spec).partition(":")
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+        fv(["prog", f"--config={REPO / path}{colon}{arg}"])
+        return fv.config
+
+    return load
 
 
 def pytest_collection_modifyitems(config, items):

@@ -306,18 +306,51 @@ def test_compare_configs():
                                                                          "checkpoint.", "data.eval"))[0] == []
 
 
-def test_harmless_prefixes_name_existing_config_keys():
+def test_harmless_prefixes_name_existing_config_keys(load_config):
     """Every harmless prefix names a key of the real config (a renamed key would silently turn breaking)."""
-    import importlib.util
-    import pathlib
-
-    spec = importlib.util.spec_from_file_location(
-        "gemma_config", pathlib.Path(__file__).parents[1] / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    keys = run_config._flatten(run_config.config_dict(module.get_config()))
+    keys = run_config._flatten(run_config.config_dict(load_config("configs/gemma.py")))
     for prefix in run_config.HARMLESS_PREFIXES:
         assert any(run_config._matches(k, prefix) for k in keys), prefix
+
+
+# What runs written before each ADDED_LATER key existed did: the base config's default for such a
+# key must stay this value, or those runs would resume, score and export as something they were not.
+OLDER_RUNS = {
+    "model": {"lora": {"rank": 0, "alpha": 16.0, "dropout": 0.0,
+                       "targets": r"mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.weight$",
+                       "train_lm_head": False, "train_embeddings": False},
+              "attention": "auto", "scan_layers": False, "remat_policy": "nothing"},
+    "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped", "eval_subsample": 0,
+             "eval_subsample_seed": 0, "packing": False, "pack_length": 0, "pack_rows": 0, "share_prompt": False},
+    "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}, "optim": {"moment_dtype": "float32"}}
+
+
+def test_keys_added_later_take_what_older_runs_did(load_config):
+    """A checkpoint's config from before the ADDED_LATER keys gets exactly the values those runs ran
+    with (a full-size preset's scan_layers=True included: older runs had per-layer parameters),
+    filled from haf_jax.config.base; any other missing key stays missing, so resume still refuses it."""
+    import dataclasses
+
+    from haf_jax.config import base
+    from haf_jax.model.lora import LoraConfig
+
+    assert OLDER_RUNS["model"]["lora"] == dataclasses.asdict(LoraConfig())
+    assert {f"{section}.{key}" for section, keys in OLDER_RUNS.items() for key in keys} == set(base.ADDED_LATER)
+    current = run_config.config_dict(load_config("configs/gemma.py:gemma-2b"))
+    saved = {section: {k: v for k, v in values.items() if k not in OLDER_RUNS.get(section, {})}
+             for section, values in current.items()}
+    del saved["data"]["max_length"]   # not a key added later: no default
+    filled = base.with_added_defaults(saved)
+    for section, values in OLDER_RUNS.items():
+        assert {k: filled[section][k] for k in values} == values, section
+    assert "max_length" not in filled["data"]
+    breaking, _ = run_config.compare_configs(filled, current)
+    assert "data.max_length: saved='<missing>' current=512" in breaking
+    assert "model.scan_layers: saved=False current=True" not in breaking   # a harmless layout change
+    # a section present in part is completed key by key; a value the run recorded is kept
+    partial = base.with_added_defaults({"model": {"lora": {"rank": 8}, "scan_layers": True}})
+    assert partial["model"]["lora"] == {**OLDER_RUNS["model"]["lora"], "rank": 8}
+    assert partial["model"]["scan_layers"] is True and partial["optim"] == {"moment_dtype": "float32"}
 
 
 def test_other_model_shape_is_an_error_not_corruption(tmp_path):

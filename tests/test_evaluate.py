@@ -25,13 +25,8 @@ RB_V1, RB_V2 = REPO / "tests" / "data" / "rewardbench_v1.jsonl", REPO / "tests" 
 MAX_LENGTH, MAX_PROMPT = 48, 24
 
 
-def _config(train, eval_):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("haf_jax_test_gemma_config", REPO / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+def _config(load_config, train, eval_):
+    c = load_config("configs/gemma.py:tiny")
     c.data.train, c.data.eval = str(train), str(eval_)
     c.data.max_length, c.data.max_prompt_length = MAX_LENGTH, MAX_PROMPT
     c.train.steps, c.train.batch_size, c.train.eval_every, c.train.eval_batch_size = 2, 8, 2, 8
@@ -40,7 +35,7 @@ def _config(train, eval_):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, load_config):
     from haf_jax.training.loop import train
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -50,7 +45,7 @@ def run(tmp_path_factory):
     old = os.environ.get("HAF_JAX_CACHE")
     os.environ["HAF_JAX_CACHE"] = str(root / "cache")
     try:
-        train(_config(root / "train.jsonl", root / "eval.jsonl"), root / "run")
+        train(_config(load_config, root / "train.jsonl", root / "eval.jsonl"), root / "run")
     finally:
         os.environ.pop("HAF_JAX_CACHE") if old is None else os.environ.__setitem__("HAF_JAX_CACHE", old)
     return root

@@ -80,18 +80,13 @@ def test_what_cannot_fit_says_so_with_advice(capsys):
     assert "verdict: does not fit" in text
 
 
-def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_path):
+def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_path, load_config):
     """haf_jax.train compiles its step for the largest batch first; on devices too small (here an
     injected 1 MiB per device) it stops with the planner's verdict and advice, before any weight
     or reference pass, instead of an XLA out-of-memory traceback."""
-    import importlib.util
-
     from haf_jax.training import fit, loop
 
-    spec = importlib.util.spec_from_file_location("cfg_gemma_fit", ROOT / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("configs/gemma.py")
     config.train.batch_size = 8
     measured = []
     real_measure = fit.measure

@@ -28,19 +28,20 @@ Train/eval wiring for the trainer (config keys data.train / data.eval):
 - data.eval == "": train = load_pairs(T, split="train"), eval = load_pairs(T, split="eval") with
   the same eval_fraction and seed (alpaca_human_pref / chatbot_arena use their fixed first-N% rule);
 - otherwise: load_pairs(T, split="all") and load_pairs(E, split="all");
-- both with ``**config_options(config.data)`` (data.truncation / degenerate / batching), the eval
-  split also with ``**eval_options(config.data)`` (data.eval_subsample[_seed]).
+- both with data.truncation / degenerate / batching, the eval split also with
+  data.eval_subsample[_seed] as subsample / subsample_seed (haf_jax/core/data_options.py reads
+  them from a run config; this package takes explicit arguments).
 Bad data raises `DataError` (message names the file or dataset and split, line/row, field):
 print it and exit non-zero; `python -m haf_jax.data SPEC` checks a spec that way.
 """
 from haf_jax.data.batching import PairLoader, length_buckets
-from haf_jax.data.dataset import PairDataset, config_options, eval_options, format_report, load_pairs
+from haf_jax.data.dataset import PairDataset, format_report, load_pairs
 from haf_jax.data.errors import DataError
 from haf_jax.data.formats import RECIPES, TEMPLATES
 from haf_jax.data.packing import PackedLoader, real_tokens, train_loader
 from haf_jax.data.tokenize import load_tokenizer, tokenizer_fingerprint
 from haf_jax.samples import sample_paths
 
-__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "config_options", "eval_options",
-           "format_report", "length_buckets", "load_pairs", "load_tokenizer", "real_tokens", "sample_paths",
-           "tokenizer_fingerprint", "train_loader"]
+__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "format_report",
+           "length_buckets", "load_pairs", "load_tokenizer", "real_tokens", "sample_paths", "tokenizer_fingerprint",
+           "train_loader"]

@@ -224,20 +224,6 @@ def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.nda
     return is_eval if split == "eval" else ~is_eval
 
 
-def config_options(data_cfg) -> dict:
-    """`load_pairs` keywords for the fidelity keys of a run config's `data` section (truncation,
-    degenerate, batching); a key the config lacks (written before it existed) takes its default."""
-    get = lambda key, default: getattr(data_cfg, key, default)  # noqa: E731
-    return dict(truncation=get("truncation", "always"), degenerate=get("degenerate", "skip"),
-                batching=get("batching", "length_grouped"))
-
-
-def eval_options(data_cfg) -> dict:
-    """`load_pairs` keywords for the eval split only: data.eval_subsample[_seed] (default 0: all rows)."""
-    return dict(subsample=int(getattr(data_cfg, "eval_subsample", 0)),
-                subsample_seed=int(getattr(data_cfg, "eval_subsample_seed", 0)))
-
-
 def _subsample(in_split: np.ndarray, n: int, seed: int) -> np.ndarray:
     """The n rows of the split that `datasets`' ``shuffle(seed=seed).select(range(n))`` picks."""
     rows = np.flatnonzero(in_split)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from haf_jax import data
-from haf_jax.core import forward, model_setup, sharding
+from haf_jax.core import data_options, forward, model_setup, sharding
 from haf_jax.core import params as params_lib
 from haf_jax.evaluation import evaluator
 from haf_jax.evaluation import loading as runs
@@ -80,13 +80,13 @@ def load_data(spec: str, model: Model, *, max_length: int | None = None, max_pro
         common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
                       eval_fraction=d.eval_fraction, seed=c.train.seed, max_skip_fraction=d.max_skip_fraction,
                       process_index=jax.process_index(), process_count=jax.process_count(),
-                      **data.config_options(d), **data.eval_options(d))
+                      **data_options.fidelity_options(d), **data_options.eval_options(d))
         ds = data.load_pairs(d.eval or d.train or data.sample_paths()["data"], model.tokenizer,
                              split="all" if d.eval else "eval", **common)
     else:
         max_length = max_length or (d.max_length if d is not None else 512)
         max_prompt_length = min(max_prompt_length or (d.max_prompt_length if d is not None else 128), max_length // 2)
-        options = data.config_options(d) if d is not None else {}
+        options = data_options.fidelity_options(d) if d is not None else {}
         if degenerate:
             options["degenerate"] = degenerate
         ds = data.load_pairs(spec, model.tokenizer, split="all", max_length=max_length,

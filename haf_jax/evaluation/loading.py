@@ -2,7 +2,8 @@
 
 A run directory (what `haf_jax.train --workdir` writes, local or gs://...) holds checkpoints/,
 model_config.json and tokenizer/; a Hugging Face directory (or hub id) holds config.json and
-safetensors.
+safetensors. A run's saved config is read through `with_added_defaults`: a run written before a
+key existed loads with the value it ran with (haf_jax/config/base.py ADDED_LATER).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from haf_jax import checkpoint
+from haf_jax.config.base import with_added_defaults
 from haf_jax.core import model_setup, paths
 from haf_jax.core import params as params_lib
 from haf_jax.data import load_tokenizer
@@ -59,7 +61,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
     run_dir = paths.path(run_dir)
     model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
     ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
-    if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
+    if ckpt.read_config()["loss"]["objective"] == "dpo":  # best by the implicit reward
         ckpt.close()
         ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True,
                                        best_metric="dpo_accuracy")
@@ -68,7 +70,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         candidates = [s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last" else [step]
         params, problems = None, []
         for candidate in candidates:
-            config = ml_collections.ConfigDict(ckpt.read_config(candidate))
+            config = ml_collections.ConfigDict(with_added_defaults(ckpt.read_config(candidate)))
             # Each checkpoint records its parameter layout (runs from before scanned layers: per layer).
             layout_cfg = dataclasses.replace(model_cfg, **model_setup.layout_options(config))
             lora = model_setup.lora_config(config)
@@ -80,7 +82,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
         if params is None:
             raise ValueError("; ".join(problems) + "; choose another with --step=last|N")
         model_cfg = layout_cfg
-        saved = ckpt.read_config(ckpt.restored_step)
+        saved = with_added_defaults(ckpt.read_config(ckpt.restored_step))
     finally:
         ckpt.close()
     info = {"source": str(run_dir), "step": ckpt.restored_step, "config": saved}
@@ -107,7 +109,7 @@ def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
     or its seeded random init, with the zero reward head): the untrained model, for comparison."""
     run_dir = paths.path(run_dir)
     with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
-        saved = ckpt.read_config()
+        saved = with_added_defaults(ckpt.read_config())
     config = ml_collections.ConfigDict(saved)
     model_cfg, path = model_setup.model_source(config)
     params = model_setup.initial_params(config, model_cfg, path, mesh)

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from haf_jax import checkpoint, data
 from haf_jax.core import forward, paths
 from haf_jax.core import params as params_lib
+from haf_jax.config.base import with_added_defaults
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
 from haf_jax.evaluation import evaluator as evaluation
@@ -27,7 +28,7 @@ from haf_jax.training import fit, flops, reference
 from haf_jax.training import step as step_lib
 from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
-from haf_jax.training.resume import RunError, check_resumable, config_dict, with_added_defaults
+from haf_jax.training.resume import RunError, check_resumable, config_dict
 from haf_jax.training.setup import Setup, build, split_trainable
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
@@ -113,14 +114,17 @@ def train(config, workdir) -> dict:
 
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    profiler = StepProfiler(config.train.get("profile_steps", ""), workdir / "profile")  # checks the key first
+    profiler = StepProfiler(config.train.profile_steps, workdir / "profile")  # checks the key first
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
     ckpt = checkpoint.Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
                                    every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
                                    best_metric=best_metric)
-    loader = data.train_loader(s.train_ds, c, data_parallel=s.mesh.shape["data"] * s.mesh.shape["fsdp"])
+    d = c.data
+    loader = data.train_loader(s.train_ds, c.train.batch_size, seed=c.train.seed, packing=d.packing,
+                               share_prompt=d.share_prompt, pack_length=d.pack_length, pack_rows=d.pack_rows,
+                               row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum)
     padding = loader.padding()
     log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
         f"{padding['pairs_per_step']:g} pairs a step, {padding['tokens_vs_plain']:.2f}x the tokens of plain "

@@ -14,7 +14,7 @@ import jax
 from etils import epath
 
 from haf_jax import data
-from haf_jax.core import forward, paths, sharding
+from haf_jax.core import data_options, forward, paths, sharding
 from haf_jax.core import params as params_lib
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import model_source, optimizer_for, step_config
@@ -57,8 +57,9 @@ def build(config, workdir: epath.Path | None) -> Setup:
     train_spec = d.train or data.sample_paths()["data"]
     common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
                   eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
-                  process_index=jax.process_index(), process_count=jax.process_count(), **data.config_options(d))
-    eval_only = data.eval_options(d)  # data.eval_subsample[_seed]
+                  process_index=jax.process_index(), process_count=jax.process_count(),
+                  **data_options.fidelity_options(d))
+    eval_only = data_options.eval_options(d)  # data.eval_subsample[_seed]
     if d.eval:  # separate files: each is used whole
         train_ds = data.load_pairs(train_spec, tokenizer, split="all", **common)
         eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common, **eval_only)
