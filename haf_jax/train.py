@@ -49,7 +49,7 @@ def parse_flags(argv):
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         print(f"error: unknown or invalid config key in {' '.join(bad or argv[1:])} ({type(e).__name__}: {e})\n"
-              "Every key is listed with a comment in the config file.", file=sys.stderr)
+              "Every key is listed with its default and a comment in haf_jax/config/base.py.", file=sys.stderr)
     sys.exit(2)
 
 
