@@ -24,20 +24,10 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_string("step", "best", "best | last | a step number.")
 
 
-def to_host(tree):
-    """Every leaf as a whole numpy array on every process (sharded arrays gathered across hosts)."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 def export(workdir: str, out: str, *, which: str = "best") -> dict:
     import jax
 
-    from haf_jax.core import paths, sharding
+    from haf_jax.core import distributed, paths, sharding
     from haf_jax.evaluation import loading as runs
     from haf_jax.model import hf
 
@@ -45,8 +35,8 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
         raise FileNotFoundError(f"{workdir} is not a haf_jax run directory (needs checkpoints/ and model_config.json)")
     mesh = sharding.make_mesh((1, -1, 1))
     params, model_cfg, tokenizer, info = runs.load_run(workdir, mesh, which=which)
-    params = to_host(params)
-    adapters = to_host(info["lora"]["adapters"]) if "lora" in info else None
+    params = distributed.to_host(params)  # whole arrays on every process
+    adapters = distributed.to_host(info["lora"]["adapters"]) if "lora" in info else None
     target = paths.path(out)
     result = {"step": info["step"], "reward_model": str(target / "reward_model"), "policy": str(target / "policy")}
     if adapters is not None:

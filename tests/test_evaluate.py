@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from haf_jax import checkpoint, data
+from haf_jax import data
+from haf_jax.checkpoint.manager import Checkpointer
 from haf_jax.core import losses, sharding
 from haf_jax.evaluate import evaluate
 from haf_jax.evaluation import loading as runs
@@ -64,7 +65,7 @@ def _never(*args, **kwargs):
 
 
 def test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)  # score/evaluate: parameters only
+    monkeypatch.setattr(Checkpointer, "restore", _never)  # score/evaluate: parameters only
     loop_row = [r for r in read_rows(run / "run" / "metrics.jsonl") if r.get("split") == "eval"][-1]
     assert loop_row["step"] == 2 and loop_row["pairs"] == 8
     report = evaluate([str(run / "run")], ["run:eval"], str(tmp_path / "out"), steps=["last", "initial"], batch_size=8)
@@ -108,7 +109,7 @@ def test_inference_restores_parameters_only(run, monkeypatch):
         return out
 
     monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", spy)
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
+    monkeypatch.setattr(Checkpointer, "restore", _never)
     mesh = sharding.make_mesh((1, -1, 1))
     params, model_cfg, _, info = runs.load_run(run / "run", mesh, which="last")
     assert info["step"] == 2 and len(restored) == 1
@@ -127,7 +128,7 @@ def test_inference_restores_parameters_only(run, monkeypatch):
 
 
 def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
+    monkeypatch.setattr(Checkpointer, "restore", _never)
     report = evaluate([str(run / "run")], [f"rewardbench:{RB_V1}", f"rewardbench2:{RB_V2}"], str(tmp_path / "rb"),
                       steps=["last"], batch_size=8, figures=False)
     v1, v2 = report["rewardbench"], report["rewardbench2"]

@@ -339,7 +339,7 @@ def test_gemma_runs_from_before_the_family_decoder_still_load():
     import dataclasses
     import pathlib
 
-    from haf_jax import checkpoint
+    from haf_jax.checkpoint import integrity
     from haf_jax.model.config import ModelConfig
     from haf_jax.model.families import PRESETS
     from haf_jax.model.heads import abstract_params
@@ -348,5 +348,5 @@ def test_gemma_runs_from_before_the_family_decoder_still_load():
     config = ModelConfig.from_dict(old["model_config"])
     assert config == dataclasses.replace(PRESETS["tiny"], remat=config.remat)
     shapes, _ = abstract_params(config)
-    layout = {"['params']" + k: v for k, v in checkpoint._layout(shapes).items()}
+    layout = {"['params']" + k: v for k, v in integrity.layout(shapes).items()}
     assert layout == old["param_layout"]

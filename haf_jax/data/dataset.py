@@ -262,14 +262,14 @@ def _gather(tokens, n, p, n_proc, distributed):
     owned pairs."""
     if not distributed:
         return tokens.lengths, tokens.raw_lengths, tokens.flags, _prompt_lengths(tokens)
-    from jax.experimental import multihost_utils
+    from haf_jax.core import distributed
 
     per = -(-n // n_proc)
     local = np.zeros((per, 6), np.int32)
     m = len(tokens.flags)
     local[:m, 0:2], local[:m, 2:4], local[:m, 4] = tokens.lengths, tokens.raw_lengths, tokens.flags
     local[:m, 5] = _prompt_lengths(tokens)
-    allv = np.asarray(multihost_utils.process_allgather(local))        # [P, per, 6]
+    allv = distributed.stack_hosts(local)        # [P, per, 6]
     out = np.zeros((n, 6), np.int32)
     for q in range(n_proc):
         out[q::n_proc] = allv[q, :len(range(q, n, n_proc))]

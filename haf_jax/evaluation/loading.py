@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from haf_jax import checkpoint
+from haf_jax.checkpoint.manager import Checkpointer, CorruptCheckpointError
 from haf_jax.core import model_setup, paths
 from haf_jax.core import params as params_lib
 from haf_jax.data import load_tokenizer
@@ -28,7 +28,7 @@ def is_run_dir(path) -> bool:
     return (p / "checkpoints").is_dir() and (p / "model_config.json").is_file()
 
 
-def select_step(ckpt: checkpoint.Checkpointer, which: str | int) -> int:
+def select_step(ckpt: Checkpointer, which: str | int) -> int:
     """'best' (falls back to the latest when no eval was recorded), 'last', or a step number."""
     if str(which) == "best":
         step = ckpt.best_step() or ckpt.latest_step()
@@ -58,11 +58,10 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
     """
     run_dir = paths.path(run_dir)
     model_cfg = ModelConfig.from_dict(json.loads((run_dir / "model_config.json").read_text()))
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
+    ckpt = Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True)
     if ckpt.read_config().get("loss", {}).get("objective") == "dpo":  # best by the implicit reward
         ckpt.close()
-        ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True,
-                                       best_metric="dpo_accuracy")
+        ckpt = Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True, best_metric="dpo_accuracy")
     try:
         step = select_step(ckpt, which)
         candidates = [s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last" else [step]
@@ -75,7 +74,7 @@ def load_run(run_dir, mesh, *, which: str | int = "best", compute_dtype: bool = 
             try:
                 params = ckpt.restore_params(candidate, params_lib.abstract_trainable(layout_cfg, lora, mesh))
                 break
-            except checkpoint.CorruptCheckpointError as e:
+            except CorruptCheckpointError as e:
                 problems.append(str(e))
         if params is None:
             raise ValueError("; ".join(problems) + "; choose another with --step=last|N")
@@ -106,7 +105,7 @@ def load_initial(run_dir, mesh, *, compute_dtype: bool | str = False):
     """(params, ModelConfig, tokenizer, info) of the weights a run started from (its model.checkpoint,
     or its seeded random init, with the zero reward head): the untrained model, for comparison."""
     run_dir = paths.path(run_dir)
-    with checkpoint.Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
+    with Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True) as ckpt:
         saved = ckpt.read_config()
     config = ml_collections.ConfigDict(saved)
     model_cfg, path = model_setup.model_source(config)
