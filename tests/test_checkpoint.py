@@ -193,10 +193,18 @@ def _drop_item(step_dir):
     shutil.rmtree(f"{step_dir}/config")
 
 
+def _drop_checksums(step_dir):  # meta still a JSON object, but without what restore verifies against
+    import json
+    path = f"{step_dir}/meta/metadata"
+    meta = json.loads(open(path).read())
+    del meta["checksums"]
+    open(path, "w").write(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage,why", [
     (_truncate, "reading it failed"), (_garble, "checksum mismatch"),
     (_garble_metadata, "'state' has unreadable metadata"), (_garble_data_state, "'data' is missing or unreadable"),
-    (_drop_item, "'config' is missing")])
+    (_drop_item, "'config' is missing"), (_drop_checksums, "'meta' holds no 'checksums'")])
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage, why):
     states = {s: make_state(mesh_of(8), seed=s) for s in (1, 2, 3)}
     with Checkpointer(tmp_path, every_steps=1) as c:
