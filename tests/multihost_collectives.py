@@ -26,13 +26,14 @@ def main() -> None:
                                           lambda index: np.arange(12, dtype=np.float32).reshape(4, 3)[index])
     local = jnp.full((2,), pid, jnp.int32)  # on this process's device only
     distributed.barrier("haf_jax_test_collectives")
+    on_host = distributed.to_host({"spread": spread, "local": local})
     got = {
         "everyone_differs": distributed.everyone(pid == 0), "everyone_agrees": distributed.everyone(True),
         "anyone_one": distributed.anyone(pid == 1), "anyone_none": distributed.anyone(False),
         "process_0": distributed.decided_by_process_0(pid == 0),
         "stack": distributed.stack_hosts(np.array([pid, 10 + pid], np.int32)).tolist(),
         "concat": distributed.concat_hosts(np.array([pid, 10 + pid], np.int32)).tolist(),
-        "to_host": {k: np.asarray(v).tolist() for k, v in distributed.to_host({"spread": spread, "local": local}).items()},
+        "to_host": {k: np.asarray(v).tolist() for k, v in on_host.items()},
         "digest": integrity.digest({"w": spread}),
         "finite": integrity.all_finite({"w": spread}),
         "preemption": distributed.preemption_step_reached(0) if jax.config.jax_enable_preemption_service else None,
