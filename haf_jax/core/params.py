@@ -59,6 +59,7 @@ def init_params(config: ModelConfig, rng, mesh: Mesh):
 
 
 def param_count(tree) -> int:
+    """Number of parameters (elements) in a tree of arrays or abstract shapes."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
