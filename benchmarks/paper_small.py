@@ -169,9 +169,9 @@ class Scorer:
         from haf_jax import data
 
         self.mesh, self.args = mesh, args
-        self.ds = data.load_pairs(spec, tokenizer, split="all", max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length, eval_fraction=0.0,
-                                  max_skip_fraction=1.0)
+        options = data.PairOptions(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   eval_fraction=0.0, max_skip_fraction=1.0)
+        self.ds = data.load_pairs(spec, tokenizer, options, split="all")
         print(data.format_report(self.ds.report), file=sys.stderr)
         self._fns = {}
 
