@@ -126,7 +126,8 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
     else:
         ref_params, cfg, _, _ = runs.load_model(reference, mesh, which=which)
         if cfg.vocab_size != model.model_cfg.vocab_size:
-            raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size {model.model_cfg.vocab_size}")
+            raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size "
+                             f"{model.model_cfg.vocab_size}")
         what = reference
         ref_cfg = forward.StepConfig(cfg, forward.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
                                       logprob_chunk=model.step_cfg.logprob_chunk)
