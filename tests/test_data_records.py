@@ -77,8 +77,10 @@ def test_bad_records_themselves(tok):
         Records("candidates", [])
     with pytest.raises(DataError, match="non-empty name"):
         Records("", ROWS)
-    with pytest.raises(DataError, match=r"^candidates: expected a list of records \(dicts\), got a object$"):
+    with pytest.raises(DataError, match=r"^candidates: expected a list of records \(dicts\), got a dict$"):
         Records("candidates", ROWS[0])
+    with pytest.raises(DataError, match=r"^candidates: expected a list of records \(dicts\), got a generator$"):
+        Records("candidates", (r for r in ROWS))
     with pytest.raises(DataError, match="unknown recipe 'nope'"):
         load_pairs(Records("candidates", ROWS, recipe="nope"), tok, split="all")
 

@@ -84,8 +84,8 @@ class Records:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
             raise DataError(f"in-memory records need a non-empty name for messages, got {self.name!r}")
-        if isinstance(self.rows, (str, bytes, dict)) or not isinstance(self.rows, (list, tuple)):
-            raise DataError(f"expected a list of records (dicts), got a {type_name(self.rows)}", source=self.name)
+        if not isinstance(self.rows, (list, tuple)):
+            raise DataError(f"expected a list of records (dicts), got a {type(self.rows).__name__}", source=self.name)
         if not self.rows:
             raise DataError("no records (an empty list)", source=self.name)
         object.__setattr__(self, "rows", tuple(self.rows))
