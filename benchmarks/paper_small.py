@@ -169,17 +169,17 @@ class Scorer:
         from haf_jax import data
 
         self.mesh, self.args = mesh, args
-        self.ds = data.load_pairs(spec, tokenizer, split="all", max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length, eval_fraction=0.0,
-                                  max_skip_fraction=1.0)
+        options = data.PairOptions(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   eval_fraction=0.0, max_skip_fraction=1.0)
+        self.ds = data.load_pairs(spec, tokenizer, options, split="all")
         print(data.format_report(self.ds.report), file=sys.stderr)
         self._fns = {}
 
     def __call__(self, params, model_cfg, desc: str):
         import jax
 
+        from haf_jax.core import forward, sharding
         from haf_jax.core import params as params_lib
-        from haf_jax.core import sharding
         from haf_jax.evaluation.evaluator import pair_pass
         from haf_jax.model.heads import forward_pairs
 

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from haf_jax.data import DataError, format_report, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, PairOptions, format_report, load_pairs, load_tokenizer, sample_paths
 
 
 def main(argv=None) -> int:
@@ -25,9 +25,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         tok = load_tokenizer(a.tokenizer)
-        ds = load_pairs(a.spec, tok, split=a.split, max_length=a.max_length,
-                        max_prompt_length=a.max_prompt_length, template=a.template,
-                        eval_fraction=a.eval_fraction, max_skip_fraction=a.max_skip_fraction)
+        options = PairOptions(max_length=a.max_length, max_prompt_length=a.max_prompt_length, template=a.template,
+                              eval_fraction=a.eval_fraction, max_skip_fraction=a.max_skip_fraction)
+        ds = load_pairs(a.spec, tok, options, split=a.split)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 1

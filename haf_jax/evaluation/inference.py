@@ -68,32 +68,34 @@ def open_model(path: str, mesh, *, which: str | int = "best", beta: float | None
     return Model(str(path), params, model_cfg, tokenizer, info, step_cfg, run_config)
 
 
-def load_data(spec: str, model: Model, *, max_length: int | None = None, max_prompt_length: int | None = None,
-              template: str | None = None, degenerate: str | None = None, log=True):
-    """`spec` tokenised for `model`: a run's data settings unless overridden; `run:eval` is the
-    run's own eval split, built exactly as training built it."""
+def load_data(source: str | data.Records, model: Model, *, max_length: int | None = None,
+              max_prompt_length: int | None = None, template: str | None = None, degenerate: str | None = None,
+              log=True):
+    """`source` (a data spec, or `data.Records` in memory) tokenised for `model`: a run's data settings
+    unless overridden; `run:eval` is the run's own eval split, built exactly as training built it."""
     c = model.run_config
     d = c.data if c is not None else None
-    if spec == RUN_EVAL:
+    if source == RUN_EVAL:
         if c is None:
             raise ValueError(f"--data={RUN_EVAL} needs a run directory as the model, got {model.name}")
-        common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
-                      eval_fraction=d.eval_fraction, seed=c.train.seed, max_skip_fraction=d.max_skip_fraction,
-                      process_index=jax.process_index(), process_count=jax.process_count(),
-                      **data.config_options(d), **data.eval_options(d))
-        ds = data.load_pairs(d.eval or d.train or data.sample_paths()["data"], model.tokenizer,
-                             split="all" if d.eval else "eval", **common)
+        options = data.PairOptions(
+            max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
+            eval_fraction=d.eval_fraction, seed=c.train.seed, max_skip_fraction=d.max_skip_fraction,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            **data.config_options(d), **data.eval_options(d))
+        ds = data.load_pairs(d.eval or d.train or data.sample_paths()["data"], model.tokenizer, options,
+                             split="all" if d.eval else "eval")
     else:
         max_length = max_length or (d.max_length if d is not None else 512)
         max_prompt_length = min(max_prompt_length or (d.max_prompt_length if d is not None else 128), max_length // 2)
-        options = data.config_options(d) if d is not None else {}
+        fidelity = data.config_options(d) if d is not None else {}
         if degenerate:
-            options["degenerate"] = degenerate
-        ds = data.load_pairs(spec, model.tokenizer, split="all", max_length=max_length,
-                             max_prompt_length=max_prompt_length,
-                             template=template or (d.template if d is not None else "none"), eval_fraction=0.0,
-                             max_skip_fraction=1.0, process_index=jax.process_index(),
-                             process_count=jax.process_count(), **options)
+            fidelity["degenerate"] = degenerate
+        options = data.PairOptions(
+            max_length=max_length, max_prompt_length=max_prompt_length,
+            template=template or (d.template if d is not None else "none"), eval_fraction=0.0,
+            max_skip_fraction=1.0, process_index=jax.process_index(), process_count=jax.process_count(), **fidelity)
+        ds = data.load_pairs(source, model.tokenizer, options, split="all")
     if log:
         print(data.format_report(ds.report), file=sys.stderr)
     return ds
@@ -124,7 +126,8 @@ def reference_logprobs(reference: str | None, model: Model, datasets: list, mesh
     else:
         ref_params, cfg, _, _ = runs.load_model(reference, mesh, which=which)
         if cfg.vocab_size != model.model_cfg.vocab_size:
-            raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size {model.model_cfg.vocab_size}")
+            raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size "
+                             f"{model.model_cfg.vocab_size}")
         what = reference
         ref_cfg = forward.StepConfig(cfg, forward.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
                                       logprob_chunk=model.step_cfg.logprob_chunk)
