@@ -54,7 +54,10 @@ class Command:
 
     def run(self) -> None:
         """`python -m`: absl parses sys.argv, then the guarded main."""
-        app.run(self, flags_parser=parse_config_flags if self.config_flags else None)
+        if self.config_flags:
+            app.run(self, flags_parser=parse_config_flags)
+        else:
+            app.run(self)
 
     def invoke(self, argv: list[str]) -> None:
         """The command in this process: every flag back to its default, `argv` ([program, args...])
