@@ -81,7 +81,7 @@ def load_model(path: str, mesh, *, which: str | int = "best", compute_dtype: str
     """Loads `path` (run directory, export, HF directory or hub id) onto `mesh`, parameters only.
 
     which: for run directories, "best" (the latest when no eval was recorded), "last" (walks back
-      past a damaged newest step, reported), a step number, or "initial" (the weights the run
+      past a damaged newest step: `step` says which was read), a step number, or "initial" (the weights the run
       started from: its model.checkpoint or seeded random init, with the zero reward head).
     compute_dtype: overrides the compute dtype (default: a run's model.compute_dtype, else float32).
       The trunk is cast to it (the heads stay float32): exactly what the training forward computes.
