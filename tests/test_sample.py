@@ -1,6 +1,6 @@
-"""haf_jax.generation.candidates (haf_jax.sample) / haf_jax.generation.decode: greedy decoding against transformers' generate and the
-llama2.c model's known greedy ids, top-p / top-k / temperature sampling against a NumPy nucleus
-computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
+"""haf_jax.generation.candidates (haf_jax.sample) / haf_jax.generation.decode: greedy decoding against
+transformers' generate and the llama2.c model's known greedy ids, top-p / top-k / temperature sampling
+against a NumPy nucleus computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
 
 The tiny models are random transformers models with every weight perturbed (tests/parity.py),
 saved as safetensors with a word-level tokenizer and loaded through haf_jax.evaluation.loading.load_model, the
