@@ -168,14 +168,18 @@ def test_broken_datasets_one_line_errors(data_dir, tok):
 def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
     from haf_jax.data.__main__ import main
 
-    assert main([f"tfds:hh_prefs:data_dir={data_dir}:test"]) == 0
+    main.invoke(["haf_jax.data", f"tfds:hh_prefs:data_dir={data_dir}:test"])  # exit 0: no SystemExit
     assert "rows read 16" in capsys.readouterr().out
     src = f"tfds:broken_prefs:data_dir={data_dir}:train"
-    assert main([f"recipe:hh_helpful:{src}"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main.invoke(["haf_jax.data", f"recipe:hh_helpful:{src}"])
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"data error: {src} row 0, field 'rejected': missing field " \
                                               "(row has ['answer', 'blob', 'chosen', 'prompt'])"
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)    # as without the extra
-    assert main(["tfds:hh_prefs:test"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main.invoke(["haf_jax.data", "tfds:hh_prefs:test"])
+    assert e.value.code == 2
     assert re.fullmatch(r"data error: tfds:hh_prefs:test: TensorFlow Datasets is not installed; "
                         r"pip install 'haf_jax\[tfds\]' .*", capsys.readouterr().err.strip())
 

@@ -11,8 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from haf_jax.core import sharding
-from haf_jax.model import heads, scan
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib, scan
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.lora import LoraConfig
 

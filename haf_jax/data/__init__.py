@@ -38,7 +38,7 @@ Train/eval wiring for the trainer (config keys data.train / data.eval):
 - both with ``PairOptions(..., **config_options(config.data))`` (data.truncation / degenerate /
   batching), the eval split also with ``**eval_options(config.data)`` (data.eval_subsample[_seed]).
 Bad data raises `DataError` (message names the file or dataset and split, line/row, field):
-print it and exit non-zero; `python -m haf_jax.data SPEC` checks a spec that way.
+print it and exit 2; `python -m haf_jax.data SPEC` checks a spec that way.
 """
 from haf_jax.data.batching import PairLoader, length_buckets
 from haf_jax.data.dataset import PairDataset, config_options, eval_options, format_report, load_pairs

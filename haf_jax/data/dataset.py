@@ -49,8 +49,7 @@ import os
 
 import numpy as np
 
-from haf_jax.data import batching as batching_lib
-from haf_jax.data import formats, sources, tokenize
+from haf_jax.data import batching as batching_lib, formats, sources, tokenize
 from haf_jax.data.errors import DataError
 from haf_jax.data.options import PairOptions
 

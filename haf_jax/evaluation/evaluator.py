@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from haf_jax.core import forward, losses, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, losses, params as params_lib, sharding
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]

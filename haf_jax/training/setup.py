@@ -14,8 +14,7 @@ import jax
 from etils import epath
 
 from haf_jax import data
-from haf_jax.core import forward, paths, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, paths, sharding
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import model_source, optimizer_for, step_config
 from haf_jax.model import lora as lora_lib
