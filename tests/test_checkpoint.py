@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from haf_jax.checkpoint import drain, integrity
 from haf_jax.checkpoint.manager import Checkpointer, CorruptCheckpointError

@@ -19,6 +19,7 @@ from haf_jax.core import forward, losses
 from haf_jax.data import (
     DataError,
     PairLoader,
+    PairOptions,
     config_options,
     eval_options,
     format_report,
@@ -95,14 +96,14 @@ def test_truncation_from_config_reaches_the_batches(tok, tmp_path):
     got = {}
     for value in ("always", "trl"):
         d = ConfigDict({"truncation": value})
-        ds = load_pairs(path, tok, split="all", max_length=512, max_prompt_length=128, **config_options(d))
+        ds = load_pairs(path, tok, PairOptions(max_length=512, max_prompt_length=128, **config_options(d)), split="all")
         b = next(ds.batches(1))
         got[value] = (ds.report["truncated_prompt"], int(b["last_index"][0, 0]) + 1, ds.fingerprint)
     assert got["always"][:2] == (1, 131) and got["trl"][:2] == (0, 493)
     assert got["always"][2] != got["trl"][2]              # a different reference cache key
     # a config without the key (written before it existed) = always, and the same fingerprint as before
     assert config_options(ConfigDict({}))["truncation"] == "always"
-    assert load_pairs(path, tok, split="all", max_length=512).fingerprint == got["always"][2]
+    assert load_pairs(path, tok, PairOptions(max_length=512), split="all").fingerprint == got["always"][2]
 
 
 # ----------------------------------------------------------------------------- data.degenerate
@@ -122,8 +123,8 @@ def tiny_model():
 
 def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "d.jsonl", DEGENERATE_ROWS)
-    skip = load_pairs(path, tok, split="all", max_skip_fraction=0.5, **config_options(ConfigDict({})))
-    keep = load_pairs(path, tok, split="all", **config_options(ConfigDict({"degenerate": "keep"})))
+    skip = load_pairs(path, tok, PairOptions(max_skip_fraction=0.5, **config_options(ConfigDict({}))), split="all")
+    keep = load_pairs(path, tok, PairOptions(**config_options(ConfigDict({"degenerate": "keep"}))), split="all")
     # skip (default): gone, counted as skipped (and toward max_skip_fraction: 40% > 10% refuses)
     assert len(skip) == 3 and skip.report["skipped_by_reason"] == {"empty_chosen": 1, "identical": 1}
     assert skip.report["degenerate_kept_by_reason"] == {} and len(skip.skipped) == 2
@@ -157,8 +158,8 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", rows)
     spread = {}
     for value in ("length_grouped", "random"):
-        ds = load_pairs(path, tok, split="all", max_length=256, max_prompt_length=32,
-                        **config_options(ConfigDict({"batching": value})))
+        options = PairOptions(max_length=256, max_prompt_length=32, **config_options(ConfigDict({"batching": value})))
+        ds = load_pairs(path, tok, options, split="all")
         assert ds.batching == value and ds.report["batching"] == value
         with PairLoader(ds, 8, seed=0, prefetch=0) as loader:
             batches = [next(loader) for _ in range(8)]
@@ -173,7 +174,7 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
         assert sorted(idx.ravel().tolist()) == list(range(64))   # one epoch sees every pair once either way
     assert spread["length_grouped"] < 0.3 * spread["random"], spread
     with pytest.raises(DataError, match="unknown batching 'bucket'"):
-        load_pairs(path, tok, split="all", batching="bucket")
+        load_pairs(path, tok, PairOptions(batching="bucket"), split="all")
 
 
 # ----------------------------------------------------------------------------- data.eval_subsample
@@ -186,12 +187,12 @@ def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
     kept_rows = [r for r in rows if r["is_response_0_safe"] != r["is_response_1_safe"]]
     assert len(full) == len(kept_rows) > 20
     want = datasets.Dataset.from_list(kept_rows).shuffle(seed=0).select(range(7))["prompt"]
-    sub = load_pairs(path, tok, split="all", **eval_options(ConfigDict({"eval_subsample": 7})))
+    sub = load_pairs(path, tok, PairOptions(**eval_options(ConfigDict({"eval_subsample": 7}))), split="all")
     assert sorted(p["prompt"] for p in sub.pairs) == sorted(want)
     assert [p["prompt"] for p in sub.pairs] == [p["prompt"] for p in full.pairs if p["prompt"] in set(want)]
-    other = load_pairs(path, tok, split="all", subsample=7, subsample_seed=1)
+    other = load_pairs(path, tok, PairOptions(subsample=7, subsample_seed=1), split="all")
     assert {p["prompt"] for p in other.pairs} != set(want)
-    assert len(load_pairs(path, tok, split="all", subsample=1000)) == len(full)   # more than there is: all
+    assert len(load_pairs(path, tok, PairOptions(subsample=1000), split="all")) == len(full)   # more than there is: all
     assert eval_options(ConfigDict({})) == {"subsample": 0, "subsample_seed": 0}
 
 
@@ -249,8 +250,7 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
     import importlib.util
     import pathlib
 
-    from haf_jax.training import loop
-    from haf_jax.training import resume as run_config
+    from haf_jax.training import loop, resume as run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]

@@ -131,6 +131,14 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     paths.write_text("gs://bucket/t/bad.jsonl", '{"chosen": "a", "rejected": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"^gs://bucket/t/bad.jsonl line 2"):
         list(sources.read_rows(sources.parse_source("gs://bucket/t/bad.jsonl")))
+    from haf_jax.data import jsonl  # the one JSON-lines reader/writer: straight to and from the bucket
+
+    jsonl.write("gs://bucket/t/rows.jsonl.gz", [{"a": 1}, {"b": "é"}])
+    assert list(jsonl.read("gs://bucket/t/rows.jsonl.gz")) == [(1, {"a": 1}), (2, {"b": "é"})]
+    with pytest.raises(DataError, match=r"^gs://bucket/t/bad.jsonl line 2: malformed JSON"):
+        list(jsonl.read("gs://bucket/t/bad.jsonl"))
+    with pytest.raises(DataError, match=r"^gs://bucket/t/missing.jsonl: file not found$"):
+        list(jsonl.read("gs://bucket/t/missing.jsonl"))
 
     # orbax through tensorstore and gcsfs: round trip, retention, walk-back past a garbled newest step
     states = {s: make_state(mesh_of(1), seed=s) for s in (1, 2, 3)}

@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from parity import assert_params_equal, hf_reference, pair_batch, right_padded
-from parity import logits as _logits
-from parity import pairs as _pairs
-from parity import perturb as _perturb
+from parity import (
+    assert_params_equal,
+    hf_reference,
+    logits as _logits,
+    pair_batch,
+    pairs as _pairs,
+    perturb as _perturb,
+    right_padded,
+)
 from safetensors.numpy import load_file, save_file
 
 from haf_jax.model import families, hf

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haf_jax.core import distributed, forward, losses, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import distributed, forward, losses, params as params_lib, sharding
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]

@@ -17,14 +17,11 @@ import numpy as np
 
 from haf_jax import data
 from haf_jax.checkpoint.manager import Checkpointer, CorruptCheckpointError
-from haf_jax.core import distributed, forward, paths
-from haf_jax.core import params as params_lib
+from haf_jax.core import distributed, forward, params as params_lib, paths
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
-from haf_jax.evaluation import evaluator as evaluation
-from haf_jax.evaluation import plots
-from haf_jax.training import fit, flops, reference
-from haf_jax.training import step as step_lib
+from haf_jax.evaluation import evaluator as evaluation, plots
+from haf_jax.training import fit, flops, reference, step as step_lib
 from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
 from haf_jax.training.resume import RunError, check_resumable, config_dict, with_added_defaults
