@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from haf_jax.data import DataError, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, PairOptions, load_pairs, load_tokenizer, sample_paths
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -198,8 +198,8 @@ def test_recipes_read_local_hub_repositories(recipe, tail, repo, prefix, n, hub,
         rows = [r for (rp, rel), rs in ROWS.items() if rp == repo and rel.endswith("/train.jsonl") for r in rs]
     ref_spec = f"recipe:{recipe}:{jsonl(tmp_path, rows)}"
     for split in ("all", "train", "eval"):
-        a = load_pairs(spec, tok, split=split, max_length=128, max_prompt_length=64)
-        b = load_pairs(ref_spec, tok, split=split, max_length=128, max_prompt_length=64)
+        a = load_pairs(spec, tok, PairOptions(max_length=128, max_prompt_length=64), split=split)
+        b = load_pairs(ref_spec, tok, PairOptions(max_length=128, max_prompt_length=64), split=split)
         same(a, b)
         if split == "all":
             assert a.report["source"] == f"hf:{hub / repo}{tail}"
@@ -228,9 +228,9 @@ def test_plain_forms_configs_and_slices(hub, tok, tmp_path, monkeypatch):
     assert load_pairs("hf:local/explicit:train", tok, split="all").pairs == ex.pairs
 
 
-def _error(spec, tok, **kw) -> str:
+def _error(spec, tok, **options) -> str:
     with pytest.raises(DataError) as e:
-        load_pairs(spec, tok, split="all", **kw)
+        load_pairs(spec, tok, PairOptions(**options), split="all")
     msg = str(e.value)
     assert "\n" not in msg and "Traceback" not in msg, msg
     return msg
@@ -288,5 +288,5 @@ def test_train_from_local_hub_repository(hub, tok, tmp_path):
     for name, part in (("train", "harmless-base/train"), ("eval", "harmless-base/test")):
         report = json.loads((workdir / f"data_report_{name}.json").read_text())
         ref = load_pairs(f"recipe:hh_harmless:{jsonl(tmp_path, rows_of('Anthropic/hh-rlhf', part), name + '.jsonl')}",
-                         tok, split="all", max_length=64, max_prompt_length=32)
+                         tok, PairOptions(max_length=64, max_prompt_length=32), split="all")
         assert report["fingerprint"] == ref.fingerprint and report["pairs"] == len(ref)

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from haf_jax.config.base import base_config, with_added_defaults
 from haf_jax.core import forward, losses
 from haf_jax.core.data_options import eval_options, fidelity_options
-from haf_jax.data import DataError, PairLoader, format_report, load_pairs, load_tokenizer, sample_paths
+from haf_jax.data import DataError, PairLoader, PairOptions, format_report, load_pairs, load_tokenizer, sample_paths
 from haf_jax.data.tokenize import PROMPT_CUT, RESPONSE_CUT, encode_pairs
 from haf_jax.model import heads
 from haf_jax.model.families import preset
@@ -108,14 +108,14 @@ def test_truncation_from_config_reaches_the_batches(tok, tmp_path):
     got = {}
     for value in ("always", "trl"):
         d = data_section(truncation=value)
-        ds = load_pairs(path, tok, split="all", max_length=512, max_prompt_length=128, **fidelity_options(d))
+        ds = load_pairs(path, tok, PairOptions(max_length=512, max_prompt_length=128, **fidelity_options(d)), split="all")
         b = next(ds.batches(1))
         got[value] = (ds.report["truncated_prompt"], int(b["last_index"][0, 0]) + 1, ds.fingerprint)
     assert got["always"][:2] == (1, 131) and got["trl"][:2] == (0, 493)
     assert got["always"][2] != got["trl"][2]              # a different reference cache key
     # a config without the key (written before it existed) = always, and the same fingerprint as before
     assert fidelity_options(OLDER_RUN.data)["truncation"] == "always"
-    assert load_pairs(path, tok, split="all", max_length=512).fingerprint == got["always"][2]
+    assert load_pairs(path, tok, PairOptions(max_length=512), split="all").fingerprint == got["always"][2]
 
 
 # ----------------------------------------------------------------------------- data.degenerate
@@ -135,8 +135,8 @@ def tiny_model():
 
 def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "d.jsonl", DEGENERATE_ROWS)
-    skip = load_pairs(path, tok, split="all", max_skip_fraction=0.5, **fidelity_options(OLDER_RUN.data))
-    keep = load_pairs(path, tok, split="all", **fidelity_options(data_section(degenerate="keep")))
+    skip = load_pairs(path, tok, PairOptions(max_skip_fraction=0.5, **fidelity_options(OLDER_RUN.data)), split="all")
+    keep = load_pairs(path, tok, PairOptions(**fidelity_options(data_section(degenerate="keep"))), split="all")
     # skip (default): gone, counted as skipped (and toward max_skip_fraction: 40% > 10% refuses)
     assert len(skip) == 3 and skip.report["skipped_by_reason"] == {"empty_chosen": 1, "identical": 1}
     assert skip.report["degenerate_kept_by_reason"] == {} and len(skip.skipped) == 2
@@ -170,8 +170,8 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", rows)
     spread = {}
     for value in ("length_grouped", "random"):
-        ds = load_pairs(path, tok, split="all", max_length=256, max_prompt_length=32,
-                        **fidelity_options(data_section(batching=value)))
+        options = PairOptions(max_length=256, max_prompt_length=32, **fidelity_options(data_section(batching=value)))
+        ds = load_pairs(path, tok, options, split="all")
         assert ds.batching == value and ds.report["batching"] == value
         with PairLoader(ds, 8, seed=0, prefetch=0) as loader:
             batches = [next(loader) for _ in range(8)]
@@ -186,7 +186,7 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
         assert sorted(idx.ravel().tolist()) == list(range(64))   # one epoch sees every pair once either way
     assert spread["length_grouped"] < 0.3 * spread["random"], spread
     with pytest.raises(DataError, match="unknown batching 'bucket'"):
-        load_pairs(path, tok, split="all", batching="bucket")
+        load_pairs(path, tok, PairOptions(batching="bucket"), split="all")
 
 
 # ----------------------------------------------------------------------------- data.eval_subsample
@@ -199,12 +199,12 @@ def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
     kept_rows = [r for r in rows if r["is_response_0_safe"] != r["is_response_1_safe"]]
     assert len(full) == len(kept_rows) > 20
     want = datasets.Dataset.from_list(kept_rows).shuffle(seed=0).select(range(7))["prompt"]
-    sub = load_pairs(path, tok, split="all", **eval_options(data_section(eval_subsample=7)))
+    sub = load_pairs(path, tok, PairOptions(**eval_options(data_section(eval_subsample=7))), split="all")
     assert sorted(p["prompt"] for p in sub.pairs) == sorted(want)
     assert [p["prompt"] for p in sub.pairs] == [p["prompt"] for p in full.pairs if p["prompt"] in set(want)]
-    other = load_pairs(path, tok, split="all", subsample=7, subsample_seed=1)
+    other = load_pairs(path, tok, PairOptions(subsample=7, subsample_seed=1), split="all")
     assert {p["prompt"] for p in other.pairs} != set(want)
-    assert len(load_pairs(path, tok, split="all", subsample=1000)) == len(full)   # more than there is: all
+    assert len(load_pairs(path, tok, PairOptions(subsample=1000), split="all")) == len(full)   # more than there is: all
     assert eval_options(OLDER_RUN.data) == {"subsample": 0, "subsample_seed": 0}
 
 
@@ -260,8 +260,7 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
 # ----------------------------------------------------------------------------- loop wiring
 def test_loop_build_passes_the_data_options(tok, tmp_path, load_config):
     """loop.build hands data.truncation/degenerate/batching to both splits and data.eval_subsample to eval."""
-    from haf_jax.training import loop
-    from haf_jax.training import resume as run_config
+    from haf_jax.training import loop, resume as run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]

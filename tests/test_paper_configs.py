@@ -22,11 +22,9 @@ import pytest
 from test_data_hub_local import ROWS, hub, no_network, tok  # noqa: F401  (fixtures: local hub copies, offline)
 
 from haf_jax import data
-from haf_jax.core import data_options, model_setup, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import data_options, model_setup, params as params_lib, sharding
 from haf_jax.data.formats import RECIPES, parse_spec
-from haf_jax.model import heads
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib
 from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
@@ -118,16 +116,16 @@ def local(spec, hub_dir):
 
 def loaded_splits(c, hub_dir, tokenizer):
     """(train, eval) as build.build loads them, from the local hub copies."""
-    common = dict(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
-                  template=c.data.template, eval_fraction=c.data.eval_fraction, seed=c.train.seed,
-                  max_skip_fraction=c.data.max_skip_fraction, **data_options.fidelity_options(c.data))
+    options = data.PairOptions(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+                               template=c.data.template, eval_fraction=c.data.eval_fraction, seed=c.train.seed,
+                               max_skip_fraction=c.data.max_skip_fraction, **data_options.fidelity_options(c.data))
+    eval_opts = dataclasses.replace(options, **data_options.eval_options(c.data))
     train = local(c.data.train, hub_dir)
     if c.data.eval:
-        return (data.load_pairs(train, tokenizer, split="all", **common),
-                data.load_pairs(local(c.data.eval, hub_dir), tokenizer, split="all", **common,
-                                **data_options.eval_options(c.data)))
-    return (data.load_pairs(train, tokenizer, split="train", **common),
-            data.load_pairs(train, tokenizer, split="eval", **common, **data_options.eval_options(c.data)))
+        return (data.load_pairs(train, tokenizer, options, split="all"),
+                data.load_pairs(local(c.data.eval, hub_dir), tokenizer, eval_opts, split="all"))
+    return (data.load_pairs(train, tokenizer, options, split="train"),
+            data.load_pairs(train, tokenizer, eval_opts, split="eval"))
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))

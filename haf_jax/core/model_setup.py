@@ -10,8 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from haf_jax.core import forward
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib
 from haf_jax.core.logs import log
 from haf_jax.core.optim import make_optimizer
 from haf_jax.model import hf

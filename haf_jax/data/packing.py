@@ -271,8 +271,9 @@ class SharedPromptLoader(batching.PairLoader):
         idx, lengths = self.plan(epoch)
         real = float(self._pair_len[idx.reshape(len(idx), -1)].sum())
         total = float(self.batch_size * lengths.astype(np.int64).sum())
+        shapes = ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist())))
         return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist()))),
+                "steps": int(len(idx)), "shape": shapes,
                 "tokens_vs_plain": round(total / _plain_padding(self, epoch)["tokens"], 4)}
 
 

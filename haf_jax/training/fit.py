@@ -15,8 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from haf_jax.core import forward
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib
 
 GiB = 2**30
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
