@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     import jax
 
     jax.config.update("jax_platforms", "cpu")  # TPU topologies compile through libtpu's description
-    from haf_jax import plan
+    from haf_jax.training import planning as plan
 
     results = {}
     for scan_layers in (True, False):

@@ -83,7 +83,7 @@ def main():
     import jax.numpy as jnp
 
     jax.config.update("jax_platforms", "cpu")  # nothing runs: the TPU programs are only compiled
-    from haf_jax import plan as plan_lib
+    from haf_jax.training import planning as plan_lib
     from haf_jax.model import families, heads
 
     config = gemma_config(args.preset)

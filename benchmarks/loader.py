@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from haf_jax.core import forward
-from haf_jax.data import PairLoader, format_report, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+from haf_jax.data import PairLoader, PairOptions, format_report, load_pairs, load_tokenizer, sample_paths  # noqa: E402
 
 
 def padding(ds, batch_size, grouping, seed=0):
@@ -48,8 +48,8 @@ def main():
     t0 = time.perf_counter()
     tok = load_tokenizer(a.tokenizer)
     t1 = time.perf_counter()
-    ds = load_pairs(a.data, tok, split="all", max_length=a.max_length,
-                    max_prompt_length=a.max_prompt_length)
+    ds = load_pairs(a.data, tok, PairOptions(max_length=a.max_length, max_prompt_length=a.max_prompt_length),
+                    split="all")
     t2 = time.perf_counter()
     print(format_report(ds.report))
     print(f"load_tokenizer {t1 - t0:.2f}s; load_pairs {t2 - t1:.2f}s "

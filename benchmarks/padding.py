@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from haf_jax.data import PackedLoader, PairLoader, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+from haf_jax.data import PackedLoader, PairLoader, PairOptions, load_pairs, load_tokenizer, sample_paths  # noqa: E402
 
 
 def main():
@@ -25,8 +25,8 @@ def main():
     ap.add_argument("--max_prompt_length", type=int, default=128)
     ap.add_argument("--pack_lengths", default="512,1024,2048")
     a = ap.parse_args()
-    ds = load_pairs(a.data, load_tokenizer(a.tokenizer), split="all", max_length=a.max_length,
-                    max_prompt_length=a.max_prompt_length)
+    ds = load_pairs(a.data, load_tokenizer(a.tokenizer),
+                    PairOptions(max_length=a.max_length, max_prompt_length=a.max_prompt_length), split="all")
     print(f"{len(ds)} pairs, max_length {a.max_length}, batch_size {a.batch_size}")
     loaders = [("unpacked, length-grouped", PairLoader(ds, a.batch_size, length_grouping=True, prefetch=0)),
                ("unpacked, random", PairLoader(ds, a.batch_size, length_grouping=False, prefetch=0))]

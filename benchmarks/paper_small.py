@@ -169,17 +169,17 @@ class Scorer:
         from haf_jax import data
 
         self.mesh, self.args = mesh, args
-        self.ds = data.load_pairs(spec, tokenizer, split="all", max_length=args.max_length,
-                                  max_prompt_length=args.max_prompt_length, eval_fraction=0.0,
-                                  max_skip_fraction=1.0)
+        options = data.PairOptions(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                   eval_fraction=0.0, max_skip_fraction=1.0)
+        self.ds = data.load_pairs(spec, tokenizer, options, split="all")
         print(data.format_report(self.ds.report), file=sys.stderr)
         self._fns = {}
 
     def __call__(self, params, model_cfg, desc: str):
         import jax
 
+        from haf_jax.core import forward, sharding
         from haf_jax.core import params as params_lib
-        from haf_jax.core import sharding
         from haf_jax.evaluation.evaluator import pair_pass
         from haf_jax.model.heads import forward_pairs
 
@@ -350,11 +350,12 @@ def _run(args, objectives, root, bin_path, tok_path, t_start) -> int:
     print(f"split: {len(held_out)} eval rows, the rest train; OOD set: {ood_info}", file=sys.stderr)
 
     mesh = sharding.make_mesh((1, -1, 1))
-    params0, cfg0, tokenizer, _ = load_model(str(ckpt_dir), mesh)
+    start = load_model(str(ckpt_dir), mesh, float32=True)
+    params0, cfg0, tokenizer = start.params, start.model_cfg, start.tokenizer
     scorers = {"id": Scorer(str(eval_path), tokenizer, args, mesh), "ood": Scorer(str(ood_path), tokenizer, args, mesh)}
     ref = {k: s(params0, cfg0, f"start model ({k})")["logp"] for k, s in scorers.items()}
     base = {k: float((v[:, 0] > v[:, 1]).mean()) for k, v in ref.items()}
-    del params0
+    del params0, start
 
     results, timings = {}, {}
     for objective in objectives:
@@ -372,8 +373,9 @@ def _run(args, objectives, root, bin_path, tok_path, t_start) -> int:
             rows = eval_rows(workdir)
             run = {"seed": seed, "evals": rows}
             for which, row in (("best", pick_best(rows, objective)), ("last", rows[-1])):
-                params, model_cfg, _, info = load_model(str(workdir), mesh, which=row["step"])
-                assert info["step"] == row["step"], (info, row)
+                loaded = load_model(str(workdir), mesh, which=row["step"], float32=True)
+                params, model_cfg = loaded.params, loaded.model_cfg
+                assert loaded.step == row["step"], (loaded.step, row)
                 ood = accuracies(scorers["ood"](params, model_cfg, f"ood {objective} s{seed} {which}"),
                                  ref["ood"], args.beta)
                 ood = {k: v for k, v in ood.items() if k == "pairs" or applies(objective, k)}

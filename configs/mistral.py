@@ -9,22 +9,14 @@ A real backbone (preset name after the colon; weights from a local HF directory 
 The real presets use the paper's Mistral prompt template ("[INST] {x} [/INST]") and train all
 weights at lr 1e-5 (the paper's full fine-tune setting; its Mistral runs used LoRA at lr 3e-5).
 Any key can be overridden with --config.<section>.<key>=value; every key and its comment is in
-configs/common.py.
+haf_jax/config/base.py.
 """
-import importlib.util
-import pathlib
 
-# config_flags loads this file by path, outside any package: load its sibling common.py the same way.
-_spec = importlib.util.spec_from_file_location("haf_jax_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-
-PRESETS = ("tiny-mistral", "mistral-7b", "mistral-7b-v0.3")
+from haf_jax.config.base import family_config
+from haf_jax.model import mistral
 
 
 def get_config(arg: str = "tiny-mistral"):
-    common.check_preset(arg, PRESETS, "configs/mistral.py")
-    tiny = arg == "tiny-mistral"
-    c = common.base_config(arg, tiny=tiny)
-    c.data.template = "none" if tiny else "mistral"  # prompt template: none | phi2 | mistral (PAPER.md s5)
+    c = family_config(arg, mistral.PRESETS, "configs/mistral.py", tiny="tiny-mistral")
+    c.data.template = "none" if arg == "tiny-mistral" else "mistral"  # prompt template (PAPER.md s5)
     return c

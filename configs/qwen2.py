@@ -7,19 +7,12 @@ A real backbone (preset name after the colon; weights from a local HF directory 
   python -m haf_jax.train --config=configs/qwen2.py:qwen2-1.5b --workdir=runs/q2 \
     --config.model.checkpoint=Qwen/Qwen2-1.5B --config.data.train=prefs.jsonl
 Any key can be overridden with --config.<section>.<key>=value; every key and its comment is in
-configs/common.py.
+haf_jax/config/base.py.
 """
-import importlib.util
-import pathlib
 
-# config_flags loads this file by path, outside any package: load its sibling common.py the same way.
-_spec = importlib.util.spec_from_file_location("haf_jax_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
-
-PRESETS = ("tiny-qwen2", "qwen2-0.5b", "qwen2-1.5b", "qwen2-7b")
+from haf_jax.config.base import family_config
+from haf_jax.model import qwen2
 
 
 def get_config(arg: str = "tiny-qwen2"):
-    common.check_preset(arg, PRESETS, "configs/qwen2.py")
-    return common.base_config(arg, tiny=arg == "tiny-qwen2")
+    return family_config(arg, qwen2.PRESETS, "configs/qwen2.py", tiny="tiny-qwen2")

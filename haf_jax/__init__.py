@@ -1,7 +1,8 @@
 """haf_jax: reward models trained with the HaF hybrid objective, in JAX/Flax.
 
-Entry points are the CLIs `python -m haf_jax.train | score | export | data`; the names below are
-the library surface for people who build on the pieces.
+Commands: `python -m haf_jax.train | score | evaluate | export | plan | sample | bon | data`
+(docs/DESIGN.md, "The house", lists the rooms behind them). The names below are the library
+surface for people who build on the pieces.
 """
 from haf_jax.core.losses import bradley_terry, objective, pair_metrics, policy_loss
 from haf_jax.model.config import ModelConfig

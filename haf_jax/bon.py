@@ -25,157 +25,46 @@ was cut to --max_length (it keeps its first tokens and the EOS, as in training).
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 
-import numpy as np
 from absl import app, flags
 
-from haf_jax import sample as sample_lib
-from haf_jax.data.errors import DataError, type_name
+from haf_jax import cli
+
+_SAMPLING = cli.define_sampling_flags()
+_RM = flags.DEFINE_string("reward_model", None, "Reward model: run directory, HF directory or hub id.")
+_RM2 = flags.DEFINE_string("reward_model2", None, "A second reward model: its scores, picks and agreement.")
+_POLICY = flags.DEFINE_string("policy", None, "Model to sample candidates from (with --prompts).")
+_CANDIDATES = flags.DEFINE_string("candidates", None, "Given candidates (haf_jax.sample's output format).")
+_OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per prompt.")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Scoring: most tokens of prompt + candidate.")
+_SCORE_BATCH = flags.DEFINE_integer("score_batch_size", 8, "Scoring: candidate pairs per batch.")
 
 
-def read_candidates(path: str) -> list[dict]:
-    """The rows of a candidates file (`sample`'s output format), checked."""
-    rows = []
-    for lineno, row in sample_lib.read_jsonl(path):
-        sample_lib.text_field(row, "prompt", path, lineno)
-        cands = row.get("candidates")
-        if cands is None:
-            raise DataError("missing", source=path, where=f"line {lineno}", field="candidates")
-        if not isinstance(cands, list) or not cands:
-            raise DataError(f"expected a non-empty list of strings, got {type_name(cands) if cands != [] else 'an empty list'}",
-                            source=path, where=f"line {lineno}", field="candidates")
-        for j, c in enumerate(cands):
-            if not isinstance(c, str):
-                raise DataError(f"expected a string, got {type_name(c)}", source=path, where=f"line {lineno}",
-                                field=f"candidates[{j}]")
-        rows.append(row)
-    if not rows:
-        raise DataError("no rows (empty file)", source=path)
-    return rows
+@cli.command()
+def main(argv) -> None:
+    cli.no_arguments(argv)
+    cli.require(_RM, _OUT)
+    if bool(_CANDIDATES.value) == bool(_SAMPLING.prompts.value):
+        raise app.UsageError("give either --candidates or --prompts (with --policy)")
+    if _SAMPLING.prompts.value and not _POLICY.value:
+        raise app.UsageError("--prompts needs --policy, the model that samples the candidates")
+    from haf_jax.data import jsonl
+    from haf_jax.generation.best_of_n import best_of_n, read_candidates
+    from haf_jax.generation.candidates import sample
 
-
-def candidate_pairs(rows: list[dict]) -> tuple[list[dict], list[tuple[int, int, int]]]:
-    """Explicit pairs holding every candidate once, two per pair (the last one twice when a row has
-    an odd count), and where each candidate went: (row, pair index, side 0 | 1) per candidate."""
-    pairs, where = [], []
-    for i, row in enumerate(rows):
-        cands = row["candidates"]
-        for j in range(0, len(cands), 2):
-            k = min(j + 1, len(cands) - 1)
-            where.append((i, len(pairs), 0))
-            if k != j:
-                where.append((i, len(pairs), 1))
-            pairs.append({"prompt": row["prompt"], "chosen": cands[j], "rejected": cands[k]})
-    return pairs, where
-
-
-def score_candidates(reward_model: str, rows: list[dict], *, template: str = "none", max_length: int = 512,
-                     max_prompt_length: int = 128, batch_size: int = 8, step: str = "best", mesh=None):
-    """(scores per row, float32 [n_i] each; data report) of every candidate under the model's reward head.
-
-    The candidates go through the data layer as (prompt, candidate) pairs and the pass is
-    evaluation.Evaluator with the reward head only: the path `score` and the loop evaluate with,
-    so a candidate's score is `score`'s reward_chosen for the same text."""
-    from haf_jax import data
-    from haf_jax.evaluation import evaluator as evaluation
-    from haf_jax.evaluation import inference
-
-    mesh = mesh or inference.default_mesh()
-    model = inference.open_model(reward_model, mesh, which=step)
-    pairs, where = candidate_pairs(rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "candidates.jsonl")
-        sample_lib.write_jsonl(path, pairs)
-        # score's settings (the prompt gets at most half of max_length); nothing may be dropped
-        ds = data.load_pairs(path, model.tokenizer, split="all", max_length=max_length,
-                             max_prompt_length=min(max_prompt_length, max_length // 2), template=template,
-                             eval_fraction=0.0, degenerate="keep", max_skip_fraction=0.0)
-    if len(ds) != len(pairs):
-        raise RuntimeError(f"the data layer kept {len(ds)} of {len(pairs)} candidate pairs")
-    evaluator = evaluation.Evaluator(model.step_cfg, mesh, policy=False)
-    reward = evaluator(model.params, ds, batch_size=inference.round_batch(batch_size, mesh),
-                       desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}").scores["reward_Nx2"]
-    scores = [np.zeros(len(r["candidates"]), np.float32) for r in rows]
-    counters = [0] * len(rows)
-    for i, pair, side in where:
-        scores[i][counters[i]] = reward[pair, side]
-        counters[i] += 1
-    return scores, ds.report
-
-
-def pick(scores: np.ndarray) -> int:
-    """Index of the best candidate; ties go to the lowest index (np.argmax)."""
-    return int(np.argmax(scores))
-
-
-def best_of_n(reward_models: list[str], rows: list[dict], *, template: str = "none", max_length: int = 512,
-              max_prompt_length: int = 128, batch_size: int = 8, step: str = "best", mesh=None):
-    """(rows with scores and picks, summary) for one or two reward models."""
-    if not 1 <= len(reward_models) <= 2:
-        raise ValueError(f"need one or two reward models, got {len(reward_models)}")
-    out = [dict(r) for r in rows]
-    summary = {"prompts": len(rows), "candidates": sum(len(r["candidates"]) for r in rows),
-               "tie_rule": "lowest index"}
-    picks = []
-    for m, model in enumerate(reward_models):
-        suffix = "" if m == 0 else str(m + 1)
-        scores, report = score_candidates(model, rows, template=template, max_length=max_length,
-                                          max_prompt_length=max_prompt_length, batch_size=batch_size, step=step,
-                                          mesh=mesh)
-        picks.append([pick(s) for s in scores])
-        for row, s, k in zip(out, scores, picks[-1]):
-            row[f"scores{suffix}"] = [float(x) for x in s]
-            row[f"pick{suffix}"] = k
-            if m == 0:
-                row["best"] = row["candidates"][k]
-        summary.update({f"reward_model{suffix}": model,
-                        f"mean_score{suffix}": float(np.mean(np.concatenate(scores))),
-                        f"mean_best_score{suffix}": float(np.mean([s[k] for s, k in zip(scores, picks[-1])])),
-                        f"truncated_pairs{suffix}": report["truncated_response"]})
-    if len(reward_models) == 2:
-        agree = sum(a == b for a, b in zip(*picks))
-        summary.update(picks_agree=agree / len(rows), picks_agree_count=agree,
-                       mean_score2_of_pick=float(np.mean([r["scores2"][r["pick"]] for r in out])))
-    return out, summary
+    sampled = None
+    if _CANDIDATES.value:
+        rows = read_candidates(_CANDIDATES.value)
+    else:
+        rows, sampled = sample(_POLICY.value, _SAMPLING.prompts.value, **_SAMPLING.kwargs())
+    models = [_RM.value] + ([_RM2.value] if _RM2.value else [])
+    rows, summary = best_of_n(models, rows, template=_SAMPLING.template.value, max_length=_MAX_LENGTH.value,
+                              max_prompt_length=_SAMPLING.max_prompt_length.value, batch_size=_SCORE_BATCH.value,
+                              step=_SAMPLING.step.value)
+    jsonl.write(_OUT.value, rows)
+    print(json.dumps({**summary, **({"sampling": sampled} if sampled else {}), "out": _OUT.value}))
 
 
 if __name__ == "__main__":
-    _FLAGS = sample_lib.define_sampling_flags()
-    _RM = flags.DEFINE_string("reward_model", None, "Reward model: run directory, HF directory or hub id.")
-    _RM2 = flags.DEFINE_string("reward_model2", None, "A second reward model: its scores, picks and agreement.")
-    _POLICY = flags.DEFINE_string("policy", None, "Model to sample candidates from (with --prompts).")
-    _CANDIDATES = flags.DEFINE_string("candidates", None, "Given candidates (haf_jax.sample's output format).")
-    _OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per prompt.")
-    _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Scoring: most tokens of prompt + candidate.")
-    _SCORE_BATCH = flags.DEFINE_integer("score_batch_size", 8, "Scoring: candidate pairs per batch.")
-
-    def main(argv) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        for flag in (_RM, _OUT):
-            if not flag.value:
-                raise app.UsageError(f"--{flag.name} is required")
-        if bool(_CANDIDATES.value) == bool(_FLAGS["prompts"].value):
-            raise app.UsageError("give either --candidates or --prompts (with --policy)")
-        if _FLAGS["prompts"].value and not _POLICY.value:
-            raise app.UsageError("--prompts needs --policy, the model that samples the candidates")
-
-        def body():
-            sampled = None
-            if _CANDIDATES.value:
-                rows = read_candidates(_CANDIDATES.value)
-            else:
-                rows, sampled = sample_lib.sample(_POLICY.value, _FLAGS["prompts"].value,
-                                                  **sample_lib.sampling_kwargs(_FLAGS))
-            models = [_RM.value] + ([_RM2.value] if _RM2.value else [])
-            rows, summary = best_of_n(models, rows, template=_FLAGS["template"].value, max_length=_MAX_LENGTH.value,
-                                      max_prompt_length=_FLAGS["max_prompt_length"].value,
-                                      batch_size=_SCORE_BATCH.value, step=_FLAGS["step"].value)
-            sample_lib.write_jsonl(_OUT.value, rows)
-            return {**summary, **({"sampling": sampled} if sampled else {}), "out": _OUT.value}
-
-        sample_lib.run_cli(body)
-
-    app.run(main)
+    main.run()

@@ -9,82 +9,37 @@ into both; DIR/adapter also holds them in the PEFT layout, to load onto the base
 *ForSequenceClassification with `peft.PeftModel.from_pretrained`.
 
 RUN and DIR may be gs://... URLs. Multi-host: run the same command on every host (as training);
-the parameters are gathered across processes and process 0 writes.
+the parameters are gathered across processes and process 0 writes. The last stdout line is JSON:
+the step exported and the directories written.
 """
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from haf_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by haf_jax.train.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_STEP = flags.DEFINE_string("step", "best", "best | last | a step number.")
+_STEP = cli.define_step_flag("best | last | a step number.")
 
 
-def to_host(tree):
-    """Every leaf as a whole numpy array on every process (sharded arrays gathered across hosts)."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def export(workdir: str, out: str, *, which: str = "best") -> dict:
-    import jax
-
-    from haf_jax.core import paths, sharding
-    from haf_jax.evaluation import loading as runs
-    from haf_jax.model import hf
-
-    if not runs.is_run_dir(workdir):
-        raise FileNotFoundError(f"{workdir} is not a haf_jax run directory (needs checkpoints/ and model_config.json)")
-    mesh = sharding.make_mesh((1, -1, 1))
-    params, model_cfg, tokenizer, info = runs.load_run(workdir, mesh, which=which)
-    params = to_host(params)
-    adapters = to_host(info["lora"]["adapters"]) if "lora" in info else None
-    target = paths.path(out)
-    result = {"step": info["step"], "reward_model": str(target / "reward_model"), "policy": str(target / "policy")}
-    if adapters is not None:
-        result["adapter"] = str(target / "adapter")
-    if jax.process_index() != 0:
-        return result
-    with paths.writable_dir(target) as local:
-        local = pathlib.Path(local)
-        for kind in ("reward_model", "policy"):
-            hf.save_hf(params, model_cfg, local / kind, kind=kind, tokenizer=tokenizer)
-        if adapters is not None:
-            lora = info["lora"]
-            trained = {k: params[k] for k in ("reward_head", "embed_tokens")
-                       if k == "reward_head" or lora["config"].train_embeddings}
-            hf.save_peft_adapter(adapters, model_cfg, lora["config"], local / "adapter", heads=trained,
-                                 base=lora["base"])
-    return result
-
-
+@cli.command()
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    cli.no_arguments(argv)
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("--workdir and --out are required")
     import jax
 
     from haf_jax.core.distributed import maybe_initialize
+    from haf_jax.evaluation.export import export
 
     maybe_initialize()
-    try:
-        result = export(_WORKDIR.value, _OUT.value, which=_STEP.value)
-        if jax.process_index() == 0:
-            print(json.dumps(result))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = export(_WORKDIR.value, _OUT.value, which=_STEP.value)
+    if jax.process_index() == 0:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main.run()

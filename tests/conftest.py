@@ -20,7 +20,8 @@ import socket
 
 import pytest
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +61,16 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     yield
     assert not attempts, f"network connections attempted: {attempts}"
+
+
+@pytest.fixture(scope="session")
+def load_config():
+    """The one way tests load a run config (helpers.runs.load_config, as `python -m haf_jax.train`
+    parses it): `load_config("configs/gemma.py[:ARG]", "--config.KEY=VALUE", ...)`; a relative path
+    is taken from the repository root."""
+    from helpers.runs import load_config as load
+
+    return lambda spec, *overrides: load(str(REPO / spec), *overrides)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,7 +3,7 @@
   python -m haf_jax.train --config=configs/paper/mistral7b_lora.py:haf,beavertails --workdir=runs/paper/m7-haf-beaver
 
 The argument after the colon is OBJECTIVE,DATASET: OBJECTIVE in haf|baseline|dpo, DATASET in
-helpful|harmless|beavertails|alpaca|arena (each with the authors' eval split; configs/paper/paper_common.py).
+helpful|harmless|beavertails|alpaca|arena (each with the authors' eval split; haf_jax/config/paper.py).
 LoRA r=64, alpha 16 on the MLP projections (gate/up/down) only; attention, embeddings and LM head
 frozen; the reward head trained in full. Batch 16, 3200 steps, 512 tokens, eval every 80 steps,
 AdamW eps 1e-5 / wd 0 / clip 1.0, linear decay without warmup, alpha 0.2, beta 0.1, the
@@ -11,18 +11,12 @@ AdamW eps 1e-5 / wd 0 / clip 1.0, linear decay without warmup, alpha 0.2, beta 0
 --config.model.checkpoint=mistralai/Mistral-7B-Instruct-v0.2 (the architecture is read from its config.json).
 Every command of the paper's tables and every deviation from the authors' code: docs/REPRODUCE.md.
 """
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("haf_jax_configs_paper_common",
-                                               pathlib.Path(__file__).with_name("paper_common.py"))
-paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(paper)
+from haf_jax.config.paper import paper_config
 
 
-def get_config(arg=None):
-    c = paper.paper_config(arg, "configs/paper/mistral7b_lora.py", preset="mistral-7b-v0.3",
-                           checkpoint="mistralai/Mistral-7B-v0.3", template="mistral", learning_rate=3e-5)
+def get_config(arg: str | None = None):
+    c = paper_config(arg, "configs/paper/mistral7b_lora.py", preset="mistral-7b-v0.3",
+                     checkpoint="mistralai/Mistral-7B-v0.3", template="mistral", learning_rate=3e-5)
     c.model.lora.rank = 64
     c.model.lora.alpha = 16.0  # adapters add (16 / 64) * A @ B
     c.model.lora.dropout = 0.0  # adapters are merged into the weights (docs/REPRODUCE.md: deviation)

@@ -65,7 +65,7 @@ class LossConfig:
             raise ValueError(f"loss.policy={loss_cfg.policy!r}; allowed: {', '.join(losses.POLICY_KINDS)}")
         return cls(loss_cfg.objective, loss_cfg.alpha, loss_cfg.beta, loss_cfg.policy, loss_cfg.margin,
                    loss_cfg.centering, loss_cfg.label_smoothing, loss_cfg.simpo_gamma,
-                   bool(getattr(loss_cfg, "dpo_scale_by_alpha", False)))
+                   bool(loss_cfg.dpo_scale_by_alpha))
 
 
 @dataclasses.dataclass(frozen=True)

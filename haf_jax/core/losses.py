@@ -4,7 +4,7 @@ Every array carries an explicit pair axis: ``[..., 0]`` is the chosen response, 
 rejected one (``reward_Bx2``, ``logp_Bx2``, ...). All arithmetic is float32 whatever the input
 dtype. Functions are pure and jit-friendly; string/float options are static Python values.
 
-Objectives (PAPER.md section 3):
+Objectives (Liu et al., HAF-RM, ACL 2025, the hybrid loss; README.md):
   haf      = L_R + alpha * L_P
   baseline = L_R            (no LM head: ``logp_Bx2`` / ``ref_logp_Bx2`` may be absent)
   dpo      = L_P            (no reward head: ``reward_Bx2`` may be absent; the model is judged by

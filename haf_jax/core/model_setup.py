@@ -1,5 +1,8 @@
 """The model a run config names, built the same way by training, evaluation and the planner: its
-ModelConfig and Hugging Face source, initial weights, LoRA and step settings, optimizer."""
+ModelConfig and Hugging Face source, initial weights, LoRA and step settings, optimizer.
+
+`config` is a complete run config: a new run's, or a saved one read through
+haf_jax.config.base.with_added_defaults (which fills the keys older runs lack)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +10,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from haf_jax.core import forward
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib
 from haf_jax.core.logs import log
 from haf_jax.core.optim import make_optimizer
 from haf_jax.model import hf
@@ -23,16 +25,15 @@ def model_source(config):
         model_cfg, _ = hf.load_hf_config(path)
     else:
         path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.get("attention", "auto"),
+    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.attention,
                                **layout_options(config)), path
 
 
 def layout_options(config) -> dict:
-    """The run config's model.scan_layers and model.remat_policy (absent in configs of older runs:
-    per-layer parameters). `config`: a ConfigDict or the dict a checkpoint records."""
+    """The run config's model.scan_layers and model.remat_policy: the parameter layout its checkpoints
+    hold. `config`: a ConfigDict or a complete config as a dict."""
     model = config["model"]
-    return {"scan_layers": bool(model.get("scan_layers", False)),
-            "remat_policy": str(model.get("remat_policy", "nothing"))}
+    return {"scan_layers": bool(model["scan_layers"]), "remat_policy": str(model["remat_policy"])}
 
 
 def initial_params(config, model_cfg, path, mesh):
@@ -45,7 +46,7 @@ def initial_params(config, model_cfg, path, mesh):
 
 
 def lora_config(config) -> LoraConfig:
-    return LoraConfig.from_config(config.model.lora) if "lora" in config.model else LoraConfig()
+    return LoraConfig.from_config(config.model.lora)
 
 
 def step_config(config, model_cfg) -> forward.StepConfig:
@@ -53,8 +54,7 @@ def step_config(config, model_cfg) -> forward.StepConfig:
         model=model_cfg, loss=forward.LossConfig.from_config(config.loss),
         compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
         grad_accum=config.optim.grad_accum, lora=lora_config(config),
-        packed=bool(config.data.get("packing", False) or config.data.get("share_prompt", False)),
-        share_prompt=bool(config.data.get("share_prompt", False)))
+        packed=bool(config.data.packing or config.data.share_prompt), share_prompt=bool(config.data.share_prompt))
 
 
 def base_fingerprint(frozen) -> dict:
@@ -67,4 +67,4 @@ def optimizer_for(config):
     return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
                           warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
                           weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                          moment_dtype=o.get("moment_dtype", "float32"))
+                          moment_dtype=o.moment_dtype)

@@ -1,6 +1,6 @@
 """Optimiser: global-norm clipping -> AdamW with a learning-rate schedule, optional accumulation.
 
-Paper defaults (PAPER.md section 5): AdamW, eps 1e-5, weight decay 0, gradient clipping at global
+Paper defaults (the authors' training setup, docs/REPRODUCE.md): AdamW, eps 1e-5, weight decay 0, gradient clipping at global
 norm 1.0, learning rate decayed linearly to 0, no warmup.
 """
 

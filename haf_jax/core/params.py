@@ -11,8 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from haf_jax.core import sharding
-from haf_jax.model import heads, scan
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib, scan
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.lora import LoraConfig
 
@@ -59,6 +58,7 @@ def init_params(config: ModelConfig, rng, mesh: Mesh):
 
 
 def param_count(tree) -> int:
+    """Number of parameters (elements) in a tree of arrays or abstract shapes."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 

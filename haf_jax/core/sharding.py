@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -115,6 +113,3 @@ def named_shardings(shapes, logical_names, mesh: Mesh):
     return jax.tree.map(lambda s, n: NamedSharding(mesh, spec_for(tuple(n), s.shape, mesh)), shapes, logical_names,
                         is_leaf=lambda x: isinstance(x, P))
 
-
-def param_count(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -1,13 +1,20 @@
 """Preference data: sources, record forms, tokenisation contract, batches, iterator.
 
-    from haf_jax.data import load_pairs, load_tokenizer, PairLoader, format_report, sample_paths
+    from haf_jax.data import PairLoader, PairOptions, Records, format_report, load_pairs, load_tokenizer, sample_paths
     tok = load_tokenizer(sample_paths()["tokenizer"])        # or an HF dir / hub id
     ds = load_pairs("sample", tok, split="train")            # carves eval_fraction=0.05 for eval
     print(format_report(ds.report))
     loader = PairLoader(ds, 16, seed=0)                      # infinite, resumable: loader.state
     batch = next(loader)                                     # tokens [B, 2, L], ... (batching.py)
+    opts = PairOptions(max_length=256, eval_fraction=0, degenerate="keep")   # every other setting
+    ds = load_pairs(Records("candidates", [{"prompt": p, "chosen": a, "rejected": b}]), tok, opts, split="all")
 
-Spec grammar (`load_pairs(spec, ...)`)::
+`load_pairs(source, tokenizer, options, split=...)`: `source` is a spec (below) or `Records`
+(rows in memory, a name for messages: "candidates record 3, field 'chosen': ..."); `options` a
+`PairOptions` (options.py). JSON lines are read and written by `jsonl.read` / `jsonl.write`
+(local or gs://, gzip, errors naming file, line and field; atomic writes).
+
+Spec grammar::
 
     SPEC   := SOURCE | "recipe:" RECIPE [":" SOURCE]
     SOURCE := PATH (.jsonl .jsonl.gz .json .json.gz .parquet .csv) | "sample"
@@ -28,19 +35,22 @@ Train/eval wiring for the trainer (config keys data.train / data.eval):
 - data.eval == "": train = load_pairs(T, split="train"), eval = load_pairs(T, split="eval") with
   the same eval_fraction and seed (alpaca_human_pref / chatbot_arena use their fixed first-N% rule);
 - otherwise: load_pairs(T, split="all") and load_pairs(E, split="all");
-- both with ``**config_options(config.data)`` (data.truncation / degenerate / batching), the eval
-  split also with ``**eval_options(config.data)`` (data.eval_subsample[_seed]).
+- both with ``PairOptions(..., **fidelity_options(config.data))`` (data.truncation / degenerate /
+  batching), the eval split also with ``**eval_options(config.data)`` (data.eval_subsample[_seed]);
+  haf_jax/core/data_options.py reads those from a run config: this package takes explicit options.
 Bad data raises `DataError` (message names the file or dataset and split, line/row, field):
-print it and exit non-zero; `python -m haf_jax.data SPEC` checks a spec that way.
+print it and exit 2; `python -m haf_jax.data SPEC` checks a spec that way.
 """
 from haf_jax.data.batching import PairLoader, length_buckets
-from haf_jax.data.dataset import PairDataset, config_options, eval_options, format_report, load_pairs
+from haf_jax.data.dataset import PairDataset, format_report, load_pairs
 from haf_jax.data.errors import DataError
 from haf_jax.data.formats import RECIPES, TEMPLATES
+from haf_jax.data.options import PairOptions
 from haf_jax.data.packing import PackedLoader, real_tokens, train_loader
+from haf_jax.data.sources import Records
 from haf_jax.data.tokenize import load_tokenizer, tokenizer_fingerprint
 from haf_jax.samples import sample_paths
 
-__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "RECIPES", "TEMPLATES", "config_options", "eval_options",
-           "format_report", "length_buckets", "load_pairs", "load_tokenizer", "real_tokens", "sample_paths",
-           "tokenizer_fingerprint", "train_loader"]
+__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "PairOptions", "RECIPES", "Records", "TEMPLATES",
+           "format_report", "length_buckets", "load_pairs", "load_tokenizer",
+           "real_tokens", "sample_paths", "tokenizer_fingerprint", "train_loader"]

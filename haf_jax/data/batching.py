@@ -175,9 +175,9 @@ class PairLoader:
         idx, lengths = self.plan(epoch)
         real = float(self.ds.all_lengths[idx.reshape(len(idx), -1)].sum())
         total = float(2 * self.batch_size * lengths.astype(np.int64).sum())
+        shapes = ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist())))
         return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist()))),
-                "tokens": total, "tokens_vs_plain": 1.0}
+                "steps": int(len(idx)), "shape": shapes, "tokens": total, "tokens_vs_plain": 1.0}
 
     # ---------------------------------------------------------------- iteration
     @property

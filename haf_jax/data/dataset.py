@@ -1,4 +1,15 @@
-"""`load_pairs`: spec -> rows -> explicit pairs -> split -> tokens, with a report and fingerprint.
+"""`load_pairs`: source -> rows -> explicit pairs -> split -> tokens, with a report and fingerprint.
+
+    ds = load_pairs("pairs.jsonl", tok, PairOptions(max_length=1024), split="train")
+    ds = load_pairs(Records("candidates", rows), tok, PairOptions(eval_fraction=0), split="all")
+
+The source is a spec (string or config block, formats.py / sources.py) or rows already in memory
+(`sources.Records`); every other setting is a field of `PairOptions` (options.py).
+
+Fingerprint: sha256 of the rows as read (each row's JSON, keys sorted), the tokenizer's
+fingerprint and the settings that change the pairs or their tokens (not the file name or records name: the same
+rows are the same data wherever they come from); the reference cache and the token cache are keyed
+by it.
 
 Splits (``split=``):
 - ``"all"``: every pair of the source.
@@ -7,24 +18,25 @@ Splits (``split=``):
   is carved out for eval by a permutation seeded with ``seed`` (exact count
   ``max(1, round(eval_fraction * rows))``); ``eval_fraction=0`` makes "train" = "all".
   Carving is by source row, so the pairs a ranking expands to stay on one side.
-- ``subsample=N`` (> 0) then keeps N source rows of the split, those that Hugging Face
+- ``options.subsample=N`` (> 0) then keeps N source rows of the split, those that Hugging Face
   `datasets` would pick with ``split.shuffle(seed=subsample_seed).select(range(N))`` (both use
   ``np.random.default_rng(seed).permutation``); the pairs stay in source order. Rows counted are
   those the recipe filters keep (degenerate ones included), e.g. the paper's BeaverTails eval:
   exactly-one-safe rows, shuffled with seed 0, 1000 of them. N >= the row count keeps them all.
 
-Fidelity options (config keys data.truncation / data.degenerate / data.batching; the defaults are
-this project's behaviour, the alternatives the paper authors'): ``truncation`` "always" | "trl"
-(tokenize.py), ``degenerate`` "skip" | "keep" (formats.py), ``batching`` "length_grouped" |
-"random" (batching.py; stored on the dataset as the default of a `PairLoader` over it). Options
-left at their defaults do not enter the fingerprint, so caches made before they existed stay valid.
+Fidelity options (`PairOptions` fields, config keys data.truncation / data.degenerate /
+data.batching; the defaults are this project's behaviour, the alternatives the paper authors'):
+``truncation`` "always" | "trl" (tokenize.py), ``degenerate`` "skip" | "keep" (formats.py),
+``batching`` "length_grouped" | "random" (batching.py; stored on the dataset as the default of a
+`PairLoader` over it). Options left at their defaults do not enter the fingerprint, so caches made
+before they existed stay valid.
 
 Multi-host: every process reads and converts all rows (cheap; identical indices, skip counts and
 errors everywhere) but tokenises only the pairs it owns (``index % process_count ==
 process_index``); pair lengths and truncation flags are then all-gathered (a few int32 per pair)
 so every process knows the global batch shapes and the report is global (so `load_pairs` is a
 collective call then: every process must make it, with the same arguments). When
-``process_count > 1`` but `jax.distributed` is not initialised (a simulation in one process),
+``options.process_count > 1`` but `jax.distributed` is not initialised (a simulation in one process),
 all pairs are tokenised locally instead and only the slice is served.
 """
 from __future__ import annotations
@@ -37,9 +49,9 @@ import os
 
 import numpy as np
 
-from haf_jax.data import batching as batching_lib
-from haf_jax.data import formats, sources, tokenize
+from haf_jax.data import batching as batching_lib, formats, sources, tokenize
 from haf_jax.data.errors import DataError
+from haf_jax.data.options import PairOptions
 
 SPLITS = ("train", "eval", "all")
 REPORT_VERSION = 1
@@ -84,37 +96,23 @@ class PairDataset:
         return batching_lib.in_order_batches(self, batch_size)
 
 
-def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
-               max_prompt_length: int = 128, template: str = "none", fields: dict | None = None,
-               eval_fraction: float = 0.05, seed: int = 0, max_skip_fraction: float = 0.1,
-               process_index: int = 0, process_count: int = 1, keep_eos: bool = True,
-               buckets: list | None = None, cache_dir: str | None = None, truncation: str = "always",
-               degenerate: str = "skip", batching: str = "length_grouped", subsample: int = 0,
-               subsample_seed: int = 0) -> PairDataset:
-    """Read, convert, split and tokenise preference pairs. Grammar of `spec`: formats.py/sources.py.
+def load_pairs(source, tokenizer, options: PairOptions | None = None, *, split: str = "train") -> PairDataset:
+    """Read, convert, split and tokenise preference pairs.
 
-    Raises `DataError` on bad input, bad settings, or when more than `max_skip_fraction` of the
-    split's pairs are skipped (empty/identical responses unless ``degenerate="keep"``, mismatched
-    prompts). With `cache_dir`, the tokenised slice is stored there under the fingerprint and
-    reused by the next run (rows are still read and checked; only tokenisation is skipped).
-    truncation / degenerate / batching / subsample: module docstring.
+    source: a spec (string or config block; grammar in formats.py/sources.py) or `sources.Records`
+    (rows in memory). options: `PairOptions` (None: all defaults). split: "train" | "eval" | "all".
+    Raises `DataError` on bad input, bad settings, or when more than ``options.max_skip_fraction``
+    of the split's pairs are skipped (empty/identical responses unless ``degenerate="keep"``,
+    mismatched prompts). With ``options.cache_dir``, the tokenised slice is stored there under the
+    fingerprint and reused by the next run (rows are still read and checked; only tokenisation is
+    skipped). Options and splits: module docstring.
     """
+    o = PairOptions() if options is None else options
+    if not isinstance(o, PairOptions):
+        raise DataError(f"options must be a PairOptions, got {type(o).__name__}")
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-    if truncation not in tokenize.TRUNCATIONS:
-        raise DataError(f"unknown truncation {truncation!r}; known: {', '.join(tokenize.TRUNCATIONS)}")
-    if degenerate not in formats.DEGENERATE:
-        raise DataError(f"unknown degenerate={degenerate!r}; known: {', '.join(formats.DEGENERATE)}")
-    if batching not in batching_lib.BATCHING:
-        raise DataError(f"unknown batching {batching!r}; known: {', '.join(batching_lib.BATCHING)}")
-    if not isinstance(subsample, int) or isinstance(subsample, bool) or subsample < 0:
-        raise DataError(f"subsample must be a non-negative integer, got {subsample!r}")
-    if not 0 <= process_index < process_count:
-        raise DataError(f"bad process_index={process_index} for process_count={process_count}")
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    recipe, source_spec = formats.parse_spec(spec)
-    source = sources.parse_source(source_spec)
+    recipe, source = _resolve(source)
     raw_hash = hashlib.sha256()
 
     def hashed_rows():
@@ -124,11 +122,11 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
             yield where, row
 
     conv = formats.convert_rows(hashed_rows(), source=source.label, recipe=recipe,
-                                template=template, fields=fields, tokenizer=tokenizer,
-                                degenerate=degenerate)
-    in_split = _split_groups(conv.groups, split, recipe, eval_fraction, seed, source.label)
-    if subsample:
-        in_split = _subsample(in_split, subsample, subsample_seed)
+                                template=o.template, fields=o.fields_dict(), tokenizer=tokenizer,
+                                degenerate=o.degenerate)
+    in_split = _split_groups(conv.groups, split, recipe, o.eval_fraction, o.seed, source.label)
+    if o.subsample:
+        in_split = _subsample(in_split, o.subsample, o.subsample_seed)
     pairs = [p for p in conv.pairs if in_split[p["group"]]]
     skipped = collections.Counter(r for g, r in conv.skipped if in_split[g])
     kept = collections.Counter(r for g, r in conv.kept if in_split[g])
@@ -137,44 +135,44 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
         raise DataError(f"no pairs in split {split!r} (rows read: {conv.rows_read}, filtered: "
                         f"{dict(conv.filtered)})", source=source.label)
     skip_frac = sum(skipped.values()) / total
-    if skip_frac > max_skip_fraction:
+    if skip_frac > o.max_skip_fraction:
         raise DataError(f"{skip_frac:.1%} of the pairs would be skipped ({dict(skipped)}), more than "
-                        f"max_skip_fraction={max_skip_fraction:.1%}; fix the data or raise the limit",
+                        f"max_skip_fraction={o.max_skip_fraction:.1%}; fix the data or raise the limit",
                         source=source.label)
     if not pairs:
         raise DataError(f"every pair of split {split!r} was skipped ({dict(skipped)})", source=source.label)
 
     n = len(pairs)
-    settings = dict(recipe=recipe, source=source.label, split=split, max_length=max_length,
-                    max_prompt_length=max_prompt_length, template=template, fields=fields,
-                    eval_fraction=eval_fraction if split != "all" else None,
-                    seed=seed if split != "all" else None, keep_eos=keep_eos)
+    settings = dict(recipe=recipe, source=source.label, split=split, max_length=o.max_length,
+                    max_prompt_length=o.max_prompt_length, template=o.template, fields=o.fields_dict(),
+                    eval_fraction=o.eval_fraction if split != "all" else None,
+                    seed=o.seed if split != "all" else None, keep_eos=o.keep_eos)
     # Options that change the pairs or their tokens; at their defaults they are left out of the
     # fingerprint, which thus stays what it was before they existed (reference caches stay valid).
-    options = dict(truncation=truncation, degenerate=degenerate, subsample=subsample,
-                   subsample_seed=subsample_seed if subsample else None)
+    late = dict(truncation=o.truncation, degenerate=o.degenerate, subsample=o.subsample,
+                subsample_seed=o.subsample_seed if o.subsample else None)
     defaults = dict(truncation="always", degenerate="skip", subsample=0, subsample_seed=None)
     fp = hashlib.sha256()
     fp.update(raw_hash.hexdigest().encode())
     fp.update(tokenize.tokenizer_fingerprint(tokenizer).encode())
     fp.update(json.dumps({**{k: v for k, v in settings.items() if k != "source"},
-                          **{k: v for k, v in options.items() if v != defaults[k]}}, sort_keys=True,
+                          **{k: v for k, v in late.items() if v != defaults[k]}}, sort_keys=True,
                          default=str).encode())
     fingerprint = fp.hexdigest()[:32]
-    settings.update(options, batching=batching)
+    settings.update(late, batching=o.batching)
 
-    distributed = process_count > 1 and _jax_process_count() == process_count
-    local_indices = np.arange(process_index, n, process_count, dtype=np.int64)
-    enc_kw = dict(max_length=max_length, max_prompt_length=max_prompt_length, keep_eos=keep_eos,
-                  truncation=truncation)
-    cache_file = (os.path.join(cache_dir, f"pairs-{fingerprint}-{process_index}of{process_count}.npz")
-                  if cache_dir else None)
+    p, n_proc = o.process_index, o.process_count
+    distributed = n_proc > 1 and _jax_process_count() == n_proc
+    local_indices = np.arange(p, n, n_proc, dtype=np.int64)
+    enc_kw = dict(max_length=o.max_length, max_prompt_length=o.max_prompt_length, keep_eos=o.keep_eos,
+                  truncation=o.truncation)
+    cache_file = (os.path.join(o.cache_dir, f"pairs-{fingerprint}-{p}of{n_proc}.npz") if o.cache_dir else None)
     cached = _load_cache(cache_file, len(local_indices))
     if cached is not None:
         tokens, lengths, raw, flags, prompt_lengths = cached
-    elif process_count == 1 or distributed:
+    elif n_proc == 1 or distributed:
         tokens = tokenize.encode_pairs(tokenizer, [pairs[i] for i in local_indices], **enc_kw)
-        lengths, raw, flags, prompt_lengths = _gather(tokens, n, process_index, process_count, distributed)
+        lengths, raw, flags, prompt_lengths = _gather(tokens, n, p, n_proc, distributed)
     else:   # simulation in one process: tokenise all, keep the slice
         full = tokenize.encode_pairs(tokenizer, pairs, **enc_kw)
         lengths, raw, flags, prompt_lengths = full.lengths, full.raw_lengths, full.flags, _prompt_lengths(full)
@@ -195,15 +193,25 @@ def load_pairs(spec, tokenizer, *, split: str = "train", max_length: int = 512,
         lost_eos=int(((flags & tokenize.LOST_EOS) > 0).sum()),
         tokens_raw=_percentiles(raw), tokens=_percentiles(lengths),
         tokenizer=getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
-        fingerprint=fingerprint, process_count=process_count)
-    return PairDataset(pairs=[{k: v for k, v in p.items() if k != "group"} for p in pairs],
+        fingerprint=fingerprint, process_count=n_proc)
+    return PairDataset(pairs=[{k: v for k, v in pair.items() if k != "group"} for pair in pairs],
                        tokens=tokens, local_indices=local_indices, all_lengths=lengths,
-                       pad_id=tokenize.pad_id(tokenizer), max_length=max_length,
-                       buckets=list(buckets or batching_lib.length_buckets(max_length)),
-                       process_index=process_index, process_count=process_count,
-                       report=report, fingerprint=fingerprint, groups=[p["group"] for p in pairs],
-                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=batching,
+                       pad_id=tokenize.pad_id(tokenizer), max_length=o.max_length,
+                       buckets=list(o.buckets or batching_lib.length_buckets(o.max_length)),
+                       process_index=p, process_count=n_proc,
+                       report=report, fingerprint=fingerprint, groups=[pair["group"] for pair in pairs],
+                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=o.batching,
                        prompt_lengths=prompt_lengths)
+
+
+def _resolve(source) -> tuple[str | None, sources.Source | sources.Records]:
+    """(recipe name or None, the source to read) of a spec or in-memory `Records`."""
+    if isinstance(source, sources.Records):
+        if source.recipe is not None:
+            formats.check_recipe(source.recipe)
+        return source.recipe, source
+    recipe, spec = formats.parse_spec(source)
+    return recipe, sources.parse_source(spec)
 
 
 def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.ndarray:
@@ -222,20 +230,6 @@ def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.nda
         raise DataError("split='eval' with eval_fraction=0: nothing to carve; give an eval file",
                         source=label)
     return is_eval if split == "eval" else ~is_eval
-
-
-def config_options(data_cfg) -> dict:
-    """`load_pairs` keywords for the fidelity keys of a run config's `data` section (truncation,
-    degenerate, batching); a key the config lacks (written before it existed) takes its default."""
-    get = lambda key, default: getattr(data_cfg, key, default)  # noqa: E731
-    return dict(truncation=get("truncation", "always"), degenerate=get("degenerate", "skip"),
-                batching=get("batching", "length_grouped"))
-
-
-def eval_options(data_cfg) -> dict:
-    """`load_pairs` keywords for the eval split only: data.eval_subsample[_seed] (default 0: all rows)."""
-    return dict(subsample=int(getattr(data_cfg, "eval_subsample", 0)),
-                subsample_seed=int(getattr(data_cfg, "eval_subsample_seed", 0)))
 
 
 def _subsample(in_split: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -262,14 +256,14 @@ def _gather(tokens, n, p, n_proc, distributed):
     owned pairs."""
     if not distributed:
         return tokens.lengths, tokens.raw_lengths, tokens.flags, _prompt_lengths(tokens)
-    from jax.experimental import multihost_utils
+    from haf_jax.core import distributed
 
     per = -(-n // n_proc)
     local = np.zeros((per, 6), np.int32)
     m = len(tokens.flags)
     local[:m, 0:2], local[:m, 2:4], local[:m, 4] = tokens.lengths, tokens.raw_lengths, tokens.flags
     local[:m, 5] = _prompt_lengths(tokens)
-    allv = np.asarray(multihost_utils.process_allgather(local))        # [P, per, 6]
+    allv = distributed.stack_hosts(local)        # [P, per, 6]
     out = np.zeros((n, 6), np.int32)
     for q in range(n_proc):
         out[q::n_proc] = allv[q, :len(range(q, n, n_proc))]

@@ -50,6 +50,17 @@ def find_bad_text(value, path: str = "") -> str | None:
     return None
 
 
+def decode_line(raw: bytes, source: str, where: str) -> str:
+    """One line's bytes as text; `DataError` naming `source`, `where` and the bad byte's offset
+    in the line when they are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 1].hex()
+        raise DataError(f"not valid UTF-8 (byte 0x{bad} at byte offset {e.start} of the line)",
+                        source=source, where=where) from None
+
+
 def type_name(value) -> str:
     """Short JSON-style name of a value's type for messages ('null', 'number', 'list', ...)."""
     if value is None:

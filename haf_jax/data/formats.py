@@ -81,16 +81,17 @@ def parse_spec(spec: Any) -> tuple[str | None, Any]:
     if isinstance(spec, dict) and "recipe" in spec:
         rest = {k: v for k, v in spec.items() if k != "recipe"}
         name = spec["recipe"]
-        _check_recipe(name)
+        check_recipe(name)
         return name, (rest or RECIPES[name].default_source)
     if isinstance(spec, str) and spec.startswith("recipe:"):
         name, _, source = spec[len("recipe:"):].partition(":")
-        _check_recipe(name)
+        check_recipe(name)
         return name, (source or RECIPES[name].default_source)
     return None, spec
 
 
-def _check_recipe(name):
+def check_recipe(name):
+    """DataError unless `name` is a known recipe."""
     if name not in RECIPES:
         raise DataError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
 

@@ -271,39 +271,40 @@ class SharedPromptLoader(batching.PairLoader):
         idx, lengths = self.plan(epoch)
         real = float(self._pair_len[idx.reshape(len(idx), -1)].sum())
         total = float(self.batch_size * lengths.astype(np.int64).sum())
+        shapes = ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist())))
         return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist()))),
+                "steps": int(len(idx)), "shape": shapes,
                 "tokens_vs_plain": round(total / _plain_padding(self, epoch)["tokens"], 4)}
 
 
-def largest_shape(config, row_multiple: int = 1) -> PackShape | None:
-    """The largest global batch the training loader of `config` can make, from the config alone
-    (the planner compiles for it without reading the data): packed rows (every pair at most
-    2 x max_length tokens bounds the automatic row count), one shared-prompt pair a row of
-    2 x max_length, or None for plain [B, 2, L] batches."""
-    d, b = config.data, int(config.train.batch_size)
-    if d.get("packing", False):
-        length = int(d.get("pack_length", 0)) or 4 * d.max_length
+def largest_shape(batch_size: int, max_length: int, *, packing: bool, share_prompt: bool, pack_length: int,
+                  pack_rows: int, row_multiple: int) -> PackShape | None:
+    """The largest global batch `train_loader` can make with these settings, without reading the
+    data (the planner compiles for it): packed rows (every pair at most 2 x max_length tokens
+    bounds the automatic row count), one shared-prompt pair a row of 2 x max_length, or None for
+    plain [B, 2, L] batches. pack_length / pack_rows 0 = automatic (`pack_shape`); row_multiple:
+    data-parallel shards x gradient-accumulation micro-batches."""
+    if packing:
+        length = int(pack_length) or 4 * max_length
         multiple = int(row_multiple)
-        rows = int(d.get("pack_rows", 0)) or max(multiple, (b * 2 * d.max_length // length) // multiple * multiple)
-        return PackShape(rows, length, 4 * math.ceil(b / rows))
-    if d.get("share_prompt", False):
-        return PackShape(b, max(batching.length_buckets(2 * d.max_length)), 1)
+        rows = int(pack_rows) or max(multiple, (batch_size * 2 * max_length // length) // multiple * multiple)
+        return PackShape(rows, length, 4 * math.ceil(batch_size / rows))
+    if share_prompt:
+        return PackShape(batch_size, max(batching.length_buckets(2 * max_length)), 1)
     return None
 
 
-def train_loader(ds, config, *, data_parallel: int = 1):
-    """The training iterator a run config asks for: `PackedLoader` with data.packing, else
-    `SharedPromptLoader` with data.share_prompt, else `PairLoader`. Packed rows split over
-    `data_parallel` shards x optim.grad_accum micro-batches."""
-    c = config
-    share = bool(c.data.get("share_prompt", False))
-    if not c.data.get("packing", False):
-        loader = SharedPromptLoader if share else batching.PairLoader
-        return loader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True)
-    return PackedLoader(ds, c.train.batch_size, seed=c.train.seed, shuffle=True,
-                        length=int(c.data.get("pack_length", 0)), rows=int(c.data.get("pack_rows", 0)),
-                        row_multiple=data_parallel * int(c.optim.grad_accum), share_prompt=share)
+def train_loader(ds, batch_size: int, *, seed: int, packing: bool, share_prompt: bool, pack_length: int,
+                 pack_rows: int, row_multiple: int):
+    """The shuffled training iterator of `batch_size` pairs a step: `PackedLoader` with packing,
+    else `SharedPromptLoader` with share_prompt, else `PairLoader`. Packed rows (pack_length /
+    pack_rows, 0 = automatic) split evenly over `row_multiple` = data-parallel shards x
+    gradient-accumulation micro-batches."""
+    if not packing:
+        loader = SharedPromptLoader if share_prompt else batching.PairLoader
+        return loader(ds, batch_size, seed=seed, shuffle=True)
+    return PackedLoader(ds, batch_size, seed=seed, shuffle=True, length=int(pack_length), rows=int(pack_rows),
+                        row_multiple=int(row_multiple), share_prompt=share_prompt)
 
 
 def real_tokens(batch: dict) -> int:

@@ -27,9 +27,12 @@ nothing is downloaded at read time. Text/bytes features are decoded as UTF-8 and
 become Python values; a ``Sequence`` of feature dicts (e.g. messages ``{role, content}``) becomes a
 list of dicts, so TFDS rows take the same record forms as every other source (formats.py).
 
+Rows already in memory come as `Records` (a name and a list of dicts): no spec string, no file.
+
 `read_rows(source)` yields ``(where, row)`` with ``where`` = "line N" (1-based, JSON lines and
-CSV) or "row N" (0-based row index, JSON list / parquet / hub / tfds). JSON lines are read here
-line by line (exact line numbers in errors); parquet and CSV go through `datasets` (cached).
+CSV), "row N" (0-based row index, JSON list / parquet / hub / tfds) or "record N" (0-based index
+of in-memory `Records`). JSON lines are read line by line by `jsonl.read` (exact line numbers in
+errors); parquet and CSV go through `datasets` (cached).
 Every problem raises `DataError` naming the file or dataset and split, the line/row and field.
 """
 from __future__ import annotations
@@ -40,9 +43,10 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from haf_jax.data.errors import BadText, DataError, type_name
+from haf_jax.data import jsonl
+from haf_jax.data.errors import BadText, DataError, decode_line, type_name
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 
@@ -63,6 +67,33 @@ class Source:
             return self.name
         extra = ":".join(x for x in (self.config, f"data_dir={self.data_dir}" if self.data_dir else None) if x)
         return ":".join(x for x in (self.kind, self.name, extra, self.split) if x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """Rows already in memory: a list (or tuple) of dicts in any record form (formats.py), under a
+    `name` that messages use in place of a file name ("candidates record 3, field 'chosen': ...",
+    ``record N`` = the 0-based index in `rows`). With `recipe` the rows are that recipe's dataset
+    rows. Values are taken as the hub's are (numpy values become Python ones, bytes UTF-8 text).
+    Like a file's path, the name is not part of the dataset fingerprint: the same rows in memory
+    and in a file are the same data."""
+    name: str
+    rows: Sequence[dict]          # stored as a tuple
+    recipe: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise DataError(f"in-memory records need a non-empty name for messages, got {self.name!r}")
+        if not isinstance(self.rows, (list, tuple)):
+            raise DataError(f"expected a list of records (dicts), got a {type(self.rows).__name__}", source=self.name)
+        if not self.rows:
+            raise DataError("no records (an empty list)", source=self.name)
+        object.__setattr__(self, "rows", tuple(self.rows))
+
+    @property
+    def label(self) -> str:
+        """How messages and the data report name these records."""
+        return self.name
 
 
 def parse_source(spec: Any) -> Source:
@@ -118,14 +149,24 @@ def _split_spec(rest: str) -> tuple[str, str | None, str]:
     return name, None, tail
 
 
-def read_rows(source: Source) -> Iterator[tuple[str, dict]]:
+def read_rows(source: Source | Records) -> Iterator[tuple[str, dict]]:
     """Yield (where, row dict) for every record of `source`, in source order."""
-    if source.kind == "hf":
+    if isinstance(source, Records):
+        yield from _read_records(source)
+    elif source.kind == "hf":
         yield from _read_hub(source)
     elif source.kind == "tfds":
         yield from _read_tfds(source)
     else:
         yield from _read_file(source.name)
+
+
+def _read_records(records: Records) -> Iterator[tuple[str, dict]]:
+    for i, row in enumerate(records.rows):
+        where = f"record {i}"
+        if not isinstance(row, dict):
+            raise DataError(f"expected a record (dict), got a {type_name(row)}", source=records.name, where=where)
+        yield where, plain(row)
 
 
 # ----------------------------------------------------------------------------- local files
@@ -153,7 +194,7 @@ def _read_file(path: str) -> Iterator[tuple[str, dict]]:
         raise DataError("empty file (0 bytes, no records)", source=path)
     n = 0
     if suffix in (".jsonl", ".jsonl.gz"):
-        rows = _read_jsonl(path, suffix.endswith(".gz"))
+        rows = _read_jsonl(path)
     elif suffix in (".json", ".json.gz"):
         rows = _read_json(path, suffix.endswith(".gz"))
     else:
@@ -188,63 +229,16 @@ def _read_remote_file(url: str) -> Iterator[tuple[str, dict]]:
             raise DataError(e.message, source=url, where=e.where, field=e.field) from None
 
 
-def _open_bytes(path: str, gz: bool):
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def _gzip_errors():
-    return (gzip.BadGzipFile, EOFError, zlib.error, OSError)
-
-
-def _decode(raw: bytes, path: str, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = raw[e.start:e.start + 1].hex()
-        raise DataError(f"not valid UTF-8 (byte 0x{bad} at byte offset {e.start} of the line)",
-                        source=path, where=where) from None
-
-
-def _read_jsonl(path: str, gz: bool) -> Iterator[tuple[str, dict]]:
-    lineno = 0
-    first = True
-    try:
-        with _open_bytes(path, gz) as f:
-            for raw in f:
-                lineno += 1
-                where = f"line {lineno}"
-                text = _decode(raw, path, where)
-                if lineno == 1:
-                    text = text.lstrip("\ufeff")
-                text = text.strip()
-                if not text:
-                    continue
-                if first and text.startswith("["):
-                    raise DataError("found a JSON array where JSON lines (one object per line) were "
-                                    "expected; write one object per line or name the file .json",
-                                    source=path, where=where)
-                first = False
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})",
-                                    source=path, where=where) from None
-                if not isinstance(row, dict):
-                    raise DataError(f"expected a JSON object, got a {type_name(row)}",
-                                    source=path, where=where)
-                yield where, row
-    except _gzip_errors() as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"broken gzip stream after line {lineno} ({type(e).__name__}: {e})",
-                        source=path) from None
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    for lineno, row in jsonl.read(path):
+        yield f"line {lineno}", row
 
 
 def _read_json(path: str, gz: bool) -> Iterator[tuple[str, dict]]:
     try:
-        with _open_bytes(path, gz) as f:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             raw = f.read()
-    except _gzip_errors() as e:
+    except (EOFError, zlib.error, OSError) as e:   # gzip.BadGzipFile is an OSError
         raise DataError(f"broken gzip stream ({type(e).__name__}: {e})", source=path) from None
     try:
         text = raw.decode("utf-8").lstrip("\ufeff")
@@ -258,7 +252,7 @@ def _read_json(path: str, gz: bool) -> Iterator[tuple[str, dict]]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":     # JSON lines in a .json file: accept them
-            yield from _read_jsonl(path, gz)
+            yield from _read_jsonl(path)
             return
         raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", source=path,
                         where=f"line {e.lineno}") from None
@@ -280,7 +274,7 @@ def _read_with_datasets(path: str, suffix: str) -> Iterator[tuple[str, dict]]:
     if builder == "csv":
         with open(path, "rb") as f:       # exact line numbers for bad bytes
             for lineno, raw in enumerate(f, 1):
-                _decode(raw, path, f"line {lineno}")
+                decode_line(raw, path, f"line {lineno}")
     try:
         ds = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train")
     except Exception as e:  # datasets wraps parser errors in many types

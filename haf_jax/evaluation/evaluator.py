@@ -20,10 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from haf_jax.core import forward, losses, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import distributed, forward, losses, params as params_lib, sharding
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
@@ -141,8 +139,7 @@ def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str
         values = jax.device_get(fn(put_batch(batch)))
         index, valid = batch["index"], batch["valid"]
         if jax.process_count() > 1:  # each host holds its slice of the indices
-            index = multihost_utils.process_allgather(index, tiled=True)
-            valid = multihost_utils.process_allgather(valid, tiled=True)
+            index, valid = distributed.concat_hosts(index), distributed.concat_hosts(valid)
         for name, value in values.items():
             column = out.setdefault(name, np.full((len(dataset), 2), np.nan, np.float32))
             column[index[valid]] = np.asarray(value)[valid]

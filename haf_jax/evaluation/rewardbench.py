@@ -24,7 +24,6 @@ analysis/get_benchmark_results.py, scripts/run_v2.py):
 from __future__ import annotations
 
 import collections
-import json
 import pathlib
 
 import numpy as np
@@ -123,13 +122,6 @@ def pair_records(rows: list[dict], version: int) -> tuple[list[dict], list[tuple
             records.append({"prompt": row["prompt"], "chosen": responses[c], "rejected": responses[x]})
             index.append((r, c, x))
     return records, index
-
-
-def write_jsonl(records: list[dict], path) -> str:
-    with open(path, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 def response_scores(rows: list[dict], index, pair_Px2: np.ndarray, version: int) -> list[np.ndarray]:

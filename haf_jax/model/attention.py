@@ -230,8 +230,10 @@ def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softc
                    interpret: bool):
     """A single-device MQA splash kernel over `heads` query heads sharing one key/value head (built
     at every trace: it holds arrays made under the trace, so it cannot be cached across traces)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib,
+        splash_attention_mask as mask_lib,
+    )
 
     shape = (length, keys)
     if window is None:

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from haf_jax.core.sharding import constrain
-from haf_jax.model import attention as attention_lib
-from haf_jax.model import scan as scan_lib
+from haf_jax.model import attention as attention_lib, scan as scan_lib
 from haf_jax.model.config import REMAT_POLICIES, SLIDING, ModelConfig
 from haf_jax.model.linear import project
 

@@ -15,8 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from haf_jax.core import forward
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib
 
 GiB = 2**30
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -50,7 +49,7 @@ def advice(config, mesh_shape, chips: int, fits: bool, headroom: float) -> list[
                f"(or a smaller train.batch_size={config.train.batch_size}; also data.max_length={config.data.max_length})")
     if config.model.lora.rank == 0:
         out.append("train adapters only: --config.model.lora.rank=64 (the Adam state then covers just the adapters)")
-    if config.model.lora.rank == 0 and config.optim.get("moment_dtype", "float32") == "float32":
+    if config.model.lora.rank == 0 and config.optim.moment_dtype == "float32":
         out.append("keep Adam's first moment in bfloat16: --config.optim.moment_dtype=bfloat16 (2 bytes less per "
                    "trained parameter)")
     if config.model.compute_dtype == "float32":

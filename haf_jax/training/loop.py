@@ -13,20 +13,18 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from haf_jax import checkpoint, data
-from haf_jax.core import forward, paths
-from haf_jax.core import params as params_lib
+from haf_jax import data
+from haf_jax.checkpoint.manager import Checkpointer, CorruptCheckpointError
+from haf_jax.config.base import with_added_defaults
+from haf_jax.core import distributed, forward, params as params_lib, paths
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
-from haf_jax.evaluation import evaluator as evaluation
-from haf_jax.evaluation import plots
-from haf_jax.training import fit, flops, reference
-from haf_jax.training import step as step_lib
+from haf_jax.evaluation import evaluator as evaluation, plots
+from haf_jax.training import fit, flops, reference, step as step_lib
 from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
-from haf_jax.training.resume import RunError, check_resumable, config_dict, with_added_defaults
+from haf_jax.training.resume import RunError, check_resumable, config_dict
 from haf_jax.training.setup import Setup, build, split_trainable
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
@@ -46,9 +44,9 @@ class Preemption:
 
     One process: a SIGTERM handler raises a flag. Several: JAX's preemption service (started by
     jax.distributed.initialize) catches SIGTERM on whichever host gets it and agrees with all hosts
-    on one step to stop at (`reached_preemption_sync_point`, to be asked at every step); a Python
-    handler would take SIGTERM away from it, so none is installed. Without that service the flag
-    is shared by an all-gather at every step.
+    on one step to stop at (`distributed.preemption_step_reached`, to be asked at every step); a
+    Python handler would take SIGTERM away from it, so none is installed. Without that service the
+    flag is shared at every step (`distributed.anyone`).
     """
 
     def __init__(self):
@@ -66,10 +64,8 @@ class Preemption:
 
     def reached(self, step: int) -> bool:
         if self._service:
-            return multihost_utils.reached_preemption_sync_point(step)
-        if jax.process_count() > 1:
-            return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-        return self.requested
+            return distributed.preemption_step_reached(step)
+        return distributed.anyone(self.requested)
 
 
 def resume(s: Setup, ckpt, loader, config, workdir, base: dict):
@@ -96,7 +92,7 @@ def resume(s: Setup, ckpt, loader, config, workdir, base: dict):
     _, abstract_saved = step_lib.state_layout(saved_cfg, s.optimizer, s.mesh, s.step_cfg.lora)
     try:
         state, data_state, _ = ckpt.restore(None, abstract_saved)  # walks back past a corrupt latest
-    except checkpoint.CorruptCheckpointError:
+    except CorruptCheckpointError:
         raise none_usable() from None
     if saved_cfg.scan_layers != s.model_config.scan_layers:
         log(f"checkpoint parameters converted to model.scan_layers={s.model_config.scan_layers}")
@@ -112,14 +108,16 @@ def train(config, workdir) -> dict:
 
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    profiler = StepProfiler(config.train.get("profile_steps", ""), workdir / "profile")  # checks the key first
+    profiler = StepProfiler(config.train.profile_steps, workdir / "profile")  # checks the key first
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
-    ckpt = checkpoint.Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
-                                   every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep,
-                                   best_metric=best_metric)
-    loader = data.train_loader(s.train_ds, c, data_parallel=s.mesh.shape["data"] * s.mesh.shape["fsdp"])
+    ckpt = Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
+                        every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep, best_metric=best_metric)
+    d = c.data
+    loader = data.train_loader(s.train_ds, c.train.batch_size, seed=c.train.seed, packing=d.packing,
+                               share_prompt=d.share_prompt, pack_length=d.pack_length, pack_rows=d.pack_rows,
+                               row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum)
     padding = loader.padding()
     log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
         f"{padding['pairs_per_step']:g} pairs a step, {padding['tokens_vs_plain']:.2f}x the tokens of plain "

@@ -17,8 +17,7 @@ import os
 import jax
 import numpy as np
 
-from haf_jax.core import forward, paths
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, paths
 from haf_jax.core.logs import log
 from haf_jax.evaluation.evaluator import compute
 from haf_jax.training.resume import RunError

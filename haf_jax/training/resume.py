@@ -5,13 +5,14 @@ weights. Resuming compares that with the current config (`check_resumable`): dif
 change the trained state (model, objective, loss weights, data, seed, batch size, optimizer,
 train.steps through the LR schedule, keys that appeared or disappeared) refuse the resume;
 differences in eval/log cadence, checkpoint options and the eval data are reported and accepted.
+A checkpoint written before a key existed is compared as if it had the key's default
+(haf_jax/config/base.py ADDED_LATER), so adding a key never breaks a resume.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
-from haf_jax.model.lora import LoraConfig
+from haf_jax.config.base import with_added_defaults
 
 
 class RunError(RuntimeError):
@@ -22,28 +23,7 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-# Config keys added after runs were already written, with the value that reproduces those runs: a
-# checkpoint without them is compared as if it had them (so adding a key never breaks a resume).
-ADDED_KEYS = {"model": {"lora": dataclasses.asdict(LoraConfig()), "attention": "auto", "scan_layers": False,
-                        "remat_policy": "nothing"},
-              "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped",
-                       "eval_subsample": 0, "eval_subsample_seed": 0, "packing": False, "pack_length": 0,
-                       "pack_rows": 0, "share_prompt": False},
-              "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""},
-              "optim": {"moment_dtype": "float32"}}
-
-
-def with_added_defaults(saved: dict, added: dict = ADDED_KEYS) -> dict:
-    out = dict(saved)
-    for key, value in added.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = with_added_defaults(out[key], value)
-        elif key not in out:
-            out[key] = value
-    return out
-
-
-# Keys (configs/common.py) that never change the trained state.
+# Keys (haf_jax/config/base.py) that never change the trained state.
 HARMLESS_PREFIXES = ("train.eval_every", "train.log_every", "train.profile_steps", "checkpoint.", "data.eval",
                      "model.scan_layers", "model.remat_policy")  # a resume converts the layout; same numbers
 _MISSING = "<missing>"
@@ -89,7 +69,8 @@ def check_resumable(saved: dict, config, base: dict, workdir, *, scan_layers: bo
     """The harmless differences between a checkpoint's config `saved` and `config` (+ `base`, the
     LoRA base-weights fingerprint; `scan_layers` the run's parameter layout); raises RunError when
     the checkpoint belongs to another run."""
-    saved_scan = bool(with_added_defaults(saved)["model"]["scan_layers"])
+    saved = with_added_defaults(saved)
+    saved_scan = bool(saved["model"]["scan_layers"])
     if saved.get("base_weights") != base.get("base_weights") and saved_scan != scan_layers:
         # the base's fingerprint covers its layout: adapters are converted, the frozen base is not
         raise RunError(f"{workdir} holds LoRA adapters of a run with model.scan_layers={saved_scan}: resume "
@@ -98,8 +79,8 @@ def check_resumable(saved: dict, config, base: dict, workdir, *, scan_layers: bo
         raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
                        f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
                        f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
-    breaking, harmless = compare_configs(with_added_defaults(saved), {**config_dict(config), **base})
-    was_eval = (saved.get("data") or {}).get("eval") or ""
+    breaking, harmless = compare_configs(saved, {**config_dict(config), **base})
+    was_eval = saved["data"]["eval"]
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
         breaking.append(f"data.eval: saved={was_eval!r} current={config.data.eval!r} (an empty data.eval takes "

@@ -14,8 +14,7 @@ import jax
 from etils import epath
 
 from haf_jax import data
-from haf_jax.core import forward, paths, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import data_options, forward, params as params_lib, paths, sharding
 from haf_jax.core.logs import log
 from haf_jax.core.model_setup import model_source, optimizer_for, step_config
 from haf_jax.model import lora as lora_lib
@@ -55,16 +54,17 @@ def build(config, workdir: epath.Path | None) -> Setup:
                        f"{model_cfg.vocab_size}")
     d = config.data
     train_spec = d.train or data.sample_paths()["data"]
-    common = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
-                  eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
-                  process_index=jax.process_index(), process_count=jax.process_count(), **data.config_options(d))
-    eval_only = data.eval_options(d)  # data.eval_subsample[_seed]
+    options = data.PairOptions(
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
+        eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
+        process_index=jax.process_index(), process_count=jax.process_count(), **data_options.fidelity_options(d))
+    eval_opts = dataclasses.replace(options, **data_options.eval_options(d))  # data.eval_subsample[_seed]
     if d.eval:  # separate files: each is used whole
-        train_ds = data.load_pairs(train_spec, tokenizer, split="all", **common)
-        eval_ds = data.load_pairs(d.eval, tokenizer, split="all", **common, **eval_only)
+        train_ds = data.load_pairs(train_spec, tokenizer, options, split="all")
+        eval_ds = data.load_pairs(d.eval, tokenizer, eval_opts, split="all")
     else:  # one source: a deterministic eval carve (eval_fraction, or the recipe's own rule)
-        train_ds = data.load_pairs(train_spec, tokenizer, split="train", **common)
-        eval_ds = data.load_pairs(train_spec, tokenizer, split="eval", **common, **eval_only)
+        train_ds = data.load_pairs(train_spec, tokenizer, options, split="train")
+        eval_ds = data.load_pairs(train_spec, tokenizer, eval_opts, split="eval")
     for name, ds in (("train", train_ds), ("eval", eval_ds)):
         log(f"data report ({name}):\n{data.format_report(ds.report)}")
         if workdir is not None and jax.process_index() == 0:

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from haf_jax.core import losses, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import losses, params as params_lib, sharding
 from haf_jax.core.forward import (  # noqa: F401  (StepConfig, LossConfig, put_batch: the step's vocabulary)
     ROW_KEYS,
     LossConfig,

@@ -38,14 +38,14 @@ def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
     from flax import traverse_util
 
     from haf_jax.core import sharding
-    from haf_jax.evaluation import loading as runs
-    from haf_jax.model import hf
-    from haf_jax.model import lora as lora_lib
+    from haf_jax.evaluation.loading import load_model
+    from haf_jax.model import hf, lora as lora_lib
 
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    merged, config, _, info = runs.load_run(lora_run, mesh, which="last")
+    loaded = load_model(str(lora_run), mesh, which="last", float32=True)
+    merged, config = loaded.params, loaded.model_cfg
     base, _ = hf.load_params(lora_base, config)
-    targets = set(lora_lib.targets(config, info["lora"]["config"]))
+    targets = set(lora_lib.targets(config, loaded.lora.config))
     assert targets == {f"layers_{i}/mlp/{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
     flat_merged, flat_base = (traverse_util.flatten_dict(jax.device_get(t), sep="/") for t in (merged, base))
     changed = {k for k in flat_base if not np.array_equal(flat_merged[k], flat_base[k])}

@@ -97,7 +97,7 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
 def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     from helpers.checkpoint_states import abstract, assert_same, make_state, mesh_of, save
 
-    from haf_jax import checkpoint
+    from haf_jax.checkpoint.manager import Checkpointer
 
     (tmp_path / "tok" / "sub").mkdir(parents=True)
     (tmp_path / "tok" / "a.json").write_text("{}")
@@ -119,18 +119,26 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     paths.write_text("gs://bucket/t/bad.jsonl", '{"chosen": "a", "rejected": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"^gs://bucket/t/bad.jsonl line 2"):
         list(sources.read_rows(sources.parse_source("gs://bucket/t/bad.jsonl")))
+    from haf_jax.data import jsonl  # the one JSON-lines reader/writer: straight to and from the bucket
+
+    jsonl.write("gs://bucket/t/rows.jsonl.gz", [{"a": 1}, {"b": "é"}])
+    assert list(jsonl.read("gs://bucket/t/rows.jsonl.gz")) == [(1, {"a": 1}), (2, {"b": "é"})]
+    with pytest.raises(DataError, match=r"^gs://bucket/t/bad.jsonl line 2: malformed JSON"):
+        list(jsonl.read("gs://bucket/t/bad.jsonl"))
+    with pytest.raises(DataError, match=r"^gs://bucket/t/missing.jsonl: file not found$"):
+        list(jsonl.read("gs://bucket/t/missing.jsonl"))
 
     # orbax through tensorstore and gcsfs: round trip, retention, walk-back past a garbled newest step
     states = {s: make_state(mesh_of(1), seed=s) for s in (1, 2, 3)}
-    with checkpoint.Checkpointer("gs://bucket/t/ckpt", every_steps=1, keep=1) as c:
+    with Checkpointer("gs://bucket/t/ckpt", every_steps=1, keep=1) as c:
         for s, st in states.items():
             save(c, s, st, {"reward_accuracy": {1: 0.9, 2: 0.1, 3: 0.2}[s]})
-    c = checkpoint.Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
+    c = Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
     assert c.all_steps() == [1, 3] and c.best_step() == 1 and c.latest_step() == 3
     restored, data_state, _ = c.restore(None, abstract(mesh_of(1), states[3]))
     assert_same(restored, states[3]) and data_state["position"] == 12
     paths.path("gs://bucket/t/ckpt/3/meta/metadata").write_text("{garbage")
-    c = checkpoint.Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
+    c = Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
     restored, _, _ = c.restore(None, abstract(mesh_of(1), states[3]))
     assert c.restored_step == 1 and 3 in c.unusable_steps()
     assert_same(restored, states[1])

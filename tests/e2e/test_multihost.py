@@ -115,3 +115,21 @@ def test_two_process_score_equals_one_process(preempted, tmp_path):
     assert len(two) == summary["pairs"] + summary["skipped"] == 70  # each pair once
     for a, b in zip(two, one):  # in order; values to float32 reduction order (2 devices vs 1)
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), (a, b)
+
+
+def test_collectives_agree_across_two_processes(tmp_path):
+    """Each collective of haf_jax.core.distributed gives both processes the same, right answer
+    (tests/multihost_collectives.py): agreements, gathers, and checksums of an array spread over both."""
+    import jax.numpy as jnp
+
+    from haf_jax.checkpoint import integrity
+
+    outs = finish(start(["tests.multihost_collectives"], 2, tmp_path / "cache"))
+    got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    whole = jnp.arange(12, dtype=jnp.float32).reshape(4, 3)
+    shared = {"everyone_differs": False, "everyone_agrees": True, "anyone_one": True, "anyone_none": False,
+              "process_0": True, "stack": [[0, 10], [1, 11]], "concat": [0, 10, 1, 11],
+              "digest": [True, integrity.digest({"w": whole})[1]], "finite": True, "preemption": False}
+    for pid, g in enumerate(got):
+        assert {k: g[k] for k in shared} == shared, (pid, g)
+        assert g["to_host"] == {"spread": whole.tolist(), "local": [pid, pid]}, (pid, g)

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from haf_jax import checkpoint as ckpt
+from haf_jax.checkpoint import integrity
 
 AXES = ("data", "fsdp", "tensor")
 SPECS = {"embed": P("fsdp", "tensor"), "mlp": {"w": P(None, "tensor"), "b": P()}, "head": P("fsdp", None)}
@@ -61,7 +60,7 @@ def abstract(mesh, state):
 
 
 def as_numpy(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if ckpt._is_key(x) else x), tree)
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if integrity.is_key(x) else x), tree)
 
 
 def assert_same(a, b):

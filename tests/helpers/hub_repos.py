@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from haf_jax.data import DataError, load_pairs, sample_paths
+from haf_jax.data import DataError, PairOptions, load_pairs, sample_paths
 
 
 def _sample(n):
@@ -130,7 +130,7 @@ def write_hub(root):
 def one_line_error(spec, tok, **kw) -> str:
     """The DataError message of loading `spec`, asserted to be one line without a traceback."""
     with pytest.raises(DataError) as e:
-        load_pairs(spec, tok, split="all", **kw)
+        load_pairs(spec, tok, PairOptions(**kw), split="all")
     msg = str(e.value)
     assert "\n" not in msg and "Traceback" not in msg, msg
     return msg

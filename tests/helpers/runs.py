@@ -202,8 +202,9 @@ def transformers_scores(out, pairs, *, max_length, max_prompt_length, batch_size
 
     tok = data.load_tokenizer(str(out / "reward_model"))
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    ds = data.load_pairs(str(pairs), tok, split="all", max_length=max_length, max_prompt_length=max_prompt_length,
-                         eval_fraction=0.0, max_skip_fraction=1.0)
+    options = data.PairOptions(max_length=max_length, max_prompt_length=max_prompt_length, eval_fraction=0.0,
+                               max_skip_fraction=1.0)
+    ds = data.load_pairs(str(pairs), tok, options, split="all")
     kw = dict(torch_dtype=torch.float32, attn_implementation="eager")
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "reward_model"), **kw).eval()
     lm = transformers.AutoModelForCausalLM.from_pretrained(str(out / "policy"), **kw).eval()

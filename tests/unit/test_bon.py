@@ -15,10 +15,10 @@ import transformers as T
 from helpers.parity import perturb
 from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
 
-from haf_jax import bon
-from haf_jax import score as score_lib
 from haf_jax.core import sharding
 from haf_jax.data import DataError
+from haf_jax.evaluation import scoring as score_lib
+from haf_jax.generation import best_of_n as bon
 
 T.logging.set_verbosity_error()
 

@@ -1,4 +1,5 @@
-"""CLI behaviour: haf_jax.score (input order, skipped rows kept in place, summary); train flag errors."""
+"""CLI behaviour: haf_jax.score's library (evaluation.scoring: input order, skipped rows kept in place,
+summary); train flag errors."""
 import dataclasses
 import json
 
@@ -7,11 +8,10 @@ import numpy as np
 import pytest
 
 from haf_jax import data
-from haf_jax.core import params as params_lib
-from haf_jax.core import sharding
+from haf_jax.core import params as params_lib, sharding
+from haf_jax.evaluation.scoring import score
 from haf_jax.model import hf
 from haf_jax.model.families import preset
-from haf_jax.score import score
 
 
 def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from haf_jax.data import PairLoader, length_buckets, load_pairs, sample_paths
+from haf_jax.data import PairLoader, PairOptions, length_buckets, load_pairs, sample_paths
 
 N_PAIRS = 96
 
@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ds(data, tok):
-    return load_pairs(data, tok, split="all", max_length=256, max_prompt_length=64)
+    return load_pairs(data, tok, PairOptions(max_length=256, max_prompt_length=64), split="all")
 
 
 def check_batch(batch, ds, b):
@@ -116,8 +116,8 @@ def test_length_grouping_reduces_padding(ds):
 
 
 def test_simulated_processes_disjoint_union(data, tok):
-    parts = [load_pairs(data, tok, split="all", max_length=256, max_prompt_length=64,
-                        process_index=p, process_count=2) for p in range(2)]
+    parts = [load_pairs(data, tok, PairOptions(max_length=256, max_prompt_length=64, process_index=p, process_count=2),
+                        split="all") for p in range(2)]
     assert parts[0].fingerprint == parts[1].fingerprint and parts[0].report == parts[1].report
     loaders = [PairLoader(d, 16, seed=3) for d in parts]
     seen = [set(), set()]
@@ -139,10 +139,10 @@ WORKER = textwrap.dedent("""
     port, pid, data, tokdir, out = sys.argv[1:]
     jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2,
                                process_id=int(pid), initialization_timeout=120)
-    from haf_jax.data import PairLoader, load_pairs, load_tokenizer
+    from haf_jax.data import PairLoader, PairOptions, load_pairs, load_tokenizer
     tok = load_tokenizer(tokdir)
-    ds = load_pairs(data, tok, split="all", max_length=256, max_prompt_length=64,
-                    process_index=jax.process_index(), process_count=jax.process_count())
+    ds = load_pairs(data, tok, PairOptions(max_length=256, max_prompt_length=64, process_index=jax.process_index(),
+                                           process_count=jax.process_count()), split="all")
     assert len(ds.tokens.prompt) == len(ds.local_indices)          # only its slice tokenised
     ld = PairLoader(ds, 16, seed=3)
     train = [next(ld) for _ in range(8)]
@@ -205,12 +205,12 @@ def test_two_real_processes(tmp_path, data, tok, ds):
 
 
 def test_token_cache_reused(tmp_path, data, tok, ds, monkeypatch):
-    kw = dict(split="all", max_length=256, max_prompt_length=64, cache_dir=str(tmp_path))
-    first = load_pairs(data, tok, **kw)
+    options = PairOptions(max_length=256, max_prompt_length=64, cache_dir=str(tmp_path))
+    first = load_pairs(data, tok, options, split="all")
     files = list(tmp_path.glob("pairs-*.npz"))
     assert len(files) == 1 and first.fingerprint in files[0].name
     monkeypatch.setattr("haf_jax.data.tokenize.encode_pairs", lambda *a, **k: 1 / 0)
-    again = load_pairs(data, tok, **kw)                          # no tokenisation this time
+    again = load_pairs(data, tok, options, split="all")          # no tokenisation this time
     assert again.report == ds.report
     for x, y in zip(ds.batches(32), again.batches(32)):
         for k in x:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from haf_jax.data import DataError, load_pairs
+from haf_jax.data import DataError, PairOptions, load_pairs
 from haf_jax.data.formats import convert_rows
 
 
@@ -18,9 +18,9 @@ def triples(ds):
     return [(p["prompt"], p["chosen"], p["rejected"]) for p in ds.pairs]
 
 
-def load(tmp_path, rows, tok, name="d.jsonl", **kw):
-    kw.setdefault("split", "all")
-    return load_pairs(write_jsonl(tmp_path / name, rows), tok, **kw)
+def load(tmp_path, rows, tok, name="d.jsonl", **options):
+    """Split "all" of `rows` written to a JSON-lines file, loaded with PairOptions(**options)."""
+    return load_pairs(write_jsonl(tmp_path / name, rows), tok, PairOptions(**options), split="all")
 
 
 def ids(tok, text):
@@ -105,7 +105,7 @@ def test_hh_recipe_single_turn_only_and_template(tmp_path, tok):
         ds = load_pairs(f"recipe:{name}:{path}", tok, split="all")
         assert triples(ds) == [("\n\nHuman: Hi?\n\nAssistant:", " Hello.", " No.")]
         assert ds.report["filtered_by_reason"] == {"multi_turn": 1}
-    ds = load_pairs(f"recipe:hh_harmless:{path}", tok, split="all", template="phi2")
+    ds = load_pairs(f"recipe:hh_harmless:{path}", tok, PairOptions(template="phi2"), split="all")
     assert triples(ds) == [("Instruct: Hi?\nOutput:", " Hello.", " No.")]
 
 
@@ -116,8 +116,8 @@ def test_beavertails_safe_recipe(tmp_path, tok):
             dict(base, is_response_0_safe=False, is_response_1_safe=True),
             dict(base, is_response_0_safe=True, is_response_1_safe=True),
             dict(base, is_response_0_safe=False, is_response_1_safe=False)]
-    ds = load_pairs("recipe:beavertails_safe:" + write_jsonl(tmp_path / "b.jsonl", rows), tok, split="all",
-                    template="mistral")
+    ds = load_pairs("recipe:beavertails_safe:" + write_jsonl(tmp_path / "b.jsonl", rows), tok,
+                    PairOptions(template="mistral"), split="all")
     assert triples(ds) == [("[INST] How do I pick a lock? [/INST]", "Call a locksmith.", "Use a pin."),
                            ("[INST] How do I pick a lock? [/INST]", "Use a pin.", "Call a locksmith.")]
     assert ds.report["filtered_by_reason"] == {"not_exactly_one_safe": 2}
@@ -127,7 +127,7 @@ def test_alpaca_recipe_first_10_percent_eval(tmp_path, tok):
     rows = [{"instruction": f"Task {i}", "input": "ctx" if i == 0 else "", "output_1": f"o1-{i}",
              "output_2": f"o2-{i}", "preference": 1 + i % 2} for i in range(20)]
     path = "recipe:alpaca_human_pref:" + write_jsonl(tmp_path / "a.jsonl", rows)
-    ev = load_pairs(path, tok, split="eval", eval_fraction=0.5)   # recipe rule wins
+    ev = load_pairs(path, tok, PairOptions(eval_fraction=0.5), split="eval")   # recipe rule wins
     tr = load_pairs(path, tok, split="train")
     assert triples(ev) == [("Task 0\n\nctx", "o1-0", "o2-0"), ("Task 1", "o2-1", "o1-1")]
     assert len(tr) == 18 and tr.pairs[0]["prompt"] == "Task 2"
@@ -168,14 +168,14 @@ def test_skips_counted_by_reason_and_refusal(tmp_path, tok):
 def test_eval_carve_is_deterministic_and_disjoint(tmp_path, tok):
     rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(100)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    tr = load_pairs(path, tok, split="train", eval_fraction=0.1, seed=3)
-    ev = load_pairs(path, tok, split="eval", eval_fraction=0.1, seed=3)
-    ev2 = load_pairs(path, tok, split="eval", eval_fraction=0.1, seed=3)
+    tr = load_pairs(path, tok, PairOptions(eval_fraction=0.1, seed=3), split="train")
+    ev = load_pairs(path, tok, PairOptions(eval_fraction=0.1, seed=3), split="eval")
+    ev2 = load_pairs(path, tok, PairOptions(eval_fraction=0.1, seed=3), split="eval")
     assert len(tr) == 90 and len(ev) == 10
     assert triples(ev) == triples(ev2)
     assert not set(triples(tr)) & set(triples(ev))
     assert set(triples(tr)) | set(triples(ev)) == set(triples(load_pairs(path, tok, split="all")))
-    assert triples(load_pairs(path, tok, split="eval", eval_fraction=0.1, seed=4)) != triples(ev)
+    assert triples(load_pairs(path, tok, PairOptions(eval_fraction=0.1, seed=4), split="eval")) != triples(ev)
     assert tr.fingerprint != ev.fingerprint
 
 
@@ -185,8 +185,8 @@ def test_fingerprint_tracks_rows_tokenizer_and_settings(tmp_path, tok):
     fa = load_pairs(a, tok, split="all").fingerprint
     assert fa == load_pairs(a, tok, split="all").fingerprint
     assert fa != load_pairs(b, tok, split="all").fingerprint
-    assert fa != load_pairs(a, tok, split="all", max_length=256).fingerprint
-    assert fa != load_pairs(a, tok, split="all", template="phi2").fingerprint
+    assert fa != load_pairs(a, tok, PairOptions(max_length=256), split="all").fingerprint
+    assert fa != load_pairs(a, tok, PairOptions(template="phi2"), split="all").fingerprint
 
 
 def test_hh_prompts_on_real_file(shared_data, tok):

@@ -18,10 +18,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.hub_repos import ROWS
-from helpers.hub_repos import one_line_error as _error
+from helpers.hub_repos import ROWS, one_line_error as _error
 
-from haf_jax.data import load_pairs
+from haf_jax.data import PairOptions, load_pairs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -66,8 +65,8 @@ def test_recipes_read_local_hub_repositories(recipe, tail, repo, prefix, n, hub,
         rows = [r for (rp, rel), rs in ROWS.items() if rp == repo and rel.endswith("/train.jsonl") for r in rs]
     ref_spec = f"recipe:{recipe}:{jsonl(tmp_path, rows)}"
     for split in ("all", "train", "eval"):
-        a = load_pairs(spec, tok, split=split, max_length=128, max_prompt_length=64)
-        b = load_pairs(ref_spec, tok, split=split, max_length=128, max_prompt_length=64)
+        a = load_pairs(spec, tok, PairOptions(max_length=128, max_prompt_length=64), split=split)
+        b = load_pairs(ref_spec, tok, PairOptions(max_length=128, max_prompt_length=64), split=split)
         same(a, b)
         if split == "all":
             assert a.report["source"] == f"hf:{hub / repo}{tail}"
@@ -148,5 +147,5 @@ def test_train_from_local_hub_repository(hub, tok, tmp_path):
     for name, part in (("train", "harmless-base/train"), ("eval", "harmless-base/test")):
         report = json.loads((workdir / f"data_report_{name}.json").read_text())
         ref = load_pairs(f"recipe:hh_harmless:{jsonl(tmp_path, rows_of('Anthropic/hh-rlhf', part), name + '.jsonl')}",
-                         tok, split="all", max_length=64, max_prompt_length=32)
+                         tok, PairOptions(max_length=64, max_prompt_length=32), split="all")
         assert report["fingerprint"] == ref.fingerprint and report["pairs"] == len(ref)

@@ -133,12 +133,14 @@ def test_cli_reports_and_fails_cleanly(tmp_path, capsys):
 
     good = tmp_path / "g.jsonl"
     good.write_text(jsonl(ROWS))
-    assert main([str(good), "--out", str(tmp_path / "r.json")]) == 0
+    main.invoke(["haf_jax.data", str(good), "--out", str(tmp_path / "r.json")])  # exit 0: no SystemExit
     out = capsys.readouterr().out
     assert "rows read 2, pairs 2" in out and "skipped: none" in out
     assert json.loads((tmp_path / "r.json").read_text())["pairs"] == 2
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"prompt": "p", "chosen": null, "rejected": "b"}\n')
-    assert main([str(bad)]) == 1
+    with pytest.raises(SystemExit) as e:
+        main.invoke(["haf_jax.data", str(bad)])
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == f"data error: {bad} line 1, field 'chosen': expected a value, got null"

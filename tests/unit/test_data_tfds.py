@@ -18,7 +18,7 @@ pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not install
 from helpers import tfds_prefs  # noqa: E402  (the builders)
 from helpers.hub_repos import one_line_error as _error  # noqa: E402  (one-line DataError message of a spec)
 
-from haf_jax.data import PairLoader, load_pairs  # noqa: E402
+from haf_jax.data import PairLoader, PairOptions, load_pairs  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
@@ -61,9 +61,9 @@ def same_dataset(a, b):
 def test_each_record_form_reads_like_jsonl(name, data_dir, tok, tmp_path):
     """Every record form from TFDS: the same pairs, fingerprint and tokenised batches as from a
     JSON lines file of the same records."""
-    kw = dict(split="all", max_length=64, max_prompt_length=32, fields=FIELDS.get(name))
-    ds = load_pairs(f"tfds:{name}:data_dir={data_dir}:train", tok, **kw)
-    ref = load_pairs(str(write_jsonl(tmp_path / "a.jsonl", tfds_prefs.ROWS[name]["train"])), tok, **kw)
+    options = PairOptions(max_length=64, max_prompt_length=32, fields=FIELDS.get(name))
+    ds = load_pairs(f"tfds:{name}:data_dir={data_dir}:train", tok, options, split="all")
+    ref = load_pairs(str(write_jsonl(tmp_path / "a.jsonl", tfds_prefs.ROWS[name]["train"])), tok, options, split="all")
     assert len(ds) > 0 and ds.report["source"] == f"tfds:{name}:data_dir={data_dir}:train"
     same_dataset(ds, ref)
 
@@ -79,8 +79,8 @@ def test_decoded_values(data_dir, tok):
     assert row["chosen"] == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "Good 1"}]
     ds = load_pairs(f"tfds:messages_prefs:data_dir={data_dir}:train", tok, split="all")
     assert ds.pairs[0]["chat"] and ds.pairs[0]["prompt"] == "<bos><|user|>\nHi 0<eos><|assistant|>\n"
-    ds = load_pairs(f"tfds:labelled_prefs:data_dir={data_dir}:train", tok, split="all",
-                    fields=tfds_prefs.LABELLED_FIELDS)
+    ds = load_pairs(f"tfds:labelled_prefs:data_dir={data_dir}:train", tok,
+                    PairOptions(fields=tfds_prefs.LABELLED_FIELDS), split="all")
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in ds.pairs[:2]] == [("x0?", "A0", "B0"),
                                                                                  ("x1?", "B1", "A1")]
 
@@ -96,8 +96,8 @@ def test_data_dir_forms_recipe_and_slices(data_dir, tok, tmp_path, monkeypatch):
     rows = tfds_prefs.ROWS["hh_prefs"]["train"]
     jl = write_jsonl(tmp_path / "hh.jsonl", rows)
     for split in ("train", "eval"):     # the deterministic eval carve picks the same rows
-        a = load_pairs("tfds:hh_prefs:train", tok, split=split, eval_fraction=0.25, seed=1)
-        b = load_pairs(str(jl), tok, split=split, eval_fraction=0.25, seed=1)
+        a = load_pairs("tfds:hh_prefs:train", tok, PairOptions(eval_fraction=0.25, seed=1), split=split)
+        b = load_pairs(str(jl), tok, PairOptions(eval_fraction=0.25, seed=1), split=split)
         same_dataset(a, b)
     a = load_pairs("recipe:hh_harmless:tfds:hh_prefs:train", tok, split="all")
     b = load_pairs(f"recipe:hh_harmless:{jl}", tok, split="all")
@@ -108,12 +108,12 @@ def test_host_sharding_and_resume(data_dir, tok, tmp_path):
     """Two simulated processes own disjoint pairs exactly as for a file; a stopped loader resumes."""
     spec = f"tfds:hh_prefs:data_dir={data_dir}:train"
     jl = str(write_jsonl(tmp_path / "hh.jsonl", tfds_prefs.ROWS["hh_prefs"]["train"]))
-    kw = dict(split="all", max_length=64, max_prompt_length=32, process_count=2)
     for p in range(2):
-        a, b = load_pairs(spec, tok, process_index=p, **kw), load_pairs(jl, tok, process_index=p, **kw)
+        options = PairOptions(max_length=64, max_prompt_length=32, process_index=p, process_count=2)
+        a, b = load_pairs(spec, tok, options, split="all"), load_pairs(jl, tok, options, split="all")
         np.testing.assert_array_equal(a.local_indices, b.local_indices)
         same_batches(a, b)
-    ds = load_pairs(spec, tok, split="all", max_length=64, max_prompt_length=32)
+    ds = load_pairs(spec, tok, PairOptions(max_length=64, max_prompt_length=32), split="all")
     with PairLoader(ds, 8, seed=5) as ref:
         want = [next(ref) for _ in range(9)]
     with PairLoader(ds, 8, seed=5) as a:
@@ -140,7 +140,8 @@ def test_broken_datasets_one_line_errors(data_dir, tok):
     assert _error(src, tok, fields={"rejected": "answer"}) == (
         f"{src} row 2, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 3)")
     # the binary 'blob' feature is never read: the rows before the bad one load
-    ok = load_pairs(f"tfds:broken_prefs:data_dir={d}:train[:2]", tok, split="all", fields={"rejected": "answer"})
+    ok = load_pairs(f"tfds:broken_prefs:data_dir={d}:train[:2]", tok, PairOptions(fields={"rejected": "answer"}),
+                    split="all")
     assert [p["rejected"] for p in ok.pairs] == ["a0", "a1"]
     src = f"tfds:broken_messages_prefs:data_dir={d}:train"
     assert _error(src, tok) == (f"{src} row 1, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 2) "
@@ -162,14 +163,18 @@ def test_broken_datasets_one_line_errors(data_dir, tok):
 def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
     from haf_jax.data.__main__ import main
 
-    assert main([f"tfds:hh_prefs:data_dir={data_dir}:test"]) == 0
+    main.invoke(["haf_jax.data", f"tfds:hh_prefs:data_dir={data_dir}:test"])  # exit 0: no SystemExit
     assert "rows read 16" in capsys.readouterr().out
     src = f"tfds:broken_prefs:data_dir={data_dir}:train"
-    assert main([f"recipe:hh_helpful:{src}"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main.invoke(["haf_jax.data", f"recipe:hh_helpful:{src}"])
+    assert e.value.code == 2
     assert capsys.readouterr().err.strip() == f"data error: {src} row 0, field 'rejected': missing field " \
                                               "(row has ['answer', 'blob', 'chosen', 'prompt'])"
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)    # as without the extra
-    assert main(["tfds:hh_prefs:test"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main.invoke(["haf_jax.data", "tfds:hh_prefs:test"])
+    assert e.value.code == 2
     assert re.fullmatch(r"data error: tfds:hh_prefs:test: TensorFlow Datasets is not installed; "
                         r"pip install 'haf_jax\[tfds\]' .*", capsys.readouterr().err.strip())
 
@@ -205,13 +210,14 @@ def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and summary["last"]["pairs"] == 16
-    kw = dict(split="all", max_length=64, max_prompt_length=32)
+    options = PairOptions(max_length=64, max_prompt_length=32)
     for split in ("train", "test"):
         report = json.loads((workdir / f"data_report_{'eval' if split == 'test' else 'train'}.json").read_text())
         assert report["source"] == f"tfds:hh_prefs:{split}"
-        ref = load_pairs(str(write_jsonl(tmp_path / f"{split}.jsonl", tfds_prefs.ROWS["hh_prefs"][split])), tok, **kw)
+        rows = tfds_prefs.ROWS["hh_prefs"][split]
+        ref = load_pairs(str(write_jsonl(tmp_path / f"{split}.jsonl", rows)), tok, options, split="all")
         assert report["fingerprint"] == ref.fingerprint      # rows + tokenizer + tokenisation settings
-        same_batches(load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:{split}", tok, **kw), ref)
+        same_batches(load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:{split}", tok, options, split="all"), ref)
 
     out = tmp_path / "scores.jsonl"
     p = subprocess.run([sys.executable, "-m", "haf_jax.score", f"--model={workdir}",

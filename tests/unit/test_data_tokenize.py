@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from haf_jax.data import DataError, load_pairs, load_tokenizer
+from haf_jax.data import DataError, PairOptions, load_pairs, load_tokenizer
 from haf_jax.data.tokenize import encode_pairs
 
 
@@ -96,10 +96,11 @@ def test_report_counts_truncation(tmp_path, tok):
             {"prompt": "q", "chosen": "a", "rejected": "b"}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = load_pairs(str(path), tok, split="all", max_length=128, max_prompt_length=32).report
+    r = load_pairs(str(path), tok, PairOptions(max_length=128, max_prompt_length=32), split="all").report
     assert (r["truncated_prompt"], r["truncated_response"], r["lost_eos"]) == (1, 1, 0)
     assert r["tokens"]["max"] == 128 and r["tokens_raw"]["max"] > 128
-    r = load_pairs(str(path), tok, split="all", max_length=128, max_prompt_length=32, keep_eos=False).report
+    r = load_pairs(str(path), tok, PairOptions(max_length=128, max_prompt_length=32, keep_eos=False),
+                   split="all").report
     assert r["lost_eos"] == 1
 
 
@@ -133,7 +134,7 @@ def test_gemma_contract_on_real_hh_rows(tmp_path, shared_data, gemma):
     lines = gzip.open(src, "rt", encoding="utf-8").readlines()[:150]
     path = tmp_path / "hh.jsonl"
     path.write_text("".join(lines))
-    ds = load_pairs(str(path), gemma, split="all", max_length=512, max_prompt_length=128)
+    ds = load_pairs(str(path), gemma, PairOptions(max_length=512, max_prompt_length=128), split="all")
     for b in ds.batches(16):
         for r in np.flatnonzero(b["valid"]):
             pair = ds.pairs[b["index"][r]]

@@ -12,12 +12,13 @@ import jax
 import numpy as np
 import pytest
 
-from haf_jax import checkpoint, data
+from haf_jax import data
+from haf_jax.checkpoint.manager import Checkpointer
 from haf_jax.core import losses, sharding
-from haf_jax.evaluate import evaluate
-from haf_jax.evaluation import loading as runs
-from haf_jax.evaluation import plots, rewardbench
-from haf_jax.score import score
+from haf_jax.data import jsonl
+from haf_jax.evaluation import loading, plots, rewardbench
+from haf_jax.evaluation.report import evaluate
+from haf_jax.evaluation.scoring import score
 from haf_jax.training.metrics import MetricsLog, read_rows
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -25,13 +26,8 @@ RB_V1, RB_V2 = REPO / "tests" / "data" / "rewardbench_v1.jsonl", REPO / "tests" 
 MAX_LENGTH, MAX_PROMPT = 48, 24
 
 
-def _config(train, eval_):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("haf_jax_test_gemma_config", REPO / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+def _config(load_config, train, eval_):
+    c = load_config("configs/gemma.py:tiny")
     c.data.train, c.data.eval = str(train), str(eval_)
     c.data.max_length, c.data.max_prompt_length = MAX_LENGTH, MAX_PROMPT
     c.train.steps, c.train.batch_size, c.train.eval_every, c.train.eval_batch_size = 2, 8, 2, 8
@@ -40,7 +36,7 @@ def _config(train, eval_):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, load_config):
     from haf_jax.training.loop import train
 
     root = tmp_path_factory.mktemp("evaluate")
@@ -50,7 +46,7 @@ def run(tmp_path_factory):
     old = os.environ.get("HAF_JAX_CACHE")
     os.environ["HAF_JAX_CACHE"] = str(root / "cache")
     try:
-        train(_config(root / "train.jsonl", root / "eval.jsonl"), root / "run")
+        train(_config(load_config, root / "train.jsonl", root / "eval.jsonl"), root / "run")
     finally:
         os.environ.pop("HAF_JAX_CACHE") if old is None else os.environ.__setitem__("HAF_JAX_CACHE", old)
     return root
@@ -64,7 +60,7 @@ def _never(*args, **kwargs):
 
 
 def test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)  # score/evaluate: parameters only
+    monkeypatch.setattr(Checkpointer, "restore", _never)  # score/evaluate: parameters only
     loop_row = [r for r in read_rows(run / "run" / "metrics.jsonl") if r.get("split") == "eval"][-1]
     assert loop_row["step"] == 2 and loop_row["pairs"] == 8
     report = evaluate([str(run / "run")], ["run:eval"], str(tmp_path / "out"), steps=["last", "initial"], batch_size=8)
@@ -108,10 +104,11 @@ def test_inference_restores_parameters_only(run, monkeypatch):
         return out
 
     monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", spy)
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
+    monkeypatch.setattr(Checkpointer, "restore", _never)
     mesh = sharding.make_mesh((1, -1, 1))
-    params, model_cfg, _, info = runs.load_run(run / "run", mesh, which="last")
-    assert info["step"] == 2 and len(restored) == 1
+    loaded = loading.load_model(str(run / "run"), mesh, which="last", float32=True)
+    params = loaded.params
+    assert loaded.step == 2 and len(restored) == 1
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored[0])[0]]
     assert paths and all(p.startswith("['params']") for p in paths)
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
@@ -122,12 +119,12 @@ def test_inference_restores_parameters_only(run, monkeypatch):
                     if k.startswith("['opt_state']"))
     assert opt_bytes >= 2 * nbytes(params)
     # The compute dtype: the trunk cast, the heads kept in float32 (as the training forward pass).
-    cast = runs.cast_trunk(params, "bfloat16")
+    cast = loading.cast_trunk(params, "bfloat16")
     assert cast["reward_head"].dtype == np.float32 and cast["embed_tokens"].dtype == jax.numpy.bfloat16
 
 
 def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint.Checkpointer, "restore", _never)
+    monkeypatch.setattr(Checkpointer, "restore", _never)
     report = evaluate([str(run / "run")], [f"rewardbench:{RB_V1}", f"rewardbench2:{RB_V2}"], str(tmp_path / "rb"),
                       steps=["last"], batch_size=8, figures=False)
     v1, v2 = report["rewardbench"], report["rewardbench2"]
@@ -137,7 +134,8 @@ def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch
     # The same numbers from `score`'s per-pair rewards and the scoring functions.
     rows = rewardbench.read_v1(str(RB_V1))
     records, index = rewardbench.pair_records(rows, 1)
-    pairs = rewardbench.write_jsonl(records, tmp_path / "v1_pairs.jsonl")
+    pairs = str(tmp_path / "v1_pairs.jsonl")
+    jsonl.write(pairs, records)
     score(str(run / "run"), pairs, str(tmp_path / "v1_scores.jsonl"), step="last", batch_size=8,
           max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT)
     scored = [json.loads(line) for line in (tmp_path / "v1_scores.jsonl").read_text().splitlines()]

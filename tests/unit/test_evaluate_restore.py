@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax import checkpoint
+from haf_jax.checkpoint.manager import Checkpointer, CorruptCheckpointError
 from haf_jax.core import sharding
 
 
@@ -27,9 +27,9 @@ def _abstract(tree):
 def test_restore_params_reads_only_params_and_verifies_them(tmp_path):
     mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     state = _state(mesh)
-    with checkpoint.Checkpointer(tmp_path, every_steps=1, async_save=False) as c:
+    with Checkpointer(tmp_path, every_steps=1, async_save=False) as c:
         c.save(3, state, data_state={}, config={}, force=True)
-    with checkpoint.Checkpointer(tmp_path, every_steps=0, read_only=True) as c:
+    with Checkpointer(tmp_path, every_steps=0, read_only=True) as c:
         got = c.restore_params(3, _abstract(state["params"]))
         assert sorted(got) == ["b", "w"] and c.restored_step == 3
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(state["params"]))
@@ -44,6 +44,6 @@ def test_restore_params_reads_only_params_and_verifies_them(tmp_path):
     data = bytearray(open(biggest, "rb").read())
     data[len(data) // 2: len(data) // 2 + 8] = bytes(x ^ 0xFF for x in data[len(data) // 2: len(data) // 2 + 8])
     open(biggest, "wb").write(bytes(data))
-    with checkpoint.Checkpointer(tmp_path, every_steps=0, read_only=True) as c:
-        with pytest.raises(checkpoint.CorruptCheckpointError, match="checksum mismatch"):
+    with Checkpointer(tmp_path, every_steps=0, read_only=True) as c:
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch"):
             c.restore_params(3, _abstract(state["params"]))

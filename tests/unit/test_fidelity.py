@@ -1,4 +1,4 @@
-"""Fidelity options (configs/common.py; docs/REPRODUCE.md): each default is this project's behaviour,
+"""Fidelity options (haf_jax/config/base.py; docs/REPRODUCE.md): each default is this project's behaviour,
 each alternative the paper authors'. Every test uses a crafted example on which the two values give
 different results, so it fails if the option is ignored anywhere between the config and the numbers.
 
@@ -15,15 +15,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from haf_jax.config.base import base_config, with_added_defaults
 from haf_jax.core import forward, losses
-from haf_jax.data import (
-    DataError,
-    PairLoader,
-    config_options,
-    eval_options,
-    format_report,
-    load_pairs,
-)
+from haf_jax.core.data_options import eval_options, fidelity_options
+from haf_jax.data import DataError, PairLoader, PairOptions, format_report, load_pairs
 from haf_jax.data.tokenize import PROMPT_CUT, RESPONSE_CUT, encode_pairs
 from haf_jax.model import heads
 from haf_jax.model.families import preset
@@ -31,6 +26,26 @@ from haf_jax.training import step as step_lib
 
 BOS, EOS = 2, 1        # the bundled tokenizer's
 MODEL = dataclasses.replace(preset("tiny"), vocab_size=2048)
+FIDELITY_DATA_KEYS = ("truncation", "degenerate", "batching", "eval_subsample", "eval_subsample_seed")
+
+
+def data_section(**values) -> ConfigDict:
+    """The base config's data section with `values` set."""
+    d = base_config().data
+    d.update(values)
+    return d
+
+
+def older_run() -> ConfigDict:
+    """A run config saved before the fidelity keys existed, read back as resume/score/export read it."""
+    saved = json.loads(base_config().to_json_best_effort())
+    for key in FIDELITY_DATA_KEYS:
+        del saved["data"][key]
+    del saved["loss"]["dpo_scale_by_alpha"]
+    return ConfigDict(with_added_defaults(saved))
+
+
+OLDER_RUN = older_run()
 
 
 @pytest.fixture(scope="module")
@@ -92,15 +107,15 @@ def test_truncation_from_config_reaches_the_batches(tok, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": words(489), "chosen": " a a", "rejected": " I I"}])
     got = {}
     for value in ("always", "trl"):
-        d = ConfigDict({"truncation": value})
-        ds = load_pairs(path, tok, split="all", max_length=512, max_prompt_length=128, **config_options(d))
+        d = data_section(truncation=value)
+        ds = load_pairs(path, tok, PairOptions(max_length=512, max_prompt_length=128, **fidelity_options(d)), split="all")
         b = next(ds.batches(1))
         got[value] = (ds.report["truncated_prompt"], int(b["last_index"][0, 0]) + 1, ds.fingerprint)
     assert got["always"][:2] == (1, 131) and got["trl"][:2] == (0, 493)
     assert got["always"][2] != got["trl"][2]              # a different reference cache key
     # a config without the key (written before it existed) = always, and the same fingerprint as before
-    assert config_options(ConfigDict({}))["truncation"] == "always"
-    assert load_pairs(path, tok, split="all", max_length=512).fingerprint == got["always"][2]
+    assert fidelity_options(OLDER_RUN.data)["truncation"] == "always"
+    assert load_pairs(path, tok, PairOptions(max_length=512), split="all").fingerprint == got["always"][2]
 
 
 # ----------------------------------------------------------------------------- data.degenerate
@@ -120,8 +135,8 @@ def tiny_model():
 
 def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "d.jsonl", DEGENERATE_ROWS)
-    skip = load_pairs(path, tok, split="all", max_skip_fraction=0.5, **config_options(ConfigDict({})))
-    keep = load_pairs(path, tok, split="all", **config_options(ConfigDict({"degenerate": "keep"})))
+    skip = load_pairs(path, tok, PairOptions(max_skip_fraction=0.5, **fidelity_options(OLDER_RUN.data)), split="all")
+    keep = load_pairs(path, tok, PairOptions(**fidelity_options(data_section(degenerate="keep"))), split="all")
     # skip (default): gone, counted as skipped (and toward max_skip_fraction: 40% > 10% refuses)
     assert len(skip) == 3 and skip.report["skipped_by_reason"] == {"empty_chosen": 1, "identical": 1}
     assert skip.report["degenerate_kept_by_reason"] == {} and len(skip.skipped) == 2
@@ -155,8 +170,8 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
     path = write_jsonl(tmp_path / "b.jsonl", rows)
     spread = {}
     for value in ("length_grouped", "random"):
-        ds = load_pairs(path, tok, split="all", max_length=256, max_prompt_length=32,
-                        **config_options(ConfigDict({"batching": value})))
+        options = PairOptions(max_length=256, max_prompt_length=32, **fidelity_options(data_section(batching=value)))
+        ds = load_pairs(path, tok, options, split="all")
         assert ds.batching == value and ds.report["batching"] == value
         with PairLoader(ds, 8, seed=0, prefetch=0) as loader:
             batches = [next(loader) for _ in range(8)]
@@ -171,7 +186,7 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
         assert sorted(idx.ravel().tolist()) == list(range(64))   # one epoch sees every pair once either way
     assert spread["length_grouped"] < 0.3 * spread["random"], spread
     with pytest.raises(DataError, match="unknown batching 'bucket'"):
-        load_pairs(path, tok, split="all", batching="bucket")
+        load_pairs(path, tok, PairOptions(batching="bucket"), split="all")
 
 
 # ----------------------------------------------------------------------------- data.eval_subsample
@@ -184,13 +199,13 @@ def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
     kept_rows = [r for r in rows if r["is_response_0_safe"] != r["is_response_1_safe"]]
     assert len(full) == len(kept_rows) > 20
     want = datasets.Dataset.from_list(kept_rows).shuffle(seed=0).select(range(7))["prompt"]
-    sub = load_pairs(path, tok, split="all", **eval_options(ConfigDict({"eval_subsample": 7})))
+    sub = load_pairs(path, tok, PairOptions(**eval_options(data_section(eval_subsample=7))), split="all")
     assert sorted(p["prompt"] for p in sub.pairs) == sorted(want)
     assert [p["prompt"] for p in sub.pairs] == [p["prompt"] for p in full.pairs if p["prompt"] in set(want)]
-    other = load_pairs(path, tok, split="all", subsample=7, subsample_seed=1)
+    other = load_pairs(path, tok, PairOptions(subsample=7, subsample_seed=1), split="all")
     assert {p["prompt"] for p in other.pairs} != set(want)
-    assert len(load_pairs(path, tok, split="all", subsample=1000)) == len(full)   # more than there is: all
-    assert eval_options(ConfigDict({})) == {"subsample": 0, "subsample_seed": 0}
+    assert len(load_pairs(path, tok, PairOptions(subsample=1000), split="all")) == len(full)   # more than there is: all
+    assert eval_options(OLDER_RUN.data) == {"subsample": 0, "subsample_seed": 0}
 
 
 # ----------------------------------------------------------------------------- loss.dpo_scale_by_alpha
@@ -234,6 +249,7 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
             params, batch)
     (l0, _), g0 = got[False]
     (l1, _), g1 = got[True]
+    assert not forward.LossConfig.from_config(OLDER_RUN.loss).dpo_scale_by_alpha   # runs from before the key
     np.testing.assert_allclose(float(l1), 0.2 * float(l0), rtol=1e-5)
     a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g1)])   # the gradient scales with the loss
     b = 0.2 * np.concatenate([np.ravel(x) for x in jax.tree.leaves(g0)])
@@ -242,23 +258,15 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
 
 
 # ----------------------------------------------------------------------------- loop wiring
-def test_loop_build_passes_the_data_options(tok, tmp_path):
+def test_loop_build_passes_the_data_options(tok, tmp_path, load_config):
     """loop.build hands data.truncation/degenerate/batching to both splits and data.eval_subsample to eval."""
-    import importlib.util
-    import pathlib
-
-    from haf_jax.training import loop
-    from haf_jax.training import resume as run_config
+    from haf_jax.training import loop, resume as run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
         {"prompt": "same", "chosen": " twin", "rejected": " twin"}]
     path = write_jsonl(tmp_path / "l.jsonl", rows)
-    spec = importlib.util.spec_from_file_location("cfg_gemma_fidelity",
-                                                  pathlib.Path(__file__).resolve().parents[2] / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    default = module.get_config()
-    c = module.get_config()
+    default = load_config("configs/gemma.py")
+    c = load_config("configs/gemma.py")
     c.data.train, c.data.eval = path, path
     c.data.truncation, c.data.degenerate, c.data.batching = "trl", "keep", "random"
     c.data.eval_subsample = 5
@@ -273,11 +281,11 @@ def test_loop_build_passes_the_data_options(tok, tmp_path):
     assert s.step_cfg.loss.dpo_scale_by_alpha
     # runs written before these keys existed compare equal to today's defaults (resume stays possible)
     saved = json.loads(default.to_json_best_effort())
-    for key in ("truncation", "degenerate", "batching", "eval_subsample", "eval_subsample_seed"):
+    for key in FIDELITY_DATA_KEYS:
         del saved["data"][key]
     del saved["loss"]["dpo_scale_by_alpha"]
-    breaking, _ = run_config.compare_configs(run_config.with_added_defaults(saved), run_config.config_dict(default))
+    breaking, _ = run_config.compare_configs(with_added_defaults(saved), run_config.config_dict(default))
     assert breaking == []
-    breaking, _ = run_config.compare_configs(run_config.with_added_defaults(saved), run_config.config_dict(c))
+    breaking, _ = run_config.compare_configs(with_added_defaults(saved), run_config.config_dict(c))
     assert {line.split(":")[0] for line in breaking} >= {"data.truncation", "data.degenerate", "data.batching",
                                                           "data.eval_subsample", "loss.dpo_scale_by_alpha"}

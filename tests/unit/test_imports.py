@@ -1,6 +1,7 @@
 """The package's import graph has no cycle, counting imports inside functions too (a lazy import
 hides a cycle, it does not remove it), and the rooms keep their layers (docs/DESIGN.md "The house"):
-commands -> training / evaluation / generation -> model / data / core."""
+commands -> training / evaluation / generation -> model / data / core; config (every key's default)
+below them all."""
 import ast
 import pathlib
 
@@ -85,6 +86,10 @@ def test_layering():
                 problems.append(f"{name} (core, shared by every room) imports {dep}")
             if room == "checkpoint" and dep_room not in ("checkpoint", "core"):
                 problems.append(f"{name} (checkpoint) imports {dep}")
+            if room == "config" and dep_room != "config":
+                problems.append(f"{name} (config: the defaults, read by every room) imports {dep}")
+            if room == "data" and dep_room == "config":
+                problems.append(f"{name} (data) imports {dep}: the data package takes explicit arguments")
     assert not {d for d in graph["haf_jax.core.sharding"] if d.startswith("haf_jax.")}, graph["haf_jax.core.sharding"]
     assert not problems, "\n".join(sorted(problems))
 
@@ -94,4 +99,5 @@ def test_layering_rule_bites():
     assert _room("haf_jax.score") == _room("haf_jax.data.__main__") == "command"
     assert _room("haf_jax.training.loop") == "training" and _room("haf_jax.evaluation.evaluator") == "evaluation"
     assert _room("haf_jax.model.heads") == "model" and _room("haf_jax.core.sharding") == "core"
+    assert _room("haf_jax.config.base") == _room("haf_jax.config") == "config"
     assert {"haf_jax.training.loop", "haf_jax.evaluation.evaluator"} <= set(_graph())

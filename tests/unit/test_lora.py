@@ -8,8 +8,7 @@ import pytest
 
 from haf_jax.core import forward, sharding
 from haf_jax.core.optim import make_optimizer
-from haf_jax.model import heads
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib
 from haf_jax.model.families import PRESETS
 from haf_jax.training import step as step_lib
 

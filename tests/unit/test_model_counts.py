@@ -4,8 +4,7 @@ import math
 import jax
 import pytest
 
-from haf_jax.core import params as params_lib
-from haf_jax.core import sharding
+from haf_jax.core import params as params_lib, sharding
 from haf_jax.model import heads
 from haf_jax.model.families import PRESETS
 

@@ -17,10 +17,15 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from helpers.parity import assert_params_equal, hf_reference, pair_batch, right_padded
-from helpers.parity import logits as _logits
-from helpers.parity import pairs as _pairs
-from helpers.parity import perturb as _perturb
+from helpers.parity import (
+    assert_params_equal,
+    hf_reference,
+    logits as _logits,
+    pair_batch,
+    pairs as _pairs,
+    perturb as _perturb,
+    right_padded,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from haf_jax.core import params as params_lib

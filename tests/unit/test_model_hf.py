@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from helpers.parity import assert_params_equal, hf_reference, pair_batch, right_padded
-from helpers.parity import logits as _logits
-from helpers.parity import pairs as _pairs
-from helpers.parity import perturb as _perturb
+from helpers.parity import (
+    assert_params_equal,
+    hf_reference,
+    logits as _logits,
+    pair_batch,
+    pairs as _pairs,
+    perturb as _perturb,
+    right_padded,
+)
 from safetensors.numpy import load_file, save_file
 
 from haf_jax.model import families, hf
@@ -339,7 +344,7 @@ def test_gemma_runs_from_before_the_family_decoder_still_load():
     import dataclasses
     import pathlib
 
-    from haf_jax import checkpoint
+    from haf_jax.checkpoint import integrity
     from haf_jax.model.config import ModelConfig
     from haf_jax.model.families import PRESETS
     from haf_jax.model.heads import abstract_params
@@ -348,5 +353,5 @@ def test_gemma_runs_from_before_the_family_decoder_still_load():
     config = ModelConfig.from_dict(old["model_config"])
     assert config == dataclasses.replace(PRESETS["tiny"], remat=config.remat)
     shapes, _ = abstract_params(config)
-    layout = {"['params']" + k: v for k, v in checkpoint._layout(shapes).items()}
+    layout = {"['params']" + k: v for k, v in integrity.layout(shapes).items()}
     assert layout == old["param_layout"]

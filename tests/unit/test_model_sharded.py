@@ -3,8 +3,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from haf_jax.core import params as params_lib
-from haf_jax.core import sharding
+from haf_jax.core import params as params_lib, sharding
 from haf_jax.model import heads, hf
 from haf_jax.model.families import PRESETS
 from haf_jax.model.heads import forward_pairs

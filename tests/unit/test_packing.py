@@ -21,8 +21,8 @@ MAX_LENGTH = 128
 @pytest.fixture(scope="module")
 def hh(shared_data):
     tok = data.load_tokenizer(shared_data / "gpt2-tokenizer")
-    return data.load_pairs(shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz", tok, split="all",
-                           max_length=MAX_LENGTH, max_prompt_length=64)
+    return data.load_pairs(shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz", tok,
+                           data.PairOptions(max_length=MAX_LENGTH, max_prompt_length=64), split="all")
 
 
 def _packed_and_unpacked(ds, pairs, shape, share_prompt=False):

@@ -22,11 +22,9 @@ import pytest
 from helpers.hub_repos import ROWS
 
 from haf_jax import data
-from haf_jax.core import model_setup, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import data_options, model_setup, params as params_lib, sharding
 from haf_jax.data.formats import RECIPES, parse_spec
-from haf_jax.model import heads
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, lora as lora_lib
 from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
@@ -41,25 +39,14 @@ DATASETS = {"helpful": "hh_helpful", "harmless": "hh_harmless", "beavertails": "
 TEMPLATE_PREFIX = {"phi2": "Instruct: ", "mistral": "[INST] "}
 
 
-def load_config(spec):
-    """config_flags parsing exactly as haf_jax.train declares it (file loaded by path)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-    fv(["prog", f"--config={spec}"])
-    return fv.config
-
-
 @pytest.fixture(scope="module")
-def configs(tmp_path_factory):
+def configs(tmp_path_factory, load_config):
     """{(setup, objective, dataset): config} for all 30 combinations, loaded from outside the repo."""
     cwd = pathlib.Path.cwd()
     import os
     os.chdir(tmp_path_factory.mktemp("elsewhere"))
     try:
-        return {(s, o, d): load_config(f"{REPO / SETUPS[s][0]}:{o},{d}")
+        return {(s, o, d): load_config(f"{SETUPS[s][0]}:{o},{d}")
                 for s, o, d in itertools.product(SETUPS, OBJECTIVES, DATASETS)}
     finally:
         os.chdir(cwd)
@@ -100,14 +87,14 @@ def test_every_combination_loads_with_the_paper_setup(configs):
 
 
 @pytest.mark.parametrize("setup", sorted(SETUPS))
-def test_bad_arguments_list_the_choices(setup):
+def test_bad_arguments_list_the_choices(setup, load_config):
     from absl import flags
 
-    path = REPO / SETUPS[setup][0]
+    path = SETUPS[setup][0]
     for arg, what in (("haf,nope", "unknown dataset 'nope'"), ("sft,helpful", "unknown objective 'sft'"),
                       ("haf", "got 'haf'"), (None, "got None")):
         with pytest.raises(flags.IllegalFlagValueError) as e:
-            load_config(f"{path}:{arg}" if arg else str(path))
+            load_config(f"{path}:{arg}" if arg else path)
         msg = str(e.value)
         assert what in msg and "OBJECTIVE in haf|baseline|dpo" in msg, msg
         assert "DATASET in helpful|harmless|beavertails|alpaca|arena" in msg
@@ -131,16 +118,16 @@ def local(spec, hub_dir):
 
 def loaded_splits(c, hub_dir, tokenizer):
     """(train, eval) as build.build loads them, from the local hub copies."""
-    common = dict(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
-                  template=c.data.template, eval_fraction=c.data.eval_fraction, seed=c.train.seed,
-                  max_skip_fraction=c.data.max_skip_fraction, **data.config_options(c.data))
+    options = data.PairOptions(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+                               template=c.data.template, eval_fraction=c.data.eval_fraction, seed=c.train.seed,
+                               max_skip_fraction=c.data.max_skip_fraction, **data_options.fidelity_options(c.data))
+    eval_opts = dataclasses.replace(options, **data_options.eval_options(c.data))
     train = local(c.data.train, hub_dir)
     if c.data.eval:
-        return (data.load_pairs(train, tokenizer, split="all", **common),
-                data.load_pairs(local(c.data.eval, hub_dir), tokenizer, split="all", **common,
-                                **data.eval_options(c.data)))
-    return (data.load_pairs(train, tokenizer, split="train", **common),
-            data.load_pairs(train, tokenizer, split="eval", **common, **data.eval_options(c.data)))
+        return (data.load_pairs(train, tokenizer, options, split="all"),
+                data.load_pairs(local(c.data.eval, hub_dir), tokenizer, eval_opts, split="all"))
+    return (data.load_pairs(train, tokenizer, options, split="train"),
+            data.load_pairs(train, tokenizer, eval_opts, split="eval"))
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))

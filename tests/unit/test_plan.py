@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 from haf_jax import plan
+from haf_jax.training import planning
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GEMMA = f"--config={ROOT / 'configs' / 'gemma.py'}"
@@ -14,7 +15,7 @@ KEYS = ("fits", "topology", "chips", "mesh", "hbm_per_chip_bytes", "bytes_per_ch
 
 
 def _run(capsys, *args) -> tuple[dict, str]:
-    plan.run(["plan", GEMMA, *args])
+    plan.main.invoke(["plan", GEMMA, *args])
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert all(k in report for k in KEYS), report
@@ -23,21 +24,21 @@ def _run(capsys, *args) -> tuple[dict, str]:
 
 
 def test_topology_names_map_to_jax_topologies():
-    assert plan.parse_topology("v5litepod-8") == ("v5e", "v5e:2x4", 8)
-    assert plan.parse_topology("v5e-16") == ("v5e", "v5e:4x4", 16)
-    assert plan.parse_topology("v6e-8") == ("v6e", "v6e:2x4", 8)
-    assert plan.parse_topology("v4-32") == ("v4", "v4:2x2x4", 16)  # 32 TensorCores = 16 chips
-    assert plan.parse_topology("v5p-64") == ("v5p", "v5p:2x4x4", 32)
-    assert plan.parse_topology("v5p:2x2x2") == ("v5p", "v5p:2x2x2", 8)
-    assert plan.parse_topology("cpu:8") == ("cpu", "cpu:8", 8)
+    assert planning.parse_topology("v5litepod-8") == ("v5e", "v5e:2x4", 8)
+    assert planning.parse_topology("v5e-16") == ("v5e", "v5e:4x4", 16)
+    assert planning.parse_topology("v6e-8") == ("v6e", "v6e:2x4", 8)
+    assert planning.parse_topology("v4-32") == ("v4", "v4:2x2x4", 16)  # 32 TensorCores = 16 chips
+    assert planning.parse_topology("v5p-64") == ("v5p", "v5p:2x4x4", 32)
+    assert planning.parse_topology("v5p:2x2x2") == ("v5p", "v5p:2x2x2", 8)
+    assert planning.parse_topology("cpu:8") == ("cpu", "cpu:8", 8)
     for bad in ("v9-8", "v5e:2x2x2", "v4-7", "v5e-3", "tpu", ""):
-        with pytest.raises(plan.PlanError, match="accepted topologies"):
-            plan.parse_topology(bad)
+        with pytest.raises(planning.PlanError, match="accepted topologies"):
+            planning.parse_topology(bad)
 
 
 def test_unknown_topology_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
-        plan.run(["plan", GEMMA, "--topology=v9-8"])
+        plan.main.invoke(["plan", GEMMA, "--topology=v9-8"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown topology 'v9-8'") and "Traceback" not in err
@@ -80,18 +81,13 @@ def test_what_cannot_fit_says_so_with_advice(capsys):
     assert "verdict: does not fit" in text
 
 
-def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_path):
+def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_path, load_config):
     """haf_jax.train compiles its step for the largest batch first; on devices too small (here an
     injected 1 MiB per device) it stops with the planner's verdict and advice, before any weight
     or reference pass, instead of an XLA out-of-memory traceback."""
-    import importlib.util
-
     from haf_jax.training import fit, loop
 
-    spec = importlib.util.spec_from_file_location("cfg_gemma_fit", ROOT / "configs" / "gemma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("configs/gemma.py")
     config.train.batch_size = 8
     measured = []
     real_measure = fit.measure

@@ -1,6 +1,6 @@
-"""haf_jax.sample / haf_jax.generation.decode: greedy decoding against transformers' generate and the
-llama2.c model's known greedy ids, top-p / top-k / temperature sampling against a NumPy nucleus
-computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
+"""haf_jax.generation.candidates (haf_jax.sample) / haf_jax.generation.decode: greedy decoding against
+transformers' generate and the llama2.c model's known greedy ids, top-p / top-k / temperature sampling
+against a NumPy nucleus computed from the model's own logits, seeds, EOS stops, and prompt-file errors.
 
 The tiny models are random transformers models with every weight perturbed (tests/helpers/word_models.py),
 saved as safetensors with a word-level tokenizer and loaded through haf_jax.evaluation.loading.load_model, the
@@ -20,11 +20,10 @@ import transformers as T
 from helpers.aidreams import GREEDY_60, readme_greedy_ids
 from helpers.word_models import BOS, EOS, FAMILIES, V, build_causal_lm
 
-from haf_jax import sample as sample_lib
 from haf_jax.core import sharding
 from haf_jax.data import DataError
 from haf_jax.evaluation.loading import load_model
-from haf_jax.generation import decode as sampling
+from haf_jax.generation import candidates as sample_lib, decode as sampling
 from haf_jax.model import heads, llama2c
 
 T.logging.set_verbosity_error()
@@ -59,8 +58,8 @@ def tiny(tmp_path_factory, one_device_mesh):
     for seed, family in enumerate(FAMILIES):
         directory = tmp_path_factory.mktemp(family)
         model = build_causal_lm(family, directory, seed)
-        params, config, tok, _ = load_model(str(directory), one_device_mesh)
-        out[family] = (directory, model, params, config, tok)
+        m = load_model(str(directory), one_device_mesh, float32=True)
+        out[family] = (directory, model, m.params, m.model_cfg, m.tokenizer)
     return out
 
 
@@ -125,7 +124,8 @@ def test_llama2c_greedy_ids(shared_data, tmp_path, one_device_mesh):
         pytest.skip(f"aidreams260K not found in {src}")
     assert readme_greedy_ids(shared_data) == GREEDY_60[:20]
     ckpt = llama2c.to_hf_llama(src / "aidreams260K.bin", src / "tok512.bin", tmp_path / "aidreams")
-    params, config, tok, _ = load_model(str(ckpt), one_device_mesh)
+    m = load_model(str(ckpt), one_device_mesh, float32=True)
+    params, config, tok = m.params, m.model_cfg, m.tokenizer
     assert tok.bos_token_id == GREEDY_60[0] and tok.eos_token_id not in GREEDY_60
     settings = sampling.DecodeSettings(max_new_tokens=len(GREEDY_60) - 1, eos_ids=(tok.eos_token_id,))
     out = sample_lib.generate_candidates(params, config, [np.array([tok.bos_token_id], np.int32)],

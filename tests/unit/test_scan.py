@@ -10,15 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.parity import assert_params_equal, logits as full_logits
 from jax.sharding import PartitionSpec as P
-from helpers.parity import assert_params_equal
-from helpers.parity import logits as full_logits
 
-from haf_jax.core import forward, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, sharding
 from haf_jax.core.optim import make_optimizer
-from haf_jax.model import heads, hf, layers, scan
-from haf_jax.model import lora as lora_lib
+from haf_jax.model import heads, hf, layers, lora as lora_lib, scan
 from haf_jax.model.config import FULL, SLIDING, ModelConfig
 from haf_jax.model.families import PRESETS, preset
 from haf_jax.training import step as step_lib

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from haf_jax.core import forward, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, sharding
 from haf_jax.core.optim import make_optimizer
 from haf_jax.evaluation import evaluator as evaluation
 from haf_jax.model.families import preset

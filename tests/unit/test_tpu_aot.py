@@ -22,8 +22,7 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
     """gemma-2b's widths (256k vocabulary, 8 heads of 256, MLP 16384) on 2 layers, HaF, bf16,
     remat, 16 pairs x 2 x 128 tokens, FSDP over 8 chips: each chip's arguments are ~1/8 of the
     state (Adam's moments are not replicated), and the step fits a v5e chip's 16 GiB."""
-    from haf_jax.core import forward, sharding
-    from haf_jax.core import params as params_lib
+    from haf_jax.core import forward, params as params_lib, sharding
     from haf_jax.core.optim import make_optimizer
     from haf_jax.model.families import preset
     from haf_jax.training import step as step_lib

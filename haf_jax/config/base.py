@@ -1,49 +1,44 @@
-"""The part of every family config that does not depend on the family: `base_config(preset, tiny=...)`.
+"""The base run config: every key a run reads, with its default and what it means.
 
-Not a config file itself; configs/gemma.py, llama.py, mistral.py, qwen2.py and phi.py build on it:
+`base_config()` is the offline demo (the tiny Gemma preset on the bundled HH-RLHF sample, float32,
+a short run); `full_size(c)` moves it to a real backbone's setup (PAPER.md s5: bf16 compute,
+lr 1e-5, 512 tokens, 3200 steps); `family_config` is what configs/<family>.py returns:
   python -m haf_jax.train --config=configs/llama.py --workdir=runs/tiny-llama
   python -m haf_jax.train --config=configs/llama.py:llama3-8b --workdir=runs/l3 \
     --config.model.checkpoint=meta-llama/Meta-Llama-3-8B --config.data.train=prefs.jsonl
+Any key can be overridden with --config.<section>.<key>=value.
 
-ml_collections' config_flags loads a config file by path (importlib's SourceFileLoader), outside
-any package, so `import common` in a config would work only when configs/ happens to be on
-sys.path (and could pick up any other module named `common`). Each family config therefore loads
-this file by its path next to its own `__file__`, under a name no other module uses:
-  spec = importlib.util.spec_from_file_location("haf_jax_configs_common", Path(__file__).with_name("common.py"))
-That works from any working directory, with relative or absolute --config paths.
+A key added after runs were already written goes into ADDED_LATER, with a default here that
+reproduces those runs: resume, score and export read an older run's saved config through
+`with_added_defaults`, so the one set of defaults serves new runs and old checkpoints alike.
 """
 from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
 
-def check_preset(arg: str, presets: tuple[str, ...], config_file: str) -> str:
-    """`arg` when it names one of `presets`; else a ValueError listing them."""
-    if arg not in presets:
-        raise ValueError(f"unknown preset {arg!r} for {config_file}; choose one of {presets}")
-    return arg
-
-
-def base_config(preset: str, *, tiny: bool) -> ConfigDict:
-    """The full run config for `preset` (a name in haf_jax.model.families.PRESETS).
-
-    tiny=True: the offline demo shape (float32, no remat, short run, bundled data and tokenizer);
-    tiny=False: the paper's setup (PAPER.md s5: bf16 compute, lr 1e-5, 512 tokens, 3200 steps).
-    """
+def base_config() -> ConfigDict:
+    """The full run config of the offline demo; every key has its comment (full size: `full_size`)."""
     c = ConfigDict()
 
     c.model = ConfigDict()
-    c.model.preset = preset  # architecture when starting from random weights (ignored with a checkpoint)
+    c.model.preset = "tiny"  # architecture when starting from random weights (ignored with a checkpoint)
     c.model.checkpoint = ""  # HF directory or hub id to start from; "" = random init of the preset
     c.model.tokenizer = ""  # tokenizer dir or hub id; "" = the checkpoint's own, or the bundled one
-    c.model.compute_dtype = "float32" if tiny else "bfloat16"  # master weights always stay float32
-    c.model.remat = not tiny  # rematerialise each block in the backward pass (saves activations)
+    c.model.compute_dtype = "float32"  # full size: bfloat16; master weights always stay float32
+    c.model.remat = False  # rematerialise each block in the backward pass (saves activations); full size: on
     c.model.remat_policy = "nothing"  # what remat keeps: nothing | dots | dots_no_batch (matmul outputs)
-    c.model.scan_layers = not tiny  # one compiled block per repeating layer pattern (compiles much faster)
+    # One compiled block per repeating layer pattern (compiles much faster); full size: on. Off is
+    # also the layout of runs written before the key existed (per-layer parameters).
+    c.model.scan_layers = False
     # Response positions per batch shard per chunk of the LM-head log-probs: smaller wastes less on
-    # short responses (at most chunk - 1 per shard); on TPU 512 keeps HaF's temporaries near Baseline's
-    # (gemma-2b, v5e-8: 1.08x; 128: 1.19x, benchmarks/haf_memory.py).
-    c.model.logprob_chunk = 128 if tiny else 512
+    # short responses (at most chunk - 1 per shard); on TPU 512 (the full-size value) keeps HaF's
+    # temporaries near Baseline's (gemma-2b, v5e-8: 1.08x; 128: 1.19x, benchmarks/haf_memory.py).
+    c.model.logprob_chunk = 128
     c.model.attention = "auto"  # auto (splash on TPU, cudnn on GPU, else xla) | xla | cudnn | splash
     c.model.lora = ConfigDict()  # low-rank adapters (haf_jax/model/lora.py); rank 0 = full fine-tuning
     c.model.lora.rank = 0  # adapter rank r (paper, Mistral-7B: 64)
@@ -56,9 +51,9 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.data = ConfigDict()
     c.data.train = ""  # file path or dataset spec (see haf_jax.data); "" = bundled HH-RLHF sample
     c.data.eval = ""  # same; "" = carve data.eval_fraction out of data.train deterministically
-    c.data.eval_fraction = 0.1 if tiny else 0.05  # used only when data.eval is ""
+    c.data.eval_fraction = 0.1  # used only when data.eval is ""; full size: 0.05
     c.data.template = "none"  # prompt template: none | phi2 | mistral
-    c.data.max_length = 256 if tiny else 512  # prompt + response tokens (PAPER.md s5: 512)
+    c.data.max_length = 256  # prompt + response tokens; full size: 512 (PAPER.md s5)
     c.data.max_prompt_length = 128  # the prompt keeps its END when cut
     c.data.max_skip_fraction = 0.1  # refuse to start when more rows than this would be skipped
     # Fidelity options: the defaults are this project's behaviour, the alternatives the paper
@@ -92,8 +87,9 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.loss.reference = "precompute"  # precompute (once, cached on disk) | live (frozen copy every step)
 
     c.optim = ConfigDict()
-    # tiny: 5e-4 (at 1e-3 the demo's reward head overshot: eval log loss back above ln 2 after step 50)
-    c.optim.learning_rate = 5e-4 if tiny else 1e-5  # paper: 1e-5 full fine-tune
+    # 5e-4 for the demo (at 1e-3 its reward head overshot: eval log loss back above ln 2 after step
+    # 50); full size: 1e-5 (the paper's full fine-tune)
+    c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 0  # linear warmup steps (paper: none)
     c.optim.schedule = "linear"  # linear (decay to 0) | cosine | constant
     c.optim.eps = 1e-5  # AdamW epsilon (paper: 1e-5)
@@ -103,9 +99,9 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.optim.moment_dtype = "float32"  # Adam's first moment: float32 | bfloat16 (2 bytes less per trained parameter)
 
     c.train = ConfigDict()
-    c.train.steps = 150 if tiny else 3200  # optimizer steps
+    c.train.steps = 150  # optimizer steps; full size: 3200
     c.train.batch_size = 16  # pairs per step, global (paper: 16)
-    c.train.eval_every = 50 if tiny else 80  # steps between evals (also evaluated at the end)
+    c.train.eval_every = 50  # steps between evals (also evaluated at the end); full size: 80
     c.train.eval_batch_size = 32  # pairs per eval/reference batch, global
     c.train.log_every = 10  # steps between metrics.jsonl rows (step 1 is always logged)
     c.train.seed = 0  # init and data-order seed; step rng = fold_in(seed, step)
@@ -115,7 +111,67 @@ def base_config(preset: str, *, tiny: bool) -> ConfigDict:
     c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor) sizes; -1 takes the remaining devices
 
     c.checkpoint = ConfigDict()
-    c.checkpoint.every_steps = 50 if tiny else 400  # save every N steps (and at the end)
+    c.checkpoint.every_steps = 50  # save every N steps (and at the end); full size: 400
     c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0 = off)
     c.checkpoint.keep = 2  # last K checkpoints kept, plus the best by eval accuracy
     return c
+
+
+def full_size(c: ConfigDict) -> ConfigDict:
+    """`c` (a base config) with a real backbone's setup, changed in place and returned: bf16 compute,
+    remat and scanned layers, 512 tokens, lr 1e-5, 3200 steps (PAPER.md s5)."""
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat = True
+    c.model.scan_layers = True
+    c.model.logprob_chunk = 512
+    c.data.eval_fraction = 0.05
+    c.data.max_length = 512
+    c.optim.learning_rate = 1e-5
+    c.train.steps = 3200
+    c.train.eval_every = 80
+    c.checkpoint.every_steps = 400
+    return c
+
+
+def family_config(arg: str, presets: Mapping, config_file: str, *, tiny: str) -> ConfigDict:
+    """The run config of preset `arg`: the demo's values for `tiny`, full size for the others.
+
+    presets: a family module's PRESETS (haf_jax/model/<family>.py); config_file names the config
+    file in the error for a preset outside them.
+    """
+    if arg not in presets:
+        raise ValueError(f"unknown preset {arg!r} for {config_file}; choose one of {tuple(presets)}")
+    c = base_config()
+    c.model.preset = arg
+    return c if arg == tiny else full_size(c)
+
+
+# Keys added after runs were already written ("section.key"; a section key covers its whole subtree).
+# Their base_config values are what those runs did: tests/test_checkpoint.py pins them.
+ADDED_LATER = ("model.lora", "model.attention", "model.scan_layers", "model.remat_policy",
+               "data.truncation", "data.degenerate", "data.batching", "data.eval_subsample",
+               "data.eval_subsample_seed", "data.packing", "data.pack_length", "data.pack_rows",
+               "data.share_prompt", "loss.dpo_scale_by_alpha", "train.profile_steps", "optim.moment_dtype")
+
+
+def with_added_defaults(saved: dict) -> dict:
+    """A copy of `saved` (a run config as a checkpoint records it, JSON types) with every ADDED_LATER
+    key it lacks taken from `base_config()`. Other keys, and keys it has, are left as they are: a
+    key missing for another reason still shows up when resume compares the configs."""
+    defaults = json.loads(base_config().to_json_best_effort())
+    out = copy.deepcopy(saved)
+    for key in ADDED_LATER:
+        section, name = key.split(".")
+        if section not in out:
+            out[section] = {}
+        _fill(out[section], name, defaults[section][name])
+    return out
+
+
+def _fill(target: dict, name: str, default) -> None:
+    """target[name] = default when absent; when both are dicts, the same for each of default's keys."""
+    if name not in target:
+        target[name] = copy.deepcopy(default)
+    elif isinstance(default, dict) and isinstance(target[name], dict):
+        for key, value in default.items():
+            _fill(target[name], key, value)

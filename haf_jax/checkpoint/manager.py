@@ -1,4 +1,4 @@
-"""Checkpoints: every orbax call of haf_jax lives here.
+"""The checkpoint manager: every orbax call of haf_jax lives here (`Checkpointer`).
 
 `DIR/<step>/` (orbax layout) holds four items: `state` (params, opt_state, step, rng; orbax
 StandardSave, restorable onto any mesh), `data` (iterator position), `config` (the run config)
@@ -19,155 +19,46 @@ Policies (each tested in tests/unit/test_checkpoint.py):
   rename on local disks and a commit marker on object stores, and a writer removes such leftovers
   when it opens the directory: `cleanup_tmp_directories`), its JSON items read back as objects
   and its array tree's metadata reads (`latest_step`), its arrays read back without error and
-  their per-leaf checksums (position-weighted uint32 sums of the bits: exact, sharding-
-  independent) match (`restore`); checksums catch garbled chunk bytes that tensorstore reads back
-  silently.  Everything goes through orbax's public CheckpointManager API and epath, so the same
-  code serves local disks and gs:// (haf_jax.core.paths).  A bad step is reported with
-  `logging.warning` naming it and why; `restore(None, ...)` walks back to the newest good step.
-  Nothing is deleted: the first `save` after a restore moves the steps newer than the restored
-  one to `DIR/set_aside/<step>.<unix time>`, so retention and step numbers follow the live run.
+  their per-leaf checksums (haf_jax.checkpoint.integrity: position-weighted uint32 sums of the
+  bits, exact and sharding-independent) match (`restore`, `restore_params`); checksums catch
+  garbled chunk bytes that tensorstore reads back silently.  Everything goes through orbax's
+  public CheckpointManager API and epath, so the same code serves local disks and gs://
+  (haf_jax.core.paths).  A bad step is reported with `logging.warning` naming it and why;
+  `restore(None, ...)` walks back to the newest good step.  Nothing is deleted: the first `save`
+  after a restore moves the steps newer than the restored one to `DIR/set_aside/<step>.<unix
+  time>`, so retention and step numbers follow the live run.
+- Several processes: every method that reads or writes arrays is a collective (all processes
+  call it together); their agreements (process 0's timer, "every process read this step") go
+  through haf_jax.core.distributed.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from haf_jax.core import paths
+from haf_jax.checkpoint import integrity
+from haf_jax.checkpoint.drain import loops_that_drain
+from haf_jax.core import distributed, paths
 
 log = logging.getLogger(__name__)
 
 _ITEMS = ("state", "data", "config", "meta")
-_MISSING = "<missing>"
 
 
 class CorruptCheckpointError(RuntimeError):
     """A step exists but cannot be read back intact."""
 
 
-def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-@jax.jit
-def _finite_leaves(leaves):
-    flags = [jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(flags).all() if flags else jnp.bool_(True)
-
-
-def all_finite(tree) -> bool:
-    """True when every float leaf of `tree` is free of NaN/Inf (integer and key leaves pass)."""
-    leaves = [x for x in jax.tree.leaves(tree) if not _is_key(x)]
-    return bool(_fetch(_finite_leaves(leaves)))
-
-
-def _leaf_checksum(x):
-    """Position-weighted wraparound uint32 sum of the bits of x: exact, order-independent."""
-    if _is_key(x):
-        x = jax.random.key_data(x)
-    x = jnp.asarray(x)
-    u = x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
-        x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
-    u = u.astype(jnp.uint32)  # 64-bit types (jax_enable_x64 only) keep their low bits
-    idx = jnp.uint32(0)
-    for d in range(u.ndim):  # flat index from iotas (partitions cleanly, never materialised)
-        stride = int(np.prod(u.shape[d + 1:], dtype=np.uint64) % 2**32)
-        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride)
-    weight = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)  # odd: any changed element shows
-    return jnp.sum(u * weight, dtype=jnp.uint32)
-
-
-@jax.jit
-def _digest_leaves(leaves):
-    finite = _finite_leaves([x for x in leaves if not _is_key(x)])
-    sums = jnp.stack([_leaf_checksum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
-    return finite, sums
-
-
-def _fetch(x):
-    """Host copy of a small jit output, also when it is a global multi-process array."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
-def _layout(tree) -> dict[str, list]:
-    """{leaf path: [shape, dtype]} of arrays or ShapeDtypeStructs."""
-    return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _digest(tree) -> tuple[bool, dict[str, int]]:
-    """(all float leaves finite, {leaf path: checksum}) in one fused jit."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    finite, sums = _digest_leaves([x for _, x in flat])
-    sums = _fetch(sums).tolist()
-    return bool(_fetch(finite)), {jax.tree_util.keystr(p): s for (p, _), s in zip(flat, sums)}
-
-
-def _checksum_problem(tree, checksums: dict) -> str | None:
-    """None when every leaf of `tree` read back matches its saved checksum, else what differs."""
-    _, sums = _digest(tree)
-    wrong = [k for k, v in sums.items() if checksums.get(k) != v]
-    return f"checksum mismatch after reading {len(wrong)} leaves, e.g. {wrong[:3]}" if wrong else None
-
-
 def _jsonable(tree):
+    """`tree` as plain JSON values (array scalars become Python numbers; tuples become lists)."""
     tree = jax.tree.map(lambda v: v.item() if hasattr(v, "item") else v, tree)
     return json.loads(json.dumps(tree))
-
-
-def _everyone(ok: bool) -> bool:
-    """True only when `ok` holds on every process (a no-op on one process)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
-
-
-class _DrainingLoop(asyncio.SelectorEventLoop):
-    """An event loop that lets its unfinished tasks run to completion before it closes.
-
-    orbax runs each restore on a fresh event loop and closes it as soon as the first array read
-    fails (`asyncio_utils._run_sync_via_new_loop`: run_until_complete, then close, no task
-    teardown). The sibling reads, still waiting on tensorstore, are abandoned: when tensorstore
-    finishes one it calls `call_soon_threadsafe` on the closed loop (a traceback from a
-    tensorstore thread), and the suspended coroutines are finalised at some later garbage
-    collection, usually at interpreter exit, where orbax turns the GeneratorExit into
-    "Exception ignored in: <coroutine ... _read_array_index_and_device_put>". Finishing them here
-    (their errors collected, never raised) leaves nothing behind.
-    """
-
-    def close(self):
-        if not self.is_closed() and not self.is_running():
-            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
-            if pending:
-                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        super().close()
-
-
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self):
-        return _DrainingLoop()
-
-
-@contextlib.contextmanager
-def _loops_that_drain():
-    """While active, `asyncio.new_event_loop()` (orbax's restore and metadata reads) makes `_DrainingLoop`s."""
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_DrainingPolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(previous)
 
 
 def _first_line(e: BaseException) -> str:
@@ -224,8 +115,7 @@ class Checkpointer:
         due = self.every_steps > 0 and step % self.every_steps == 0
         if not due and self.every_minutes > 0:
             due = time.monotonic() - self._last_save >= 60.0 * self.every_minutes
-            if jax.process_count() > 1:  # clocks differ: process 0 decides for everyone
-                due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+            due = distributed.decided_by_process_0(due)  # clocks differ: process 0 decides for everyone
         self._decision = (step, due)
         return due
 
@@ -247,7 +137,7 @@ class Checkpointer:
             log.info("checkpoint step %d already exists in %s; not saving it again", step,
                      self.directory)
             return False
-        finite, checksums = _digest(state)
+        finite, checksums = integrity.digest(state)
         if not finite:
             raise FloatingPointError(
                 f"step {step}: the state holds NaN/Inf values; refusing to checkpoint it")
@@ -257,7 +147,7 @@ class Checkpointer:
             log.warning("step %d: metrics have no finite %r (keys: %s); this step cannot be the "
                         "best checkpoint", step, self.best_metric, sorted(metrics))
         meta = {"format": 1, "step": int(step), "metrics": metrics, "checksums": checksums,
-                "layout": _layout(state)}
+                "layout": integrity.layout(state)}
         ranked = {} if self._scores[step] is None else {self.best_metric: self._scores[step]}
         self._mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -281,8 +171,7 @@ class Checkpointer:
                     log.warning("moving checkpoint step %d aside to %s (%s)", s, dst,
                                 self._bad.get(s, "newer than the step training resumed from"))
                     src.rename(dst)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("haf_jax_checkpoint_set_aside")
+        distributed.barrier("haf_jax_checkpoint_set_aside")
         self._stale = []
         self._mngr.reload()
 
@@ -293,7 +182,7 @@ class Checkpointer:
         return None
 
     def _read_json(self, step: int, item: str):
-        with _loops_that_drain():
+        with loops_that_drain():
             return self._mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     def _score_of(self, step: int) -> float | None:
@@ -315,8 +204,12 @@ class Checkpointer:
                 return f"item {item!r} is missing or unreadable ({type(e).__name__}: {_first_line(e)})"
             if not isinstance(value, dict):
                 return f"item {item!r} is not a JSON object"
+            if item == "meta":  # what restore checks against: written with every step since the first
+                lacking = [k for k in ("layout", "checksums") if not isinstance(value.get(k), dict)]
+                if lacking:
+                    return f"item 'meta' holds no {' or '.join(map(repr, lacking))} object"
         try:
-            with _loops_that_drain():  # a failed read must not leave sibling reads behind either
+            with loops_that_drain():  # a failed read must not leave sibling reads behind either
                 tree = self._mngr.item_metadata(step)["state"]
         except Exception as e:
             return f"item 'state' has unreadable metadata ({type(e).__name__}: {_first_line(e)})"
@@ -372,17 +265,17 @@ class Checkpointer:
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}")
-            out = self._restore_one(step, abstract_state)
+            out = self._read_state(step, abstract_state)
             self._stale, self.restored_step = [t for t in steps if t > step], step
             return out
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         for s in steps:
             try:
-                out, why = self._restore_one(s, abstract_state), None
+                out, why = self._read_state(s, abstract_state), None
             except CorruptCheckpointError as e:
                 out, why = None, str(e)
-            if _everyone(why is None):
+            if distributed.everyone(why is None):
                 self._stale, self.restored_step = [t for t in steps if t > s], s
                 return out
             self._mark_bad(s, why or "another process could not read it")
@@ -390,29 +283,51 @@ class Checkpointer:
         raise CorruptCheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(
             f"step {s}: {self._bad.get(s)}" for s in steps))
 
-    def _restore_one(self, step: int, abstract_state):
+    def _read_state(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
+        """(state, data_state, config) of `step`, the whole state read and verified (`_read_verified`)."""
+        def read():
+            r = self._mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore()))
+            return r["state"], (dict(r["data"]), dict(r["config"]))
+
+        state, (data_state, config) = self._read_verified(step, abstract_state, read, part=None,
+                                                          what="a state")
+        return state, data_state, config
+
+    def _read_verified(self, step: int, wanted, read, *, part: str | None, what: str):
+        """Reads `step` with `read()` and checks what came back: the one path of every array read.
+
+        `wanted` is the abstract tree (ShapeDtypeStructs) that `read()` restores: the whole saved
+        state (part=None) or {part: subtree} for one top-level part of it. `read()` returns (that
+        tree as arrays, anything else it read). In order: the structural check (`_problem`), the
+        saved layout of those leaves against `wanted`'s (ValueError naming the leaves that differ,
+        with `what` in the message: a different model is the caller's error, not a damaged step),
+        the read, the checksums of the leaves read. A step failing the first, third or fourth is
+        marked bad (reported once) and CorruptCheckpointError raised.
+        """
         problem = self._problem(step)
-        if problem is None:  # a different model is the caller's error, not a corrupt step
-            saved, want = self._read_json(step, "meta").get("layout") or {}, _layout(abstract_state)
-            diff = [f"{k}: saved={saved.get(k, _MISSING)} wanted={want.get(k, _MISSING)}"
-                    for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+        if problem is None:
+            meta = self._read_json(step, "meta")
+            saved = meta["layout"]  # _problem checked that meta holds it
+            if part is not None:
+                prefix = jax.tree_util.keystr((jax.tree_util.DictKey(part),))  # "['params']"
+                saved = {k: v for k, v in saved.items() if k.startswith(prefix)}
+            diff = integrity.layout_diff(saved, integrity.layout(wanted))
             if diff:
-                raise ValueError(f"checkpoint step {step} in {self.directory} holds a state of "
-                                 f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
+                raise ValueError(f"checkpoint step {step} in {self.directory} holds {what} of another shape "
+                                 f"({len(diff)} leaves differ): " + "; ".join(diff[:5]))
             try:
-                with _loops_that_drain():
-                    r = self._mngr.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(),
-                        meta=ocp.args.JsonRestore()))
+                with loops_that_drain():  # a failed read must not leave sibling reads behind
+                    tree, rest = read()
             except Exception as e:  # tensorstore/orbax raise many types for damaged files
                 problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
         if problem is None:
-            problem = _checksum_problem(r["state"], r["meta"].get("checksums") or {})
+            problem = integrity.checksum_problem(tree, meta["checksums"])
         if problem is not None:
             self._mark_bad(step, problem)
             raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
-        return r["state"], dict(r["data"]), dict(r["config"])
+        return tree, rest
 
     def wait_until_finished(self):
         """Blocks until async saves are committed; call before the process exits."""
@@ -441,33 +356,17 @@ class Checkpointer:
         """
         if step not in self._mngr.all_steps():
             raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}")
-        problem = self._problem(step)
-        if problem is None:
-            wanted = {"params": abstract_params}
-            saved = {k: v for k, v in (self._read_json(step, "meta").get("layout") or {}).items()
-                     if k.startswith("['params']")}
-            want = _layout(wanted)
-            diff = [f"{k}: saved={saved.get(k, _MISSING)} wanted={want.get(k, _MISSING)}"
-                    for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
-            if diff:
-                raise ValueError(f"checkpoint step {step} in {self.directory} holds parameters of "
-                                 f"another shape ({len(diff)} leaves differ): " + "; ".join(diff[:5]))
-            handler = ocp.PyTreeCheckpointHandler()
+        wanted = {"params": abstract_params}
+
+        def read():
+            handler = ocp.PyTreeCheckpointHandler()  # reads the leaves of `wanted` only
             try:
-                with _loops_that_drain():
-                    restored = handler.restore(
-                        self.directory / str(step) / "state",
-                        args=ocp.args.PyTreeRestore(
-                            item=wanted, partial_restore=True,
-                            restore_args=ocp.checkpoint_utils.construct_restore_args(wanted)))
-            except Exception as e:  # tensorstore/orbax raise many types for damaged files
-                problem = f"reading it failed ({type(e).__name__}: {_first_line(e)})"
+                return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                    item=wanted, partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))), None
             finally:
                 handler.close()
-        if problem is None:
-            problem = _checksum_problem(restored, self._read_json(step, "meta").get("checksums") or {})
-        if problem is not None:
-            self._mark_bad(step, problem)
-            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory}: {problem}")
+
+        restored, _ = self._read_verified(step, wanted, read, part="params", what="parameters")
         self.restored_step = step
         return restored["params"]

@@ -1,17 +1,15 @@
 """What the two paper configs share: objectives, datasets with the authors' eval splits, and the
-authors' training setup (PAPER.md s5) on top of configs/common.py's base_config.
+authors' training setup (PAPER.md s5) on top of the full-size base config.
 
-Not a config file itself; configs/paper/phi2_full.py and configs/paper/mistral7b_lora.py load it by
-path (as the family configs load configs/common.py) and call `paper_config`.
+configs/paper/phi2_full.py and configs/paper/mistral7b_lora.py call `paper_config` and add what
+their model differs in:
+  python -m haf_jax.train --config=configs/paper/phi2_full.py:haf,helpful --workdir=runs/paper/phi2-haf-helpful
 """
-import importlib.util
-import pathlib
+from __future__ import annotations
 
-# config_flags loads the configs by path, outside any package: load ../common.py the same way.
-_spec = importlib.util.spec_from_file_location(
-    "haf_jax_configs_common", pathlib.Path(__file__).resolve().parent.parent / "common.py")
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from ml_collections import ConfigDict
+
+from haf_jax.config.base import base_config, full_size
 
 OBJECTIVES = ("haf", "baseline", "dpo")
 
@@ -33,7 +31,7 @@ DATASETS = {
 }
 
 
-def parse(arg, config_file):
+def parse(arg: str | None, config_file: str) -> tuple[str, str]:
     """'OBJECTIVE,DATASET' -> (objective, dataset), or a ValueError listing the choices."""
     usage = (f"{config_file} takes OBJECTIVE,DATASET after the colon (e.g. {config_file}:haf,helpful) with "
              f"OBJECTIVE in {'|'.join(OBJECTIVES)} and DATASET in {'|'.join(DATASETS)}")
@@ -48,11 +46,13 @@ def parse(arg, config_file):
     return objective, dataset
 
 
-def paper_config(arg, config_file, *, preset, checkpoint, template, learning_rate):
+def paper_config(arg: str | None, config_file: str, *, preset: str, checkpoint: str, template: str,
+                 learning_rate: float) -> ConfigDict:
     """The authors' setup for one (objective, dataset): PAPER.md s5, fidelity options at the authors'
     behaviour except where that behaviour is a bug (docs/REPRODUCE.md lists every deviation)."""
     objective, dataset = parse(arg, config_file)
-    c = common.base_config(preset, tiny=False)  # bf16 compute, f32 master weights, remat
+    c = full_size(base_config())  # bf16 compute, f32 master weights, remat
+    c.model.preset = preset
     c.model.checkpoint = checkpoint  # hub id (or a local copy of it)
     c.data.train, c.data.eval, c.data.eval_subsample = DATASETS[dataset]
     c.data.eval_subsample_seed = 0  # BeaverTails eval: shuffle(seed=0)
