@@ -5,12 +5,12 @@ The training loop (eval every N steps), `haf_jax.score` and `haf_jax.evaluate` a
 the host; every statistic over them (accuracies, margins, calibration, length correlation) is
 `losses.evaluation_summary`. Nothing here knows about runs or files.
 
-Per-pair arrays (float32, [N, 2], pair axis 0 chosen / 1 rejected, N = len(dataset)):
-  reward_Nx2    reward-head scores (when the reward head is evaluated)
-  logp_Nx2      summed response log-probs under the LM head (when the policy head is evaluated)
-  ref_logp_Nx2  the reference's summed response log-probs (precomputed array, live reference
-                params, or zeros for the reference-free implicit reward)
-  n_tokens_Nx2  response token counts (always)
+Per-pair scores, `Result.scores` (float32 [N, 2], pair axis 0 chosen / 1 rejected, N = len(dataset)):
+  "reward"    reward-head scores (when the reward head is evaluated)
+  "logp"      summed response log-probs under the LM head (when the policy head is evaluated)
+  "ref_logp"  the reference's summed response log-probs (precomputed array, live reference
+              params, or zeros for the reference-free implicit reward)
+  "n_tokens"  response token counts (always)
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from haf_jax.core import distributed, forward, losses, params as params_lib, sha
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
+# Per-pair score names (arrays [N, 2]) -> the model-output fields losses.py reads them as.
+OUTPUT_FIELDS = {"reward": "reward_Bx2", "logp": "logp_Bx2", "ref_logp": "ref_logp_Bx2", "n_tokens": "n_tokens_Bx2"}
 
 
 @dataclasses.dataclass
@@ -35,23 +37,23 @@ class Result:
     summary: dict
 
     def outputs(self) -> dict[str, np.ndarray]:
-        """The scores under the names losses.py reads (`reward_Bx2`, ...)."""
-        return {f"{k[:-len('_Nx2')]}_Bx2": v for k, v in self.scores.items()}
+        """The scores under the names losses.py reads: the fields of heads.PairOutputs."""
+        return {OUTPUT_FIELDS[k]: v for k, v in self.scores.items()}
 
 
 def pair_scores(params, batch, ref_params, frozen, *, cfg: forward.StepConfig, reward: bool, policy: bool):
-    """Per-pair scores of one batch: {reward_Nx2, logp_Nx2, ref_logp_Nx2 (live reference only),
-    n_tokens_Nx2}, each float32 [B, 2]."""
+    """Per-pair scores of one batch: {"reward", "logp", "ref_logp" (live reference only), "n_tokens"},
+    each float32 [B, 2]."""
     out = forward_pairs(forward.model_params(params, frozen, cfg), cfg.model, batch, reward=reward, policy=policy,
                         chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
     # Response tokens as the log-prob counts them: the first position is never a target.
-    scores = {"n_tokens_Nx2": jnp.sum(batch["response_mask"][..., 1:].astype(jnp.float32), axis=-1)}
+    scores = {"n_tokens": jnp.sum(batch["response_mask"][..., 1:].astype(jnp.float32), axis=-1)}
     if reward:
-        scores["reward_Nx2"] = out.reward_Bx2
+        scores["reward"] = out.reward_Bx2
     if policy:
-        scores["logp_Nx2"] = out.logp_Bx2
+        scores["logp"] = out.logp_Bx2
         if ref_params is not None:
-            scores["ref_logp_Nx2"] = forward.reference_logprobs(ref_params, batch, cfg=cfg)
+            scores["ref_logp"] = forward.reference_logprobs(ref_params, batch, cfg=cfg)
     return scores
 
 
@@ -97,16 +99,16 @@ class Evaluator:
                 ref_logp_Nx2 = np.asarray(ref_logp_Nx2, np.float32)
                 if ref_logp_Nx2.shape != (n, 2):
                     raise ValueError(f"reference log-probs have shape {ref_logp_Nx2.shape}, the data {(n, 2)}")
-                scores["ref_logp_Nx2"] = ref_logp_Nx2
+                scores["ref_logp"] = ref_logp_Nx2
             elif reference_free:
-                scores["ref_logp_Nx2"] = np.zeros((n, 2), np.float32)
+                scores["ref_logp"] = np.zeros((n, 2), np.float32)
         result = Result(scores, {})
         lc = self.cfg.loss
         result.summary = losses.evaluation_summary(result.outputs(), beta=lc.beta, policy_kind=lc.policy)
         return result
 
     def _names(self):
-        return ["n_tokens_Nx2"] + (["reward_Nx2"] if self.reward else []) + (["logp_Nx2"] if self.policy else [])
+        return ["n_tokens"] + (["reward"] if self.reward else []) + (["logp"] if self.policy else [])
 
 
 @functools.lru_cache(maxsize=16)

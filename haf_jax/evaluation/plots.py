@@ -101,12 +101,12 @@ def accuracy_heatmap(matrix_RxC, rows: list[str], cols: list[str], *, title: str
 
 def eval_figures(scores: dict, *, title: str = "") -> dict:
     """{name: Figure} for per-pair scores ({reward_Nx2, n_tokens_Nx2, ...}); empty without a reward."""
-    if "reward_Nx2" not in scores or not len(scores["reward_Nx2"]):
+    if "reward" not in scores or not len(scores["reward"]):
         return {}
-    reward = scores["reward_Nx2"]
+    reward = scores["reward"]
     return {"reliability": reliability_diagram(reward[:, 0] - reward[:, 1], title=title),
             "reward_histograms": reward_histograms(reward, title=title),
-            "reward_vs_length": reward_vs_length(reward, scores["n_tokens_Nx2"], title=title)}
+            "reward_vs_length": reward_vs_length(reward, scores["n_tokens"], title=title)}
 
 
 def to_rgb(fig) -> np.ndarray:

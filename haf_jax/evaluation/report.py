@@ -160,8 +160,8 @@ def _rewardbench_entry(rb, ds, result, model) -> dict:
                          f"({ds.report.get('skipped_by_reason')})")
     order = np.asarray(ds.groups if ds.groups else range(len(ds)))  # dataset pair -> written record
     heads = {}
-    if "reward_Nx2" in result.scores:
-        heads["reward"] = result.scores["reward_Nx2"]
+    if "reward" in result.scores:
+        heads["reward"] = result.scores["reward"]
     implicit = losses.policy_reward(result.outputs(), model.step_cfg.loss.beta, policy_kind=model.step_cfg.loss.policy)
     if implicit is not None:
         heads["dpo"] = np.asarray(implicit)

@@ -34,8 +34,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
         arrays, free, _ = reference_logprobs(reference, m, [ds], mesh, batch_size=batch_size, which=step)
         ref_logp = np.zeros((len(ds), 2), np.float32) if free else arrays[0] if arrays else None
     result = Evaluator(m.step_cfg, mesh)(m.params, ds, batch_size=batch_size, ref_logp_Nx2=ref_logp, desc="score")
-    cols = {name: result.scores[f"{name}_Nx2"] for name in ("reward", "logp", "ref_logp")
-            if f"{name}_Nx2" in result.scores}
+    cols = {name: result.scores[name] for name in ("reward", "logp", "ref_logp") if name in result.scores}
     rows = []  # (source row, order within the row, JSON object): input order, skipped rows included
     for i in range(len(ds)):
         row = {"row": ds.groups[i]} if ds.groups else {}

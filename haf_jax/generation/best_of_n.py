@@ -78,7 +78,7 @@ def score_candidates(reward_model: str, rows: list[dict], *, template: str = "no
         raise RuntimeError(f"the data layer kept {len(ds)} of {len(pairs)} candidate pairs")
     evaluator = Evaluator(model.step_cfg, mesh, policy=False)
     reward = evaluator(model.params, ds, batch_size=round_batch(batch_size, mesh),
-                       desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}").scores["reward_Nx2"]
+                       desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}").scores["reward"]
     scores = [np.zeros(len(r["candidates"]), np.float32) for r in rows]
     counters = [0] * len(rows)
     for i, pair, side in where:

@@ -150,7 +150,7 @@ def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch
 
 def test_figures_have_the_expected_axes_and_reach_tensorboard(tmp_path):
     rng = np.random.default_rng(0)
-    scores = {"reward_Nx2": rng.normal(size=(40, 2)), "n_tokens_Nx2": rng.integers(1, 60, size=(40, 2))}
+    scores = {"reward": rng.normal(size=(40, 2)), "n_tokens": rng.integers(1, 60, size=(40, 2))}
     figs = plots.eval_figures(scores, title="t")
     labels = {name: [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes] for name, fig in figs.items()}
     assert labels["reliability"][0][1] == "accuracy" and labels["reliability"][0][0].startswith("confidence")

@@ -164,9 +164,9 @@ def test_tiny_model_learns_synthetic_rule(objective):
         state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
     scores = jax.device_get(r["eval"](state["params"], put(eval_batch, r["keys"], r["mesh"]), None, None))
     if objective == "dpo":  # the implicit reward against the precomputed reference
-        margin = (scores["logp_Nx2"] - eval_batch["ref_logp"]) @ np.array([1.0, -1.0])
+        margin = (scores["logp"] - eval_batch["ref_logp"]) @ np.array([1.0, -1.0])
     else:
-        margin = scores["reward_Nx2"] @ np.array([1.0, -1.0])
+        margin = scores["reward"] @ np.array([1.0, -1.0])
     accuracy = np.mean(margin > 0)
     assert accuracy >= 0.9, (objective, accuracy)
 
