@@ -97,8 +97,8 @@ def main():
         config.model.logprob_chunk = args.chunk
     now = heads.response_logprobs
 
-    def before(head, hidden, tokens, mask, column, num_columns, **kw):
-        """The old head in response_logprobs' place (unpacked rows: one column)."""
+    def before(head, hidden, tokens, mask, segments, num_segments, **kw):
+        """The old head in response_logprobs' place (unpacked rows: one sequence each)."""
         logp, count = sequence_logprobs_before(head, hidden, tokens, mask, **kw)
         return logp[:, None], count[:, None], jnp.float32(0.0)
 
