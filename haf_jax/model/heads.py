@@ -188,7 +188,8 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
         raise ValueError(f"tokens {tokens_NxL.shape}, response_mask {response_mask_NxL.shape} and segments "
                          f"{segments_NxL.shape} must all be [N, L] = {(n, length)} of the hidden states")
     # At predicted token i + 1 (index i of the [N, L - 1] arrays below): counted, and whose column.
-    # Elementwise over [N, L - 1], fused into the nonzero below: plain rows pay nothing measurable.
+    # Elementwise over [N, L - 1]: for plain rows (bool segments) the head's forward + backward ran
+    # 0.99x the time of the former one-column path (CPU, 16 rows x 256, V 8192; A/A noise 1.00x).
     column_NxT = segments_NxL[:, 1:].astype(jnp.int32) - 1
     predicted_NxT = ((response_mask_NxL[:, 1:] != 0) & (segments_NxL[:, 1:] == segments_NxL[:, :-1])
                      & (column_NxT >= 0))
