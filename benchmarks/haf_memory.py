@@ -83,8 +83,8 @@ def main():
     import jax.numpy as jnp
 
     jax.config.update("jax_platforms", "cpu")  # nothing runs: the TPU programs are only compiled
-    from haf_jax.training import planning as plan_lib
     from haf_jax.model import families, heads
+    from haf_jax.training import planning as plan_lib
 
     config = gemma_config(args.preset)
     if args.layers:
@@ -97,8 +97,8 @@ def main():
         config.model.logprob_chunk = args.chunk
     now = heads.response_logprobs
 
-    def before(head, hidden, tokens, mask, column, num_columns, **kw):
-        """The old head in response_logprobs' place (unpacked rows: one column)."""
+    def before(head, hidden, tokens, mask, segments, num_segments, **kw):
+        """The old head in response_logprobs' place (unpacked rows: one sequence each)."""
         logp, count = sequence_logprobs_before(head, hidden, tokens, mask, **kw)
         return logp[:, None], count[:, None], jnp.float32(0.0)
 

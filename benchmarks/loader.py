@@ -93,8 +93,7 @@ def real_step(ds, batch_size):
     import jax
     import numpy as np
 
-    from haf_jax.core import params as params_lib
-    from haf_jax.core import sharding
+    from haf_jax.core import params as params_lib, sharding
     from haf_jax.core.optim import make_optimizer
     from haf_jax.model.families import preset
     from haf_jax.training import step as step_lib

@@ -1,4 +1,4 @@
-"""Peak temporary memory of the policy log-prob head: chunked (heads.sequence_logprobs) vs naive.
+"""Peak temporary memory of the policy log-prob head: chunked (heads.response_logprobs) vs naive.
 
 Gemma-2b shapes: 2 pairs x 1024 tokens (N = 4 sequences), D = 2048, V = 256000. Only the head is
 compiled: bf16 hidden states + float32 tied embedding + tokens + response mask -> summed log-prob
@@ -21,7 +21,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from haf_jax.model.heads import sequence_logprobs
+from haf_jax.model.heads import response_logprobs
 
 N, L, D, V = 4, 1024, 2048, 256_000
 
@@ -35,9 +35,9 @@ def naive_loss(hidden_NxLxD, embedding_VxD, tokens_NxL, mask_NxL):
 
 
 def chunked_loss(hidden_NxLxD, embedding_VxD, tokens_NxL, mask_NxL, chunk):
-    logp_N, _ = sequence_logprobs(embedding_VxD.astype(hidden_NxLxD.dtype), hidden_NxLxD, tokens_NxL,
-                                  mask_NxL, chunk=chunk)
-    return -jnp.sum(logp_N)
+    logp_Nx1, _, _ = response_logprobs(embedding_VxD.astype(hidden_NxLxD.dtype), hidden_NxLxD, tokens_NxL,
+                                       mask_NxL, jnp.ones(tokens_NxL.shape, bool), 1, chunk=chunk)
+    return -jnp.sum(logp_Nx1)
 
 
 def memory(loss_fn, argnums=(0, 1)):

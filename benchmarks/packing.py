@@ -26,8 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from haf_jax import data  # noqa: E402
-from haf_jax.core import forward, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, sharding
 from haf_jax.core.optim import make_optimizer  # noqa: E402
 from haf_jax.data import PackedLoader, PairLoader  # noqa: E402
 from haf_jax.model.families import preset  # noqa: E402

@@ -178,8 +178,7 @@ class Scorer:
     def __call__(self, params, model_cfg, desc: str):
         import jax
 
-        from haf_jax.core import forward, sharding
-        from haf_jax.core import params as params_lib
+        from haf_jax.core import forward, params as params_lib, sharding
         from haf_jax.evaluation.evaluator import pair_pass
         from haf_jax.model.heads import forward_pairs
 

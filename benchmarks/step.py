@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from haf_jax.core import forward, sharding
-from haf_jax.core import params as params_lib
+from haf_jax.core import forward, params as params_lib, sharding
 from haf_jax.core.optim import make_optimizer
 from haf_jax.model import heads
 from haf_jax.model.families import preset

@@ -20,7 +20,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "embed": "fsdp",
     "vocab": "tensor",
-    # The LM head's vocabulary while log-probs are computed (heads.sequence_logprobs): split over
+    # The LM head's vocabulary while log-probs are computed (heads.response_logprobs): split over
     # every device, so no device ever holds the whole [V, D] head or its gradient.
     "logit_vocab": ("data", "fsdp", "tensor"),
     "mlp": "tensor",

@@ -1,4 +1,4 @@
-"""heads.sequence_logprobs (model/lm_logprobs.py: response positions only, hand-written backward)
+"""heads.response_logprobs (model/lm_logprobs.py: response positions only, hand-written backward)
 against the full log-softmax over every position: values and gradients in the head, its bias and
 the hidden states, with and without a final-logit soft-cap, for chunks of 1, 4 and all positions;
 and the number of chunks it runs."""
@@ -34,8 +34,9 @@ def full_softmax_logprobs(head, bias, hidden, tokens, mask, softcap):
 def test_values_and_gradients_equal_the_full_log_softmax(inputs, softcap, with_bias, chunk):
     head, bias, hidden, tokens, mask = inputs
     bias = bias if with_bias else None
-    ours = lambda w, b, h: heads.sequence_logprobs(w, h, tokens, mask, bias_V=b, final_logit_softcap=softcap,
-                                                   chunk=chunk)[0]
+    one_sequence = jnp.ones(tokens.shape, bool)   # every row one sequence: column 0
+    ours = lambda w, b, h: heads.response_logprobs(w, h, tokens, mask, one_sequence, 1, bias_V=b,
+                                                   final_logit_softcap=softcap, chunk=chunk)[0][:, 0]
     ref = lambda w, b, h: full_softmax_logprobs(w, b, h, tokens, mask, softcap)
     np.testing.assert_allclose(ours(head, bias, hidden), ref(head, bias, hidden), rtol=1e-6, atol=3e-5)
     weights = jnp.arange(1.0, N + 1)   # a different cotangent per row

@@ -37,7 +37,7 @@ def test_loops_count_by_trips_where_xla_counts_one():
     ones = np.ones((n, length), np.float32)
     xla = {}
     for chunk in (256, 64, 16):
-        fn = jax.jit(lambda w, h, t, m, c=chunk: response_logprobs(w, h, t, m, jnp.zeros_like(t), 1, chunk=c))
+        fn = jax.jit(lambda w, h, t, m, c=chunk: response_logprobs(w, h, t, m, jnp.ones_like(t, bool), 1, chunk=c))
         fixed, per_chunk = flops.step_flops(fn.trace(*args).jaxpr)
         chunks = fn(jnp.ones((v, d)), jnp.ones((n, length, d)), jnp.ones((n, length), jnp.int32), ones)[2]
         assert float(chunks) == n * 256 / chunk   # both rows' positions, flattened
@@ -57,7 +57,7 @@ def test_chunks_that_did_not_run_are_not_counted():
     tokens = jnp.asarray(rng.integers(0, v, (n, length)), jnp.int32)
 
     def loss(w, h, mask):
-        logp, _, chunks = response_logprobs(w, h, tokens, mask, jnp.zeros_like(tokens), 1, chunk=chunk)
+        logp, _, chunks = response_logprobs(w, h, tokens, mask, jnp.ones_like(tokens, bool), 1, chunk=chunk)
         return jnp.sum(logp), chunks
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))

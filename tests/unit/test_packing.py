@@ -124,6 +124,31 @@ def test_packed_equals_unpacked_on_real_pairs(hh, layout):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_pair_rows_read_plain_and_packed_batches_as_rows():
+    """heads.pair_rows, the one layout forward_pairs reads: a plain [B, 2, L] batch is 2B rows of one
+    sequence (bool segments, reshapes only), a packed one its own rows with S = 2B / R sequences each;
+    batches whose shapes disagree are refused by name."""
+    b, length = 3, 6
+    plain = {"tokens": np.arange(b * 2 * length).reshape(b, 2, length), "response_mask": np.ones((b, 2, length), int),
+             "last_index": np.array([[5, 3], [2, 4], [1, 0]])}
+    rows = heads.pair_rows(plain)
+    assert rows.tokens_RxT.shape == (2 * b, length) and rows.last_index_RxS.shape == (2 * b, 1)
+    np.testing.assert_array_equal(rows.tokens_RxT[3], plain["tokens"][1, 1])   # row 2b + j: pair b, side j
+    np.testing.assert_array_equal(rows.segments_RxT[3], np.arange(length) <= 4)
+    assert rows.segments_RxT.dtype == bool
+    r, k = 2, 3
+    packed = {"tokens": np.zeros((r, 10), int), "positions": np.zeros((r, 10), int),
+              "segment_ids": np.ones((r, 10), int), "response_mask": np.zeros((r, 10), int),
+              "last_index": np.arange(2 * r * k).reshape(r * k, 2)}
+    rows = heads.pair_rows(packed)
+    assert rows.segments_RxT is packed["segment_ids"] and rows.last_index_RxS.shape == (r, 2 * k)
+    np.testing.assert_array_equal(rows.last_index_RxS[1], np.arange(6, 12))   # row 1: pairs 3..5, chosen first
+    with pytest.raises(ValueError, match="do not fill 2 rows"):
+        heads.pair_rows({**packed, "last_index": packed["last_index"][:5]})
+    with pytest.raises(ValueError, match=r"is not \[B, 2, L\]"):
+        heads.pair_rows({**plain, "last_index": plain["last_index"][:2]})
+
+
 def test_micro_batches_keep_pairs_with_their_rows():
     """grad_accum splits a packed batch by rows, and each pair goes with its row."""
     r, k = 4, 3
