@@ -124,12 +124,12 @@ def pair_records(rows: list[dict], version: int) -> tuple[list[dict], list[tuple
     return records, index
 
 
-def response_scores(rows: list[dict], index, pair_Px2: np.ndarray, version: int) -> list[np.ndarray]:
+def response_scores(rows: list[dict], index, pair_Nx2: np.ndarray, version: int) -> list[np.ndarray]:
     """Per row, float [n_responses] (chosen first): each response's score from the first pair
     holding it (one score per response, so exact ties stay exact)."""
     sizes = [2 if version == 1 else len(r["chosen"]) + len(r["rejected"]) for r in rows]
     out = [np.full(n, np.nan) for n in sizes]
-    for (r, c, x), (sc, sx) in zip(index, np.asarray(pair_Px2, np.float64)):
+    for (r, c, x), (sc, sx) in zip(index, np.asarray(pair_Nx2, np.float64)):
         if np.isnan(out[r][c]):
             out[r][c] = sc
         if np.isnan(out[r][x]):
@@ -221,9 +221,9 @@ def score_v2(rows: list[dict], scores: list[np.ndarray]) -> dict:
     return {"subsets": subsets, "sections": dict(subsets), "score": float(np.mean(list(subsets.values())))}
 
 
-def score_rows(rows: list[dict], index, pair_Px2, version: int) -> dict:
+def score_rows(rows: list[dict], index, pair_Nx2, version: int) -> dict:
     """The official scores of `rows` from the scores of their pairs (`pair_records` order, [P, 2])."""
-    scores = response_scores(rows, index, pair_Px2, version)
+    scores = response_scores(rows, index, pair_Nx2, version)
     if version == 1:  # correct only when the chosen score is strictly higher (a tie is wrong)
         return score_v1([r["subset"] for r in rows], [float(s[0] > s[1]) for s in scores])
     return score_v2(rows, scores)

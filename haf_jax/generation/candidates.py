@@ -88,12 +88,12 @@ def candidate_temperatures(n_prompts: int, n: int, *, seed: int, temperature: fl
 
 # ----------------------------------------------------------------------------- sampling
 
-def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], temperatures_PxN: np.ndarray, *,
+def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], temperatures: np.ndarray, *,
                         settings, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
                         mesh=None, progress: bool = True):
     """Candidates of every prompt: list (prompt) of list (candidate) of (ids int32 [T_j], eos bool).
 
-    prompt_ids: int32 token ids per prompt (>= 1 each); temperatures_PxN: float32 [P, N];
+    prompt_ids: int32 token ids per prompt (>= 1 each); temperatures: float32 [prompts, n];
     settings: sampling.DecodeSettings. Prompts are sorted by length and cut into batches of
     `batch_size` prompts; each batch is padded to a full batch (filler rows generate nothing) and
     to a length bucket, `length_buckets(max_prompt_length)` from 16 up (the longest prompt when
@@ -109,7 +109,7 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
     from haf_jax.data.batching import bucket_for, length_buckets
     from haf_jax.generation import decode as sampling
 
-    n_prompts, n = temperatures_PxN.shape
+    n_prompts, n = temperatures.shape
     if n < 1:
         raise ValueError(f"need at least one candidate per prompt, got n={n}")
     lengths = np.array([len(p) for p in prompt_ids])
@@ -137,7 +137,7 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
         for k, i in enumerate(members):
             block = slice(k * n, (k + 1) * n)
             tokens[block, :lengths[i]] = prompt_ids[i]
-            length[block], temps[block], active[block], prompt_index[block] = lengths[i], temperatures_PxN[i], True, i
+            length[block], temps[block], active[block], prompt_index[block] = lengths[i], temperatures[i], True, i
         keys = row_keys(jnp.asarray(prompt_index), jnp.tile(jnp.arange(n, dtype=jnp.int32), batch_size))
         args = (tokens, length, temps, keys, active)
         if row_sharding is not None:

@@ -203,7 +203,7 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
     mask = flat(predicted_NxT)
     # Each shard's response positions first, in order; the rest of the index is never used.
     order = jax.vmap(lambda m: jnp.nonzero(m, size=per_shard, fill_value=0)[0])(mask)
-    count_P = jnp.sum(mask, axis=1, dtype=jnp.int32)
+    count_Z = jnp.sum(mask, axis=1, dtype=jnp.int32)
     block = max(1, min(chunk, per_shard))
     order = jnp.pad(order, ((0, 0), (0, -per_shard % block)))   # whole chunks
 
@@ -211,15 +211,15 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
     # that layout: else the vocabulary split leaks into the optimizer update of the head and its moments.
     head_VxD = constrain(constrain(head_VxD, ("vocab", "embed")), ("logit_vocab", None))
     bias_V = None if bias_V is None else constrain(bias_V, ("logit_vocab",))
-    logp_PxT = lm_logprobs.token_logprobs(head_VxD, bias_V, hidden, targets, order, count_P, block=block,
+    logp_ZxF = lm_logprobs.token_logprobs(head_VxD, bias_V, hidden, targets, order, count_Z, block=block,
                                           softcap=final_logit_softcap)
     # Each token's log-prob back at its position, then summed per (row, column) in position order:
     # a row's sum does not depend on the other rows of its batch (how the chunks fell).
     hit_NxTxS = predicted_NxT[..., None] & (column_NxT[..., None] == jnp.arange(num_segments))
-    logp_NxT = logp_PxT.reshape(n, length - 1)
+    logp_NxT = logp_ZxF.reshape(n, length - 1)
     logp = jnp.sum(jnp.where(hit_NxTxS, logp_NxT[..., None], 0.0), axis=1)
     count = jnp.sum(hit_NxTxS, axis=1, dtype=jnp.float32)
-    return logp, count, lm_logprobs.chunks_run(count_P, block).astype(jnp.float32)
+    return logp, count, lm_logprobs.chunks_run(count_Z, block).astype(jnp.float32)
 
 
 def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,

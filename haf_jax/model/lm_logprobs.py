@@ -14,7 +14,7 @@ not share across the loop), so the backward is written out here instead, as its 
   backward  recompute logits; d logits = g * (onehot(target) - softmax(logits)) (* (1 - (logits /
             cap)^2) under a soft-cap); dW += d logits^T h, db += sum d logits, dh = d logits W
 
-so one chunk of [P, block, V] float32 logits is alive at a time, forward or backward, and nothing
+so one chunk of [Z, M, V] float32 logits is alive at a time, forward or backward, and nothing
 per chunk is kept between the passes. Mixed precision is that of `jnp.einsum` with float32
 output: the head is cast to the hidden states' dtype for the matmuls, the logits and their
 gradient are float32, the head's gradient accumulates in float32 and returns in the head's dtype.
@@ -23,8 +23,8 @@ Sharding (when traced under a mesh): the caller places the head split by vocabul
 devices ("logit_vocab") and the hidden states by batch shard; each chunk of gathered hidden
 states is replicated, so every device computes all rows' logits for its vocabulary slice.
 
-Shapes: P batch shards, T positions per shard (rows x positions, flattened), B = block, D width,
-V vocabulary.
+Shapes (docs/DESIGN.md legend): Z batch shards, F positions of a shard (its rows x positions,
+flattened), M positions of one chunk (`block`), D width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -37,32 +37,32 @@ from haf_jax.core.sharding import constrain
 from haf_jax.model.linear import project
 
 
-def token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, *, block: int,
+def token_logprobs(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, *, block: int,
                    softcap: float | None = None):
-    """log p(target) at the first `count_P[p]` positions of `order_PxT[p]` (indices into T, each at
-    most once), 0 at every other position -> float32 [P, T]. Differentiable in the head, the bias
+    """log p(target) at the first `count_Z[p]` positions of `order_ZxF[p]` (indices into F, each at
+    most once), 0 at every other position -> float32 [Z, F]. Differentiable in the head, the bias
     (None: no bias) and the hidden states."""
-    return _token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
+    return _token_logprobs(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap)
 
 
-def chunks_run(count_P, block: int):
+def chunks_run(count_Z, block: int):
     """How many chunks `token_logprobs` runs (int32 scalar)."""
-    return (jnp.max(count_P) + block - 1) // block
+    return (jnp.max(count_Z) + block - 1) // block
 
 
-def _chunk(c, order_PxT, count_P, block):
-    """Chunk c: (positions [P, B], whether each is listed [P, B])."""
-    index = jax.lax.dynamic_slice_in_dim(order_PxT, c * block, block, axis=1)
-    used = c * block + jnp.arange(block) < count_P[:, None]
+def _chunk(c, order_ZxF, count_Z, block):
+    """Chunk c: (positions [Z, M], whether each is listed [Z, M])."""
+    index = jax.lax.dynamic_slice_in_dim(order_ZxF, c * block, block, axis=1)
+    used = c * block + jnp.arange(block) < count_Z[:, None]
     return index, used
 
 
-def _take(x_PxT, index_PxB):
-    return jnp.take_along_axis(x_PxT, index_PxB.reshape(index_PxB.shape + (1,) * (x_PxT.ndim - 2)), axis=1)
+def _take(x_ZxF, index_ZxM):
+    return jnp.take_along_axis(x_ZxF, index_ZxM.reshape(index_ZxM.shape + (1,) * (x_ZxF.ndim - 2)), axis=1)
 
 
-def _put(buffer_PxT, index_PxB, values_PxB):
-    return jax.vmap(lambda buf, index, values: buf.at[index].add(values))(buffer_PxT, index_PxB, values_PxB)
+def _put(buffer_ZxF, index_ZxM, values_ZxM):
+    return jax.vmap(lambda buf, index, values: buf.at[index].add(values))(buffer_ZxF, index_ZxM, values_ZxM)
 
 
 def head_logits(hidden, head_VxD, bias_V=None, softcap: float | None = None):
@@ -77,50 +77,50 @@ def head_logits(hidden, head_VxD, bias_V=None, softcap: float | None = None):
     return logits
 
 
-def _logits(head_VxD, bias_V, hidden_PxTxD, index_PxB, softcap):
-    """(hidden states of the chunk [P, B, D], replicated; their float32 logits [P, B, V], split by vocabulary)."""
-    h = constrain(_take(hidden_PxTxD, index_PxB), (None, None, None))
+def _logits(head_VxD, bias_V, hidden_ZxFxD, index_ZxM, softcap):
+    """(hidden states of the chunk [Z, M, D], replicated; their float32 logits [Z, M, V], split by vocabulary)."""
+    h = constrain(_take(hidden_ZxFxD, index_ZxM), (None, None, None))
     return h, constrain(head_logits(h, head_VxD, bias_V, softcap), (None, None, "logit_vocab"))
 
 
-def _is_target(logits_PxBxV, targets_PxT, index_PxB):
+def _is_target(logits_ZxMxV, targets_ZxF, index_ZxM):
     # The target's logit as a masked sum over the vocabulary: exact (one non-zero term), and it
     # reduces across vocabulary slices, where a gather along a split axis would not.
-    vocab_V = jnp.arange(logits_PxBxV.shape[-1], dtype=targets_PxT.dtype)
-    return vocab_V == _take(targets_PxT, index_PxB)[..., None]
+    vocab_V = jnp.arange(logits_ZxMxV.shape[-1], dtype=targets_ZxF.dtype)
+    return vocab_V == _take(targets_ZxF, index_ZxM)[..., None]
 
 
-def _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
-    def body(c, logp_PxT):
-        index, used = _chunk(c, order_PxT, count_P, block)
-        _, logits = _logits(head_VxD, bias_V, hidden_PxTxD, index, softcap)
-        target = jnp.sum(jnp.where(_is_target(logits, targets_PxT, index), logits, 0.0), axis=-1)
-        return _put(logp_PxT, index, jnp.where(used, target - jax.nn.logsumexp(logits, axis=-1), 0.0))
+def _forward(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap):
+    def body(c, logp_ZxF):
+        index, used = _chunk(c, order_ZxF, count_Z, block)
+        _, logits = _logits(head_VxD, bias_V, hidden_ZxFxD, index, softcap)
+        target = jnp.sum(jnp.where(_is_target(logits, targets_ZxF, index), logits, 0.0), axis=-1)
+        return _put(logp_ZxF, index, jnp.where(used, target - jax.nn.logsumexp(logits, axis=-1), 0.0))
 
-    zeros = jnp.zeros(targets_PxT.shape, jnp.float32)
-    return jax.lax.fori_loop(0, chunks_run(count_P, block), body, zeros)
+    zeros = jnp.zeros(targets_ZxF.shape, jnp.float32)
+    return jax.lax.fori_loop(0, chunks_run(count_Z, block), body, zeros)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _token_logprobs(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
-    return _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
+def _token_logprobs(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap):
+    return _forward(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap)
 
 
-def _token_logprobs_fwd(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap):
-    out = _forward(head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P, block, softcap)
-    return out, (head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P)
+def _token_logprobs_fwd(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap):
+    out = _forward(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, block, softcap)
+    return out, (head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z)
 
 
-def _token_logprobs_bwd(block, softcap, residuals, g_PxT):
-    head_VxD, bias_V, hidden_PxTxD, targets_PxT, order_PxT, count_P = residuals
+def _token_logprobs_bwd(block, softcap, residuals, g_ZxF):
+    head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z = residuals
 
     def body(c, carry):
         d_head, d_bias, d_hidden = carry
-        index, used = _chunk(c, order_PxT, count_P, block)
-        h, logits = _logits(head_VxD, bias_V, hidden_PxTxD, index, softcap)
+        index, used = _chunk(c, order_ZxF, count_Z, block)
+        h, logits = _logits(head_VxD, bias_V, hidden_ZxFxD, index, softcap)
         probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-        g = jnp.where(used, _take(g_PxT, index), 0.0)
-        d_logits = g[..., None] * (_is_target(logits, targets_PxT, index) - probs)
+        g = jnp.where(used, _take(g_ZxF, index), 0.0)
+        d_logits = g[..., None] * (_is_target(logits, targets_ZxF, index) - probs)
         if softcap:
             d_logits = d_logits * (1.0 - jnp.square(logits / softcap))
         d_logits = constrain(d_logits, (None, None, "logit_vocab"))
@@ -137,8 +137,8 @@ def _token_logprobs_bwd(block, softcap, residuals, g_PxT):
     init = (constrain(jnp.zeros(head_VxD.shape, jnp.float32), ("logit_vocab", None)),
             None if bias_V is None else jnp.zeros(bias_V.shape, jnp.float32),
             # each position is written once (padding adds zeros): no float32 accumulator needed
-            constrain(jnp.zeros(hidden_PxTxD.shape, hidden_PxTxD.dtype), ("batch", None, None)))
-    d_head, d_bias, d_hidden = jax.lax.fori_loop(0, chunks_run(count_P, block), body, init)
+            constrain(jnp.zeros(hidden_ZxFxD.shape, hidden_ZxFxD.dtype), ("batch", None, None)))
+    d_head, d_bias, d_hidden = jax.lax.fori_loop(0, chunks_run(count_Z, block), body, init)
     return (d_head.astype(head_VxD.dtype), None if bias_V is None else d_bias.astype(bias_V.dtype),
             d_hidden, None, None, None)
 
