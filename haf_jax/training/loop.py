@@ -25,7 +25,7 @@ from haf_jax.training import fit, flops, reference, step as step_lib
 from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
 from haf_jax.training.resume import RunError, check_resumable, config_dict
-from haf_jax.training.setup import Setup, build, split_trainable
+from haf_jax.training.setup import Setup, build, split_trainable, train_loader
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
 
@@ -114,10 +114,7 @@ def train(config, workdir) -> dict:
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
     ckpt = Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
                         every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep, best_metric=best_metric)
-    d = c.data
-    loader = data.train_loader(s.train_ds, c.train.batch_size, seed=c.train.seed, packing=d.packing,
-                               share_prompt=d.share_prompt, pack_length=d.pack_length, pack_rows=d.pack_rows,
-                               row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum)
+    loader = train_loader(s)
     padding = loader.padding()
     log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
         f"{padding['pairs_per_step']:g} pairs a step, {padding['tokens_vs_plain']:.2f}x the tokens of plain "

@@ -90,6 +90,15 @@ def build(config, workdir: epath.Path | None) -> Setup:
                  init_state, abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
 
 
+def train_loader(s: Setup):
+    """The run's train batches (plain, packed or shared-prompt, as data.* says), in the seeded order:
+    rows a multiple of the data-parallel size times optim.grad_accum. The caller closes it."""
+    c, d = s.config, s.config.data
+    return data.train_loader(s.train_ds, c.train.batch_size, seed=c.train.seed, packing=d.packing,
+                             share_prompt=d.share_prompt, pack_length=d.pack_length, pack_rows=d.pack_rows,
+                             row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum)
+
+
 def split_trainable(s: Setup, params0):
     """(trainable params, frozen base or None): LoRA's fresh adapters + heads, or everything."""
     lora = s.step_cfg.lora

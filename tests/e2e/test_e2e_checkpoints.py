@@ -158,12 +158,12 @@ def poison_reference(workdir, step: int, *overrides: str) -> list[int]:
     .json naming its data, which the run then reuses instead of computing) as zeros, except NaN for
     the pairs of train step `step`: that step's loss is NaN, every other step's finite. The pairs are
     found by replaying the run's own loader (same data, config and seed). Returns them."""
-    from haf_jax import data
     from haf_jax.training import setup
 
     config = load_config(str(REPO / "configs" / "gemma.py"), *overrides)
-    ds = setup.build(config, None).train_ds
-    loader = data.train_loader(ds, config)
+    s = setup.build(config, None)
+    ds = s.train_ds
+    loader = setup.train_loader(s)
     try:
         for _ in range(step):
             batch = next(loader)
