@@ -10,6 +10,7 @@ model.scan_layers differs. Prints each compile time, the per-chip memory of both
 unrolled / scanned. The machine may be shared and noisy: the ratio is what to compare, and the
 two compiles run back to back in this process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,21 @@ def main(argv=None) -> dict:
         report = plan.plan(config, args.topology)
         results["scanned" if scan_layers else "unrolled"] = report
         total = report["bytes_per_chip"]["total"]
-        print(f"scan_layers={scan_layers}: compile {report['compile_s']:.1f} s, "
-              f"{'?' if total is None else f'{total / plan.GiB:.2f} GiB'} per chip, fits={report['fits']}",
-              flush=True)
+        print(
+            f"scan_layers={scan_layers}: compile {report['compile_s']:.1f} s, "
+            f"{'?' if total is None else f'{total / plan.GiB:.2f} GiB'} per chip, fits={report['fits']}",
+            flush=True,
+        )
     ratio = results["unrolled"]["compile_s"] / results["scanned"]["compile_s"]
     print(f"{args.preset} on {args.topology}: unrolled / scanned compile time = {ratio:.2f}x")
-    summary = {"preset": args.preset, "topology": args.topology, "batch": [args.batch, 2, args.length],
-               "compile_s": {k: r["compile_s"] for k, r in results.items()},
-               "bytes_per_chip": {k: r["bytes_per_chip"] for k, r in results.items()}, "ratio": round(ratio, 2)}
+    summary = {
+        "preset": args.preset,
+        "topology": args.topology,
+        "batch": [args.batch, 2, args.length],
+        "compile_s": {k: r["compile_s"] for k, r in results.items()},
+        "bytes_per_chip": {k: r["bytes_per_chip"] for k, r in results.items()},
+        "ratio": round(ratio, 2),
+    }
     print(json.dumps(summary))
     return summary
 

@@ -14,6 +14,7 @@ float32 (2 GiB) on every chip. Now the head is split by vocabulary over all chip
 log-prob computation (sharding.RULES["logit_vocab"]) and each hidden chunk is gathered instead.
 Each compile of gemma-2b for v5e takes 1.5-8 minutes on a busy 2-core machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GiB = 2**30
 
 
-def sequence_logprobs_before(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, bias_V=None,
-                             final_logit_softcap=None, chunk=128):
+def sequence_logprobs_before(
+    head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, *, bias_V=None, final_logit_softcap=None, chunk=128
+):
     """heads.sequence_logprobs as of commit 0b85b5c (no sharding constraints, gather of the target)."""
     import jax
     import jax.numpy as jnp
@@ -90,8 +92,9 @@ def main():
     if args.layers:
         base = families.PRESETS[args.preset]
         name = f"{args.preset}-first{args.layers}"
-        families.PRESETS[name] = dataclasses.replace(base, num_layers=args.layers,
-                                                     layer_types=base.layer_types[: args.layers])
+        families.PRESETS[name] = dataclasses.replace(
+            base, num_layers=args.layers, layer_types=base.layer_types[: args.layers]
+        )
         config.model.preset = name
     if args.chunk:
         config.model.logprob_chunk = args.chunk
@@ -103,8 +106,11 @@ def main():
         return logp[:, None], count[:, None], jnp.float32(0.0)
 
     runs = {}
-    for label, objective, head_fn in (("baseline", "baseline", now), ("haf_before", "haf", before),
-                                      ("haf_after", "haf", now)):
+    for label, objective, head_fn in (
+        ("baseline", "baseline", now),
+        ("haf_before", "haf", before),
+        ("haf_after", "haf", now),
+    ):
         config.loss.objective = objective
         heads.response_logprobs = head_fn  # forward_pairs looks it up at trace time
         try:
@@ -113,17 +119,33 @@ def main():
             heads.response_logprobs = now
         runs[label] = report["bytes_per_chip"] | {"compile_s": report["compile_s"], "fits": report["fits"]}
         b = runs[label]
-        print(f"{label:11s} temporaries {b['temporaries'] / GiB:6.3f} GiB  arguments {b['arguments'] / GiB:6.3f} GiB  "
-              f"total {b['total'] / GiB:6.3f} GiB  (compile {report['compile_s']} s)", flush=True)
+        print(
+            f"{label:11s} temporaries {b['temporaries'] / GiB:6.3f} GiB  arguments {b['arguments'] / GiB:6.3f} GiB  "
+            f"total {b['total'] / GiB:6.3f} GiB  (compile {report['compile_s']} s)",
+            flush=True,
+        )
     base = runs["baseline"]["temporaries"]
     ratios = {k: runs[k]["temporaries"] / base for k in ("haf_before", "haf_after")}
-    print(f"{config.model.preset} on {args.topology}, {config.train.batch_size} pairs x 2 x {config.data.max_length}, "
-          f"{config.model.compute_dtype}, remat={config.model.remat}, mesh {tuple(config.mesh.shape)}, "
-          f"logprob_chunk {config.model.logprob_chunk}")
-    print(f"HaF / Baseline temporaries per chip: before {ratios['haf_before']:.2f}x, after {ratios['haf_after']:.2f}x "
-          f"(goal <= 1.15x)")
-    print(json.dumps({"preset": config.model.preset, "topology": args.topology, "runs": runs,
-                      "ratio_before": ratios["haf_before"], "ratio_after": ratios["haf_after"]}))
+    print(
+        f"{config.model.preset} on {args.topology}, {config.train.batch_size} pairs x 2 x {config.data.max_length}, "
+        f"{config.model.compute_dtype}, remat={config.model.remat}, mesh {tuple(config.mesh.shape)}, "
+        f"logprob_chunk {config.model.logprob_chunk}"
+    )
+    print(
+        f"HaF / Baseline temporaries per chip: before {ratios['haf_before']:.2f}x, after {ratios['haf_after']:.2f}x "
+        f"(goal <= 1.15x)"
+    )
+    print(
+        json.dumps(
+            {
+                "preset": config.model.preset,
+                "topology": args.topology,
+                "runs": runs,
+                "ratio_before": ratios["haf_before"],
+                "ratio_after": ratios["haf_after"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Prints:
   (--step=sleep: the accelerator works while the host thread is free).
 No assertions: numbers only.
 """
+
 import argparse
 import os
 import sys
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from haf_jax.core import forward
-from haf_jax.data import PairLoader, PairOptions, format_report, load_pairs, load_tokenizer, sample_paths  # noqa: E402
+from haf_jax.data import PairLoader, PairOptions, format_report, load_pairs, load_tokenizer, sample_paths
 
 
 def padding(ds, batch_size, grouping, seed=0):
@@ -48,18 +49,23 @@ def main():
     t0 = time.perf_counter()
     tok = load_tokenizer(a.tokenizer)
     t1 = time.perf_counter()
-    ds = load_pairs(a.data, tok, PairOptions(max_length=a.max_length, max_prompt_length=a.max_prompt_length),
-                    split="all")
+    ds = load_pairs(
+        a.data, tok, PairOptions(max_length=a.max_length, max_prompt_length=a.max_prompt_length), split="all"
+    )
     t2 = time.perf_counter()
     print(format_report(ds.report))
-    print(f"load_tokenizer {t1 - t0:.2f}s; load_pairs {t2 - t1:.2f}s "
-          f"({len(ds) / (t2 - t1):,.0f} pairs/s read+convert+tokenise)")
+    print(
+        f"load_tokenizer {t1 - t0:.2f}s; load_pairs {t2 - t1:.2f}s "
+        f"({len(ds) / (t2 - t1):,.0f} pairs/s read+convert+tokenise)"
+    )
 
     pad_g, shapes_g = padding(ds, a.batch_size, True)
     pad_u, shapes_u = padding(ds, a.batch_size, False)
-    print(f"padding fraction: grouped {pad_g:.3f} (L in {shapes_g}), ungrouped {pad_u:.3f} "
-          f"(L in {shapes_u}); grouped/ungrouped = {pad_g / pad_u:.2f}; "
-          f"tokens computed per real token: {1 / (1 - pad_g):.2f} vs {1 / (1 - pad_u):.2f}")
+    print(
+        f"padding fraction: grouped {pad_g:.3f} (L in {shapes_g}), ungrouped {pad_u:.3f} "
+        f"(L in {shapes_u}); grouped/ungrouped = {pad_g / pad_u:.2f}; "
+        f"tokens computed per real token: {1 / (1 - pad_g):.2f} vs {1 / (1 - pad_u):.2f}"
+    )
 
     with PairLoader(ds, a.batch_size, seed=0, prefetch=0) as ld:
         next(ld)
@@ -67,8 +73,9 @@ def main():
         for _ in range(a.steps):
             next(ld)
         dt = time.perf_counter() - t
-    print(f"build throughput (no prefetch): {a.steps * a.batch_size / dt:,.0f} pairs/s, "
-          f"{1e3 * dt / a.steps:.2f} ms/batch")
+    print(
+        f"build throughput (no prefetch): {a.steps * a.batch_size / dt:,.0f} pairs/s, {1e3 * dt / a.steps:.2f} ms/batch"
+    )
 
     run_step = real_step(ds, a.batch_size) if a.step == "real" else (lambda b: time.sleep(a.step_ms / 1e3))
     n = min(a.steps, 60) if a.step == "real" else a.steps
@@ -83,9 +90,11 @@ def main():
             wait += time.perf_counter() - w
             run_step(batch)
         total = time.perf_counter() - t
-    print(f"with prefetch and the {a.step} step ({1e3 * (total - wait) / n:.1f} ms/step incl. compiles of new "
-          f"shapes): next() blocked {1e3 * wait / n:.3f} ms/step = {100 * wait / total:.2f}% of step time "
-          f"(target < 5%)")
+    print(
+        f"with prefetch and the {a.step} step ({1e3 * (total - wait) / n:.1f} ms/step incl. compiles of new "
+        f"shapes): next() blocked {1e3 * wait / n:.3f} ms/step = {100 * wait / total:.2f}% of step time "
+        f"(target < 5%)"
+    )
 
 
 def real_step(ds, batch_size):
@@ -103,14 +112,21 @@ def real_step(ds, batch_size):
     scfg = forward.StepConfig(cfg, forward.LossConfig())
     opt = make_optimizer(learning_rate=1e-3, total_steps=1000)
     init_state, abstract = step_lib.state_layout(cfg, opt, mesh)
-    fn, keys = step_lib.jit_train_step(scfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       params_lib.param_shardings(cfg, mesh), live_reference=False)
+    fn, keys = step_lib.jit_train_step(
+        scfg,
+        opt,
+        mesh,
+        jax.tree.map(lambda x: x.sharding, abstract),
+        params_lib.param_shardings(cfg, mesh),
+        live_reference=False,
+    )
     state = [init_state(params_lib.init_params(cfg, jax.random.key(0), mesh))]
 
     def run(batch):
         batch = {**batch, "ref_logp": np.zeros(batch["last_index"].shape, np.float32)}
         state[0], m = fn(state[0], {k: batch[k] for k in keys}, None, None)
         jax.block_until_ready(m)
+
     return run
 
 

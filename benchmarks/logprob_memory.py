@@ -14,6 +14,7 @@ Gradients w.r.t. the embedding also need a [V, D] accumulator (2 GiB float32) ho
 
     python benchmarks/logprob_memory.py [--chunks 64,128,512]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,37 @@ N, L, D, V = 4, 1024, 2048, 256_000
 
 
 def naive_loss(hidden_NxLxD, embedding_VxD, tokens_NxL, mask_NxL):
-    logits_NxLxV = jnp.einsum("nld,vd->nlv", hidden_NxLxD[:, :-1], embedding_VxD.astype(hidden_NxLxD.dtype),
-                              preferred_element_type=jnp.float32)
+    logits_NxLxV = jnp.einsum(
+        "nld,vd->nlv",
+        hidden_NxLxD[:, :-1],
+        embedding_VxD.astype(hidden_NxLxD.dtype),
+        preferred_element_type=jnp.float32,
+    )
     logp = jax.nn.log_softmax(logits_NxLxV, axis=-1)
     target = jnp.take_along_axis(logp, tokens_NxL[:, 1:, None], axis=-1)[..., 0]
     return -jnp.sum(target * mask_NxL[:, 1:])
 
 
 def chunked_loss(hidden_NxLxD, embedding_VxD, tokens_NxL, mask_NxL, chunk):
-    logp_Nx1, _, _ = response_logprobs(embedding_VxD.astype(hidden_NxLxD.dtype), hidden_NxLxD, tokens_NxL,
-                                       mask_NxL, jnp.ones(tokens_NxL.shape, bool), 1, chunk=chunk)
+    logp_Nx1, _, _ = response_logprobs(
+        embedding_VxD.astype(hidden_NxLxD.dtype),
+        hidden_NxLxD,
+        tokens_NxL,
+        mask_NxL,
+        jnp.ones(tokens_NxL.shape, bool),
+        1,
+        chunk=chunk,
+    )
     return -jnp.sum(logp_Nx1)
 
 
 def memory(loss_fn, argnums=(0, 1)):
-    args = (jax.ShapeDtypeStruct((N, L, D), jnp.bfloat16), jax.ShapeDtypeStruct((V, D), jnp.float32),
-            jax.ShapeDtypeStruct((N, L), jnp.int32), jax.ShapeDtypeStruct((N, L), jnp.float32))
+    args = (
+        jax.ShapeDtypeStruct((N, L, D), jnp.bfloat16),
+        jax.ShapeDtypeStruct((V, D), jnp.float32),
+        jax.ShapeDtypeStruct((N, L), jnp.int32),
+        jax.ShapeDtypeStruct((N, L), jnp.float32),
+    )
     compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=argnums)).lower(*args).compile()
     return compiled.memory_analysis()
 
@@ -56,17 +72,21 @@ def main():
 
 
 def report(chunks, argnums, what):
-    gib = 2.0 ** 30
+    gib = 2.0**30
     print(f"--- gradients w.r.t. {what}")
     print(f"backend={jax.default_backend()}  N={N} (2 pairs) L={L} D={D} V={V}; value_and_grad of the head")
     print(f"full float32 logits [N, L, V] alone: {N * (L - 1) * V * 4 / gib:.2f} GiB")
     naive = memory(naive_loss, argnums)
-    print(f"naive          temp {naive.temp_size_in_bytes / gib:8.3f} GiB  "
-          f"(arguments {naive.argument_size_in_bytes / gib:.3f} GiB, outputs {naive.output_size_in_bytes / gib:.3f} GiB)")
+    print(
+        f"naive          temp {naive.temp_size_in_bytes / gib:8.3f} GiB  "
+        f"(arguments {naive.argument_size_in_bytes / gib:.3f} GiB, outputs {naive.output_size_in_bytes / gib:.3f} GiB)"
+    )
     for chunk in chunks:
         stats = memory(lambda h, e, t, m, c=chunk: chunked_loss(h, e, t, m, c), argnums)
-        print(f"chunked c={chunk:<4d} temp {stats.temp_size_in_bytes / gib:8.3f} GiB  "
-              f"ratio naive/chunked {naive.temp_size_in_bytes / max(stats.temp_size_in_bytes, 1):6.1f}x")
+        print(
+            f"chunked c={chunk:<4d} temp {stats.temp_size_in_bytes / gib:8.3f} GiB  "
+            f"ratio naive/chunked {naive.temp_size_in_bytes / max(stats.temp_size_in_bytes, 1):6.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ masked blocks.
 `--shape=issue`: Gemma architecture, 6 layers, width 512, 8 query / 1 key-value heads of 64, MLP
 2048 (issue 12's table); `tiny`: the tiny preset. No assertions: numbers only.
 """
+
 import argparse
 import dataclasses
 import os
@@ -22,23 +23,32 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from haf_jax import data  # noqa: E402
+from haf_jax import data
 from haf_jax.core import forward, params as params_lib, sharding
-from haf_jax.core.optim import make_optimizer  # noqa: E402
-from haf_jax.data import PackedLoader, PairLoader  # noqa: E402
-from haf_jax.model.families import preset  # noqa: E402
+from haf_jax.core.optim import make_optimizer
+from haf_jax.data import PackedLoader, PairLoader
+from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
 
 def model_for(shape: str, vocab: int):
     if shape == "tiny":
         return dataclasses.replace(preset("tiny"), vocab_size=max(vocab, 2048), attention="xla")
-    return dataclasses.replace(preset("gemma-2b"), num_layers=6, layer_types=(), hidden_size=512,
-                               intermediate_size=2048, num_heads=8, num_kv_heads=1, head_dim=64,
-                               vocab_size=max(vocab, 32000), attention="xla")
+    return dataclasses.replace(
+        preset("gemma-2b"),
+        num_layers=6,
+        layer_types=(),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=64,
+        vocab_size=max(vocab, 32000),
+        attention="xla",
+    )
 
 
 def main():
@@ -60,24 +70,37 @@ def main():
     opt = make_optimizer(learning_rate=1e-5, total_steps=1000)
     init_state, abstract = step_lib.state_layout(model, opt, mesh)
     params = params_lib.init_params(model, jax.random.key(0), mesh)
-    loaders = [("unpacked, length-grouped", PairLoader(ds, a.batch_size, length_grouping=True, prefetch=0)),
-               ("unpacked, random", PairLoader(ds, a.batch_size, length_grouping=False, prefetch=0))]
-    loaders += [(f"packed, rows of {t}", PackedLoader(ds, a.batch_size, length=int(t), prefetch=0))
-                for t in a.pack_lengths.split(",")]
-    print(f"{len(ds)} pairs; model {a.shape} ({model.num_layers} layers, width {model.hidden_size}); "
-          f"{a.objective}; {jax.devices()[0].device_kind}")
+    loaders = [
+        ("unpacked, length-grouped", PairLoader(ds, a.batch_size, length_grouping=True, prefetch=0)),
+        ("unpacked, random", PairLoader(ds, a.batch_size, length_grouping=False, prefetch=0)),
+    ]
+    loaders += [
+        (f"packed, rows of {t}", PackedLoader(ds, a.batch_size, length=int(t), prefetch=0))
+        for t in a.pack_lengths.split(",")
+    ]
+    print(
+        f"{len(ds)} pairs; model {a.shape} ({model.num_layers} layers, width {model.hidden_size}); "
+        f"{a.objective}; {jax.devices()[0].device_kind}"
+    )
     base = None
     for name, loader in loaders:
-        cfg = forward.StepConfig(model, forward.LossConfig(objective=a.objective),
-                                  packed=isinstance(loader, PackedLoader))
-        fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                           params_lib.param_shardings(model, mesh), live_reference=False)
+        cfg = forward.StepConfig(
+            model, forward.LossConfig(objective=a.objective), packed=isinstance(loader, PackedLoader)
+        )
+        fn, keys = step_lib.jit_train_step(
+            cfg,
+            opt,
+            mesh,
+            jax.tree.map(lambda x: x.sharding, abstract),
+            params_lib.param_shardings(model, mesh),
+            live_reference=False,
+        )
         batches = [next(loader) for _ in range(a.steps)]
         for b in batches:
             b["ref_logp"] = np.zeros(b["valid"].shape + (2,), np.float32)
         state = init_state(jax.tree.map(lambda x: x.copy(), params))
         seen = set()
-        for b in batches:   # warm-up: one step per distinct shape (compilation excluded below)
+        for b in batches:  # warm-up: one step per distinct shape (compilation excluded below)
             if b["tokens"].shape not in seen:
                 seen.add(b["tokens"].shape)
                 state, m = fn(state, forward.put_batch(b, keys, mesh), None, None)
@@ -91,8 +114,10 @@ def main():
         pairs = sum(int(b["valid"].sum()) for b in batches)
         rate = tokens / dt
         base = base or rate
-        print(f"{name:26s} padding {loader.padding()['padding_fraction']:6.1%}  {rate:8.0f} real tokens/s  "
-              f"{pairs / dt:6.2f} pairs/s  x{rate / base:.2f} tokens/s vs length-grouped")
+        print(
+            f"{name:26s} padding {loader.padding()['padding_fraction']:6.1%}  {rate:8.0f} real tokens/s  "
+            f"{pairs / dt:6.2f} pairs/s  x{rate / base:.2f} tokens/s vs length-grouped"
+        )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ set the implicit reward of haf and dpo prefers the shuffled response more often 
 (< 50%): training lowered the policy's log-probs of the fluent text more than of its shuffle,
 although the start model itself prefers the fluent text 78% of the time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,11 @@ EVAL_FRACTION, SPLIT_SEED, OOD_SEED, MIN_WORDS = 0.1, 0, 1234, 4
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring for what is measured and how.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring for what is measured and how.",
+    )
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (default 120)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per objective (default 3)")
     p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma list of haf|baseline|dpo")
@@ -152,8 +155,9 @@ def build_ood(eval_rows, path: pathlib.Path) -> dict:
         else:
             dropped["no_shuffle"] += 1
             continue
-        out.append({"id": f"eval{i}", "chosen": prompt + " " + " ".join(words),
-                    "rejected": prompt + " " + " ".join(shuffled)})
+        out.append(
+            {"id": f"eval{i}", "chosen": prompt + " " + " ".join(words), "rejected": prompt + " " + " ".join(shuffled)}
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
     return {"pairs": len(out), "dropped": dropped}
 
@@ -169,8 +173,12 @@ class Scorer:
         from haf_jax import data
 
         self.mesh, self.args = mesh, args
-        options = data.PairOptions(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                   eval_fraction=0.0, max_skip_fraction=1.0)
+        options = data.PairOptions(
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            eval_fraction=0.0,
+            max_skip_fraction=1.0,
+        )
         self.ds = data.load_pairs(spec, tokenizer, options, split="all")
         print(data.format_report(self.ds.report), file=sys.stderr)
         self._fns = {}
@@ -186,17 +194,21 @@ class Scorer:
         if model_cfg not in self._fns:
             self._fns[model_cfg] = jax.jit(
                 lambda p, b: forward_pairs(p, model_cfg, b, chunk=128),
-                in_shardings=(params_lib.param_shardings(model_cfg, self.mesh),
-                              forward.batch_shardings(self.mesh, keys)),
-                out_shardings=sharding.replicated(self.mesh))
+                in_shardings=(
+                    params_lib.param_shardings(model_cfg, self.mesh),
+                    forward.batch_shardings(self.mesh, keys),
+                ),
+                out_shardings=sharding.replicated(self.mesh),
+            )
         fn = self._fns[model_cfg]
 
         def one(b):
             out = fn(params, b)
             return {"reward": out.reward_Bx2, "logp": out.logp_Bx2}
 
-        return pair_pass(self.ds, one, lambda b: forward.put_batch(b, keys, self.mesh),
-                         batch_size=self.args.eval_batch, desc=desc)
+        return pair_pass(
+            self.ds, one, lambda b: forward.put_batch(b, keys, self.mesh), batch_size=self.args.eval_batch, desc=desc
+        )
 
 
 def accuracies(cols, ref_logp, beta: float) -> dict:
@@ -204,8 +216,11 @@ def accuracies(cols, ref_logp, beta: float) -> dict:
 
     reward = cols["reward"][:, 0] > cols["reward"][:, 1]
     implicit = beta * ((cols["logp"][:, 0] - ref_logp[:, 0]) - (cols["logp"][:, 1] - ref_logp[:, 1]))
-    return {"reward_accuracy": float(np.mean(reward)), "dpo_accuracy": float(np.mean(implicit > 0)),
-            "pairs": int(len(reward))}
+    return {
+        "reward_accuracy": float(np.mean(reward)),
+        "dpo_accuracy": float(np.mean(implicit > 0)),
+        "pairs": int(len(reward)),
+    }
 
 
 # ----------------------------------------------------------------------------- runs
@@ -269,13 +284,17 @@ def stats(values):
     return {"mean": m, "min": min(values), "max": max(values), "std": std, "values": values}
 
 
-COLUMNS = [("id", "reward_accuracy", "ID reward"), ("id", "dpo_accuracy", "ID DPO"),
-           ("ood", "reward_accuracy", "OOD reward"), ("ood", "dpo_accuracy", "OOD DPO")]
+COLUMNS = [
+    ("id", "reward_accuracy", "ID reward"),
+    ("id", "dpo_accuracy", "ID DPO"),
+    ("ood", "reward_accuracy", "OOD reward"),
+    ("ood", "dpo_accuracy", "OOD DPO"),
+]
 
 
 def applies(objective: str, metric: str) -> bool:
     """baseline trains no policy (no DPO accuracy); dpo trains no reward head (no reward accuracy)."""
-    return not ((objective, metric) in (("baseline", "dpo_accuracy"), ("dpo", "reward_accuracy")))
+    return (objective, metric) not in (("baseline", "dpo_accuracy"), ("dpo", "reward_accuracy"))
 
 
 def table(results, base, header: str) -> str:
@@ -307,8 +326,11 @@ def main(argv=None) -> int:
     src = pathlib.Path(args.shared_data) / "aidreams260K"
     bin_path, tok_path = src / "aidreams260K.bin", src / "tok512.bin"
     if not bin_path.is_file() or not tok_path.is_file():
-        print(f"skipped: the aidreams260K model ({bin_path}, {tok_path}) is not here; this benchmark needs "
-              f"../shared/data (or --shared_data)", file=sys.stderr)
+        print(
+            f"skipped: the aidreams260K model ({bin_path}, {tok_path}) is not here; this benchmark needs "
+            f"../shared/data (or --shared_data)",
+            file=sys.stderr,
+        )
         return 0
 
     tmp = None
@@ -375,39 +397,62 @@ def _run(args, objectives, root, bin_path, tok_path, t_start) -> int:
                 loaded = load_model(str(workdir), mesh, which=row["step"], float32=True)
                 params, model_cfg = loaded.params, loaded.model_cfg
                 assert loaded.step == row["step"], (loaded.step, row)
-                ood = accuracies(scorers["ood"](params, model_cfg, f"ood {objective} s{seed} {which}"),
-                                 ref["ood"], args.beta)
+                ood = accuracies(
+                    scorers["ood"](params, model_cfg, f"ood {objective} s{seed} {which}"), ref["ood"], args.beta
+                )
                 ood = {k: v for k, v in ood.items() if k == "pairs" or applies(objective, k)}
                 ident = {k: row[k] for k in ("reward_accuracy", "dpo_accuracy", "pairs") if k in row}
                 run[which] = {"step": row["step"], "id": ident, "ood": ood}
             results[objective].append(run)
-            print(f"=== {objective} seed {seed}: {timings[f'{objective}-seed{seed}']}s; "
-                  f"best {run['best']}; last {run['last']}", file=sys.stderr, flush=True)
+            print(
+                f"=== {objective} seed {seed}: {timings[f'{objective}-seed{seed}']}s; "
+                f"best {run['best']}; last {run['last']}",
+                file=sys.stderr,
+                flush=True,
+            )
             if not args.workdir:  # keep only what the table needs
                 shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
 
     wall = time.time() - t_start
     n_id, n_ood = scorers["id"].ds.report["pairs"], scorers["ood"].ds.report["pairs"]
-    header = (f"paper_small: aidreams260K (260K-param Llama) on HH-RLHF harmless, {args.steps} steps x "
-              f"{args.batch} pairs, lr {args.lr:g}, alpha {args.alpha:g}, beta {args.beta:g}, max_length "
-              f"{args.max_length}/{args.max_prompt_length}; seeds 0..{args.seeds - 1}\n"
-              f"accuracy % (strict), mean [min-max] over seeds; ID = held-out HH split ({n_id} pairs), "
-              f"OOD = word-shuffled held-out responses ({n_ood} pairs); best = the run's best ID eval step\n"
-              f"'start model logp': the untrained model's logp(chosen) > logp(rejected)")
+    header = (
+        f"paper_small: aidreams260K (260K-param Llama) on HH-RLHF harmless, {args.steps} steps x "
+        f"{args.batch} pairs, lr {args.lr:g}, alpha {args.alpha:g}, beta {args.beta:g}, max_length "
+        f"{args.max_length}/{args.max_prompt_length}; seeds 0..{args.seeds - 1}\n"
+        f"accuracy % (strict), mean [min-max] over seeds; ID = held-out HH split ({n_id} pairs), "
+        f"OOD = word-shuffled held-out responses ({n_ood} pairs); best = the run's best ID eval step\n"
+        f"'start model logp': the untrained model's logp(chosen) > logp(rejected)"
+    )
     text = table(results, base, header)
     print(text)
     print(f"wall time {wall:.0f}s ({jax.default_backend()}, {jax.device_count()} device(s))")
     summary = {
-        "settings": {**vars(args), "objectives": objectives, "split": {"eval_fraction": EVAL_FRACTION,
-                     "seed": SPLIT_SEED}, "ood": {"seed": OOD_SEED, "min_words": MIN_WORDS, **ood_info}},
+        "settings": {
+            **vars(args),
+            "objectives": objectives,
+            "split": {"eval_fraction": EVAL_FRACTION, "seed": SPLIT_SEED},
+            "ood": {"seed": OOD_SEED, "min_words": MIN_WORDS, **ood_info},
+        },
         "start_model_logp_accuracy": base,
-        "results": {o: {"runs": runs, **{which: {where: {m: stats([r[which][where][m] for r in runs
-                                                                   if m in r[which][where]])
-                                                         for m in ("reward_accuracy", "dpo_accuracy")}
-                                                 for where in ("id", "ood")}
-                                         for which in ("best", "last")}}
-                    for o, runs in results.items()},
-        "seconds_per_run": timings, "wall_seconds": round(wall, 1), "table": text,
+        "results": {
+            o: {
+                "runs": runs,
+                **{
+                    which: {
+                        where: {
+                            m: stats([r[which][where][m] for r in runs if m in r[which][where]])
+                            for m in ("reward_accuracy", "dpo_accuracy")
+                        }
+                        for where in ("id", "ood")
+                    }
+                    for which in ("best", "last")
+                },
+            }
+            for o, runs in results.items()
+        },
+        "seconds_per_run": timings,
+        "wall_seconds": round(wall, 1),
+        "table": text,
         "backend": jax.default_backend(),
     }
     pathlib.Path(args.out).write_text(json.dumps(summary, indent=1))

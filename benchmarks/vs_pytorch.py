@@ -18,9 +18,11 @@ built from the same transformers config (haf_jax.model.families.from_hf). Each s
 the two sides in turn, median of --iters, both on all CPU cores. The machine is shared: read the
 ratios, not the seconds.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -37,9 +39,19 @@ ALPHA, BETA, LR = 0.2, 0.1, 1e-5
 def hf_config(vocab=32_000, layers=6, width=512, heads=8, kv_heads=1, head_dim=64, mlp=2048):
     from transformers import GemmaConfig
 
-    return GemmaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                       max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    return GemmaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=1,
+    )
 
 
 def random_batch(vocab: int, pairs: int, length: int, prompt: int, seed: int = 0) -> dict:
@@ -51,8 +63,13 @@ def random_batch(vocab: int, pairs: int, length: int, prompt: int, seed: int = 0
     pos = np.arange(length)
     mask = ((pos >= prompt) & (pos <= last[..., None])).astype(np.int32)
     tokens = np.where(pos <= last[..., None], tokens, 0).astype(np.int32)
-    return {"tokens": tokens, "response_mask": mask, "last_index": last.astype(np.int32),
-            "valid": np.ones((pairs,), bool), "ref_logp": rng.normal(-800, 50, (pairs, 2)).astype(np.float32)}
+    return {
+        "tokens": tokens,
+        "response_mask": mask,
+        "last_index": last.astype(np.int32),
+        "valid": np.ones((pairs,), bool),
+        "ref_logp": rng.normal(-800, 50, (pairs, 2)).astype(np.float32),
+    }
 
 
 class TorchHaF:
@@ -131,8 +148,10 @@ def matmul_flops(cfg, data, objective: str, live: bool) -> tuple[float, float]:
     n, length = 2 * data["tokens"].shape[0], data["tokens"].shape[-1]
     chunk = StepConfig.logprob_chunk
     chunks = -(-int((data["response_mask"][..., 1:] != 0).sum()) // chunk)
-    flops = [jax_bench.model_flops(cfg, n, length, objective == "haf", positions)
-             for positions in (length - 1, chunks * chunk / n)]
+    flops = [
+        jax_bench.model_flops(cfg, n, length, objective == "haf", positions)
+        for positions in (length - 1, chunks * chunk / n)
+    ]
     return tuple(f * 4 / 3 if live else f for f in flops)
 
 
@@ -176,27 +195,38 @@ def main():
     config = hf_config()
     cfg = from_hf(config.to_dict())
     data = random_batch(config.vocab_size, args.pairs, args.length, args.prompt)
-    print(f"haf_jax on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; Gemma 6 x 512, vocab 32000, {args.pairs} pairs x 2 x {args.length} "
-          f"(prompt {args.prompt}, {int(data['response_mask'].sum())} response tokens), float32, median of {args.iters}")
+    print(
+        f"haf_jax on {jax.devices()[0].device_kind} x{jax.device_count()}, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads; Gemma 6 x 512, vocab 32000, {args.pairs} pairs x 2 x {args.length} "
+        f"(prompt {args.prompt}, {int(data['response_mask'].sum())} response tokens), float32, median of {args.iters}"
+    )
     tokens = 2 * args.pairs * args.length
     t_mm_torch, t_mm_xla = matmul_seconds(tokens, config.hidden_size, config.intermediate_size)
-    print(f"one MLP matmul [{tokens}, {config.hidden_size}] x [{config.hidden_size}, {config.intermediate_size}]: "
-          f"PyTorch {t_mm_torch * 1e3:.1f} ms, XLA {t_mm_xla * 1e3:.1f} ms (PyTorch/XLA {t_mm_torch / t_mm_xla:.2f}x)")
+    print(
+        f"one MLP matmul [{tokens}, {config.hidden_size}] x [{config.hidden_size}, {config.intermediate_size}]: "
+        f"PyTorch {t_mm_torch * 1e3:.1f} ms, XLA {t_mm_xla * 1e3:.1f} ms (PyTorch/XLA {t_mm_torch / t_mm_xla:.2f}x)"
+    )
     rows = []
-    for label, objective, live in (("HaF, live frozen reference", "haf", True),
-                                   ("HaF, precomputed reference", "haf", False),
-                                   ("Baseline (no LM head)", "baseline", False)):
+    for label, objective, live in (
+        ("HaF, live frozen reference", "haf", True),
+        ("HaF, precomputed reference", "haf", False),
+        ("Baseline (no LM head)", "baseline", False),
+    ):
         runner = TorchHaF(config, objective, live)
         runner.step(data)  # warm-up
         run_jax, _ = jax_bench.warm_step(cfg, objective, args.pairs, args.length, live_reference=live, data=data)
-        t_torch, t_jax = time_side_by_side([lambda: runner.step(data), run_jax], args.iters)
+        t_torch, t_jax = time_side_by_side([functools.partial(runner.step, data), run_jax], args.iters)
         f_torch, f_jax = matmul_flops(cfg, data, objective, live)
         rows.append((label, t_torch, t_jax, f_torch / f_jax))
-        print(f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x   "
-              f"(FLOP ratio {f_torch / f_jax:4.2f}x)", flush=True)
+        print(
+            f"{label:28s} PyTorch {t_torch:7.3f} s   haf_jax {t_jax:7.3f} s   ratio {t_torch / t_jax:5.2f}x   "
+            f"(FLOP ratio {f_torch / f_jax:4.2f}x)",
+            flush=True,
+        )
     print("| step | PyTorch + transformers | haf_jax | ratio | FLOP ratio |\n|---|---|---|---|---|")
-    print(f"| one MLP matmul | {t_mm_torch * 1e3:.1f} ms | {t_mm_xla * 1e3:.1f} ms | {t_mm_torch / t_mm_xla:.2f}x | 1 |")
+    print(
+        f"| one MLP matmul | {t_mm_torch * 1e3:.1f} ms | {t_mm_xla * 1e3:.1f} ms | {t_mm_torch / t_mm_xla:.2f}x | 1 |"
+    )
     for label, t_torch, t_jax, flop_ratio in rows:
         print(f"| {label} | {t_torch:.2f} s | {t_jax:.2f} s | {t_torch / t_jax:.2f}x | {flop_ratio:.2f}x |")
 

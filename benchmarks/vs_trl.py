@@ -15,6 +15,7 @@ both responses, one pair a row). Steady state: haf_jax's own logged rates (metri
 interval, compilation excluded) after step --skip; TRL's from step-end times after step --skip.
 The machine is shared and noisy: read the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,19 @@ def write_model(directory: pathlib.Path, tokenizer_dir: str):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # GPT-2 has none; TRL's collator needs one
-    config = GemmaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
-                         num_attention_heads=8, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
-                         pad_token_id=pad, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GemmaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        pad_token_id=pad,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     GemmaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
@@ -63,14 +74,27 @@ def write_pairs(source: pathlib.Path, target: pathlib.Path, tok) -> int:
 
 def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> tuple[float, float]:
     """(steady-state pairs/s, MFU) of a haf_jax.train run, from its metrics.jsonl."""
-    cmd = [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
-           f"--config.model.checkpoint={model_dir}", f"--config.data.train={data_file}",
-           f"--config.train.batch_size={PAIRS}",
-           f"--config.data.max_length={MAX_LENGTH}", "--config.model.compute_dtype=float32",
-           "--config.model.remat=False", f"--config.train.steps={steps}", "--config.train.log_every=5",
-           f"--config.train.eval_every={10 * steps}", "--config.optim.learning_rate=1e-5",
-           "--config.optim.warmup_steps=0", "--config.data.eval_fraction=0.02", "--config.data.truncation=trl",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "haf_jax.train",
+        "--config=configs/gemma.py",
+        f"--workdir={workdir}",
+        f"--config.model.checkpoint={model_dir}",
+        f"--config.data.train={data_file}",
+        f"--config.train.batch_size={PAIRS}",
+        f"--config.data.max_length={MAX_LENGTH}",
+        "--config.model.compute_dtype=float32",
+        "--config.model.remat=False",
+        f"--config.train.steps={steps}",
+        "--config.train.log_every=5",
+        f"--config.train.eval_every={10 * steps}",
+        "--config.optim.learning_rate=1e-5",
+        "--config.optim.warmup_steps=0",
+        "--config.data.eval_fraction=0.02",
+        "--config.data.truncation=trl",
+        *extra,
+    ]
     if not any(x.startswith("--config.loss.objective=") for x in extra):
         cmd.append("--config.loss.objective=baseline")
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -80,8 +104,10 @@ def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> tuple[flo
     rows = [r for r in rows if "pairs_per_s" in r and r.get("split") is None and r["step"] > skip]
     # each row covers the non-compiling steps of its interval: pairs = rate x time
     time = sum(r["step_s"] for r in rows)
-    return (sum(r["pairs_per_s"] * r["step_s"] for r in rows) / time,
-            sum(r.get("mfu", float("nan")) * r["step_s"] for r in rows) / time)
+    return (
+        sum(r["pairs_per_s"] * r["step_s"] for r in rows) / time,
+        sum(r.get("mfu", float("nan")) * r["step_s"] for r in rows) / time,
+    )
 
 
 def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
@@ -102,11 +128,27 @@ def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
-    args = RewardConfig(output_dir=str(outdir), per_device_train_batch_size=PAIRS, max_length=MAX_LENGTH,
-                        max_steps=steps, learning_rate=1e-5, warmup_steps=0, lr_scheduler_type="linear",
-                        max_grad_norm=1.0, adam_epsilon=1e-5, weight_decay=0.0, logging_steps=10,
-                        save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=0,
-                        dataloader_num_workers=0, bf16=False, fp16=False)
+    args = RewardConfig(
+        output_dir=str(outdir),
+        per_device_train_batch_size=PAIRS,
+        max_length=MAX_LENGTH,
+        max_steps=steps,
+        learning_rate=1e-5,
+        warmup_steps=0,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        adam_epsilon=1e-5,
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
+    )
     train = datasets.load_dataset("json", data_files=str(data_file), split="train")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[StepTimes()])
     trainer.train()
@@ -119,8 +161,12 @@ def main():
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the steady-state rate")
     ap.add_argument("--data", default=str(SHARED / "hh-rlhf-harmless-base" / "test.jsonl.gz"))
     ap.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
-    ap.add_argument("--haf", action="store_true", help="also run haf_jax's HaF step (precomputed reference), "
-                    "with and without shared prompts (TRL has no HaF: read it against the Baseline rates)")
+    ap.add_argument(
+        "--haf",
+        action="store_true",
+        help="also run haf_jax's HaF step (precomputed reference), "
+        "with and without shared prompts (TRL has no HaF: read it against the Baseline rates)",
+    )
     args = ap.parse_args()
     import torch
 
@@ -129,24 +175,45 @@ def main():
         tmp = pathlib.Path(tmp)
         tok = write_model(tmp / "model", args.tokenizer)
         kept = write_pairs(pathlib.Path(args.data), tmp / "pairs.jsonl", tok)
-        print(f"{kept} pairs fit {FIT} tokens ({args.data}); {PAIRS} pairs/step, max length {MAX_LENGTH}, "
-              f"{args.steps} steps, rate after step {args.skip}; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads", flush=True)
+        print(
+            f"{kept} pairs fit {FIT} tokens ({args.data}); {PAIRS} pairs/step, max length {MAX_LENGTH}, "
+            f"{args.steps} steps, rate after step {args.skip}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+            flush=True,
+        )
         trl_rate = run_trl(tmp / "model", tmp / "pairs.jsonl", tmp / "trl", args.steps, args.skip)
         print(f"TRL RewardTrainer   {trl_rate:6.2f} pairs/s", flush=True)
         jax_rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax", args.steps, args.skip)
         print(f"haf_jax.train       {jax_rate:6.2f} pairs/s (MFU {mfu:.1%})", flush=True)
-        shared_rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / "haf_jax_shared", args.steps,
-                                       args.skip, "--config.data.share_prompt=True")
+        shared_rate, mfu = run_haf_jax(
+            tmp / "model",
+            tmp / "pairs.jsonl",
+            tmp / "haf_jax_shared",
+            args.steps,
+            args.skip,
+            "--config.data.share_prompt=True",
+        )
         print(f"haf_jax.train, data.share_prompt=True {shared_rate:6.2f} pairs/s (MFU {mfu:.1%})", flush=True)
         if args.haf:
             for label, extra in (("", ()), (", data.share_prompt=True", ("--config.data.share_prompt=True",))):
-                rate, mfu = run_haf_jax(tmp / "model", tmp / "pairs.jsonl", tmp / f"haf{len(extra)}", args.steps,
-                                        args.skip, "--config.loss.objective=haf", *extra)
-                print(f"haf_jax.train HaF{label} {rate:6.2f} pairs/s ({rate / trl_rate:.2f}x TRL's Baseline; "
-                      f"MFU {mfu:.1%}: HaF is within its FLOP ratio of Baseline where its MFU is as high)", flush=True)
-    print(f"Baseline, haf_jax / TRL steady-state pairs/s: {jax_rate / trl_rate:.2f}x; "
-          f"with shared prompts {shared_rate / trl_rate:.2f}x")
+                rate, mfu = run_haf_jax(
+                    tmp / "model",
+                    tmp / "pairs.jsonl",
+                    tmp / f"haf{len(extra)}",
+                    args.steps,
+                    args.skip,
+                    "--config.loss.objective=haf",
+                    *extra,
+                )
+                print(
+                    f"haf_jax.train HaF{label} {rate:6.2f} pairs/s ({rate / trl_rate:.2f}x TRL's Baseline; "
+                    f"MFU {mfu:.1%}: HaF is within its FLOP ratio of Baseline where its MFU is as high)",
+                    flush=True,
+                )
+    print(
+        f"Baseline, haf_jax / TRL steady-state pairs/s: {jax_rate / trl_rate:.2f}x; "
+        f"with shared prompts {shared_rate / trl_rate:.2f}x"
+    )
 
 
 if __name__ == "__main__":

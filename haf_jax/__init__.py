@@ -4,10 +4,20 @@ Commands: `python -m haf_jax.train | score | evaluate | export | plan | sample |
 (docs/DESIGN.md, "The house", lists the rooms behind them). The names below are the library
 surface for people who build on the pieces.
 """
+
 from haf_jax.core.losses import bradley_terry, objective, pair_metrics, policy_loss
 from haf_jax.model.config import ModelConfig
 from haf_jax.model.families import preset
 from haf_jax.model.heads import forward_pairs, response_logprobs, rewards
 
-__all__ = ["ModelConfig", "bradley_terry", "forward_pairs", "objective", "pair_metrics", "policy_loss", "preset",
-           "response_logprobs", "rewards"]
+__all__ = [
+    "ModelConfig",
+    "bradley_terry",
+    "forward_pairs",
+    "objective",
+    "pair_metrics",
+    "policy_loss",
+    "preset",
+    "response_logprobs",
+    "rewards",
+]

@@ -23,6 +23,7 @@ reward models, `picks_agree` = the fraction of prompts whose two picks are the s
 `truncated_pairs` counts the scoring pairs (two candidates of a prompt each) in which a candidate
 was cut to --max_length (it keeps its first tokens and the EOS, as in training).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,15 @@ def main(argv) -> None:
     else:
         rows, sampled = sample(_POLICY.value, _SAMPLING.prompts.value, **_SAMPLING.kwargs())
     models = [_RM.value] + ([_RM2.value] if _RM2.value else [])
-    rows, summary = best_of_n(models, rows, template=_SAMPLING.template.value, max_length=_MAX_LENGTH.value,
-                              max_prompt_length=_SAMPLING.max_prompt_length.value, batch_size=_SCORE_BATCH.value,
-                              step=_SAMPLING.step.value)
+    rows, summary = best_of_n(
+        models,
+        rows,
+        template=_SAMPLING.template.value,
+        max_length=_MAX_LENGTH.value,
+        max_prompt_length=_SAMPLING.max_prompt_length.value,
+        batch_size=_SCORE_BATCH.value,
+        step=_SAMPLING.step.value,
+    )
     jsonl.write(_OUT.value, rows)
     print(json.dumps({**summary, **({"sampling": sampled} if sampled else {}), "out": _OUT.value}))
 

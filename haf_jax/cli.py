@@ -12,6 +12,7 @@ What every command gets from here:
   (`train`, `plan`).
 `Command.invoke(argv)` runs a command in this process exactly as `python -m` would (tests).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ STEP_HELP = "For run directories: best | last | a step number."
 
 
 # ----------------------------------------------------------------------------- running a command
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -101,14 +103,18 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         print("error: " + "\n".join(lines) + "\nPass --helpfull to see the flags.", file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
-        print(f"error: unknown or invalid config key in {' '.join(bad or argv[1:])} ({type(e).__name__}: {e})\n"
-              "Every key is listed with its default and a comment in haf_jax/config/base.py.", file=sys.stderr)
+        print(
+            f"error: unknown or invalid config key in {' '.join(bad or argv[1:])} ({type(e).__name__}: {e})\n"
+            "Every key is listed with its default and a comment in haf_jax/config/base.py.",
+            file=sys.stderr,
+        )
     sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- shared flags
 
-def define_step_flag(help: str = STEP_HELP) -> flags.FlagHolder:  # noqa: A002 - absl's own name
+
+def define_step_flag(help: str = STEP_HELP) -> flags.FlagHolder:
     """--step: which checkpoint of a run directory (best | last | N)."""
     return flags.DEFINE_string("step", "best", help)
 
@@ -138,11 +144,20 @@ class SamplingFlags:
 
     def kwargs(self) -> dict:
         """Keyword arguments of `generation.candidates.sample` (all but the model and prompt file)."""
-        return dict(n=self.n.value, temperature=self.temperature.value,
-                    temperature_range=parse_range(self.temperature_range.value), top_p=self.top_p.value,
-                    top_k=self.top_k.value, max_new_tokens=self.max_new_tokens.value, seed=self.seed.value,
-                    template=self.template.value, max_prompt_length=self.max_prompt_length.value,
-                    batch_size=self.batch_size.value, dtype=self.dtype.value, step=self.step.value)
+        return dict(
+            n=self.n.value,
+            temperature=self.temperature.value,
+            temperature_range=parse_range(self.temperature_range.value),
+            top_p=self.top_p.value,
+            top_k=self.top_k.value,
+            max_new_tokens=self.max_new_tokens.value,
+            seed=self.seed.value,
+            template=self.template.value,
+            max_prompt_length=self.max_prompt_length.value,
+            batch_size=self.batch_size.value,
+            dtype=self.dtype.value,
+            step=self.step.value,
+        )
 
 
 def define_sampling_flags() -> SamplingFlags:
@@ -154,10 +169,14 @@ def define_sampling_flags() -> SamplingFlags:
     return SamplingFlags(
         prompts=f.DEFINE_string("prompts", None, "JSON-lines file with a string field `prompt` per line."),
         n=f.DEFINE_integer("n", 4, "Candidates per prompt."),
-        temperature=f.DEFINE_float("temperature", None, "Fixed temperature for every candidate (0 = greedy); "
-                                                        "overrides --temperature_range."),
-        temperature_range=f.DEFINE_string("temperature_range", ",".join(map(str, PAPER_TEMPERATURE_RANGE)),
-                                          "LOW,HIGH: each candidate's temperature is drawn from U(LOW, HIGH)."),
+        temperature=f.DEFINE_float(
+            "temperature", None, "Fixed temperature for every candidate (0 = greedy); overrides --temperature_range."
+        ),
+        temperature_range=f.DEFINE_string(
+            "temperature_range",
+            ",".join(map(str, PAPER_TEMPERATURE_RANGE)),
+            "LOW,HIGH: each candidate's temperature is drawn from U(LOW, HIGH).",
+        ),
         top_p=f.DEFINE_float("top_p", PAPER_TOP_P, "Nucleus sampling mass (1.0 = off)."),
         top_k=f.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off)."),
         max_new_tokens=f.DEFINE_integer("max_new_tokens", 256, "Most tokens generated per candidate."),

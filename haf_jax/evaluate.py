@@ -29,23 +29,37 @@ from absl import flags
 
 from haf_jax import cli
 
-_MODEL = flags.DEFINE_string("model", None, "Comma-separated run directories / exports / HF checkpoints "
-                             "([LABEL=]PATH).")
-_DATA = flags.DEFINE_string("data", None, "Comma-separated data specs ([LABEL=]SPEC; rewardbench:PATH, "
-                            "rewardbench2:PATH, run:eval, files, hf:, tfds:, recipe:).")
+_MODEL = flags.DEFINE_string(
+    "model", None, "Comma-separated run directories / exports / HF checkpoints ([LABEL=]PATH)."
+)
+_DATA = flags.DEFINE_string(
+    "data",
+    None,
+    "Comma-separated data specs ([LABEL=]SPEC; rewardbench:PATH, "
+    "rewardbench2:PATH, run:eval, files, hf:, tfds:, recipe:).",
+)
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_REFERENCE = flags.DEFINE_string("reference", "", "Implicit-reward reference: initial (a run's initial weights; "
-                                 "the default for runs) | none | free (reference-free) | a model path.")
-_STEPS = flags.DEFINE_string("step", "", "Run directories: comma-separated best | last | N | initial (the untrained "
-                             "starting weights) (default best,last).")
+_REFERENCE = flags.DEFINE_string(
+    "reference",
+    "",
+    "Implicit-reward reference: initial (a run's initial weights; "
+    "the default for runs) | none | free (reference-free) | a model path.",
+)
+_STEPS = flags.DEFINE_string(
+    "step",
+    "",
+    "Run directories: comma-separated best | last | N | initial (the untrained starting weights) (default best,last).",
+)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 0, "Max prompt + response tokens (0: a run's own, else 512).")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 0, "Max prompt tokens (0: a run's own, else 128).")
-_TEMPLATE = flags.DEFINE_string("template", "", "Prompt template (\"\": a run's own, else none).")
-_BETA = flags.DEFINE_float("beta", None, "DPO temperature of the implicit reward (default: a run's loss.beta, "
-                           "else 0.1).")
-_COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", "", "float32 | bfloat16 (\"\": a run's model.compute_dtype, "
-                                     "else float32).")
+_TEMPLATE = flags.DEFINE_string("template", "", 'Prompt template ("": a run\'s own, else none).')
+_BETA = flags.DEFINE_float(
+    "beta", None, "DPO temperature of the implicit reward (default: a run's loss.beta, else 0.1)."
+)
+_COMPUTE_DTYPE = flags.DEFINE_string(
+    "compute_dtype", "", 'float32 | bfloat16 ("": a run\'s model.compute_dtype, else float32).'
+)
 _CHUNK = cli.define_chunk_flag()
 _FIGURES = flags.DEFINE_boolean("figures", True, "Write the PNG figures.")
 
@@ -63,14 +77,31 @@ def main(argv) -> None:
     from haf_jax.core.logs import log
     from haf_jax.evaluation.report import evaluate
 
-    report = evaluate(_split(_MODEL.value), _split(_DATA.value), _OUT.value, reference=_REFERENCE.value,
-                      steps=_split(_STEPS.value), batch_size=_BATCH.value, max_length=_MAX_LENGTH.value,
-                      max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value, beta=_BETA.value,
-                      compute_dtype=_COMPUTE_DTYPE.value, chunk=_CHUNK.value, figures=_FIGURES.value)
+    report = evaluate(
+        _split(_MODEL.value),
+        _split(_DATA.value),
+        _OUT.value,
+        reference=_REFERENCE.value,
+        steps=_split(_STEPS.value),
+        batch_size=_BATCH.value,
+        max_length=_MAX_LENGTH.value,
+        max_prompt_length=_MAX_PROMPT.value,
+        template=_TEMPLATE.value,
+        beta=_BETA.value,
+        compute_dtype=_COMPUTE_DTYPE.value,
+        chunk=_CHUNK.value,
+        figures=_FIGURES.value,
+    )
     log((paths.path(_OUT.value) / "report.md").read_text())
     keys = ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "score")
-    print(json.dumps({"report": str(paths.path(_OUT.value) / "report.json"),
-                      **{d: {k: e.get(k) for k in keys if k in e} for d, e in report.items()}}))
+    print(
+        json.dumps(
+            {
+                "report": str(paths.path(_OUT.value) / "report.json"),
+                **{d: {k: e.get(k) for k in keys if k in e} for d, e in report.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

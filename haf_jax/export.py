@@ -12,6 +12,7 @@ RUN and DIR may be gs://... URLs. Multi-host: run the same command on every host
 the parameters are gathered across processes and process 0 writes. The last stdout line is JSON:
 the step exported and the directories written.
 """
+
 from __future__ import annotations
 
 import json

@@ -13,6 +13,7 @@ Per chip, from `compiled.memory_analysis()`:
 (the state is donated, so its outputs alias its arguments and are counted once). The last stdout
 line is JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ from ml_collections import config_flags
 from haf_jax import cli
 from haf_jax.training import planning
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "v5e:2x4 | v5p:2x2x2 | v4:2x2x1 | v6e:2x4 | v5litepod-8 | "
-                                "v5e-8 | v6e-8 | v4-32 | v5p-64 | cpu:N")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "v5e:2x4 | v5p:2x2x2 | v4:2x2x1 | v6e:2x4 | v5litepod-8 | v5e-8 | v6e-8 | v4-32 | v5p-64 | cpu:N"
+)
 
 
 @cli.command(config_flags=True)

@@ -22,6 +22,7 @@ stdout line is a JSON summary with the settings used.
 Rows are bucketed by prompt length (data.batching.length_buckets), so a run compiles one decode
 loop per bucket; --batch_size prompts (x N candidates) go through the model at once.
 """
+
 from __future__ import annotations
 
 import json

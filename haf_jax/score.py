@@ -12,6 +12,7 @@ identical responses, ...) gets a row {"row", "skipped": reason} in its place. Th
 --model, --reference, --data and --out may be gs://... URLs. Multi-host: run the same command on
 every host; each scores its slice of every batch, the rows are gathered and process 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,19 @@ from absl import flags
 from haf_jax import cli
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory, Hugging Face directory or hub id to score with.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference for implicit DPO rewards: a model (same forms), "
-                                  "'initial' (a run's initial weights) or 'free' (reference-free).")
+_REFERENCE = flags.DEFINE_string(
+    "reference",
+    None,
+    "Reference for implicit DPO rewards: a model (same forms), "
+    "'initial' (a run's initial weights) or 'free' (reference-free).",
+)
 _DATA = flags.DEFINE_string("data", None, "Preference data: file path or dataset spec (see haf_jax.data).")
 _OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per pair.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Pairs per batch.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 512, "Maximum tokens of prompt + response.")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_length", 128, "Maximum prompt tokens (the prompt keeps its end); "
-                                   "at most max_length // 2.")
+_MAX_PROMPT = flags.DEFINE_integer(
+    "max_prompt_length", 128, "Maximum prompt tokens (the prompt keeps its end); at most max_length // 2."
+)
 _TEMPLATE = flags.DEFINE_string("template", "none", "Prompt template: none | phi2 | mistral.")
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO temperature of the implicit reward beta * (logp - ref_logp).")
 _STEP = cli.define_step_flag()
@@ -45,9 +51,19 @@ def main(argv) -> None:
     from haf_jax.evaluation.scoring import score
 
     maybe_initialize()
-    summary = score(_MODEL.value, _DATA.value, _OUT.value, reference=_REFERENCE.value, batch_size=_BATCH.value,
-                    max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value, template=_TEMPLATE.value,
-                    beta=_BETA.value, step=_STEP.value, chunk=_CHUNK.value)
+    summary = score(
+        _MODEL.value,
+        _DATA.value,
+        _OUT.value,
+        reference=_REFERENCE.value,
+        batch_size=_BATCH.value,
+        max_length=_MAX_LENGTH.value,
+        max_prompt_length=_MAX_PROMPT.value,
+        template=_TEMPLATE.value,
+        beta=_BETA.value,
+        step=_STEP.value,
+        chunk=_CHUNK.value,
+    )
     if jax.process_index() == 0:
         print(json.dumps(summary))
 

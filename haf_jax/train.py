@@ -5,6 +5,7 @@ Starting on a workdir that holds a checkpoint resumes from it. Multi-host: run t
 on every host; `jax.distributed.initialize()` is called when the launcher says the run spans
 several processes.
 """
+
 from __future__ import annotations
 
 from absl import app, flags
@@ -14,8 +15,7 @@ from haf_jax import cli
 from haf_jax.core.distributed import maybe_initialize
 from haf_jax.training.resume import RunError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/gemma.py[:preset]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: checkpoints, metrics.jsonl, TensorBoard.")
 
 

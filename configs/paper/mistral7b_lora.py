@@ -11,12 +11,19 @@ AdamW eps 1e-5 / wd 0 / clip 1.0, linear decay without warmup, alpha 0.2, beta 0
 --config.model.checkpoint=mistralai/Mistral-7B-Instruct-v0.2 (the architecture is read from its config.json).
 Every command of the paper's tables and every deviation from the authors' code: docs/REPRODUCE.md.
 """
+
 from haf_jax.config.paper import paper_config
 
 
 def get_config(arg: str | None = None):
-    c = paper_config(arg, "configs/paper/mistral7b_lora.py", preset="mistral-7b-v0.3",
-                     checkpoint="mistralai/Mistral-7B-v0.3", template="mistral", learning_rate=3e-5)
+    c = paper_config(
+        arg,
+        "configs/paper/mistral7b_lora.py",
+        preset="mistral-7b-v0.3",
+        checkpoint="mistralai/Mistral-7B-v0.3",
+        template="mistral",
+        learning_rate=3e-5,
+    )
     c.model.lora.rank = 64
     c.model.lora.alpha = 16.0  # adapters add (16 / 64) * A @ B
     c.model.lora.dropout = 0.0  # adapters are merged into the weights (docs/REPRODUCE.md: deviation)

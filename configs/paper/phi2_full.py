@@ -8,11 +8,18 @@ Batch 16, 3200 steps, 512 tokens, eval every 80 steps, AdamW eps 1e-5 / wd 0 / c
 decay without warmup, alpha 0.2, beta 0.1, the "Instruct: {x}\\nOutput:" template. Every command of
 the paper's tables and every deviation from the authors' code: docs/REPRODUCE.md.
 """
+
 from haf_jax.config.paper import paper_config
 
 
 def get_config(arg: str | None = None):
-    c = paper_config(arg, "configs/paper/phi2_full.py", preset="phi-2", checkpoint="microsoft/phi-2",
-                     template="phi2", learning_rate=1e-5)
+    c = paper_config(
+        arg,
+        "configs/paper/phi2_full.py",
+        preset="phi-2",
+        checkpoint="microsoft/phi-2",
+        template="phi2",
+        learning_rate=1e-5,
+    )
     c.model.lora.rank = 0  # full fine-tune: every weight is trained
     return c

@@ -9,6 +9,7 @@ usually at interpreter exit, where orbax turns the GeneratorExit into "Exception
 <coroutine ... _read_array_index_and_device_put>". `loops_that_drain()` makes orbax's loops finish
 those reads (their errors collected, never raised) before they close.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ per-leaf checksums, and whether every float is finite.
 Leaves are named by `jax.tree_util.keystr` of their path ("['params']['embed']"), so the records
 are JSON objects that do not depend on the mesh the tree was saved from or restored onto.
 """
+
 from __future__ import annotations
 
 import jax
@@ -42,12 +43,11 @@ def _leaf_checksum(x):
     if is_key(x):
         x = jax.random.key_data(x)
     x = jnp.asarray(x)
-    u = x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
-        x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    u = x if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
     u = u.astype(jnp.uint32)  # 64-bit types (jax_enable_x64 only) keep their low bits
     idx = jnp.uint32(0)
     for d in range(u.ndim):  # flat index from iotas (partitions cleanly, never materialised)
-        stride = int(np.prod(u.shape[d + 1:], dtype=np.uint64) % 2**32)
+        stride = int(np.prod(u.shape[d + 1 :], dtype=np.uint64) % 2**32)
         idx = idx + jax.lax.broadcasted_iota(jnp.uint32, u.shape, d) * jnp.uint32(stride)
     weight = (idx * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)  # odd: any changed element shows
     return jnp.sum(u * weight, dtype=jnp.uint32)
@@ -84,8 +84,9 @@ def checksum_problem(tree, checksums: dict[str, int]) -> str | None:
 
 def layout(tree) -> dict[str, list]:
     """{leaf path: [shape, dtype name]} of a tree of arrays or ShapeDtypeStructs (JSON-ready)."""
-    return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)]
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def layout_diff(saved: dict[str, list], wanted: dict[str, list]) -> list[str]:

@@ -31,6 +31,7 @@ Policies (each tested in tests/unit/test_checkpoint.py):
   call it together); their agreements (process 0's timer, "every process read this step") go
   through haf_jax.core.distributed.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,18 @@ def _first_line(e: BaseException) -> str:
 class Checkpointer:
     """Saves and restores training state in `directory`; see the module docstring for policies."""
 
-    def __init__(self, directory, *, every_steps: int, every_minutes: float = 0.0, keep: int = 3,
-                 best_metric: str | None = "reward_accuracy", best_mode: str = "max",
-                 async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory,
+        *,
+        every_steps: int,
+        every_minutes: float = 0.0,
+        keep: int = 3,
+        best_metric: str | None = "reward_accuracy",
+        best_mode: str = "max",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if best_mode not in ("max", "min") or keep < 1:
             raise ValueError(f"need best_mode in ('max', 'min') and keep >= 1: {best_mode!r}, {keep}")
         self.directory = paths.path(directory)  # local ones absolute (orbax needs that), or gs://...
@@ -88,17 +98,25 @@ class Checkpointer:
         if best_metric:
             # Every step this class saves has a metrics item ({} without an eval); steps without
             # one were written before it had them: kept rather than deleted unranked.
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=self._rank, reverse=(best_mode == "min"), n=1,
-                keep_checkpoints_without_metrics=True))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=self._rank, reverse=(best_mode == "min"), n=1, keep_checkpoints_without_metrics=True
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            best_fn=self._rank if best_metric else None, best_mode=best_mode,
+            best_fn=self._rank if best_metric else None,
+            best_mode=best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             cleanup_tmp_directories=not read_only,  # a reader never touches a live run's saves
             save_interval_steps=0 if read_only else 1,  # when to save is decided here, not by orbax
-            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
-        handlers = {"state": ocp.StandardCheckpointHandler(),
-                    **{item: ocp.JsonCheckpointHandler() for item in _ITEMS[1:]}}
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+        )
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            **{item: ocp.JsonCheckpointHandler() for item in _ITEMS[1:]},
+        }
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def _rank(self, metrics: dict) -> float:
@@ -119,8 +137,9 @@ class Checkpointer:
         self._decision = (step, due)
         return due
 
-    def save(self, step: int, state, *, data_state: dict, config: dict,
-             metrics: dict | None = None, force: bool = False) -> bool:
+    def save(
+        self, step: int, state, *, data_state: dict, config: dict, metrics: dict | None = None, force: bool = False
+    ) -> bool:
         """Starts an async save of `state` at `step`; True when a save was started.
 
         `state` is the {"params", "opt_state", "step", "rng"} pytree (sharded jax arrays are
@@ -134,27 +153,39 @@ class Checkpointer:
             self._stale.append(step)
         self._set_aside_stale()
         if step in self._mngr.all_steps():
-            log.info("checkpoint step %d already exists in %s; not saving it again", step,
-                     self.directory)
+            log.info("checkpoint step %d already exists in %s; not saving it again", step, self.directory)
             return False
         finite, checksums = integrity.digest(state)
         if not finite:
-            raise FloatingPointError(
-                f"step {step}: the state holds NaN/Inf values; refusing to checkpoint it")
+            raise FloatingPointError(f"step {step}: the state holds NaN/Inf values; refusing to checkpoint it")
         metrics = None if metrics is None else _jsonable(metrics)
         self._scores[step] = self._score(metrics)
         if metrics and self.best_metric and self._scores[step] is None:
-            log.warning("step %d: metrics have no finite %r (keys: %s); this step cannot be the "
-                        "best checkpoint", step, self.best_metric, sorted(metrics))
-        meta = {"format": 1, "step": int(step), "metrics": metrics, "checksums": checksums,
-                "layout": integrity.layout(state)}
+            log.warning(
+                "step %d: metrics have no finite %r (keys: %s); this step cannot be the best checkpoint",
+                step,
+                self.best_metric,
+                sorted(metrics),
+            )
+        meta = {
+            "format": 1,
+            "step": int(step),
+            "metrics": metrics,
+            "checksums": checksums,
+            "layout": integrity.layout(state),
+        }
         ranked = {} if self._scores[step] is None else {self.best_metric: self._scores[step]}
-        self._mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(_jsonable(data_state)),
-            config=ocp.args.JsonSave(_jsonable(config)),
-            meta=ocp.args.JsonSave(meta),
-        ), metrics=ranked if self.best_metric else None, force=True)
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(_jsonable(data_state)),
+                config=ocp.args.JsonSave(_jsonable(config)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics=ranked if self.best_metric else None,
+            force=True,
+        )
         self._last_save = time.monotonic()
         return True
 
@@ -168,8 +199,12 @@ class Checkpointer:
                 src = self.directory / str(s)
                 if src.exists():
                     dst = self.directory / "set_aside" / f"{s}.{int(time.time())}"
-                    log.warning("moving checkpoint step %d aside to %s (%s)", s, dst,
-                                self._bad.get(s, "newer than the step training resumed from"))
+                    log.warning(
+                        "moving checkpoint step %d aside to %s (%s)",
+                        s,
+                        dst,
+                        self._bad.get(s, "newer than the step training resumed from"),
+                    )
                     src.rename(dst)
         distributed.barrier("haf_jax_checkpoint_set_aside")
         self._stale = []
@@ -219,8 +254,7 @@ class Checkpointer:
 
     def _mark_bad(self, step: int, why: str):
         if step not in self._bad:
-            log.warning("checkpoint step %d in %s is unusable, skipping it: %s", step,
-                        self.directory, why)
+            log.warning("checkpoint step %d in %s is unusable, skipping it: %s", step, self.directory, why)
             self._bad[step] = why
 
     def unusable_steps(self) -> dict[int, str]:
@@ -280,19 +314,25 @@ class Checkpointer:
                 return out
             self._mark_bad(s, why or "another process could not read it")
         self._stale = steps
-        raise CorruptCheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(
-            f"step {s}: {self._bad.get(s)}" for s in steps))
+        raise CorruptCheckpointError(
+            f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s}: {self._bad.get(s)}" for s in steps)
+        )
 
     def _read_state(self, step: int, abstract_state) -> tuple[Any, dict, dict]:
         """(state, data_state, config) of `step`, the whole state read and verified (`_read_verified`)."""
+
         def read():
-            r = self._mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore()))
+            r = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
             return r["state"], (dict(r["data"]), dict(r["config"]))
 
-        state, (data_state, config) = self._read_verified(step, abstract_state, read, part=None,
-                                                          what="a state")
+        state, (data_state, config) = self._read_verified(step, abstract_state, read, part=None, what="a state")
         return state, data_state, config
 
     def _read_verified(self, step: int, wanted, read, *, part: str | None, what: str):
@@ -315,8 +355,10 @@ class Checkpointer:
                 saved = {k: v for k, v in saved.items() if k.startswith(prefix)}
             diff = integrity.layout_diff(saved, integrity.layout(wanted))
             if diff:
-                raise ValueError(f"checkpoint step {step} in {self.directory} holds {what} of another shape "
-                                 f"({len(diff)} leaves differ): " + "; ".join(diff[:5]))
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory} holds {what} of another shape "
+                    f"({len(diff)} leaves differ): " + "; ".join(diff[:5])
+                )
             try:
                 with loops_that_drain():  # a failed read must not leave sibling reads behind
                     tree, rest = read()
@@ -361,9 +403,14 @@ class Checkpointer:
         def read():
             handler = ocp.PyTreeCheckpointHandler()  # reads the leaves of `wanted` only
             try:
-                return handler.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-                    item=wanted, partial_restore=True,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted))), None
+                return handler.restore(
+                    self.directory / str(step) / "state",
+                    args=ocp.args.PyTreeRestore(
+                        item=wanted,
+                        partial_restore=True,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                    ),
+                ), None
             finally:
                 handler.close()
 

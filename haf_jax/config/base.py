@@ -12,6 +12,7 @@ A key added after runs were already written goes into ADDED_LATER, with a defaul
 reproduces those runs: resume, score and export read an older run's saved config through
 `with_added_defaults`, so the one set of defaults serves new runs and old checkpoints alike.
 """
+
 from __future__ import annotations
 
 import copy
@@ -148,10 +149,24 @@ def family_config(arg: str, presets: Mapping, config_file: str, *, tiny: str) ->
 
 # Keys added after runs were already written ("section.key"; a section key covers its whole subtree).
 # Their base_config values are what those runs did: tests/test_checkpoint.py pins them.
-ADDED_LATER = ("model.lora", "model.attention", "model.scan_layers", "model.remat_policy",
-               "data.truncation", "data.degenerate", "data.batching", "data.eval_subsample",
-               "data.eval_subsample_seed", "data.packing", "data.pack_length", "data.pack_rows",
-               "data.share_prompt", "loss.dpo_scale_by_alpha", "train.profile_steps", "optim.moment_dtype")
+ADDED_LATER = (
+    "model.lora",
+    "model.attention",
+    "model.scan_layers",
+    "model.remat_policy",
+    "data.truncation",
+    "data.degenerate",
+    "data.batching",
+    "data.eval_subsample",
+    "data.eval_subsample_seed",
+    "data.packing",
+    "data.pack_length",
+    "data.pack_rows",
+    "data.share_prompt",
+    "loss.dpo_scale_by_alpha",
+    "train.profile_steps",
+    "optim.moment_dtype",
+)
 
 
 def with_added_defaults(saved: dict) -> dict:

@@ -5,6 +5,7 @@ configs/paper/phi2_full.py and configs/paper/mistral7b_lora.py call `paper_confi
 their model differs in:
   python -m haf_jax.train --config=configs/paper/phi2_full.py:haf,helpful --workdir=runs/paper/phi2-haf-helpful
 """
+
 from __future__ import annotations
 
 from ml_collections import ConfigDict
@@ -17,14 +18,23 @@ OBJECTIVES = ("haf", "baseline", "dpo")
 # data.eval_subsample. Sources are the recipes' hub datasets (haf_jax/data/formats.py RECIPES).
 DATASETS = {
     # HH-RLHF single-turn dialogues; the authors evaluate on the test split.
-    "helpful": ("recipe:hh_helpful:hf:Anthropic/hh-rlhf:data_dir=helpful-base:train",
-                "recipe:hh_helpful:hf:Anthropic/hh-rlhf:data_dir=helpful-base:test", 0),
-    "harmless": ("recipe:hh_harmless:hf:Anthropic/hh-rlhf:data_dir=harmless-base:train",
-                 "recipe:hh_harmless:hf:Anthropic/hh-rlhf:data_dir=harmless-base:test", 0),
+    "helpful": (
+        "recipe:hh_helpful:hf:Anthropic/hh-rlhf:data_dir=helpful-base:train",
+        "recipe:hh_helpful:hf:Anthropic/hh-rlhf:data_dir=helpful-base:test",
+        0,
+    ),
+    "harmless": (
+        "recipe:hh_harmless:hf:Anthropic/hh-rlhf:data_dir=harmless-base:train",
+        "recipe:hh_harmless:hf:Anthropic/hh-rlhf:data_dir=harmless-base:test",
+        0,
+    ),
     # PKU-SafeRLHF pairs with exactly one safe response; eval: 1000 of the test split's such pairs,
     # picked as datasets' shuffle(seed=0).select(range(1000)) (docs/REPRODUCE.md: the other reading).
-    "beavertails": ("recipe:beavertails_safe:hf:PKU-Alignment/PKU-SafeRLHF:train",
-                    "recipe:beavertails_safe:hf:PKU-Alignment/PKU-SafeRLHF:test", 1000),
+    "beavertails": (
+        "recipe:beavertails_safe:hf:PKU-Alignment/PKU-SafeRLHF:train",
+        "recipe:beavertails_safe:hf:PKU-Alignment/PKU-SafeRLHF:test",
+        1000,
+    ),
     # One split each: the recipe's fixed rule makes the first 10% (AlpacaFarm) / 5% (Arena) eval.
     "alpaca": ("recipe:alpaca_human_pref:hf:tatsu-lab/alpaca_farm:alpaca_human_preference:preference", "", 0),
     "arena": ("recipe:chatbot_arena:hf:lmsys/chatbot_arena_conversations:train", "", 0),
@@ -33,8 +43,10 @@ DATASETS = {
 
 def parse(arg: str | None, config_file: str) -> tuple[str, str]:
     """'OBJECTIVE,DATASET' -> (objective, dataset), or a ValueError listing the choices."""
-    usage = (f"{config_file} takes OBJECTIVE,DATASET after the colon (e.g. {config_file}:haf,helpful) with "
-             f"OBJECTIVE in {'|'.join(OBJECTIVES)} and DATASET in {'|'.join(DATASETS)}")
+    usage = (
+        f"{config_file} takes OBJECTIVE,DATASET after the colon (e.g. {config_file}:haf,helpful) with "
+        f"OBJECTIVE in {'|'.join(OBJECTIVES)} and DATASET in {'|'.join(DATASETS)}"
+    )
     parts = [p.strip() for p in (arg or "").split(",")]
     if len(parts) != 2:
         raise ValueError(f"got {arg!r}; {usage}")
@@ -46,8 +58,9 @@ def parse(arg: str | None, config_file: str) -> tuple[str, str]:
     return objective, dataset
 
 
-def paper_config(arg: str | None, config_file: str, *, preset: str, checkpoint: str, template: str,
-                 learning_rate: float) -> ConfigDict:
+def paper_config(
+    arg: str | None, config_file: str, *, preset: str, checkpoint: str, template: str, learning_rate: float
+) -> ConfigDict:
     """The authors' setup for one (objective, dataset): PAPER.md s5, fidelity options at the authors'
     behaviour except where that behaviour is a bug (docs/REPRODUCE.md lists every deviation)."""
     objective, dataset = parse(arg, config_file)

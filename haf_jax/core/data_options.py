@@ -2,13 +2,15 @@
 (training/setup.py) and evaluation (a run's own eval split, `--data=run:eval`): the data package
 takes explicit arguments and reads no run config.
 """
+
 from __future__ import annotations
 
 
 def fidelity_options(data_cfg) -> dict:
     """data.truncation / degenerate / batching of a run config's `data` section, for both splits."""
-    return dict(truncation=str(data_cfg.truncation), degenerate=str(data_cfg.degenerate),
-                batching=str(data_cfg.batching))
+    return dict(
+        truncation=str(data_cfg.truncation), degenerate=str(data_cfg.degenerate), batching=str(data_cfg.batching)
+    )
 
 
 def eval_options(data_cfg) -> dict:

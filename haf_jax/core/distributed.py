@@ -8,6 +8,7 @@ The collectives below are the only calls into `jax.experimental.multihost_utils`
 is a collective: every process must call it, in the same order, or the run hangs. With one process
 each answers at once without communicating. P below is `jax.process_count()`.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ def maybe_initialize() -> None:
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     )
     if multi:
-        explicit = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                        ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        explicit = {
+            k: int(os.environ[v])
+            for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+            if v in os.environ
+        }
         jax.distributed.initialize(**explicit)
 
 
@@ -81,6 +85,7 @@ def to_host(tree):
     multi-process mesh) is gathered across them; every other leaf is copied from its devices.
     Every process must call it with the same tree structure.
     """
+
     def gathered(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return multihost_utils.process_allgather(x, tiled=True)  # numpy

@@ -7,6 +7,7 @@ Batches (NumPy on the host, then global arrays sharded over (data, fsdp)):
   packed  "tokens", "positions", "segment_ids", "response_mask" [R, T] and the same per-pair keys
           [B, ...], pair b in row b // (B / R) (data/packing.py; also for shared prompts).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ from haf_jax.model.heads import forward_pairs
 BATCH_KEYS = ("tokens", "response_mask", "last_index", "valid", "ref_logp")
 
 
-PACKED_KEYS = ("positions", "segment_ids")   # row-level keys only packed batches have
+PACKED_KEYS = ("positions", "segment_ids")  # row-level keys only packed batches have
 
 
 ROW_KEYS = ("tokens", "response_mask") + PACKED_KEYS
@@ -58,14 +59,22 @@ class LossConfig:
         return self.needs_policy and self.policy != "simpo"
 
     @classmethod
-    def from_config(cls, loss_cfg) -> "LossConfig":
+    def from_config(cls, loss_cfg) -> LossConfig:
         if loss_cfg.objective not in losses.OBJECTIVES:
             raise ValueError(f"loss.objective={loss_cfg.objective!r}; allowed: {', '.join(losses.OBJECTIVES)}")
         if loss_cfg.policy not in losses.POLICY_KINDS:
             raise ValueError(f"loss.policy={loss_cfg.policy!r}; allowed: {', '.join(losses.POLICY_KINDS)}")
-        return cls(loss_cfg.objective, loss_cfg.alpha, loss_cfg.beta, loss_cfg.policy, loss_cfg.margin,
-                   loss_cfg.centering, loss_cfg.label_smoothing, loss_cfg.simpo_gamma,
-                   bool(loss_cfg.dpo_scale_by_alpha))
+        return cls(
+            loss_cfg.objective,
+            loss_cfg.alpha,
+            loss_cfg.beta,
+            loss_cfg.policy,
+            loss_cfg.margin,
+            loss_cfg.centering,
+            loss_cfg.label_smoothing,
+            loss_cfg.simpo_gamma,
+            bool(loss_cfg.dpo_scale_by_alpha),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +96,21 @@ def model_params(params, frozen, cfg: StepConfig):
 
 def reference_logprobs(params, batch, *, cfg: StepConfig):
     """Summed response log-probs [B, 2] of the (initial) weights: the precomputed reference."""
-    return forward_pairs(params, cfg.model, batch, reward=False, chunk=cfg.logprob_chunk,
-                         compute_dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt).logp_Bx2
+    return forward_pairs(
+        params,
+        cfg.model,
+        batch,
+        reward=False,
+        chunk=cfg.logprob_chunk,
+        compute_dtype=cfg.compute_dtype,
+        shared_prompt=cfg.share_prompt,
+    ).logp_Bx2
 
 
 def batch_shardings(mesh, batch_keys, *, packed: bool = False) -> dict[str, NamedSharding]:
     ndims = {"tokens": 3, "response_mask": 3, "last_index": 2, "valid": 1, "ref_logp": 2}
     if packed:
-        ndims.update({k: 2 for k in ROW_KEYS})
+        ndims.update(dict.fromkeys(ROW_KEYS, 2))
     return {k: sharding.batch_sharding(mesh, ndims[k]) for k in batch_keys}
 
 
@@ -114,5 +130,6 @@ def step_keys(cfg: StepConfig, live_reference: bool, packed: bool = False) -> li
 def jit_reference(cfg: StepConfig, mesh, param_shardings):
     keys = ["tokens", "response_mask", "last_index"]
     fn = sharding.under_mesh(lambda params, batch: reference_logprobs(params, batch, cfg=cfg), mesh)
-    return jax.jit(fn, in_shardings=(param_shardings, batch_shardings(mesh, keys)),
-                   out_shardings=sharding.replicated(mesh)), keys
+    return jax.jit(
+        fn, in_shardings=(param_shardings, batch_shardings(mesh, keys)), out_shardings=sharding.replicated(mesh)
+    ), keys

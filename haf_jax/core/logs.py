@@ -1,5 +1,6 @@
 """The one log line path of every command: messages to stderr, from process 0 only (on a pod every
 host runs the same command; one copy of each line is enough)."""
+
 from __future__ import annotations
 
 import sys

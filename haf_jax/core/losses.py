@@ -17,7 +17,8 @@ Objectives (Liu et al., HAF-RM, ACL 2025, the hybrid loss; README.md):
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -248,7 +249,7 @@ def objective(
 
     zero = jnp.zeros((), jnp.float32)
     pm = pair_metrics(out, beta, policy_kind=policy_kind)
-    metrics = {k: zero for k in METRIC_KEYS}
+    metrics = dict.fromkeys(METRIC_KEYS, zero)
     metrics["num_pairs"] = num_pairs
 
     loss = zero
@@ -356,8 +357,9 @@ def pearson(x_N, y_N):
     return jnp.where(denom > 0, jnp.sum(dx_N * dy_N) / jnp.where(denom > 0, denom, 1.0), jnp.nan)
 
 
-def evaluation_summary(out: Mapping[str, Any], *, beta: float = 0.1, policy_kind: str = "sigmoid",
-                       n_bins: int = ECE_BINS) -> dict:
+def evaluation_summary(
+    out: Mapping[str, Any], *, beta: float = 0.1, policy_kind: str = "sigmoid", n_bins: int = ECE_BINS
+) -> dict:
     """Aggregates over a whole split of per-pair scores, as Python floats (one jitted computation).
 
     `out` holds [N, 2] arrays (pair axis: 0 chosen, 1 rejected): ``reward_Bx2`` and/or ``logp_Bx2``
@@ -369,8 +371,11 @@ def evaluation_summary(out: Mapping[str, Any], *, beta: float = 0.1, policy_kind
       reward: dpo_accuracy, implicit_margin, and dpo_ece, dpo_brier, dpo_log_loss of
       sigmoid(implicit margin).
     """
-    arrays = {k: _f32(v) for k in ("reward_Bx2", "logp_Bx2", "ref_logp_Bx2", "n_tokens_Bx2")
-              if (v := _get(out, k)) is not None}
+    arrays = {
+        k: _f32(v)
+        for k in ("reward_Bx2", "logp_Bx2", "ref_logp_Bx2", "n_tokens_Bx2")
+        if (v := _get(out, k)) is not None
+    }
     some = next(iter(arrays.values()), None)
     n = 0 if some is None else int(some.shape[0])
     if n == 0:
@@ -386,13 +391,24 @@ def _summary(out: dict, *, beta: float, policy_kind: str, n_bins: int) -> dict:
     reward_Bx2, n_tokens_Bx2 = out.get("reward_Bx2"), out.get("n_tokens_Bx2")
     if reward_Bx2 is not None:
         cal = calibration(pm["margin_B"], n_bins=n_bins)
-        result.update(reward_accuracy=jnp.mean(pm["correct_reward_B"]), reward_margin=jnp.mean(pm["margin_B"]),
-                      reward_chosen=jnp.mean(reward_Bx2[:, 0]), reward_rejected=jnp.mean(reward_Bx2[:, 1]),
-                      ece=cal["ece"], brier=cal["brier"], log_loss=cal["log_loss"])
+        result.update(
+            reward_accuracy=jnp.mean(pm["correct_reward_B"]),
+            reward_margin=jnp.mean(pm["margin_B"]),
+            reward_chosen=jnp.mean(reward_Bx2[:, 0]),
+            reward_rejected=jnp.mean(reward_Bx2[:, 1]),
+            ece=cal["ece"],
+            brier=cal["brier"],
+            log_loss=cal["log_loss"],
+        )
         if n_tokens_Bx2 is not None:
             result["reward_length_corr"] = pearson(reward_Bx2.reshape(-1), n_tokens_Bx2.reshape(-1))
     if _policy_reward_Bx2(out, beta, policy_kind) is not None:
         cal = calibration(pm["implicit_margin_B"], n_bins=n_bins)
-        result.update(dpo_accuracy=jnp.mean(pm["correct_dpo_B"]), implicit_margin=jnp.mean(pm["implicit_margin_B"]),
-                      dpo_ece=cal["ece"], dpo_brier=cal["brier"], dpo_log_loss=cal["log_loss"])
+        result.update(
+            dpo_accuracy=jnp.mean(pm["correct_dpo_B"]),
+            implicit_margin=jnp.mean(pm["implicit_margin_B"]),
+            dpo_ece=cal["ece"],
+            dpo_brier=cal["brier"],
+            dpo_log_loss=cal["log_loss"],
+        )
     return result

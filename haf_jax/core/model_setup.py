@@ -3,6 +3,7 @@ ModelConfig and Hugging Face source, initial weights, LoRA and step settings, op
 
 `config` is a complete run config: a new run's, or a saved one read through
 haf_jax.config.base.with_added_defaults (which fills the keys older runs lack)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def model_source(config):
         model_cfg, _ = hf.load_hf_config(path)
     else:
         path, model_cfg = None, preset(config.model.preset)
-    return dataclasses.replace(model_cfg, remat=bool(config.model.remat), attention=config.model.attention,
-                               **layout_options(config)), path
+    return dataclasses.replace(
+        model_cfg, remat=bool(config.model.remat), attention=config.model.attention, **layout_options(config)
+    ), path
 
 
 def layout_options(config) -> dict:
@@ -51,10 +53,15 @@ def lora_config(config) -> LoraConfig:
 
 def step_config(config, model_cfg) -> forward.StepConfig:
     return forward.StepConfig(
-        model=model_cfg, loss=forward.LossConfig.from_config(config.loss),
-        compute_dtype=jnp.dtype(config.model.compute_dtype), logprob_chunk=config.model.logprob_chunk,
-        grad_accum=config.optim.grad_accum, lora=lora_config(config),
-        packed=bool(config.data.packing or config.data.share_prompt), share_prompt=bool(config.data.share_prompt))
+        model=model_cfg,
+        loss=forward.LossConfig.from_config(config.loss),
+        compute_dtype=jnp.dtype(config.model.compute_dtype),
+        logprob_chunk=config.model.logprob_chunk,
+        grad_accum=config.optim.grad_accum,
+        lora=lora_config(config),
+        packed=bool(config.data.packing or config.data.share_prompt),
+        share_prompt=bool(config.data.share_prompt),
+    )
 
 
 def base_fingerprint(frozen) -> dict:
@@ -64,7 +71,13 @@ def base_fingerprint(frozen) -> dict:
 
 def optimizer_for(config):
     o = config.optim
-    return make_optimizer(learning_rate=o.learning_rate, total_steps=config.train.steps,
-                          warmup_steps=o.warmup_steps, schedule=o.schedule, eps=o.eps,
-                          weight_decay=o.weight_decay, clip_norm=o.clip_norm,
-                          moment_dtype=o.moment_dtype)
+    return make_optimizer(
+        learning_rate=o.learning_rate,
+        total_steps=config.train.steps,
+        warmup_steps=o.warmup_steps,
+        schedule=o.schedule,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        clip_norm=o.clip_norm,
+        moment_dtype=o.moment_dtype,
+    )

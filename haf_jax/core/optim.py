@@ -1,7 +1,7 @@
 """Optimiser: global-norm clipping -> AdamW with a learning-rate schedule, optional accumulation.
 
-Paper defaults (the authors' training setup, docs/REPRODUCE.md): AdamW, eps 1e-5, weight decay 0, gradient clipping at global
-norm 1.0, learning rate decayed linearly to 0, no warmup.
+Paper defaults (the authors' training setup, docs/REPRODUCE.md): AdamW, eps 1e-5, weight decay 0,
+gradient clipping at global norm 1.0, learning rate decayed linearly to 0, no warmup.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ def learning_rate_schedule(
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if schedule != "constant" and total_steps <= warmup_steps:
         raise ValueError(
-            f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a "
-            f"{schedule!r} schedule"
+            f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for a {schedule!r} schedule"
         )
     decay_steps = max(total_steps - warmup_steps, 1)
     if schedule == "linear":

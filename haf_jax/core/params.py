@@ -1,5 +1,6 @@
 """Model parameters placed on a device mesh: shardings from the logical names, sharded random init,
 counts. (The model layer only names axes; the mesh lives here and in sharding.py.)"""
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,9 @@ def param_shardings(config: ModelConfig, mesh: Mesh):
 def abstract_params(config: ModelConfig, mesh: Mesh):
     """ShapeDtypeStructs of the parameters carrying their shardings on `mesh`."""
     shapes, _ = heads.abstract_params(config)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        param_shardings(config, mesh))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_shardings(config, mesh)
+    )
 
 
 def trainable_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
@@ -39,8 +41,11 @@ def abstract_trainable(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
     if not lora.enabled:
         return abstract_params(config, mesh)
     shapes, _ = lora_lib.abstract_trainable(config, lora)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        trainable_shardings(config, lora, mesh))
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        shapes,
+        trainable_shardings(config, lora, mesh),
+    )
 
 
 def frozen_shardings(config: ModelConfig, lora: LoraConfig, mesh: Mesh):
@@ -83,6 +88,7 @@ def params_fingerprint(params) -> str:
             x = x.astype(jnp.float32).ravel()
             ramp = jnp.cos(jnp.arange(x.size, dtype=jnp.float32) * 0.7071)
             return jnp.stack([jnp.sum(x), jnp.sum(x * ramp)])
+
         return jax.tree.map(one, tree)
 
     values = jax.device_get(sums(params))

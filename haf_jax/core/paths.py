@@ -10,17 +10,19 @@ Google's client libraries and gcsfs honour. tensorstore reads its own `TENSORSTO
 and asks for credentials; when the emulator variable is set and those are not, `path()` sets them
 from it (an emulator takes no credentials), so one variable points the whole stack at a fake GCS.
 
-Directory listings are never cached (see below). Helpers for what epath does not do in one call: an atomic file write (a kill never leaves half a
-file: a local temp file renamed over the target; a remote object appears whole when written),
-and copying a local directory tree up (tokenizer, exports) or a remote one down (libraries such as
-transformers' tokenizers read local directories only).
+Directory listings are never cached (see below). Helpers for what epath does not do in one call:
+an atomic file write (a kill never leaves half a file: a local temp file renamed over the target;
+a remote object appears whole when written), and copying a local directory tree up (tokenizer,
+exports) or a remote one down (libraries such as transformers' tokenizers read local directories
+only).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 from etils import epath
@@ -30,6 +32,7 @@ from etils import epath
 # (orbax lists the directory to find steps). Object-store listings are cheap next to checkpoints.
 for _protocol in ("gs", "s3"):
     fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
 
 def is_remote(p) -> bool:
     """True for URLs such as gs://bucket/dir (anything with a scheme), False for local paths."""
@@ -95,7 +98,7 @@ def local_dir(source) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="haf_jax_") as tmp:
         prefix = os.fspath(src).split("://", 1)[1]
         for root, _, files in src.walk():  # fsspec gives the roots without their scheme
-            rel = os.fspath(root).split("://", 1)[-1][len(prefix):].strip("/")
+            rel = os.fspath(root).split("://", 1)[-1][len(prefix) :].strip("/")
             os.makedirs(os.path.join(tmp, rel), exist_ok=True)
             for name in files:
                 with open(os.path.join(tmp, rel, name), "wb") as out:

@@ -5,6 +5,7 @@ mesh axes. This module knows no model: callers pass shapes and names.
 A mesh axis is dropped for a dimension it does not divide (e.g. one MQA key/value head on a
 tensor axis of 2), so every preset runs on every mesh shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,9 +93,11 @@ def shard_count(logical_axis: str, dim: int) -> int:
 
 def under_mesh(fn, mesh: Mesh):
     """`fn` traced with `mesh` as the context mesh, so `constrain` takes effect."""
+
     def wrapped(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
+
     return wrapped
 
 
@@ -110,6 +113,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def named_shardings(shapes, logical_names, mesh: Mesh):
     """NamedSharding for every array of `shapes` from its logical axis names (PartitionSpecs of
     names, as `model.heads.abstract_params` returns them)."""
-    return jax.tree.map(lambda s, n: NamedSharding(mesh, spec_for(tuple(n), s.shape, mesh)), shapes, logical_names,
-                        is_leaf=lambda x: isinstance(x, P))
-
+    return jax.tree.map(
+        lambda s, n: NamedSharding(mesh, spec_for(tuple(n), s.shape, mesh)),
+        shapes,
+        logical_names,
+        is_leaf=lambda x: isinstance(x, P),
+    )

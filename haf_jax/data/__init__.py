@@ -41,6 +41,7 @@ Train/eval wiring for the trainer (config keys data.train / data.eval):
 Bad data raises `DataError` (message names the file or dataset and split, line/row, field):
 print it and exit 2; `python -m haf_jax.data SPEC` checks a spec that way.
 """
+
 from haf_jax.data.batching import PairLoader, length_buckets
 from haf_jax.data.dataset import PairDataset, format_report, load_pairs
 from haf_jax.data.errors import DataError
@@ -51,6 +52,21 @@ from haf_jax.data.sources import Records
 from haf_jax.data.tokenize import load_tokenizer, tokenizer_fingerprint
 from haf_jax.samples import sample_paths
 
-__all__ = ["DataError", "PackedLoader", "PairDataset", "PairLoader", "PairOptions", "RECIPES", "Records", "TEMPLATES",
-           "format_report", "length_buckets", "load_pairs", "load_tokenizer",
-           "real_tokens", "sample_paths", "tokenizer_fingerprint", "train_loader"]
+__all__ = [
+    "DataError",
+    "PackedLoader",
+    "PairDataset",
+    "PairLoader",
+    "PairOptions",
+    "RECIPES",
+    "Records",
+    "TEMPLATES",
+    "format_report",
+    "length_buckets",
+    "load_pairs",
+    "load_tokenizer",
+    "real_tokens",
+    "sample_paths",
+    "tokenizer_fingerprint",
+    "train_loader",
+]

@@ -5,6 +5,7 @@ tfds:NAME[:data_dir=D]:SPLIT. Exit 0 and print the report (and write ``--out`` J
 loads; on bad data print the one `DataError` message (file, line/row, field) on stderr, no
 traceback, and exit 2.
 """
+
 import json
 
 from absl import app, flags
@@ -27,9 +28,13 @@ def main(argv) -> None:
     if len(argv) != 2:
         raise app.UsageError(f"expected one SPEC, got {argv[1:]}")
     tok = load_tokenizer(_TOKENIZER.value)
-    options = PairOptions(max_length=_MAX_LENGTH.value, max_prompt_length=_MAX_PROMPT.value,
-                          template=_TEMPLATE.value, eval_fraction=_EVAL_FRACTION.value,
-                          max_skip_fraction=_MAX_SKIP.value)
+    options = PairOptions(
+        max_length=_MAX_LENGTH.value,
+        max_prompt_length=_MAX_PROMPT.value,
+        template=_TEMPLATE.value,
+        eval_fraction=_EVAL_FRACTION.value,
+        max_skip_fraction=_MAX_SKIP.value,
+    )
     ds = load_pairs(argv[1], tok, options, split=_SPLIT.value)
     print(format_report(ds.report))
     if _OUT.value:

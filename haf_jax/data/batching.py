@@ -23,6 +23,7 @@ concatenation of the processes' k-th local batches; over an epoch the processes 
 whose union is the epoch (all pairs when the pair count is a multiple of the batch size; the
 remainder is dropped, a different remainder every epoch).
 """
+
 from __future__ import annotations
 
 import queue
@@ -32,8 +33,8 @@ import numpy as np
 
 from haf_jax.data.errors import DataError
 
-GROUP_BATCHES = 32   # local batches per length-sorted group
-BATCHING = ("length_grouped", "random")   # data.batching: PairLoader's length grouping on / off
+GROUP_BATCHES = 32  # local batches per length-sorted group
+BATCHING = ("length_grouped", "random")  # data.batching: PairLoader's length grouping on / off
 
 
 def length_buckets(max_length: int, min_bucket: int = 64) -> list[int]:
@@ -76,8 +77,13 @@ def make_batch(ds, indices: np.ndarray, length: int) -> dict:
             tokens[row, side, n_p:end] = resp
             mask[row, side, n_p:end] = 1
             last[row, side] = end - 1
-    return {"tokens": tokens, "response_mask": mask, "last_index": last, "valid": valid,
-            "index": np.where(valid, indices, -1).astype(np.int64)}
+    return {
+        "tokens": tokens,
+        "response_mask": mask,
+        "last_index": last,
+        "valid": valid,
+        "index": np.where(valid, indices, -1).astype(np.int64),
+    }
 
 
 def in_order_batches(ds, batch_size: int):
@@ -93,14 +99,15 @@ def in_order_batches(ds, batch_size: int):
         idx = np.arange(start, stop, dtype=np.int64)
         mine = idx[idx % n_proc == p]
         local = np.full(b_local, -1, np.int64)
-        local[:len(mine)] = mine
+        local[: len(mine)] = mine
         yield make_batch(ds, local, bucket_for(int(pair_len[start:stop].max()), ds.buckets))
 
 
 def _local_size(batch_size: int, process_count: int) -> int:
     if batch_size <= 0 or batch_size % process_count:
-        raise DataError(f"global batch size {batch_size} must be a positive multiple of the "
-                        f"process count {process_count}")
+        raise DataError(
+            f"global batch size {batch_size} must be a positive multiple of the process count {process_count}"
+        )
     return batch_size // process_count
 
 
@@ -114,8 +121,16 @@ class PairLoader:
     `load_pairs` was given ``batching="random"``).
     """
 
-    def __init__(self, ds, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 length_grouping: bool | None = None, prefetch: int = 4):
+    def __init__(
+        self,
+        ds,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        length_grouping: bool | None = None,
+        prefetch: int = 4,
+    ):
         if length_grouping is None:
             length_grouping = getattr(ds, "batching", "length_grouped") == "length_grouped"
         self.ds, self.batch_size, self.seed = ds, batch_size, int(seed)
@@ -124,7 +139,7 @@ class PairLoader:
         self.steps_per_epoch = len(ds) // batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"dataset has {len(ds)} pairs, fewer than one batch of {batch_size}")
-        self._pair_len = ds.all_lengths.max(axis=1)   # what length grouping and the buckets go by
+        self._pair_len = ds.all_lengths.max(axis=1)  # what length grouping and the buckets go by
         self.buckets = ds.buckets
         self.epoch, self.position = 0, 0
         self._thread = self._queue = self._stop = None
@@ -141,8 +156,9 @@ class PairLoader:
         owned = owned[:take]
         if self.length_grouping:
             g = GROUP_BATCHES * self.b_local
-            parts = [c[np.argsort(self._pair_len[c], kind="stable")] for c in
-                     (owned[i:i + g] for i in range(0, take, g))]
+            parts = [
+                c[np.argsort(self._pair_len[c], kind="stable")] for c in (owned[i : i + g] for i in range(0, take, g))
+            ]
             owned = np.concatenate(parts)
         return owned.reshape(self.steps_per_epoch, self.b_local)
 
@@ -176,19 +192,26 @@ class PairLoader:
         real = float(self.ds.all_lengths[idx.reshape(len(idx), -1)].sum())
         total = float(2 * self.batch_size * lengths.astype(np.int64).sum())
         shapes = ", ".join(f"{self.batch_size}x2x{n}" for n in sorted(set(lengths.tolist())))
-        return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": shapes, "tokens": total, "tokens_vs_plain": 1.0}
+        return {
+            "padding_fraction": round(1 - real / total, 4),
+            "pairs_per_step": float(self.batch_size),
+            "steps": int(len(idx)),
+            "shape": shapes,
+            "tokens": total,
+            "tokens_vs_plain": 1.0,
+        }
 
     # ---------------------------------------------------------------- iteration
     @property
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "num_pairs": len(self.ds)}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_pairs": len(self.ds)}
 
     def restore(self, state: dict) -> None:
         if state.get("num_pairs", len(self.ds)) != len(self.ds):
-            raise DataError(f"loader state is for {state['num_pairs']} pairs, this dataset has "
-                            f"{len(self.ds)}: the data or its settings changed since the checkpoint")
+            raise DataError(
+                f"loader state is for {state['num_pairs']} pairs, this dataset has "
+                f"{len(self.ds)}: the data or its settings changed since the checkpoint"
+            )
         self._stop_thread()
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
         self._plan_cache = (None, None)
@@ -214,8 +237,9 @@ class PairLoader:
 
     def _start_thread(self):
         self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(self.epoch, self.position, self._stop),
-                                        daemon=True, name="haf_jax-prefetch")
+        self._thread = threading.Thread(
+            target=self._produce, args=(self.epoch, self.position, self._stop), daemon=True, name="haf_jax-prefetch"
+        )
         self._thread.start()
 
     def _produce(self, epoch, position, stop):

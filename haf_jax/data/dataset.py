@@ -39,6 +39,7 @@ collective call then: every process must make it, with the same arguments). When
 ``options.process_count > 1`` but `jax.distributed` is not initialised (a simulation in one process),
 all pairs are tokenised locally instead and only the slice is served.
 """
+
 from __future__ import annotations
 
 import collections
@@ -66,6 +67,7 @@ class PairDataset:
     all_lengths: int32 [N, 2] token lengths (prompt + response) of chosen/rejected of ALL pairs;
     prompt_lengths: int32 [N] their prompts' token lengths (a shared-prompt row's size needs both).
     """
+
     pairs: list
     tokens: tokenize.TokenizedPairs
     local_indices: np.ndarray
@@ -121,9 +123,15 @@ def load_pairs(source, tokenizer, options: PairOptions | None = None, *, split: 
             raw_hash.update(b"\n")
             yield where, row
 
-    conv = formats.convert_rows(hashed_rows(), source=source.label, recipe=recipe,
-                                template=o.template, fields=o.fields_dict(), tokenizer=tokenizer,
-                                degenerate=o.degenerate)
+    conv = formats.convert_rows(
+        hashed_rows(),
+        source=source.label,
+        recipe=recipe,
+        template=o.template,
+        fields=o.fields_dict(),
+        tokenizer=tokenizer,
+        degenerate=o.degenerate,
+    )
     in_split = _split_groups(conv.groups, split, recipe, o.eval_fraction, o.seed, source.label)
     if o.subsample:
         in_split = _subsample(in_split, o.subsample, o.subsample_seed)
@@ -132,76 +140,118 @@ def load_pairs(source, tokenizer, options: PairOptions | None = None, *, split: 
     kept = collections.Counter(r for g, r in conv.kept if in_split[g])
     total = len(pairs) + sum(skipped.values())
     if total == 0:
-        raise DataError(f"no pairs in split {split!r} (rows read: {conv.rows_read}, filtered: "
-                        f"{dict(conv.filtered)})", source=source.label)
+        raise DataError(
+            f"no pairs in split {split!r} (rows read: {conv.rows_read}, filtered: {dict(conv.filtered)})",
+            source=source.label,
+        )
     skip_frac = sum(skipped.values()) / total
     if skip_frac > o.max_skip_fraction:
-        raise DataError(f"{skip_frac:.1%} of the pairs would be skipped ({dict(skipped)}), more than "
-                        f"max_skip_fraction={o.max_skip_fraction:.1%}; fix the data or raise the limit",
-                        source=source.label)
+        raise DataError(
+            f"{skip_frac:.1%} of the pairs would be skipped ({dict(skipped)}), more than "
+            f"max_skip_fraction={o.max_skip_fraction:.1%}; fix the data or raise the limit",
+            source=source.label,
+        )
     if not pairs:
         raise DataError(f"every pair of split {split!r} was skipped ({dict(skipped)})", source=source.label)
 
     n = len(pairs)
-    settings = dict(recipe=recipe, source=source.label, split=split, max_length=o.max_length,
-                    max_prompt_length=o.max_prompt_length, template=o.template, fields=o.fields_dict(),
-                    eval_fraction=o.eval_fraction if split != "all" else None,
-                    seed=o.seed if split != "all" else None, keep_eos=o.keep_eos)
+    settings = dict(
+        recipe=recipe,
+        source=source.label,
+        split=split,
+        max_length=o.max_length,
+        max_prompt_length=o.max_prompt_length,
+        template=o.template,
+        fields=o.fields_dict(),
+        eval_fraction=o.eval_fraction if split != "all" else None,
+        seed=o.seed if split != "all" else None,
+        keep_eos=o.keep_eos,
+    )
     # Options that change the pairs or their tokens; at their defaults they are left out of the
     # fingerprint, which thus stays what it was before they existed (reference caches stay valid).
-    late = dict(truncation=o.truncation, degenerate=o.degenerate, subsample=o.subsample,
-                subsample_seed=o.subsample_seed if o.subsample else None)
+    late = dict(
+        truncation=o.truncation,
+        degenerate=o.degenerate,
+        subsample=o.subsample,
+        subsample_seed=o.subsample_seed if o.subsample else None,
+    )
     defaults = dict(truncation="always", degenerate="skip", subsample=0, subsample_seed=None)
     fp = hashlib.sha256()
     fp.update(raw_hash.hexdigest().encode())
     fp.update(tokenize.tokenizer_fingerprint(tokenizer).encode())
-    fp.update(json.dumps({**{k: v for k, v in settings.items() if k != "source"},
-                          **{k: v for k, v in late.items() if v != defaults[k]}}, sort_keys=True,
-                         default=str).encode())
+    fp.update(
+        json.dumps(
+            {
+                **{k: v for k, v in settings.items() if k != "source"},
+                **{k: v for k, v in late.items() if v != defaults[k]},
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     fingerprint = fp.hexdigest()[:32]
     settings.update(late, batching=o.batching)
 
     p, n_proc = o.process_index, o.process_count
     distributed = n_proc > 1 and _jax_process_count() == n_proc
     local_indices = np.arange(p, n, n_proc, dtype=np.int64)
-    enc_kw = dict(max_length=o.max_length, max_prompt_length=o.max_prompt_length, keep_eos=o.keep_eos,
-                  truncation=o.truncation)
-    cache_file = (os.path.join(o.cache_dir, f"pairs-{fingerprint}-{p}of{n_proc}.npz") if o.cache_dir else None)
+    enc_kw = dict(
+        max_length=o.max_length, max_prompt_length=o.max_prompt_length, keep_eos=o.keep_eos, truncation=o.truncation
+    )
+    cache_file = os.path.join(o.cache_dir, f"pairs-{fingerprint}-{p}of{n_proc}.npz") if o.cache_dir else None
     cached = _load_cache(cache_file, len(local_indices))
     if cached is not None:
         tokens, lengths, raw, flags, prompt_lengths = cached
     elif n_proc == 1 or distributed:
         tokens = tokenize.encode_pairs(tokenizer, [pairs[i] for i in local_indices], **enc_kw)
         lengths, raw, flags, prompt_lengths = _gather(tokens, n, p, n_proc, distributed)
-    else:   # simulation in one process: tokenise all, keep the slice
+    else:  # simulation in one process: tokenise all, keep the slice
         full = tokenize.encode_pairs(tokenizer, pairs, **enc_kw)
         lengths, raw, flags, prompt_lengths = full.lengths, full.raw_lengths, full.flags, _prompt_lengths(full)
-        tokens = tokenize.TokenizedPairs(*[[getattr(full, f)[i] for i in local_indices]
-                                          for f in ("prompt", "chosen", "rejected")],
-                                         full.lengths[local_indices], full.raw_lengths[local_indices],
-                                         full.flags[local_indices])
+        tokens = tokenize.TokenizedPairs(
+            *[[getattr(full, f)[i] for i in local_indices] for f in ("prompt", "chosen", "rejected")],
+            full.lengths[local_indices],
+            full.raw_lengths[local_indices],
+            full.flags[local_indices],
+        )
     if cache_file and cached is None:
         _save_cache(cache_file, tokens, lengths, raw, flags, prompt_lengths)
 
     report = dict(
-        version=REPORT_VERSION, **settings, rows_read=conv.rows_read,
-        filtered_by_reason=dict(sorted(conv.filtered.items())), pairs=n,
-        skipped_by_reason=dict(sorted(skipped.items())), skipped_fraction=round(skip_frac, 6),
+        version=REPORT_VERSION,
+        **settings,
+        rows_read=conv.rows_read,
+        filtered_by_reason=dict(sorted(conv.filtered.items())),
+        pairs=n,
+        skipped_by_reason=dict(sorted(skipped.items())),
+        skipped_fraction=round(skip_frac, 6),
         degenerate_kept_by_reason=dict(sorted(kept.items())),
         truncated_prompt=int(((flags & tokenize.PROMPT_CUT) > 0).sum()),
         truncated_response=int(((flags & tokenize.RESPONSE_CUT) > 0).sum()),
         lost_eos=int(((flags & tokenize.LOST_EOS) > 0).sum()),
-        tokens_raw=_percentiles(raw), tokens=_percentiles(lengths),
+        tokens_raw=_percentiles(raw),
+        tokens=_percentiles(lengths),
         tokenizer=getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
-        fingerprint=fingerprint, process_count=n_proc)
-    return PairDataset(pairs=[{k: v for k, v in pair.items() if k != "group"} for pair in pairs],
-                       tokens=tokens, local_indices=local_indices, all_lengths=lengths,
-                       pad_id=tokenize.pad_id(tokenizer), max_length=o.max_length,
-                       buckets=list(o.buckets or batching_lib.length_buckets(o.max_length)),
-                       process_index=p, process_count=n_proc,
-                       report=report, fingerprint=fingerprint, groups=[pair["group"] for pair in pairs],
-                       skipped=[(g, r) for g, r in conv.skipped if in_split[g]], batching=o.batching,
-                       prompt_lengths=prompt_lengths)
+        fingerprint=fingerprint,
+        process_count=n_proc,
+    )
+    return PairDataset(
+        pairs=[{k: v for k, v in pair.items() if k != "group"} for pair in pairs],
+        tokens=tokens,
+        local_indices=local_indices,
+        all_lengths=lengths,
+        pad_id=tokenize.pad_id(tokenizer),
+        max_length=o.max_length,
+        buckets=list(o.buckets or batching_lib.length_buckets(o.max_length)),
+        process_index=p,
+        process_count=n_proc,
+        report=report,
+        fingerprint=fingerprint,
+        groups=[pair["group"] for pair in pairs],
+        skipped=[(g, r) for g, r in conv.skipped if in_split[g]],
+        batching=o.batching,
+        prompt_lengths=prompt_lengths,
+    )
 
 
 def _resolve(source) -> tuple[str | None, sources.Source | sources.Records]:
@@ -222,13 +272,12 @@ def _split_groups(n_groups, split, recipe, eval_fraction, seed, label) -> np.nda
     first = formats.RECIPES[recipe].first_eval_fraction if recipe else None
     is_eval = np.zeros(n_groups, bool)
     if first is not None:
-        is_eval[:int(n_groups * first)] = True
+        is_eval[: int(n_groups * first)] = True
     elif eval_fraction > 0:
         n_eval = max(1, int(round(eval_fraction * n_groups)))
         is_eval[np.random.default_rng(seed).permutation(n_groups)[:n_eval]] = True
     elif split == "eval":
-        raise DataError("split='eval' with eval_fraction=0: nothing to carve; give an eval file",
-                        source=label)
+        raise DataError("split='eval' with eval_fraction=0: nothing to carve; give an eval file", source=label)
     return is_eval if split == "eval" else ~is_eval
 
 
@@ -244,6 +293,7 @@ def _subsample(in_split: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def _jax_process_count() -> int:
     import jax
+
     return jax.process_count()
 
 
@@ -263,18 +313,24 @@ def _gather(tokens, n, p, n_proc, distributed):
     m = len(tokens.flags)
     local[:m, 0:2], local[:m, 2:4], local[:m, 4] = tokens.lengths, tokens.raw_lengths, tokens.flags
     local[:m, 5] = _prompt_lengths(tokens)
-    allv = distributed.stack_hosts(local)        # [P, per, 6]
+    allv = distributed.stack_hosts(local)  # [P, per, 6]
     out = np.zeros((n, 6), np.int32)
     for q in range(n_proc):
-        out[q::n_proc] = allv[q, :len(range(q, n, n_proc))]
+        out[q::n_proc] = allv[q, : len(range(q, n, n_proc))]
     return out[:, 0:2], out[:, 2:4], out[:, 4].astype(np.uint8), out[:, 5]
 
 
 def _save_cache(path, tokens, lengths, raw, flags, prompt_lengths):
     """Write the tokenised slice + global arrays atomically (ragged lists stored flat)."""
-    arrays = {"lengths": lengths, "raw": raw, "flags": flags, "prompt_lengths": prompt_lengths,
-              "local_lengths": tokens.lengths,
-              "local_raw": tokens.raw_lengths, "local_flags": tokens.flags}
+    arrays = {
+        "lengths": lengths,
+        "raw": raw,
+        "flags": flags,
+        "prompt_lengths": prompt_lengths,
+        "local_lengths": tokens.lengths,
+        "local_raw": tokens.raw_lengths,
+        "local_flags": tokens.flags,
+    }
     for f in ("prompt", "chosen", "rejected"):
         parts = getattr(tokens, f)
         arrays[f] = np.concatenate(parts) if parts else np.zeros(0, np.int32)
@@ -291,13 +347,15 @@ def _load_cache(path, n_local):
         return None
     try:
         z = np.load(path)
-        ragged = [np.split(z[f], np.cumsum(z[f + "_len"])[:-1]) if len(z[f + "_len"]) else []
-                  for f in ("prompt", "chosen", "rejected")]
+        ragged = [
+            np.split(z[f], np.cumsum(z[f + "_len"])[:-1]) if len(z[f + "_len"]) else []
+            for f in ("prompt", "chosen", "rejected")
+        ]
         if len(ragged[0]) != n_local:
             return None
         tokens = tokenize.TokenizedPairs(*ragged, z["local_lengths"], z["local_raw"], z["local_flags"])
         return tokens, z["lengths"], z["raw"], z["flags"], z["prompt_lengths"]
-    except (OSError, ValueError, KeyError):   # unreadable (or older) cache: just tokenise again
+    except (OSError, ValueError, KeyError):  # unreadable (or older) cache: just tokenise again
         return None
 
 
@@ -311,7 +369,8 @@ def format_report(report: dict) -> str:
     """Human-readable multi-line data report."""
     r = report
     lines = [
-        f"data: {r['source']}" + (f" (recipe {r['recipe']})" if r.get("recipe") else "")
+        f"data: {r['source']}"
+        + (f" (recipe {r['recipe']})" if r.get("recipe") else "")
         + f", split {r['split']}, template {r['template']}, tokenizer {r['tokenizer']}",
         f"  rows read {r['rows_read']}, pairs {r['pairs']}, fingerprint {r['fingerprint']}",
         f"  filtered by recipe: {_counts(r['filtered_by_reason'])}",

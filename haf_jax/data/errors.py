@@ -7,14 +7,14 @@ line or row, and the field, e.g.::
 
 CLIs catch it, print `str(err)` without a traceback and exit non-zero.
 """
+
 from __future__ import annotations
 
 
 class DataError(ValueError):
     """Bad preference data or data settings. Attributes: source, where, field (each may be None)."""
 
-    def __init__(self, message: str, *, source: str | None = None, where: str | None = None,
-                 field: str | None = None):
+    def __init__(self, message: str, *, source: str | None = None, where: str | None = None, field: str | None = None):
         self.message, self.source, self.where, self.field = message, source, where, field
         prefix = " ".join(p for p in (source, where) if p)
         if field is not None:
@@ -56,9 +56,10 @@ def decode_line(raw: bytes, source: str, where: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        bad = raw[e.start:e.start + 1].hex()
-        raise DataError(f"not valid UTF-8 (byte 0x{bad} at byte offset {e.start} of the line)",
-                        source=source, where=where) from None
+        bad = raw[e.start : e.start + 1].hex()
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{bad} at byte offset {e.start} of the line)", source=source, where=where
+        ) from None
 
 
 def type_name(value) -> str:

@@ -33,11 +33,13 @@ an HH text without an assistant turn is skipped in both modes (there is no pair 
 Recipe filters (multi-turn, ties, ...) are counted separately (`filtered`).
 Templates (string forms only): `TEMPLATES` maps name -> (prompt format, response prefix).
 """
+
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from haf_jax.data.errors import DataError, find_bad_text, type_name
 
@@ -50,7 +52,7 @@ TEMPLATES = {
     "mistral": ("[INST] {x} [/INST]", ""),
 }
 FORMS = ("explicit", "hh", "messages", "labelled", "ranking")
-DEGENERATE = ("skip", "keep")   # data.degenerate: what happens to empty/identical responses
+DEGENERATE = ("skip", "keep")  # data.degenerate: what happens to empty/identical responses
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class Converted:
     carved by group so expanded rankings never straddle train/eval). skipped: list of
     (group, reason) for skipped pairs; kept: list of (group, reason) for degenerate pairs kept
     (``degenerate="keep"``; they are also in `pairs`, with ``degenerate=reason``)."""
+
     pairs: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
     kept: list = dataclasses.field(default_factory=list)
@@ -71,9 +74,10 @@ class Converted:
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A paper dataset: how to turn one row into (x, y_chosen, y_rejected) or a filter reason."""
-    convert: Callable[[dict, "_Row"], Any]    # -> (x, chosen, rejected) | str (filter reason)
+
+    convert: Callable[[dict, _Row], Any]  # -> (x, chosen, rejected) | str (filter reason)
     default_source: str
-    first_eval_fraction: float | None = None   # eval = first fraction of the kept rows
+    first_eval_fraction: float | None = None  # eval = first fraction of the kept rows
 
 
 def parse_spec(spec: Any) -> tuple[str | None, Any]:
@@ -84,7 +88,7 @@ def parse_spec(spec: Any) -> tuple[str | None, Any]:
         check_recipe(name)
         return name, (rest or RECIPES[name].default_source)
     if isinstance(spec, str) and spec.startswith("recipe:"):
-        name, _, source = spec[len("recipe:"):].partition(":")
+        name, _, source = spec[len("recipe:") :].partition(":")
         check_recipe(name)
         return name, (source or RECIPES[name].default_source)
     return None, spec
@@ -110,8 +114,7 @@ class _Row:
         return self.name(key) in self.row
 
     def error(self, key: str | None, message: str) -> DataError:
-        return DataError(message, source=self.source, where=self.where,
-                         field=None if key is None else self.name(key))
+        return DataError(message, source=self.source, where=self.where, field=None if key is None else self.name(key))
 
     def get(self, key: str):
         name = self.name(key)
@@ -121,7 +124,7 @@ class _Row:
         if value is None:
             raise self.error(key, "expected a value, got null")
         if not isinstance(value, (str, int, float)):
-            bad = find_bad_text(value)          # non-UTF-8 bytes from a TFDS/hub source
+            bad = find_bad_text(value)  # non-UTF-8 bytes from a TFDS/hub source
             if bad:
                 raise self.error(key, bad)
         return value
@@ -139,8 +142,7 @@ class _Row:
         if not isinstance(value, list) or not value:
             raise self.error(key, f"expected a non-empty list of messages, got {type_name(value)}")
         for i, m in enumerate(value):
-            if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-                    or not isinstance(m.get("content"), str)):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise self.error(key, f"message {i} must be {{'role': str, 'content': str}}, got {m!r:.80}")
         return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -152,7 +154,7 @@ def detect_form(row: dict, fields: dict, source: str | None = None, where: str |
         if fields["form"] not in FORMS:
             raise DataError(f"unknown form {fields['form']!r}; known: {', '.join(FORMS)}")
         return fields["form"]
-    has = lambda k: fields.get(k, k) in row  # noqa: E731
+    has = lambda k: fields.get(k, k) in row
     if has("chosen") and has("rejected"):
         if isinstance(row[fields.get("chosen", "chosen")], list):
             return "messages"
@@ -161,10 +163,13 @@ def detect_form(row: dict, fields: dict, source: str | None = None, where: str |
         return "labelled"
     if has("responses") and (has("ranking") or has("scores")):
         return "ranking"
-    raise DataError(f"cannot recognise the record form from fields {sorted(row)}; expected "
-                    "prompt/chosen/rejected, chosen/rejected (HH dialogues or message lists), "
-                    "response_0/response_1/label or responses/ranking|scores (see fields=)",
-                    source=source, where=where)
+    raise DataError(
+        f"cannot recognise the record form from fields {sorted(row)}; expected "
+        "prompt/chosen/rejected, chosen/rejected (HH dialogues or message lists), "
+        "response_0/response_1/label or responses/ranking|scores (see fields=)",
+        source=source,
+        where=where,
+    )
 
 
 def split_hh(text: str) -> tuple[str, str] | None:
@@ -180,7 +185,7 @@ def hh_single_turn_query(prompt: str) -> str | None:
     """The human text of a single-turn HH prompt, else None."""
     if prompt.count(HH_HUMAN) != 1 or prompt.count(HH_ASSISTANT) != 1 or not prompt.startswith(HH_HUMAN):
         return None
-    return prompt[len(HH_HUMAN):-len(HH_ASSISTANT)].strip()
+    return prompt[len(HH_HUMAN) : -len(HH_ASSISTANT)].strip()
 
 
 def _triples(form: str, r: _Row, template: str, tokenizer):
@@ -228,8 +233,11 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
             score = {i: -pos for pos, i in enumerate(order)}
         else:
             sc = r.get("scores")
-            if (not isinstance(sc, list) or len(sc) != len(ys)
-                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sc)):
+            if (
+                not isinstance(sc, list)
+                or len(sc) != len(ys)
+                or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sc)
+            ):
                 raise r.error("scores", f"expected {len(ys)} numbers")
             score = dict(enumerate(sc))
         out = []
@@ -237,8 +245,8 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
             for b in range(a + 1, len(ys)):
                 if score[a] == score[b]:
                     continue
-                w, l = (a, b) if score[a] > score[b] else (b, a)
-                out.append(_apply(template, x, ys[w], ys[l], f"#{w}>{l}"))
+                win, lose = (a, b) if score[a] > score[b] else (b, a)
+                out.append(_apply(template, x, ys[win], ys[lose], f"#{win}>{lose}"))
         return out
     raise AssertionError(form)
 
@@ -257,9 +265,12 @@ def _render_chat(tokenizer, prompt_msgs, chosen_msgs, rejected_msgs, r: _Row):
         for resp in (chosen_msgs, rejected_msgs):
             full = tokenizer.apply_chat_template(prompt_msgs + resp, tokenize=False)
             if not full.startswith(p):
-                raise r.error(None, "the chat template does not render the prompt as a prefix of the "
-                                    "conversation; cannot locate the response")
-            outs.append(full[len(p):].rstrip())   # assistant turn, ending at its end-of-turn token
+                raise r.error(
+                    None,
+                    "the chat template does not render the prompt as a prefix of the "
+                    "conversation; cannot locate the response",
+                )
+            outs.append(full[len(p) :].rstrip())  # assistant turn, ending at its end-of-turn token
     except DataError:
         raise
     except Exception as e:  # template raise_exception(...) and friends
@@ -275,7 +286,7 @@ def _hh_recipe(row: dict, r: _Row):
         return "no_assistant_turn"
     if hh_single_turn_query(sc[0]) is None or hh_single_turn_query(sj[0]) is None:
         return "multi_turn"
-    return None   # handled by the hh form
+    return None  # handled by the hh form
 
 
 def _beavertails(row: dict, r: _Row):
@@ -327,17 +338,24 @@ RECIPES = {
     "hh_helpful": Recipe(_hh_recipe, "hf:Anthropic/hh-rlhf:data_dir=helpful-base:train"),
     "hh_harmless": Recipe(_hh_recipe, "hf:Anthropic/hh-rlhf:data_dir=harmless-base:train"),
     "beavertails_safe": Recipe(_beavertails, "hf:PKU-Alignment/PKU-SafeRLHF:train"),
-    "alpaca_human_pref": Recipe(_alpaca, "hf:tatsu-lab/alpaca_farm:alpaca_human_preference:preference",
-                                first_eval_fraction=0.10),
-    "chatbot_arena": Recipe(_arena, "hf:lmsys/chatbot_arena_conversations:train",
-                            first_eval_fraction=0.05),
+    "alpaca_human_pref": Recipe(
+        _alpaca, "hf:tatsu-lab/alpaca_farm:alpaca_human_preference:preference", first_eval_fraction=0.10
+    ),
+    "chatbot_arena": Recipe(_arena, "hf:lmsys/chatbot_arena_conversations:train", first_eval_fraction=0.05),
 }
 
 
 # ----------------------------------------------------------------------------- driver
-def convert_rows(rows: Iterable[tuple[str, dict]], *, source: str, recipe: str | None = None,
-                 template: str = "none", fields: dict | None = None, tokenizer=None,
-                 degenerate: str = "skip") -> Converted:
+def convert_rows(
+    rows: Iterable[tuple[str, dict]],
+    *,
+    source: str,
+    recipe: str | None = None,
+    template: str = "none",
+    fields: dict | None = None,
+    tokenizer=None,
+    degenerate: str = "skip",
+) -> Converted:
     """Convert raw (where, row) pairs to explicit pairs; see `Converted` and the module docstring."""
     if template not in TEMPLATES:
         raise DataError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
@@ -374,13 +392,19 @@ def convert_rows(rows: Iterable[tuple[str, dict]], *, source: str, recipe: str |
         for item in result:
             prompt, chosen, rejected, chat, suffix = item[:5]
             empty = item[5] if len(item) > 5 else (not chosen.strip(), not rejected.strip())
-            reason = ("empty_chosen" if empty[0] else "empty_rejected" if empty[1]
-                      else "identical" if chosen == rejected else None)
+            reason = (
+                "empty_chosen"
+                if empty[0]
+                else "empty_rejected"
+                if empty[1]
+                else "identical"
+                if chosen == rejected
+                else None
+            )
             if reason and degenerate == "skip":
                 out.skipped.append((group, reason))
                 continue
-            pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": chat,
-                    "group": group}
+            pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": chat, "group": group}
             if reason:
                 out.kept.append((group, reason))
                 pair["degenerate"] = reason

@@ -15,13 +15,14 @@ that is an error is the caller's call.
 `core.paths.write_bytes`: a reader sees the old file or the whole new one (local: a renamed temp
 file; remote: one object upload). A ``.gz`` target is gzip-compressed.
 """
+
 from __future__ import annotations
 
 import gzip
 import json
 import os
 import zlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from haf_jax.core import paths
 from haf_jax.data.errors import DataError, decode_line, type_name
@@ -55,22 +56,25 @@ def read(path) -> Iterator[tuple[int, dict]]:
                 if not text:
                     continue
                 if first and text.startswith("["):
-                    raise DataError("found a JSON array where JSON lines (one object per line) were "
-                                    "expected; write one object per line or name the file .json",
-                                    source=label, where=where)
+                    raise DataError(
+                        "found a JSON array where JSON lines (one object per line) were "
+                        "expected; write one object per line or name the file .json",
+                        source=label,
+                        where=where,
+                    )
                 first = False
                 try:
                     row = json.loads(text)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON ({e.msg} at column {e.colno})",
-                                    source=label, where=where) from None
+                    raise DataError(
+                        f"malformed JSON ({e.msg} at column {e.colno})", source=label, where=where
+                    ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"expected a JSON object, got a {type_name(row)}", source=label, where=where)
                 yield lineno, row
-    except (EOFError, zlib.error, OSError) as e:   # gzip.BadGzipFile is an OSError
+    except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
         if gz:
-            raise DataError(f"broken gzip stream after line {lineno} ({type(e).__name__}: {e})",
-                            source=label) from None
+            raise DataError(f"broken gzip stream after line {lineno} ({type(e).__name__}: {e})", source=label) from None
         raise DataError(f"cannot read after line {lineno} ({type(e).__name__}: {e})", source=label) from None
 
 
@@ -93,7 +97,7 @@ def write(path, rows: Iterable[dict]) -> None:
     The parent folder is made when missing."""
     data = dumps(rows).encode()
     if _gzipped(path):
-        data = gzip.compress(data, mtime=0)   # mtime 0: the same rows give the same bytes
+        data = gzip.compress(data, mtime=0)  # mtime 0: the same rows give the same bytes
     target = paths.path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     paths.write_bytes(target, data)

@@ -13,13 +13,14 @@ tokenize.py the truncation rules, formats.py the record forms and degenerate pai
 batch order. Values are kept as given (an int eval_fraction stays an int): they enter the dataset
 fingerprint, which must not change for the inputs it was made from before.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import numbers
 import os
 import types
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from haf_jax.data import batching, formats, tokenize
 from haf_jax.data.errors import DataError
@@ -39,12 +40,13 @@ class PairOptions:
     default ladder up to max_length). Hosts: process_index / process_count (which pairs this
     process tokenises). cache_dir: where tokenised slices are kept between runs (None: nowhere).
     """
+
     max_length: int = 512
     max_prompt_length: int = 128
     template: str = "none"
     keep_eos: bool = True
     truncation: str = "always"
-    fields: Mapping[str, str] | None = None     # stored read-only
+    fields: Mapping[str, str] | None = None  # stored read-only
     degenerate: str = "skip"
     max_skip_fraction: float = 0.1
     eval_fraction: float = 0.05
@@ -52,7 +54,7 @@ class PairOptions:
     subsample: int = 0
     subsample_seed: int = 0
     batching: str = "length_grouped"
-    buckets: Sequence[int] | None = None        # stored as a tuple
+    buckets: Sequence[int] | None = None  # stored as a tuple
     process_index: int = 0
     process_count: int = 1
     cache_dir: str | os.PathLike | None = None
@@ -77,12 +79,14 @@ class PairOptions:
             raise DataError(f"max_skip_fraction must be a number >= 0, got {self.max_skip_fraction!r}")
         if self.fields is not None:
             if not isinstance(self.fields, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()):
+                isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()
+            ):
                 raise DataError(f"fields must map field names to field names (strings), got {self.fields!r}")
             object.__setattr__(self, "fields", types.MappingProxyType(dict(self.fields)))
         if self.buckets is not None:
             if isinstance(self.buckets, (str, bytes)) or not all(
-                    isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in self.buckets):
+                isinstance(b, numbers.Integral) and not isinstance(b, bool) and b > 0 for b in self.buckets
+            ):
                 raise DataError(f"buckets must be positive integers, got {self.buckets!r}")
             object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):

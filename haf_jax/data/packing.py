@@ -36,6 +36,7 @@ the fewest, so global batch k is the concatenation of the processes' k-th batche
 pure function of (seed, epoch, lengths): same seed, same batches; the loader state is PairLoader's.
 The number of real pairs per step varies a little (the token budget R x T is what is fixed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ import numpy as np
 from haf_jax.data import batching
 from haf_jax.data.errors import DataError
 
-LOOKAHEAD = 8   # pairs that fit no row before a batch is closed
+LOOKAHEAD = 8  # pairs that fit no row before a batch is closed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,9 @@ def pair_tokens(ds, share_prompt: bool = False) -> np.ndarray:
     return both - prompt + (prompt > 0)
 
 
-def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multiple: int = 1,
-               share_prompt: bool = False) -> PackShape:
+def pack_shape(
+    ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multiple: int = 1, share_prompt: bool = False
+) -> PackShape:
     """The global packed shape for about `batch_size` pairs a step; `rows` / `length` 0 = automatic.
 
     length (T): 0 -> 4 * max_length; at least 2 * max_length so every pair fits a row.
@@ -86,13 +88,17 @@ def pack_shape(ds, batch_size: int, *, length: int = 0, rows: int = 0, row_multi
     pair_len = pair_tokens(ds, share_prompt)
     length = int(length) or 4 * ds.max_length
     if length < 2 * ds.max_length:
-        raise DataError(f"data.pack_length={length} is shorter than a pair can be (2 x data.max_length "
-                        f"= {2 * ds.max_length}); use at least that")
+        raise DataError(
+            f"data.pack_length={length} is shorter than a pair can be (2 x data.max_length "
+            f"= {2 * ds.max_length}); use at least that"
+        )
     multiple = math.lcm(int(row_multiple), ds.process_count)
     if rows:
         if rows % multiple:
-            raise DataError(f"data.pack_rows={rows} must be a multiple of {multiple} (data-parallel size x "
-                            f"grad_accum, and the process count)")
+            raise DataError(
+                f"data.pack_rows={rows} must be a multiple of {multiple} (data-parallel size x "
+                f"grad_accum, and the process count)"
+            )
     else:
         ideal = batch_size * float(pair_len.mean()) / length
         rows = max(multiple, int(ideal // multiple) * multiple)
@@ -107,7 +113,7 @@ def pack_order(order: np.ndarray, pair_len_N: np.ndarray, shape: PackShape) -> t
     slot (-1 empty) and its first token's index in row ``slot // per_row``.
     """
     out_slots, out_offsets = [], []
-    carry: list[int] = []   # pairs that missed the previous batch: tried first
+    carry: list[int] = []  # pairs that missed the previous batch: tried first
     pos, n = 0, len(order)
     while True:
         free = np.full(shape.rows, shape.length, np.int64)
@@ -125,7 +131,7 @@ def pack_order(order: np.ndarray, pair_len_N: np.ndarray, shape: PackShape) -> t
                 pair = int(order[pos])
                 pos += 1
             else:
-                break   # out of pairs: this batch is incomplete
+                break  # out of pairs: this batch is incomplete
             need = int(pair_len_N[pair])
             ok = (free >= need) & (used < shape.per_row)
             if not ok.any():
@@ -134,7 +140,7 @@ def pack_order(order: np.ndarray, pair_len_N: np.ndarray, shape: PackShape) -> t
                     closed = True
                     break
                 continue
-            row = int(np.flatnonzero(ok)[np.argmin(free[ok])])   # best fit
+            row = int(np.flatnonzero(ok)[np.argmin(free[ok])])  # best fit
             slot = row * shape.per_row + int(used[row])
             slots[slot], offsets[slot] = pair, shape.length - free[row]
             free[row] -= need
@@ -163,25 +169,32 @@ def make_packed_batch(ds, slots: np.ndarray, offsets: np.ndarray, shape: PackSha
         row, at = b // k, int(offsets[b])
         j = ds.local_position(int(slots[b]))
         prompt, start = tp.prompt[j], 0
-        if share_prompt and len(prompt):   # all but the last prompt token once, as segment -(k + 1)
+        if share_prompt and len(prompt):  # all but the last prompt token once, as segment -(k + 1)
             start = len(prompt) - 1
-            tokens[row, at:at + start] = prompt[:-1]
-            positions[row, at:at + start] = np.arange(start)
-            segments[row, at:at + start] = -(1 + b % k)
+            tokens[row, at : at + start] = prompt[:-1]
+            positions[row, at : at + start] = np.arange(start)
+            segments[row, at : at + start] = -(1 + b % k)
             prompt, at = prompt[-1:], at + start
         n_p = len(prompt)
         for side, resp in enumerate((tp.chosen[j], tp.rejected[j])):
             end = at + n_p + len(resp)
-            tokens[row, at:at + n_p] = prompt
-            tokens[row, at + n_p:end] = resp
+            tokens[row, at : at + n_p] = prompt
+            tokens[row, at + n_p : end] = resp
             positions[row, at:end] = start + np.arange(end - at)
             segments[row, at:end] = 1 + 2 * (b % k) + side
-            mask[row, at + n_p:end] = 1
+            mask[row, at + n_p : end] = 1
             last[b, side] = end - 1
             at = end
     valid = slots >= 0
-    return {"tokens": tokens, "positions": positions, "segment_ids": segments, "response_mask": mask,
-            "last_index": last, "valid": valid, "index": np.where(valid, slots, -1).astype(np.int64)}
+    return {
+        "tokens": tokens,
+        "positions": positions,
+        "segment_ids": segments,
+        "response_mask": mask,
+        "last_index": last,
+        "valid": valid,
+        "index": np.where(valid, slots, -1).astype(np.int64),
+    }
 
 
 class PackedLoader(batching.PairLoader):
@@ -189,15 +202,27 @@ class PackedLoader(batching.PairLoader):
     resume contract (``state`` / ``restore``), prefetching and `close`; `steps_per_epoch` is that
     of the current epoch (packing makes it vary a little between epochs)."""
 
-    def __init__(self, ds, batch_size: int, *, seed: int = 0, shuffle: bool = True, length: int = 0,
-                 rows: int = 0, row_multiple: int = 1, prefetch: int = 4, share_prompt: bool = False):
+    def __init__(
+        self,
+        ds,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        length: int = 0,
+        rows: int = 0,
+        row_multiple: int = 1,
+        prefetch: int = 4,
+        share_prompt: bool = False,
+    ):
         super().__init__(ds, batch_size, seed=seed, shuffle=shuffle, length_grouping=False, prefetch=prefetch)
         self.share_prompt = share_prompt
-        self.shape = pack_shape(ds, batch_size, length=length, rows=rows, row_multiple=row_multiple,
-                                share_prompt=share_prompt)
+        self.shape = pack_shape(
+            ds, batch_size, length=length, rows=rows, row_multiple=row_multiple, share_prompt=share_prompt
+        )
         self.local_shape = dataclasses.replace(self.shape, rows=self.shape.rows // ds.process_count)
         self._pair_tokens = pair_tokens(ds, share_prompt)
-        self._steps: dict[int, int] = {}   # epoch -> batches (kept: the plan cache holds one epoch)
+        self._steps: dict[int, int] = {}  # epoch -> batches (kept: the plan cache holds one epoch)
         self.steps_per_epoch = self.epoch_steps(0)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +237,10 @@ class PackedLoader(batching.PairLoader):
             per_proc.append(pack_order(owned, self._pair_tokens, self.local_shape))
         steps = min(len(s) for s, _ in per_proc)
         if steps == 0:
-            raise DataError(f"dataset has too few pairs ({len(self.ds)}) for one packed batch of "
-                            f"{self.shape.rows} rows x {self.shape.length} tokens")
+            raise DataError(
+                f"dataset has too few pairs ({len(self.ds)}) for one packed batch of "
+                f"{self.shape.rows} rows x {self.shape.length} tokens"
+            )
         slots = np.stack([np.stack(s[:steps]) for s, _ in per_proc], 1)
         offsets = np.stack([np.stack(o[:steps]) for _, o in per_proc], 1)
         self._plan_cache = (epoch, (slots, offsets))
@@ -227,8 +254,7 @@ class PackedLoader(batching.PairLoader):
     def batch_at(self, epoch: int, position: int) -> dict:
         slots, offsets = self.plan(epoch)
         p = self.ds.process_index
-        return make_packed_batch(self.ds, slots[position, p], offsets[position, p], self.local_shape,
-                                 self.share_prompt)
+        return make_packed_batch(self.ds, slots[position, p], offsets[position, p], self.local_shape, self.share_prompt)
 
     def padding(self, epoch: int = 0) -> dict:
         """One epoch of this loader: padding fraction of the row tokens, pairs a step, steps, shape,
@@ -237,17 +263,21 @@ class PackedLoader(batching.PairLoader):
         real = float(self._pair_tokens[slots[slots >= 0]].sum())
         total = float(slots.shape[0] * self.shape.rows * self.shape.length)
         plain = _plain_padding(self, epoch)
-        return {"padding_fraction": round(1 - real / total, 4),
-                "pairs_per_step": round(float((slots >= 0).sum()) / slots.shape[0], 2),
-                "steps": int(slots.shape[0]), "shape": f"{self.shape.rows}x{self.shape.length}",
-                "unpacked_padding_fraction": plain["padding_fraction"],
-                "tokens_vs_plain": round(total / plain["tokens"], 4)}
+        return {
+            "padding_fraction": round(1 - real / total, 4),
+            "pairs_per_step": round(float((slots >= 0).sum()) / slots.shape[0], 2),
+            "steps": int(slots.shape[0]),
+            "shape": f"{self.shape.rows}x{self.shape.length}",
+            "unpacked_padding_fraction": plain["padding_fraction"],
+            "tokens_vs_plain": round(total / plain["tokens"], 4),
+        }
 
 
 def _plain_padding(loader, epoch: int) -> dict:
     """The padding report of plain [B, 2, L] batches of `loader`'s pairs, batch size, seed and order."""
-    return batching.PairLoader(loader.ds, loader.batch_size, seed=loader.seed, shuffle=loader.shuffle,
-                               prefetch=0).padding(epoch)
+    return batching.PairLoader(
+        loader.ds, loader.batch_size, seed=loader.seed, shuffle=loader.shuffle, prefetch=0
+    ).padding(epoch)
 
 
 class SharedPromptLoader(batching.PairLoader):
@@ -257,9 +287,9 @@ class SharedPromptLoader(batching.PairLoader):
 
     def __init__(self, ds, batch_size: int, **kw):
         super().__init__(ds, batch_size, **kw)
-        self._pair_len = pair_tokens(ds, share_prompt=True)   # what length grouping and buckets read
+        self._pair_len = pair_tokens(ds, share_prompt=True)  # what length grouping and buckets read
         self.buckets = batching.length_buckets(2 * ds.max_length)
-        self.shape = PackShape(batch_size, max(self.buckets), 1)   # the largest batch (the fit check)
+        self.shape = PackShape(batch_size, max(self.buckets), 1)  # the largest batch (the fit check)
 
     def batch_at(self, epoch: int, position: int) -> dict:
         idx, lengths = self.plan(epoch)
@@ -272,13 +302,25 @@ class SharedPromptLoader(batching.PairLoader):
         real = float(self._pair_len[idx.reshape(len(idx), -1)].sum())
         total = float(self.batch_size * lengths.astype(np.int64).sum())
         shapes = ", ".join(f"{self.batch_size}x{n}" for n in sorted(set(lengths.tolist())))
-        return {"padding_fraction": round(1 - real / total, 4), "pairs_per_step": float(self.batch_size),
-                "steps": int(len(idx)), "shape": shapes,
-                "tokens_vs_plain": round(total / _plain_padding(self, epoch)["tokens"], 4)}
+        return {
+            "padding_fraction": round(1 - real / total, 4),
+            "pairs_per_step": float(self.batch_size),
+            "steps": int(len(idx)),
+            "shape": shapes,
+            "tokens_vs_plain": round(total / _plain_padding(self, epoch)["tokens"], 4),
+        }
 
 
-def largest_shape(batch_size: int, max_length: int, *, packing: bool, share_prompt: bool, pack_length: int,
-                  pack_rows: int, row_multiple: int) -> PackShape | None:
+def largest_shape(
+    batch_size: int,
+    max_length: int,
+    *,
+    packing: bool,
+    share_prompt: bool,
+    pack_length: int,
+    pack_rows: int,
+    row_multiple: int,
+) -> PackShape | None:
     """The largest global batch `train_loader` can make with these settings, without reading the
     data (the planner compiles for it): packed rows (every pair at most 2 x max_length tokens
     bounds the automatic row count), one shared-prompt pair a row of 2 x max_length, or None for
@@ -294,8 +336,17 @@ def largest_shape(batch_size: int, max_length: int, *, packing: bool, share_prom
     return None
 
 
-def train_loader(ds, batch_size: int, *, seed: int, packing: bool, share_prompt: bool, pack_length: int,
-                 pack_rows: int, row_multiple: int):
+def train_loader(
+    ds,
+    batch_size: int,
+    *,
+    seed: int,
+    packing: bool,
+    share_prompt: bool,
+    pack_length: int,
+    pack_rows: int,
+    row_multiple: int,
+):
     """The shuffled training iterator of `batch_size` pairs a step: `PackedLoader` with packing,
     else `SharedPromptLoader` with share_prompt, else `PairLoader`. Packed rows (pack_length /
     pack_rows, 0 = automatic) split evenly over `row_multiple` = data-parallel shards x
@@ -303,13 +354,21 @@ def train_loader(ds, batch_size: int, *, seed: int, packing: bool, share_prompt:
     if not packing:
         loader = SharedPromptLoader if share_prompt else batching.PairLoader
         return loader(ds, batch_size, seed=seed, shuffle=True)
-    return PackedLoader(ds, batch_size, seed=seed, shuffle=True, length=int(pack_length), rows=int(pack_rows),
-                        row_multiple=int(row_multiple), share_prompt=share_prompt)
+    return PackedLoader(
+        ds,
+        batch_size,
+        seed=seed,
+        shuffle=True,
+        length=int(pack_length),
+        rows=int(pack_rows),
+        row_multiple=int(row_multiple),
+        share_prompt=share_prompt,
+    )
 
 
 def real_tokens(batch: dict) -> int:
     """Non-padding tokens of a process-local batch, packed or not (throughput counts these)."""
     if "segment_ids" in batch:
-        return int((batch["segment_ids"] != 0).sum())   # shared prompts (< 0) are real tokens too
+        return int((batch["segment_ids"] != 0).sum())  # shared prompts (< 0) are real tokens too
     valid = batch["valid"].astype(bool)
     return int((batch["last_index"][valid] + 1).sum())

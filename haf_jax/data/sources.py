@@ -35,6 +35,7 @@ of in-memory `Records`). JSON lines are read line by line by `jsonl.read` (exact
 errors); parquet and CSV go through `datasets` (cached).
 Every problem raises `DataError` naming the file or dataset and split, the line/row and field.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,8 @@ import json
 import os
 import tempfile
 import zlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from haf_jax.data import jsonl
 from haf_jax.data.errors import BadText, DataError, decode_line, type_name
@@ -54,8 +56,9 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One resolved source. kind: 'file' | 'hf' | 'tfds'."""
+
     kind: str
-    name: str                      # path for files, dataset name otherwise
+    name: str  # path for files, dataset name otherwise
     split: str | None = None
     config: str | None = None
     data_dir: str | None = None
@@ -77,8 +80,9 @@ class Records:
     rows. Values are taken as the hub's are (numpy values become Python ones, bytes UTF-8 text).
     Like a file's path, the name is not part of the dataset fingerprint: the same rows in memory
     and in a file are the same data."""
+
     name: str
-    rows: Sequence[dict]          # stored as a tuple
+    rows: Sequence[dict]  # stored as a tuple
     recipe: str | None = None
 
     def __post_init__(self):
@@ -112,25 +116,31 @@ def parse_source(spec: Any) -> Source:
     spec = str(spec)
     if spec == "sample":
         from haf_jax.samples import sample_paths
+
         return Source("file", str(sample_paths()["data"]))
     if spec.startswith("hf:"):
         name, middle, split = _split_spec(spec[3:])
         if not name or not split or middle == "" or (middle and ":" in middle and not middle.startswith("data_dir=")):
-            raise DataError(f"bad hub spec {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
-                            "(CONFIG may be data_dir=DIR)")
+            raise DataError(
+                f"bad hub spec {spec!r}: expected hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (CONFIG may be data_dir=DIR)"
+            )
         config = data_dir = None
         if middle is not None:
             if middle.startswith("data_dir="):
-                data_dir = middle[len("data_dir="):]
+                data_dir = middle[len("data_dir=") :]
             else:
                 config = middle
         return Source("hf", name, split, config, data_dir)
     if spec.startswith("tfds:"):
         name, middle, split = _split_spec(spec[5:])
-        if not name or not split or (middle is not None and not middle.startswith("data_dir=")) \
-                or middle == "data_dir=":
+        if (
+            not name
+            or not split
+            or (middle is not None and not middle.startswith("data_dir="))
+            or middle == "data_dir="
+        ):
             raise DataError(f"bad TFDS spec {spec!r}: expected tfds:NAME:SPLIT or tfds:NAME:data_dir=DIR:SPLIT")
-        return Source("tfds", name, split, None, middle[len("data_dir="):] if middle else None)
+        return Source("tfds", name, split, None, middle[len("data_dir=") :] if middle else None)
     return Source("file", spec)
 
 
@@ -145,7 +155,7 @@ def _split_spec(rest: str) -> tuple[str, str | None, str]:
         c = tail[i]
         depth += (c == "]") - (c == "[")
         if c == ":" and depth == 0:
-            return name, tail[:i], tail[i + 1:]
+            return name, tail[:i], tail[i + 1 :]
     return name, None, tail
 
 
@@ -184,8 +194,7 @@ def _read_file(path: str) -> Iterator[tuple[str, dict]]:
         return
     suffix = _suffix(path)
     if suffix not in SUFFIXES:
-        raise DataError(f"unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}",
-                        source=path)
+        raise DataError(f"unsupported file type {suffix!r}; expected one of {', '.join(SUFFIXES)}", source=path)
     if not os.path.exists(path):
         raise DataError("file not found", source=path)
     if os.path.isdir(path):
@@ -213,8 +222,7 @@ def _read_remote_file(url: str) -> Iterator[tuple[str, dict]]:
 
     remote = paths.path(url)
     if _suffix(url) not in SUFFIXES:
-        raise DataError(f"unsupported file type {_suffix(url)!r}; expected one of {', '.join(SUFFIXES)}",
-                        source=url)
+        raise DataError(f"unsupported file type {_suffix(url)!r}; expected one of {', '.join(SUFFIXES)}", source=url)
     if not remote.exists():
         raise DataError("file not found", source=url)
     if remote.is_dir():
@@ -238,32 +246,33 @@ def _read_json(path: str, gz: bool) -> Iterator[tuple[str, dict]]:
     try:
         with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             raw = f.read()
-    except (EOFError, zlib.error, OSError) as e:   # gzip.BadGzipFile is an OSError
+    except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"broken gzip stream ({type(e).__name__}: {e})", source=path) from None
     try:
         text = raw.decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start:e.start + 1].hex()})",
-                        source=path, where=f"line {line}") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{raw[e.start : e.start + 1].hex()})", source=path, where=f"line {line}"
+        ) from None
     if not text.strip():
         raise DataError("empty file (no records)", source=path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":     # JSON lines in a .json file: accept them
+        if e.msg == "Extra data":  # JSON lines in a .json file: accept them
             yield from _read_jsonl(path)
             return
-        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", source=path,
-                        where=f"line {e.lineno}") from None
+        raise DataError(
+            f"malformed JSON ({e.msg} at column {e.colno})", source=path, where=f"line {e.lineno}"
+        ) from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of objects, got a {type_name(data)}", source=path)
     for i, row in enumerate(data):
         if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object, got a {type_name(row)}", source=path,
-                            where=f"row {i}")
+            raise DataError(f"expected a JSON object, got a {type_name(row)}", source=path, where=f"row {i}")
         yield f"row {i}", row
 
 
@@ -272,7 +281,7 @@ def _read_with_datasets(path: str, suffix: str) -> Iterator[tuple[str, dict]]:
 
     builder = suffix.lstrip(".")
     if builder == "csv":
-        with open(path, "rb") as f:       # exact line numbers for bad bytes
+        with open(path, "rb") as f:  # exact line numbers for bad bytes
             for lineno, raw in enumerate(f, 1):
                 decode_line(raw, path, f"line {lineno}")
     try:
@@ -281,8 +290,7 @@ def _read_with_datasets(path: str, suffix: str) -> Iterator[tuple[str, dict]]:
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise DataError(f"cannot read as {builder} ({type(cause).__name__}: {cause})",
-                        source=path) from None
+        raise DataError(f"cannot read as {builder} ({type(cause).__name__}: {cause})", source=path) from None
     offset, unit = (2, "line") if builder == "csv" else (0, "row")
     for i, row in enumerate(ds):
         yield f"{unit} {i + offset}", row
@@ -303,8 +311,11 @@ def local_repo(name: str, label: str | None = None) -> str | None:
     if os.path.isdir(path):
         return os.path.abspath(path)
     if name.startswith(("/", "./", "../", "~")) or os.path.exists(path):
-        raise DataError(f"local dataset directory {path!r} not found (an hf: NAME that is a path must be "
-                        "a directory laid out as a hub dataset repository)", source=label or f"hf:{name}")
+        raise DataError(
+            f"local dataset directory {path!r} not found (an hf: NAME that is a path must be "
+            "a directory laid out as a hub dataset repository)",
+            source=label or f"hf:{name}",
+        )
     return None
 
 
@@ -313,16 +324,17 @@ def _read_hub(source: Source) -> Iterator[tuple[str, dict]]:
 
     local = local_repo(source.name, source.label)
     if local is not None and source.data_dir and not os.path.isdir(os.path.join(local, source.data_dir)):
-        raise DataError(f"no folder {source.data_dir!r} in the local dataset directory {local}",
-                        source=source.label)
+        raise DataError(f"no folder {source.data_dir!r} in the local dataset directory {local}", source=source.label)
     try:
-        ds = datasets.load_dataset(local or source.name, source.config, data_dir=source.data_dir,
-                                   split=source.split)
+        ds = datasets.load_dataset(local or source.name, source.config, data_dir=source.data_dir, split=source.split)
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        hint = (" (this machine is offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; download the "
-                "dataset once online, or pass a local file or a local dataset directory)"
-                if offline and local is None else "")
+        hint = (
+            " (this machine is offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; download the "
+            "dataset once online, or pass a local file or a local dataset directory)"
+            if offline and local is None
+            else ""
+        )
         what = "local dataset directory" if local else "hub dataset"
         raise DataError(f"cannot load {what} ({_first_line(e)}){hint}", source=source.label) from None
     for i, row in enumerate(ds):
@@ -330,32 +342,44 @@ def _read_hub(source: Source) -> Iterator[tuple[str, dict]]:
         yield where, plain(row)
 
 
-TFDS_CHUNK = 1024   # records fetched per random-access call
+TFDS_CHUNK = 1024  # records fetched per random-access call
 
 
 def _read_tfds(source: Source) -> Iterator[tuple[str, dict]]:
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError("TensorFlow Datasets is not installed; pip install 'haf_jax[tfds]' "
-                        "(tensorflow-datasets without TensorFlow: prepared datasets are read through "
-                        "tfds.data_source)", source=source.label) from None
+        raise DataError(
+            "TensorFlow Datasets is not installed; pip install 'haf_jax[tfds]' "
+            "(tensorflow-datasets without TensorFlow: prepared datasets are read through "
+            "tfds.data_source)",
+            source=source.label,
+        ) from None
     data_dir = source.data_dir or os.environ.get("TFDS_DATA_DIR") or None
-    where_from = (f"data_dir {data_dir}" + ("" if source.data_dir else " (TFDS_DATA_DIR)") if data_dir
-                  else "the default data dir ~/tensorflow_datasets (set TFDS_DATA_DIR or give data_dir=DIR)")
+    where_from = (
+        f"data_dir {data_dir}" + ("" if source.data_dir else " (TFDS_DATA_DIR)")
+        if data_dir
+        else "the default data dir ~/tensorflow_datasets (set TFDS_DATA_DIR or give data_dir=DIR)"
+    )
     if source.data_dir and "://" not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
         raise DataError(f"TFDS data_dir {data_dir!r} is not a directory", source=source.label)
     try:
-        ds = tfds.data_source(source.name, split=source.split,
-                              data_dir=os.path.expanduser(data_dir) if data_dir else None, download=False)
+        ds = tfds.data_source(
+            source.name, split=source.split, data_dir=os.path.expanduser(data_dir) if data_dir else None, download=False
+        )
     except Exception as e:
         text = str(e)
-        if (type(e).__name__ == "DatasetNotFoundError" or "could not find data" in text.lower()
-                or "not been generated" in text):
+        if (
+            type(e).__name__ == "DatasetNotFoundError"
+            or "could not find data" in text.lower()
+            or "not been generated" in text
+        ):
             msg = f"dataset not found (not prepared) in {where_from}"
         elif "TFRECORD" in text:
-            msg = (f"dataset in {where_from} is prepared as TFRecord, which needs TensorFlow to read; "
-                   "prepare it with file_format='array_record'")
+            msg = (
+                f"dataset in {where_from} is prepared as TFRecord, which needs TensorFlow to read; "
+                "prepare it with file_format='array_record'"
+            )
         elif "split" in text.lower():
             msg = f"cannot read split {source.split!r} from {where_from} ({_first_line(e)})"
         else:
@@ -402,12 +426,13 @@ def plain(x):
         try:
             return bytes(x).decode("utf-8")
         except UnicodeDecodeError as e:
-            return BadText(bytes(x), f"not valid UTF-8 (byte 0x{bytes(x)[e.start:e.start + 1].hex()} "
-                                     f"at byte offset {e.start})")
+            return BadText(
+                bytes(x), f"not valid UTF-8 (byte 0x{bytes(x)[e.start : e.start + 1].hex()} at byte offset {e.start})"
+            )
     if isinstance(x, dict):
         return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [plain(v) for v in x]
-    if hasattr(x, "tolist"):            # numpy arrays and scalars (np.bytes_ is bytes: handled above)
+    if hasattr(x, "tolist"):  # numpy arrays and scalars (np.bytes_ is bytes: handled above)
         return plain(x.tolist())
     return x

@@ -31,6 +31,7 @@ In both modes a response that is too long for its budget keeps its first ``budge
 its final EOS (``keep_eos=True``, default), so the reward is always read at an EOS (TRL drops the
 EOS there: ``keep_eos=False`` does that, and the pair is counted in ``lost_eos``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,12 +47,13 @@ from haf_jax.data.errors import DataError
 
 # bits of TokenizedPairs.flags
 PROMPT_CUT, RESPONSE_CUT, LOST_EOS = 1, 2, 4
-TRUNCATIONS = ("always", "trl")   # data.truncation (module docstring)
+TRUNCATIONS = ("always", "trl")  # data.truncation (module docstring)
 
 
 def _cache_root() -> str:
     root = os.environ.get("HAF_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "haf_jax")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "haf_jax"
+    )
     return os.path.join(root, "tokenizers")
 
 
@@ -82,7 +84,7 @@ def _unpack_gz_dir(path: str) -> str:
                 shutil.copy(src, os.path.join(tmp, n))
         try:
             os.rename(tmp, out)
-        except OSError:       # another process won the race
+        except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,22 +101,25 @@ def load_tokenizer(path_or_hub_id: str):
 
     path = os.fspath(path_or_hub_id)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "tokenizer.json")) and \
-                os.path.exists(os.path.join(path, "tokenizer.json.gz")):
+        if not os.path.exists(os.path.join(path, "tokenizer.json")) and os.path.exists(
+            os.path.join(path, "tokenizer.json.gz")
+        ):
             path = _unpack_gz_dir(path)
     elif os.path.exists(path):
-        raise DataError("expected a tokenizer directory (tokenizer.json or tokenizer.json.gz "
-                        "inside) or a hub id, got a file", source=path)
+        raise DataError(
+            "expected a tokenizer directory (tokenizer.json or tokenizer.json.gz inside) or a hub id, got a file",
+            source=path,
+        )
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as e:
         where = "local dir" if os.path.isdir(path) else "hub id (needs network or the HF cache)"
-        raise DataError(f"cannot load tokenizer from {where}: {type(e).__name__}: {e}",
-                        source=str(path_or_hub_id)) from None
+        raise DataError(
+            f"cannot load tokenizer from {where}: {type(e).__name__}: {e}", source=str(path_or_hub_id)
+        ) from None
     tok._haf_file_hash = _tokenizer_file_hash(path)
     if tok.eos_token_id is None:
-        raise DataError("tokenizer has no EOS token; the reward is read at the EOS",
-                        source=str(path_or_hub_id))
+        raise DataError("tokenizer has no EOS token; the reward is read at the EOS", source=str(path_or_hub_id))
     return tok
 
 
@@ -141,8 +146,17 @@ def tokenizer_fingerprint(tok) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(repr(sorted(tok.get_vocab().items())).encode())
-    h.update(repr((type(tok).__name__, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                   getattr(tok, "chat_template", None))).encode())
+    h.update(
+        repr(
+            (
+                type(tok).__name__,
+                tok.bos_token_id,
+                tok.eos_token_id,
+                tok.pad_token_id,
+                getattr(tok, "chat_template", None),
+            )
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -155,6 +169,7 @@ class TokenizedPairs:
     chosen/rejected; raw_lengths: int32 [n, 2] the same before truncation; flags: uint8 [n]
     (PROMPT_CUT | RESPONSE_CUT | LOST_EOS).
     """
+
     prompt: list
     chosen: list
     rejected: list
@@ -163,8 +178,9 @@ class TokenizedPairs:
     flags: np.ndarray
 
 
-def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
-                 keep_eos: bool = True, truncation: str = "always") -> TokenizedPairs:
+def encode_pairs(
+    tok, pairs: list, *, max_length: int, max_prompt_length: int, keep_eos: bool = True, truncation: str = "always"
+) -> TokenizedPairs:
     """Tokenise explicit pairs (dicts with prompt/chosen/rejected[/chat]) by the contract;
     `truncation` is "always" or "trl" (module docstring)."""
     if truncation not in TRUNCATIONS:
@@ -173,16 +189,18 @@ def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
     specials = set(tok.all_special_ids)
     prefix = [bos] if bos is not None else []
     if max_prompt_length < len(prefix) + 1 or max_length < max_prompt_length + 2:
-        raise DataError(f"need max_length >= max_prompt_length + 2 and max_prompt_length >= "
-                        f"{len(prefix) + 1}; got max_length={max_length}, "
-                        f"max_prompt_length={max_prompt_length}")
+        raise DataError(
+            f"need max_length >= max_prompt_length + 2 and max_prompt_length >= "
+            f"{len(prefix) + 1}; got max_length={max_length}, "
+            f"max_prompt_length={max_prompt_length}"
+        )
 
     backend = getattr(tok, "backend_tokenizer", None)
 
     def ids(texts):
         if not texts:
             return []
-        if backend is not None:   # same ids as tok(texts, add_special_tokens=False), less overhead
+        if backend is not None:  # same ids as tok(texts, add_special_tokens=False), less overhead
             return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         return tok(texts, add_special_tokens=False)["input_ids"]
 
@@ -190,8 +208,7 @@ def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
     c_ids = ids([p["chosen"] for p in pairs])
     r_ids = ids([p["rejected"] for p in pairs])
     n = len(pairs)
-    out = TokenizedPairs([], [], [], np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32),
-                         np.zeros(n, np.uint8))
+    out = TokenizedPairs([], [], [], np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32), np.zeros(n, np.uint8))
     for i, pair in enumerate(pairs):
         body = p_ids[i]
         if bos is not None and body[:1] == [bos]:
@@ -206,7 +223,7 @@ def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
         longer = max(len(y) for y in responses)
         keep = max_prompt_length - len(prefix)
         if len(body) > keep and (truncation == "always" or raw_prompt + longer > max_length):
-            body = body[len(body) - keep:]
+            body = body[len(body) - keep :]
             flags |= PROMPT_CUT
         prompt = np.asarray(prefix + body, np.int32)
         # "always": what the prompt leaves; "trl": TRL's fixed response budget (also when the prompt
@@ -220,7 +237,7 @@ def encode_pairs(tok, pairs: list, *, max_length: int, max_prompt_length: int,
             if len(y) > budget:
                 flags |= RESPONSE_CUT
                 if keep_eos:
-                    y = y[:budget - 1] + y[-1:]
+                    y = y[: budget - 1] + y[-1:]
                 else:
                     y = y[:budget]
                     flags |= LOST_EOS

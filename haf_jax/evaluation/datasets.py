@@ -1,6 +1,7 @@
 """Preference data for a loaded model: a data spec tokenised as the model's run was trained (its
 max_length, template, truncation, ...), `run:eval` (a run's own eval split), and batch sizes that
 split over the mesh."""
+
 from __future__ import annotations
 
 import jax
@@ -13,9 +14,16 @@ from haf_jax.evaluation.loading import LoadedModel
 RUN_EVAL = "run:eval"  # data spec: the run's own eval split (data.eval, or the carve out of data.train)
 
 
-def load_data(source: str | data.Records, model: LoadedModel, *, max_length: int | None = None,
-              max_prompt_length: int | None = None, template: str | None = None, degenerate: str | None = None,
-              report: bool = True):
+def load_data(
+    source: str | data.Records,
+    model: LoadedModel,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    template: str | None = None,
+    degenerate: str | None = None,
+    report: bool = True,
+):
     """`source` (a data spec, or `data.Records` in memory) tokenised for `model`: a run's data settings
     unless overridden; `run:eval` is the run's own eval split, built exactly as training built it.
     report: log the data report."""
@@ -25,12 +33,23 @@ def load_data(source: str | data.Records, model: LoadedModel, *, max_length: int
         if c is None:
             raise ValueError(f"--data={RUN_EVAL} needs a run directory as the model, got {model.name}")
         options = data.PairOptions(
-            max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
-            eval_fraction=d.eval_fraction, seed=c.train.seed, max_skip_fraction=d.max_skip_fraction,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            **data_options.fidelity_options(d), **data_options.eval_options(d))
-        ds = data.load_pairs(d.eval or d.train or data.sample_paths()["data"], model.tokenizer, options,
-                             split="all" if d.eval else "eval")
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            template=d.template,
+            eval_fraction=d.eval_fraction,
+            seed=c.train.seed,
+            max_skip_fraction=d.max_skip_fraction,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **data_options.fidelity_options(d),
+            **data_options.eval_options(d),
+        )
+        ds = data.load_pairs(
+            d.eval or d.train or data.sample_paths()["data"],
+            model.tokenizer,
+            options,
+            split="all" if d.eval else "eval",
+        )
     else:
         max_length = max_length or (d.max_length if d is not None else 512)
         max_prompt_length = min(max_prompt_length or (d.max_prompt_length if d is not None else 128), max_length // 2)
@@ -38,9 +57,15 @@ def load_data(source: str | data.Records, model: LoadedModel, *, max_length: int
         if degenerate:
             fidelity["degenerate"] = degenerate
         options = data.PairOptions(
-            max_length=max_length, max_prompt_length=max_prompt_length,
-            template=template or (d.template if d is not None else "none"), eval_fraction=0.0,
-            max_skip_fraction=1.0, process_index=jax.process_index(), process_count=jax.process_count(), **fidelity)
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            template=template or (d.template if d is not None else "none"),
+            eval_fraction=0.0,
+            max_skip_fraction=1.0,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            **fidelity,
+        )
         ds = data.load_pairs(source, model.tokenizer, options, split="all")
     if report:
         log(data.format_report(ds.report))

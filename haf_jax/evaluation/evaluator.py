@@ -12,6 +12,7 @@ Per-pair scores, `Result.scores` (float32 [N, 2], pair axis 0 chosen / 1 rejecte
               params, or zeros for the reference-free implicit reward)
   "n_tokens"  response token counts (always)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,15 @@ class Result:
 def pair_scores(params, batch, ref_params, frozen, *, cfg: forward.StepConfig, reward: bool, policy: bool):
     """Per-pair scores of one batch: {"reward", "logp", "ref_logp" (live reference only), "n_tokens"},
     each float32 [B, 2]."""
-    out = forward_pairs(forward.model_params(params, frozen, cfg), cfg.model, batch, reward=reward, policy=policy,
-                        chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype)
+    out = forward_pairs(
+        forward.model_params(params, frozen, cfg),
+        cfg.model,
+        batch,
+        reward=reward,
+        policy=policy,
+        chunk=cfg.logprob_chunk,
+        compute_dtype=cfg.compute_dtype,
+    )
     # Response tokens as the log-prob counts them: the first position is never a target.
     scores = {"n_tokens": jnp.sum(batch["response_mask"][..., 1:].astype(jnp.float32), axis=-1)}
     if reward:
@@ -70,14 +78,25 @@ class Evaluator:
       live_reference: reference log-probs come from `ref_params` inside the pass (same architecture).
     """
 
-    def __init__(self, cfg: forward.StepConfig, mesh, *, reward: bool = True, policy: bool = True,
-                 live_reference: bool = False):
+    def __init__(
+        self, cfg: forward.StepConfig, mesh, *, reward: bool = True, policy: bool = True, live_reference: bool = False
+    ):
         self.cfg, self.mesh, self.reward, self.policy = cfg, mesh, reward, policy
         self.live_reference = live_reference and policy
         self._fn = _jitted_pair_scores(cfg, mesh, reward, policy, self.live_reference)
 
-    def __call__(self, params, dataset, *, batch_size: int, ref_logp_Nx2=None, ref_params=None, frozen=None,
-                 reference_free: bool = False, desc: str = "eval") -> Result:
+    def __call__(
+        self,
+        params,
+        dataset,
+        *,
+        batch_size: int,
+        ref_logp_Nx2=None,
+        ref_params=None,
+        frozen=None,
+        reference_free: bool = False,
+        desc: str = "eval",
+    ) -> Result:
         """Scores every pair of `dataset` (in its pair order) and aggregates.
 
         The implicit reward beta * (logp - ref_logp) needs a reference: `ref_logp_Nx2` (a
@@ -87,11 +106,12 @@ class Evaluator:
         """
         if (ref_params is not None) != self.live_reference:
             raise ValueError("ref_params must be given exactly when the Evaluator was built with live_reference=True")
-        put = lambda b: forward.put_batch(b, BATCH_KEYS, self.mesh)  # noqa: E731
+        put = lambda b: forward.put_batch(b, BATCH_KEYS, self.mesh)
         n = len(dataset)
         if n:
-            scores = pair_pass(dataset, lambda b: self._fn(params, b, ref_params, frozen), put,
-                                         batch_size=batch_size, desc=desc)
+            scores = pair_pass(
+                dataset, lambda b: self._fn(params, b, ref_params, frozen), put, batch_size=batch_size, desc=desc
+            )
         else:
             scores = {k: np.zeros((0, 2), np.float32) for k in self._names()}
         if self.policy and ref_params is None:
@@ -117,12 +137,19 @@ def _jitted_pair_scores(cfg: forward.StepConfig, mesh, reward: bool, policy: boo
     compilation per batch shape for all evaluations with these settings)."""
     full_sh = params_lib.param_shardings(cfg.model, mesh)
     trained_sh = params_lib.trainable_shardings(cfg.model, cfg.lora, mesh)
-    fn = sharding.under_mesh(lambda p, b, ref, frozen: pair_scores(p, b, ref, frozen, cfg=cfg, reward=reward,
-                                                                   policy=policy), mesh)
-    return jax.jit(fn, in_shardings=(trained_sh, forward.batch_shardings(mesh, BATCH_KEYS),
-                                     full_sh if live_reference else None,
-                                     params_lib.frozen_shardings(cfg.model, cfg.lora, mesh)),
-                   out_shardings=sharding.replicated(mesh))
+    fn = sharding.under_mesh(
+        lambda p, b, ref, frozen: pair_scores(p, b, ref, frozen, cfg=cfg, reward=reward, policy=policy), mesh
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(
+            trained_sh,
+            forward.batch_shardings(mesh, BATCH_KEYS),
+            full_sh if live_reference else None,
+            params_lib.frozen_shardings(cfg.model, cfg.lora, mesh),
+        ),
+        out_shardings=sharding.replicated(mesh),
+    )
 
 
 def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str, np.ndarray]:
@@ -135,8 +162,14 @@ def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str
 
     out: dict[str, np.ndarray] = {}
     n_batches = -(-len(dataset) // batch_size)
-    bar = tqdm(dataset.batches(batch_size), total=n_batches, desc=desc, unit="batch",
-               disable=jax.process_index() != 0, leave=False)
+    bar = tqdm(
+        dataset.batches(batch_size),
+        total=n_batches,
+        desc=desc,
+        unit="batch",
+        disable=jax.process_index() != 0,
+        leave=False,
+    )
     for batch in bar:
         values = jax.device_get(fn(put_batch(batch)))
         index, valid = batch["index"], batch["valid"]
@@ -153,5 +186,6 @@ def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str
 
 def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
     """Reference log-probs of `params` for every pair of `dataset` -> float32 [len(dataset), 2]."""
-    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size,
-                     desc=desc)["logp"]
+    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size, desc=desc)[
+        "logp"
+    ]

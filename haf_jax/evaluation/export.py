@@ -4,6 +4,7 @@ OUT/reward_model: a *ForSequenceClassification checkpoint (num_labels=1, safeten
 with a pad token distinct from EOS); OUT/policy: a *ForCausalLM checkpoint (the trained LM head);
 for a LoRA run also OUT/adapter, its adapters in the PEFT layout (merged into the other two).
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -35,8 +36,12 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
         for kind in ("reward_model", "policy"):
             hf.save_hf(params, m.model_cfg, local / kind, kind=kind, tokenizer=m.tokenizer)
         if adapters is not None:
-            trained = {k: params[k] for k in ("reward_head", "embed_tokens")
-                       if k == "reward_head" or m.lora.config.train_embeddings}
-            hf.save_peft_adapter(adapters, m.model_cfg, m.lora.config, local / "adapter", heads=trained,
-                                 base=m.lora.base)
+            trained = {
+                k: params[k]
+                for k in ("reward_head", "embed_tokens")
+                if k == "reward_head" or m.lora.config.train_embeddings
+            }
+            hf.save_peft_adapter(
+                adapters, m.model_cfg, m.lora.config, local / "adapter", heads=trained, base=m.lora.base
+            )
     return result

@@ -7,6 +7,7 @@ safetensors. Only parameters are ever read (never the optimizer state). A run's 
 through `with_added_defaults`: a run written before a key existed loads with the value it ran with
 (haf_jax/config/base.py ADDED_LATER).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ class LoraAdapters:
 
     config: lora_lib.LoraConfig
     adapters: Any  # the adapter tree as the checkpoint holds it ({target path: {"a", "b"}}), sharded
-    base: str      # the run's model.checkpoint the adapters were trained on ("" = its seeded random init)
+    base: str  # the run's model.checkpoint the adapters were trained on ("" = its seeded random init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +78,16 @@ def is_run_dir(path) -> bool:
     return (p / "checkpoints").is_dir() and (p / "model_config.json").is_file()
 
 
-def load_model(path: str, mesh, *, which: str | int = "best", compute_dtype: str | None = None,
-               float32: bool = False, beta: float | None = None, chunk: int = 128) -> LoadedModel:
+def load_model(
+    path: str,
+    mesh,
+    *,
+    which: str | int = "best",
+    compute_dtype: str | None = None,
+    float32: bool = False,
+    beta: float | None = None,
+    chunk: int = 128,
+) -> LoadedModel:
     """Loads `path` (run directory, export, HF directory or hub id) onto `mesh`, parameters only.
 
     which: for run directories, "best" (the latest when no eval was recorded), "last" (walks back
@@ -104,19 +113,28 @@ def load_model(path: str, mesh, *, which: str | int = "best", compute_dtype: str
         loss = forward.LossConfig(beta=0.1 if beta is None else beta)
         dtype = jnp.dtype(compute_dtype or "float32")
     params = read.params if float32 or dtype == jnp.float32 else cast_trunk(read.params, dtype)
-    return LoadedModel(name=str(path), source=str(read.source), kind=read.kind, params=params,
-                       model_cfg=read.model_cfg, tokenizer=read.tokenizer, step=read.step, lora=read.lora,
-                       run_config=read.run_config,
-                       step_cfg=forward.StepConfig(model=read.model_cfg, loss=loss, compute_dtype=dtype,
-                                                   logprob_chunk=chunk))
+    return LoadedModel(
+        name=str(path),
+        source=str(read.source),
+        kind=read.kind,
+        params=params,
+        model_cfg=read.model_cfg,
+        tokenizer=read.tokenizer,
+        step=read.step,
+        lora=read.lora,
+        run_config=read.run_config,
+        step_cfg=forward.StepConfig(model=read.model_cfg, loss=loss, compute_dtype=dtype, logprob_chunk=chunk),
+    )
 
 
 def cast_trunk(params, dtype):
     """The trunk's parameters in `dtype` (what forward_pairs computes with), the heads kept as they
     are (the reward head is read in float32); the input buffers are donated."""
     dtype = jnp.dtype(dtype)
-    cast = jax.jit(lambda p: {k: v if k in HEAD_KEYS else jax.tree.map(lambda x: x.astype(dtype), v)
-                              for k, v in p.items()}, donate_argnums=0)
+    cast = jax.jit(
+        lambda p: {k: v if k in HEAD_KEYS else jax.tree.map(lambda x: x.astype(dtype), v) for k, v in p.items()},
+        donate_argnums=0,
+    )
     return cast(params)
 
 
@@ -137,6 +155,7 @@ def select_step(ckpt: Checkpointer, which: str | int) -> int:
 
 # ----------------------------------------------------------------------------- the three sources
 # Each reads the parameters float32 as stored; load_model casts them and adds the step settings.
+
 
 class _Read(NamedTuple):
     """What a source gave (LoadedModel's fields of the same names)."""
@@ -167,8 +186,9 @@ def _read_run(run_dir, mesh, which: str | int) -> _Read:
         ckpt = Checkpointer(run_dir / "checkpoints", every_steps=0, read_only=True, best_metric="dpo_accuracy")
     try:
         step = select_step(ckpt, which)
-        candidates = ([s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last"
-                      else [step])
+        candidates = (
+            [s for s in sorted(ckpt.all_steps(), reverse=True) if s <= step] if str(which) == "last" else [step]
+        )
         params, problems = None, []
         for candidate in candidates:
             config = ml_collections.ConfigDict(with_added_defaults(ckpt.read_config(candidate)))
@@ -193,12 +213,22 @@ def _read_run(run_dir, mesh, which: str | int) -> _Read:
         frozen = {k: v for k, v in base.items() if k not in lora_lib.trainable_heads(model_cfg, lora)}
         found = model_setup.base_fingerprint(frozen)["base_weights"]
         if found != saved.get("base_weights"):
-            raise ValueError(f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
-                             f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})")
+            raise ValueError(
+                f"{run_dir} holds LoRA adapters trained on other base weights (fingerprint "
+                f"{saved.get('base_weights')}, {config.model.checkpoint or 'random init'} gives {found})"
+            )
         adapters = LoraAdapters(config=lora, adapters=params["lora"], base=config.model.checkpoint)
         params = lora_lib.merge(params, frozen, lora)
-    return _Read(run_dir, "run", params, model_cfg, _run_tokenizer(run_dir), ckpt.restored_step, adapters,
-                   ml_collections.ConfigDict(saved))
+    return _Read(
+        run_dir,
+        "run",
+        params,
+        model_cfg,
+        _run_tokenizer(run_dir),
+        ckpt.restored_step,
+        adapters,
+        ml_collections.ConfigDict(saved),
+    )
 
 
 def _read_initial(run_dir, mesh) -> _Read:

@@ -6,6 +6,7 @@ global state, no display needed, safe inside the training loop. `haf_jax.evaluat
 PNG; the training loop sends them to TensorBoard (metrics.MetricsLog.write_figures). The numbers
 drawn come from losses.py (the same ones the reports print).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,10 +29,18 @@ def reliability_diagram(margin_N, *, title: str = "", n_bins: int = losses.ECE_B
     fig, ax = _figure()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     used = cal["bin_count_K"] > 0
-    ax.bar(edges[:-1][used], cal["bin_accuracy_K"][used], width=1.0 / n_bins, align="edge", alpha=0.7,
-           edgecolor="black", label="accuracy in bin")
-    ax.plot(cal["bin_confidence_K"][used], cal["bin_accuracy_K"][used], "o", color="tab:red",
-            label="mean confidence in bin")
+    ax.bar(
+        edges[:-1][used],
+        cal["bin_accuracy_K"][used],
+        width=1.0 / n_bins,
+        align="edge",
+        alpha=0.7,
+        edgecolor="black",
+        label="accuracy in bin",
+    )
+    ax.plot(
+        cal["bin_confidence_K"][used], cal["bin_accuracy_K"][used], "o", color="tab:red", label="mean confidence in bin"
+    )
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     for left, acc, count in zip(edges[:-1][used], cal["bin_accuracy_K"][used], cal["bin_count_K"][used]):
         ax.annotate(f"{int(count)}", (left + 0.5 / n_bins, min(float(acc), 0.97) + 0.015), ha="center", fontsize=7)
@@ -90,8 +99,15 @@ def accuracy_heatmap(matrix_RxC, rows: list[str], cols: list[str], *, title: str
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(matrix_RxC[i, j]):
-                ax.text(j, i, f"{matrix_RxC[i, j]:.3f}", ha="center", va="center",
-                        color="white" if matrix_RxC[i, j] < 0.6 else "black", fontsize=9)
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix_RxC[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    color="white" if matrix_RxC[i, j] < 0.6 else "black",
+                    fontsize=9,
+                )
     ax.set_xlabel("test data")
     ax.set_ylabel("model (trained on)")
     ax.set_title(title)
@@ -104,9 +120,11 @@ def eval_figures(scores: dict, *, title: str = "") -> dict:
     if "reward" not in scores or not len(scores["reward"]):
         return {}
     reward = scores["reward"]
-    return {"reliability": reliability_diagram(reward[:, 0] - reward[:, 1], title=title),
-            "reward_histograms": reward_histograms(reward, title=title),
-            "reward_vs_length": reward_vs_length(reward, scores["n_tokens"], title=title)}
+    return {
+        "reliability": reliability_diagram(reward[:, 0] - reward[:, 1], title=title),
+        "reward_histograms": reward_histograms(reward, title=title),
+        "reward_vs_length": reward_vs_length(reward, scores["n_tokens"], title=title),
+    }
 
 
 def to_rgb(fig) -> np.ndarray:

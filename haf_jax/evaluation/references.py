@@ -1,5 +1,6 @@
 """Reference log-probs for the implicit reward beta * (logp - ref_logp) of a loaded model, on the
 datasets it is scored on: a run's initial weights, another model, none, or reference-free."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,9 @@ from haf_jax.evaluation.loading import INITIAL, LoadedModel, load_model
 REFERENCES = ("initial", "none", "free")  # besides a model path: see reference_logprobs
 
 
-def reference_logprobs(reference: str | None, model: LoadedModel, datasets: list, mesh, *, batch_size: int,
-                       which="best"):
+def reference_logprobs(
+    reference: str | None, model: LoadedModel, datasets: list, mesh, *, batch_size: int, which="best"
+):
     """([ref_logp float32 [N, 2] per dataset] or None, reference_free, description) for the implicit reward.
 
     reference: "" / None: a run's initial weights (its own reference) and none for an HF checkpoint;
@@ -40,15 +42,30 @@ def reference_logprobs(reference: str | None, model: LoadedModel, datasets: list
         ref = load_model(reference, mesh, which=which, float32=True)
         ref_params, cfg = ref.params, ref.model_cfg
         if cfg.vocab_size != model.model_cfg.vocab_size:
-            raise ValueError(f"--reference vocab_size {cfg.vocab_size} != model vocab_size "
-                             f"{model.model_cfg.vocab_size}")
+            raise ValueError(
+                f"--reference vocab_size {cfg.vocab_size} != model vocab_size {model.model_cfg.vocab_size}"
+            )
         what = reference
-        ref_cfg = forward.StepConfig(cfg, forward.LossConfig(), compute_dtype=model.step_cfg.compute_dtype,
-                                     logprob_chunk=model.step_cfg.logprob_chunk)
+        ref_cfg = forward.StepConfig(
+            cfg,
+            forward.LossConfig(),
+            compute_dtype=model.step_cfg.compute_dtype,
+            logprob_chunk=model.step_cfg.logprob_chunk,
+        )
     ref_fn, keys = _jit_reference(ref_cfg, mesh)
-    arrays = [evaluator.compute(ds, ref_params, ref_fn, lambda b: forward.put_batch(b, keys, mesh),
-                                batch_size=batch_size, desc="reference log-probs")
-              if len(ds) else np.zeros((0, 2), np.float32) for ds in datasets]
+    arrays = [
+        evaluator.compute(
+            ds,
+            ref_params,
+            ref_fn,
+            lambda b: forward.put_batch(b, keys, mesh),
+            batch_size=batch_size,
+            desc="reference log-probs",
+        )
+        if len(ds)
+        else np.zeros((0, 2), np.float32)
+        for ds in datasets
+    ]
     return arrays, False, what
 
 

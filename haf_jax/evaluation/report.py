@@ -7,6 +7,7 @@ checkpoint's metrics at the top and every model and checkpoint under "models"), 
 same as tables), figures/<dataset>/<model>-<checkpoint>/*.png and, with several models or
 datasets, ood_grid.{json,md} and ood_grid_<metric>.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,17 @@ from haf_jax.evaluation.evaluator import Evaluator
 from haf_jax.evaluation.loading import default_mesh, is_run_dir, load_model
 from haf_jax.evaluation.references import reference_logprobs
 
-TABLE_KEYS = ("pairs", "reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss", "reward_margin",
-              "implicit_margin", "reward_length_corr")
+TABLE_KEYS = (
+    "pairs",
+    "reward_accuracy",
+    "dpo_accuracy",
+    "ece",
+    "brier",
+    "log_loss",
+    "reward_margin",
+    "implicit_margin",
+    "reward_length_corr",
+)
 RB_PREFIXES = {"rewardbench": 1, "rewardbench2": 2}
 
 
@@ -63,10 +73,22 @@ def _checkpoints(path: str, steps: list[str]) -> list[str]:
     return steps or ["best", "last"]
 
 
-def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, reference: str = "",
-             steps: list[str] | None = None, batch_size: int = 8, max_length: int = 0, max_prompt_length: int = 0,
-             template: str = "", beta: float | None = None, compute_dtype: str = "", chunk: int = 128,
-             figures: bool = True) -> dict:
+def evaluate(
+    models: list[str],
+    data_specs: list[str],
+    out_dir: str,
+    *,
+    reference: str = "",
+    steps: list[str] | None = None,
+    batch_size: int = 8,
+    max_length: int = 0,
+    max_prompt_length: int = 0,
+    template: str = "",
+    beta: float | None = None,
+    compute_dtype: str = "",
+    chunk: int = 128,
+    figures: bool = True,
+) -> dict:
     """Evaluates every model (and checkpoint) on every dataset; writes the report; returns report.json's dict."""
     out = paths.path(out_dir)  # local or remote (gs://...)
     out.mkdir(parents=True, exist_ok=True)
@@ -87,29 +109,53 @@ def evaluate(models: list[str], data_specs: list[str], out_dir: str, *, referenc
         ckpts = _checkpoints(m_path, list(steps or []))
         datasets, refs, evaluator, done = {}, {}, None, {}
         for ckpt in ckpts:
-            model = load_model(m_path, mesh, which=ckpt if ckpt != "final" else "best", beta=beta,
-                               chunk=chunk, compute_dtype=compute_dtype or None)
+            model = load_model(
+                m_path,
+                mesh,
+                which=ckpt if ckpt != "final" else "best",
+                beta=beta,
+                chunk=chunk,
+                compute_dtype=compute_dtype or None,
+            )
             step = model.step
             if evaluator is None:
                 evaluator = Evaluator(model.step_cfg, mesh)
                 for d_label, spec in data_items:
                     datasets[d_label] = load_data(
-                        spec, model, max_length=max_length or None, max_prompt_length=max_prompt_length or None,
-                        template=template or None, degenerate="keep" if d_label in rb_rows else None)
+                        spec,
+                        model,
+                        max_length=max_length or None,
+                        max_prompt_length=max_prompt_length or None,
+                        template=template or None,
+                        degenerate="keep" if d_label in rb_rows else None,
+                    )
                 arrays, free, ref_what = reference_logprobs(
-                    reference, model, list(datasets.values()), mesh, batch_size=batch_size)
+                    reference, model, list(datasets.values()), mesh, batch_size=batch_size
+                )
                 refs = {d: (arrays[i] if arrays else None) for i, d in enumerate(datasets)}
             for d_label, _ in data_items:
                 if (step, d_label) in done:  # best and last are the same step
                     results[d_label].setdefault(m_label, {})[ckpt] = {**done[(step, d_label)], "checkpoint": ckpt}
                     continue
                 ds = datasets[d_label]
-                result = evaluator(model.params, ds, batch_size=batch_size, ref_logp_Nx2=refs[d_label],
-                                   reference_free=free, desc=f"{m_label}/{ckpt} on {d_label}")
-                entry = {**result.summary, "ece_bins": 15, "model": m_path, "checkpoint": ckpt,
-                         "reference": ref_what, "beta": model.step_cfg.loss.beta,
-                         "compute_dtype": str(np.dtype(model.step_cfg.compute_dtype)),
-                         "skipped": len(ds.skipped)}
+                result = evaluator(
+                    model.params,
+                    ds,
+                    batch_size=batch_size,
+                    ref_logp_Nx2=refs[d_label],
+                    reference_free=free,
+                    desc=f"{m_label}/{ckpt} on {d_label}",
+                )
+                entry = {
+                    **result.summary,
+                    "ece_bins": 15,
+                    "model": m_path,
+                    "checkpoint": ckpt,
+                    "reference": ref_what,
+                    "beta": model.step_cfg.loss.beta,
+                    "compute_dtype": str(np.dtype(model.step_cfg.compute_dtype)),
+                    "skipped": len(ds.skipped),
+                }
                 if step is not None:
                     entry["step"] = step
                 if d_label in rb_rows:
@@ -156,8 +202,10 @@ def _rewardbench_entry(rb, ds, result, model) -> dict:
     """subsets / sections / score of the reward head, and of the implicit reward when there is one."""
     version, rows, index = rb
     if len(ds) != len(index):  # degenerate pairs are kept, so every pair must be there
-        raise ValueError(f"RewardBench: {len(index) - len(ds)} of {len(index)} pairs were not scored "
-                         f"({ds.report.get('skipped_by_reason')})")
+        raise ValueError(
+            f"RewardBench: {len(index) - len(ds)} of {len(index)} pairs were not scored "
+            f"({ds.report.get('skipped_by_reason')})"
+        )
     order = np.asarray(ds.groups if ds.groups else range(len(ds)))  # dataset pair -> written record
     heads = {}
     if "reward" in result.scores:
@@ -184,34 +232,54 @@ def _fmt(v) -> str:
 
 
 def markdown_report(report: dict) -> str:
-    lines = ["# Evaluation report", "",
-             "Accuracy counts a pair as right only when the chosen response scores strictly higher. "
-             "Calibration is of P(chosen > rejected) = sigmoid(r_chosen - r_rejected): ECE over 15 "
-             "equal-width bins of the top-label confidence max(p, 1 - p), Brier score and log loss. "
-             "dpo_accuracy uses the implicit reward beta * (log pi - log pi_ref). reward_length_corr is "
-             "the Pearson correlation of reward with response length in tokens.", ""]
+    lines = [
+        "# Evaluation report",
+        "",
+        "Accuracy counts a pair as right only when the chosen response scores strictly higher. "
+        "Calibration is of P(chosen > rejected) = sigmoid(r_chosen - r_rejected): ECE over 15 "
+        "equal-width bins of the top-label confidence max(p, 1 - p), Brier score and log loss. "
+        "dpo_accuracy uses the implicit reward beta * (log pi - log pi_ref). reward_length_corr is "
+        "the Pearson correlation of reward with response length in tokens.",
+        "",
+    ]
     for d_label, entry in report.items():
-        lines += [f"## {d_label}", "", "| model | checkpoint | step | " + " | ".join(TABLE_KEYS) + " |",
-                  "|---|---|---|" + "---|" * len(TABLE_KEYS)]
+        lines += [
+            f"## {d_label}",
+            "",
+            "| model | checkpoint | step | " + " | ".join(TABLE_KEYS) + " |",
+            "|---|---|---|" + "---|" * len(TABLE_KEYS),
+        ]
         for m_label, by_ckpt in entry["models"].items():
             for ckpt, e in by_ckpt.items():
-                lines.append(f"| {m_label} | {ckpt} | {_fmt(e.get('step'))} | "
-                             + " | ".join(_fmt(e.get(k)) for k in TABLE_KEYS) + " |")
+                lines.append(
+                    f"| {m_label} | {ckpt} | {_fmt(e.get('step'))} | "
+                    + " | ".join(_fmt(e.get(k)) for k in TABLE_KEYS)
+                    + " |"
+                )
         lines.append("")
         for m_label, by_ckpt in entry["models"].items():
             for ckpt, e in by_ckpt.items():
                 if "sections" in e:
-                    lines += [f"RewardBench ({m_label}, {ckpt}): score **{_fmt(e['score'])}**"
-                              + (f", with prior sets {_fmt(e['score_with_prior_sets'])}" if "score_with_prior_sets" in e
-                                 else "")
-                              + (f"; implicit reward score {_fmt(e['dpo']['score'])}" if "dpo" in e else ""), "",
-                              "| section | score |", "|---|---|"]
+                    lines += [
+                        f"RewardBench ({m_label}, {ckpt}): score **{_fmt(e['score'])}**"
+                        + (
+                            f", with prior sets {_fmt(e['score_with_prior_sets'])}"
+                            if "score_with_prior_sets" in e
+                            else ""
+                        )
+                        + (f"; implicit reward score {_fmt(e['dpo']['score'])}" if "dpo" in e else ""),
+                        "",
+                        "| section | score |",
+                        "|---|---|",
+                    ]
                     lines += [f"| {k} | {_fmt(v)} |" for k, v in e["sections"].items()]
                     lines += ["", "| subset | accuracy |", "|---|---|"]
                     lines += [f"| {k} | {_fmt(v)} |" for k, v in e["subsets"].items()]
                     lines.append("")
-        lines.append(f"Reference: {entry.get('reference')}; beta {entry.get('beta')}; compute dtype "
-                     f"{entry.get('compute_dtype')}; skipped pairs {entry.get('skipped')}.")
+        lines.append(
+            f"Reference: {entry.get('reference')}; beta {entry.get('beta')}; compute dtype "
+            f"{entry.get('compute_dtype')}; skipped pairs {entry.get('skipped')}."
+        )
         lines.append("")
     return "\n".join(lines)
 
@@ -233,18 +301,27 @@ def ood_grid(report: dict, key: str = "reward_accuracy") -> tuple[list[str], lis
 def write_ood_grid(report: dict, out, *, figures: bool = True) -> dict:
     """ood_grid.json / .md / .png: train-on-row (model) / test-on-column (dataset) accuracy."""
     tables = {}
-    md = ["# Out-of-distribution grid", "",
-          "Rows: models (trained on X); columns: evaluation data (Y); cells: accuracy at each model's "
-          "first evaluated checkpoint.", ""]
+    md = [
+        "# Out-of-distribution grid",
+        "",
+        "Rows: models (trained on X); columns: evaluation data (Y); cells: accuracy at each model's "
+        "first evaluated checkpoint.",
+        "",
+    ]
     for key in ("reward_accuracy", "dpo_accuracy"):
         models, datasets, grid = ood_grid(report, key)
         if np.isnan(grid).all():
             continue
-        tables[key] = {"models": models, "datasets": datasets,
-                       "values": [[None if np.isnan(v) else float(v) for v in row] for row in grid]}
+        tables[key] = {
+            "models": models,
+            "datasets": datasets,
+            "values": [[None if np.isnan(v) else float(v) for v in row] for row in grid],
+        }
         md += [f"## {key}", "", "| model \\ data | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
-        md += [f"| {m} | " + " | ".join(_fmt(float(v)) if np.isfinite(v) else "" for v in row) + " |"
-               for m, row in zip(models, grid)]
+        md += [
+            f"| {m} | " + " | ".join(_fmt(float(v)) if np.isfinite(v) else "" for v in row) + " |"
+            for m, row in zip(models, grid)
+        ]
         md.append("")
         if figures:
             plots.save(plots.accuracy_heatmap(grid, models, datasets, title=key), out / f"ood_grid_{key}.png")

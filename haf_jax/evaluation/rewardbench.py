@@ -21,9 +21,11 @@ analysis/get_benchmark_results.py, scripts/run_v2.py):
   (http://www.apache.org/licenses/LICENSE-2.0); distributed on an "AS IS" BASIS, without
   warranties or conditions of any kind.
 """
+
 from __future__ import annotations
 
 import collections
+import functools
 import pathlib
 
 import numpy as np
@@ -33,19 +35,47 @@ from haf_jax.data.errors import DataError
 
 # rewardbench/constants.py: examples per subset; math-prm is upweighted (447 rows) to equal the code total.
 EXAMPLE_COUNTS = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
-    "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100,
-    "refusals-offensive": 100, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
-    "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136, "hep-cpp": 164,
-    "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
+    "donotanswer": 136,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
 }
 SECTIONS = {
     "Chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
-    "Chat Hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
-    "Safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"],
+    "Chat Hard": [
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ],
+    "Safety": [
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ],
     "Reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
 # analysis/get_benchmark_results.py: the prior sets' plain mean enters the average with weight 1,
@@ -58,6 +88,11 @@ TIES = "ties"  # compared case-insensitively, as the official script does
 
 # ----------------------------------------------------------------------------- loading
 
+
+def _field_error(field: str, why: str, *, source: str, where: str) -> DataError:
+    return DataError(why, source=source, where=where, field=field)
+
+
 def _read(path: str, version: int) -> list[dict]:
     """Rows of a local parquet / JSONL copy, each checked against the public schema."""
     p = pathlib.Path(path)
@@ -66,11 +101,14 @@ def _read(path: str, version: int) -> list[dict]:
     source = sources.parse_source(str(p))
     rows = []
     for where, row in sources.read_rows(source):
-        fail = lambda field, why: DataError(f"{why}", source=str(path), where=where, field=field)  # noqa: E731
+        fail = functools.partial(_field_error, source=str(path), where=where)
         for field in ("prompt", "chosen", "rejected", "subset", "id"):
             if field not in row or row[field] is None:
-                raise fail(field, f"missing field {field!r} (RewardBench {version} schema: prompt, chosen, "
-                                  f"rejected, subset, id{', num_correct' if version == 2 else ''})")
+                raise fail(
+                    field,
+                    f"missing field {field!r} (RewardBench {version} schema: prompt, chosen, "
+                    f"rejected, subset, id{', num_correct' if version == 2 else ''})",
+                )
         if not isinstance(row["prompt"], str) or not isinstance(row["subset"], str):
             raise fail("prompt" if not isinstance(row["prompt"], str) else "subset", "must be a string")
         if version == 1:
@@ -87,8 +125,9 @@ def _read(path: str, version: int) -> list[dict]:
             n_correct = row.get("num_correct", len(row["chosen"]))
             if not isinstance(n_correct, (int, np.integer)) or int(n_correct) != len(row["chosen"]):
                 raise fail("num_correct", f"must equal len(chosen) = {len(row['chosen'])}, got {n_correct!r}")
-            if row["subset"].lower() == TIES and (not isinstance(row["id"], str)
-                                                  or row["id"].split(":")[0] not in ("ref", "tied")):
+            if row["subset"].lower() == TIES and (
+                not isinstance(row["id"], str) or row["id"].split(":")[0] not in ("ref", "tied")
+            ):
                 raise fail("id", f"a Ties row's id must read 'ref:N' or 'tied:N', got {row['id']!r}")
         rows.append({**row, "where": where})
     if not rows:
@@ -138,6 +177,7 @@ def response_scores(rows: list[dict], index, pair_Nx2: np.ndarray, version: int)
 
 
 # ----------------------------------------------------------------------------- scoring
+
 
 def section_scores(subset_accuracy: dict[str, float], *, counts=EXAMPLE_COUNTS, sections=SECTIONS) -> dict:
     """Per section, the subset accuracies weighted by `counts` (subsets present only; 0 when none)."""

@@ -1,4 +1,5 @@
 """Per-pair scores of a preference file, in input order: what `python -m haf_jax.score` writes."""
+
 from __future__ import annotations
 
 import jax
@@ -11,9 +12,20 @@ from haf_jax.evaluation.loading import default_mesh, load_model
 from haf_jax.evaluation.references import reference_logprobs
 
 
-def score(model: str, data_spec: str, out_path: str, *, reference: str | None = None, batch_size: int = 8,
-          max_length: int = 512, max_prompt_length: int = 128, template: str = "none", beta: float = 0.1,
-          step: str = "best", chunk: int = 128) -> dict:
+def score(
+    model: str,
+    data_spec: str,
+    out_path: str,
+    *,
+    reference: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    max_prompt_length: int = 128,
+    template: str = "none",
+    beta: float = 0.1,
+    step: str = "best",
+    chunk: int = 128,
+) -> dict:
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict.
 
     The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
@@ -26,8 +38,7 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
     """
     mesh = default_mesh()
     m = load_model(model, mesh, which=step, beta=beta, chunk=chunk)
-    ds = datasets.load_data(data_spec, m, max_length=max_length, max_prompt_length=max_prompt_length,
-                            template=template)
+    ds = datasets.load_data(data_spec, m, max_length=max_length, max_prompt_length=max_prompt_length, template=template)
     batch_size = datasets.round_batch(batch_size, mesh)
     ref_logp = None
     if reference:  # score's implicit reward needs an explicit --reference (a model, "initial" or "free")
@@ -48,12 +59,17 @@ def score(model: str, data_spec: str, out_path: str, *, reference: str | None = 
         jsonl.write(out_path, [row for _, _, row in sorted(rows, key=lambda r: r[:2])])
     s = result.summary
     summary = {
-        "pairs": len(ds), "reward_accuracy": s.get("reward_accuracy", 0.0), "mean_margin": s.get("reward_margin", 0.0),
+        "pairs": len(ds),
+        "reward_accuracy": s.get("reward_accuracy", 0.0),
+        "mean_margin": s.get("reward_margin", 0.0),
         **{k: s[k] for k in ("ece", "brier", "log_loss") if k in s},
-        "skipped": len(ds.skipped), "skipped_by_reason": ds.report.get("skipped_by_reason", {}),
-        "model": m.source, "out": out_path,
+        "skipped": len(ds.skipped),
+        "skipped_by_reason": ds.report.get("skipped_by_reason", {}),
+        "model": m.source,
+        "out": out_path,
     }
     if "dpo_accuracy" in s:
-        summary.update(dpo_accuracy=s["dpo_accuracy"], mean_implicit_margin=s["implicit_margin"],
-                       beta=m.step_cfg.loss.beta)
+        summary.update(
+            dpo_accuracy=s["dpo_accuracy"], mean_implicit_margin=s["implicit_margin"], beta=m.step_cfg.loss.beta
+        )
     return summary

@@ -7,6 +7,7 @@ empty or identical candidates kept), and the reward head reads the final EOS, so
 score is the `reward_chosen` that `haf_jax.score` gives a pair with that text as its chosen
 response. The pick is the argmax of the scores; ties go to the lowest candidate index.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,12 +29,20 @@ def read_candidates(path: str) -> list[dict]:
             raise DataError("missing", source=path, where=f"line {lineno}", field="candidates")
         if not isinstance(cands, list) or not cands:
             got = type_name(cands) if cands != [] else "an empty list"
-            raise DataError(f"expected a non-empty list of strings, got {got}", source=path, where=f"line {lineno}",
-                            field="candidates")
+            raise DataError(
+                f"expected a non-empty list of strings, got {got}",
+                source=path,
+                where=f"line {lineno}",
+                field="candidates",
+            )
         for j, c in enumerate(cands):
             if not isinstance(c, str):
-                raise DataError(f"expected a string, got {type_name(c)}", source=path, where=f"line {lineno}",
-                                field=f"candidates[{j}]")
+                raise DataError(
+                    f"expected a string, got {type_name(c)}",
+                    source=path,
+                    where=f"line {lineno}",
+                    field=f"candidates[{j}]",
+                )
         rows.append(row)
     if not rows:
         raise DataError("no rows (empty file)", source=path)
@@ -55,8 +64,17 @@ def candidate_pairs(rows: list[dict]) -> tuple[list[dict], list[tuple[int, int, 
     return pairs, where
 
 
-def score_candidates(reward_model: str, rows: list[dict], *, template: str = "none", max_length: int = 512,
-                     max_prompt_length: int = 128, batch_size: int = 8, step: str = "best", mesh=None):
+def score_candidates(
+    reward_model: str,
+    rows: list[dict],
+    *,
+    template: str = "none",
+    max_length: int = 512,
+    max_prompt_length: int = 128,
+    batch_size: int = 8,
+    step: str = "best",
+    mesh=None,
+):
     """(scores per row, float32 [n_i] each; data report) of every candidate under the model's reward head.
 
     The candidates go through the data layer as (prompt, candidate) pairs and the pass is
@@ -71,14 +89,24 @@ def score_candidates(reward_model: str, rows: list[dict], *, template: str = "no
     model = load_model(reward_model, mesh, which=step)
     pairs, where = candidate_pairs(rows)
     # score's settings (the prompt gets at most half of max_length); nothing may be dropped
-    options = data.PairOptions(max_length=max_length, max_prompt_length=min(max_prompt_length, max_length // 2),
-                               template=template, eval_fraction=0.0, degenerate="keep", max_skip_fraction=0.0)
+    options = data.PairOptions(
+        max_length=max_length,
+        max_prompt_length=min(max_prompt_length, max_length // 2),
+        template=template,
+        eval_fraction=0.0,
+        degenerate="keep",
+        max_skip_fraction=0.0,
+    )
     ds = data.load_pairs(data.Records("candidates", pairs), model.tokenizer, options, split="all")
     if len(ds) != len(pairs):
         raise RuntimeError(f"the data layer kept {len(ds)} of {len(pairs)} candidate pairs")
     evaluator = Evaluator(model.step_cfg, mesh, policy=False)
-    reward = evaluator(model.params, ds, batch_size=round_batch(batch_size, mesh),
-                       desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}").scores["reward"]
+    reward = evaluator(
+        model.params,
+        ds,
+        batch_size=round_batch(batch_size, mesh),
+        desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}",
+    ).scores["reward"]
     scores = [np.zeros(len(r["candidates"]), np.float32) for r in rows]
     counters = [0] * len(rows)
     for i, pair, side in where:
@@ -92,32 +120,54 @@ def pick(scores: np.ndarray) -> int:
     return int(np.argmax(scores))
 
 
-def best_of_n(reward_models: list[str], rows: list[dict], *, template: str = "none", max_length: int = 512,
-              max_prompt_length: int = 128, batch_size: int = 8, step: str = "best", mesh=None):
+def best_of_n(
+    reward_models: list[str],
+    rows: list[dict],
+    *,
+    template: str = "none",
+    max_length: int = 512,
+    max_prompt_length: int = 128,
+    batch_size: int = 8,
+    step: str = "best",
+    mesh=None,
+):
     """(rows with scores and picks, summary) for one or two reward models."""
     if not 1 <= len(reward_models) <= 2:
         raise ValueError(f"need one or two reward models, got {len(reward_models)}")
     out = [dict(r) for r in rows]
-    summary = {"prompts": len(rows), "candidates": sum(len(r["candidates"]) for r in rows),
-               "tie_rule": "lowest index"}
+    summary = {"prompts": len(rows), "candidates": sum(len(r["candidates"]) for r in rows), "tie_rule": "lowest index"}
     picks = []
     for m, model in enumerate(reward_models):
         suffix = "" if m == 0 else str(m + 1)
-        scores, report = score_candidates(model, rows, template=template, max_length=max_length,
-                                          max_prompt_length=max_prompt_length, batch_size=batch_size, step=step,
-                                          mesh=mesh)
+        scores, report = score_candidates(
+            model,
+            rows,
+            template=template,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            batch_size=batch_size,
+            step=step,
+            mesh=mesh,
+        )
         picks.append([pick(s) for s in scores])
         for row, s, k in zip(out, scores, picks[-1]):
             row[f"scores{suffix}"] = [float(x) for x in s]
             row[f"pick{suffix}"] = k
             if m == 0:
                 row["best"] = row["candidates"][k]
-        summary.update({f"reward_model{suffix}": model,
-                        f"mean_score{suffix}": float(np.mean(np.concatenate(scores))),
-                        f"mean_best_score{suffix}": float(np.mean([s[k] for s, k in zip(scores, picks[-1])])),
-                        f"truncated_pairs{suffix}": report["truncated_response"]})
+        summary.update(
+            {
+                f"reward_model{suffix}": model,
+                f"mean_score{suffix}": float(np.mean(np.concatenate(scores))),
+                f"mean_best_score{suffix}": float(np.mean([s[k] for s, k in zip(scores, picks[-1])])),
+                f"truncated_pairs{suffix}": report["truncated_response"],
+            }
+        )
     if len(reward_models) == 2:
         agree = sum(a == b for a, b in zip(*picks))
-        summary.update(picks_agree=agree / len(rows), picks_agree_count=agree,
-                       mean_score2_of_pick=float(np.mean([r["scores2"][r["pick"]] for r in out])))
+        summary.update(
+            picks_agree=agree / len(rows),
+            picks_agree_count=agree,
+            mean_score2_of_pick=float(np.mean([r["scores2"][r["pick"]] for r in out])),
+        )
     return out, summary

@@ -6,6 +6,7 @@ and tokenised exactly as the data layer does for training pairs (template, BOS, 
 its end). Each output row holds the prompt, `candidates` (texts, without the final EOS and the
 template's response prefix), `candidate_ids`, `temperatures` and `stopped` ("eos" | "length").
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ PAPER_TOP_P = 0.85
 
 
 # ----------------------------------------------------------------------------- input
+
 
 def text_field(row: dict, key: str, path: str, lineno: int) -> str:
     if key not in row:
@@ -55,8 +57,9 @@ def encode_prompts(tokenizer, prompts: list[str], *, template: str, max_prompt_l
     # The prompt's tokens do not depend on the responses under truncation="always": encode with
     # empty ones and keep the prompt part.
     pairs = [{"prompt": fmt.format(x=p), "chosen": "", "rejected": ""} for p in prompts]
-    encoded = tokenize.encode_pairs(tokenizer, pairs, max_length=max_prompt_length + 2,
-                                    max_prompt_length=max_prompt_length)
+    encoded = tokenize.encode_pairs(
+        tokenizer, pairs, max_length=max_prompt_length + 2, max_prompt_length=max_prompt_length
+    )
     return encoded.prompt
 
 
@@ -71,8 +74,9 @@ def eos_ids(tokenizer, model_cfg, source: str | None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def candidate_temperatures(n_prompts: int, n: int, *, seed: int, temperature: float | None,
-                           temperature_range: tuple[float, float]) -> np.ndarray:
+def candidate_temperatures(
+    n_prompts: int, n: int, *, seed: int, temperature: float | None, temperature_range: tuple[float, float]
+) -> np.ndarray:
     """float32 [n_prompts, n]: the fixed temperature, or draws from U(low, high) seeded by
     (seed, prompt index), so a prompt's temperatures do not depend on the others."""
     if temperature is not None:
@@ -82,15 +86,29 @@ def candidate_temperatures(n_prompts: int, n: int, *, seed: int, temperature: fl
     low, high = temperature_range
     if not 0 < low <= high:
         raise ValueError(f"temperature_range needs 0 < LOW <= HIGH, got {low},{high}")
-    return np.stack([np.random.default_rng([seed, i]).uniform(low, high, n) for i in range(n_prompts)]
-                    ).astype(np.float32).reshape(n_prompts, n)
+    return (
+        np.stack([np.random.default_rng([seed, i]).uniform(low, high, n) for i in range(n_prompts)])
+        .astype(np.float32)
+        .reshape(n_prompts, n)
+    )
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], temperatures: np.ndarray, *,
-                        settings, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
-                        mesh=None, progress: bool = True):
+
+def generate_candidates(
+    params,
+    model_cfg,
+    prompt_ids: list[np.ndarray],
+    temperatures: np.ndarray,
+    *,
+    settings,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_prompt_length: int | None = None,
+    mesh=None,
+    progress: bool = True,
+):
     """Candidates of every prompt: list (prompt) of list (candidate) of (ids int32 [T_j], eos bool).
 
     prompt_ids: int32 token ids per prompt (>= 1 each); temperatures: float32 [prompts, n];
@@ -125,9 +143,8 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         row_sharding = (lambda nd: sharding.batch_sharding(mesh, nd)) if rows % shards == 0 else None
     out: list = [None] * n_prompts
-    batches = [order[s:s + batch_size] for s in range(0, n_prompts, batch_size)]
-    for members in tqdm(batches, desc="sample", unit="batch", disable=not progress or len(batches) < 2,
-                        leave=False):
+    batches = [order[s : s + batch_size] for s in range(0, n_prompts, batch_size)]
+    for members in tqdm(batches, desc="sample", unit="batch", disable=not progress or len(batches) < 2, leave=False):
         width = bucket_for(int(lengths[members].max()), buckets)
         tokens = np.full((rows, width), settings.pad_id, np.int32)
         length = np.ones(rows, np.int32)
@@ -136,7 +153,7 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
         prompt_index = np.zeros(rows, np.int32)
         for k, i in enumerate(members):
             block = slice(k * n, (k + 1) * n)
-            tokens[block, :lengths[i]] = prompt_ids[i]
+            tokens[block, : lengths[i]] = prompt_ids[i]
             length[block], temps[block], active[block], prompt_index[block] = lengths[i], temperatures[i], True, i
         keys = row_keys(jnp.asarray(prompt_index), jnp.tile(jnp.arange(n, dtype=jnp.int32), batch_size))
         args = (tokens, length, temps, keys, active)
@@ -144,7 +161,7 @@ def generate_candidates(params, model_cfg, prompt_ids: list[np.ndarray], tempera
             args = tuple(jax.device_put(a, row_sharding(a.ndim)) for a in args)
         new, n_new, eos = jax.device_get(sampling.generate(params, *args, config=model_cfg, settings=settings))
         for k, i in enumerate(members):
-            out[i] = [(new[k * n + j, :n_new[k * n + j]].astype(np.int32), bool(eos[k * n + j])) for j in range(n)]
+            out[i] = [(new[k * n + j, : n_new[k * n + j]].astype(np.int32), bool(eos[k * n + j])) for j in range(n)]
     return out
 
 
@@ -152,14 +169,28 @@ def candidate_text(tokenizer, ids: np.ndarray, eos: bool, response_prefix: str) 
     """The response text of generated ids: the final EOS dropped, the template's response prefix
     (phi2: a space) removed, so the text is what a preference file's response field holds."""
     text = tokenizer.decode([int(t) for t in (ids[:-1] if eos else ids)], skip_special_tokens=False)
-    return text[len(response_prefix):] if response_prefix and text.startswith(response_prefix) else text
+    return text[len(response_prefix) :] if response_prefix and text.startswith(response_prefix) else text
 
 
-def sample(model: str, prompts_path: str, *, n: int = 4, temperature: float | None = None,
-           temperature_range: tuple[float, float] = PAPER_TEMPERATURE_RANGE, top_p: float = PAPER_TOP_P,
-           top_k: int = 0, max_new_tokens: int = 256, seed: int = 0, template: str = "none",
-           max_prompt_length: int = 128, batch_size: int = 8, dtype: str = "float32", step: str = "best",
-           mesh=None, progress: bool = True) -> tuple[list[dict], dict]:
+def sample(
+    model: str,
+    prompts_path: str,
+    *,
+    n: int = 4,
+    temperature: float | None = None,
+    temperature_range: tuple[float, float] = PAPER_TEMPERATURE_RANGE,
+    top_p: float = PAPER_TOP_P,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    template: str = "none",
+    max_prompt_length: int = 128,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    step: str = "best",
+    mesh=None,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
     """(output rows, summary) of sampling `n` candidates for every prompt of `prompts_path`.
 
     The model is loaded float32 (loading.load_model) and cast whole to `dtype`; the summary holds
@@ -175,34 +206,68 @@ def sample(model: str, prompts_path: str, *, n: int = 4, temperature: float | No
     from haf_jax.evaluation.loading import load_model
     from haf_jax.generation import decode as sampling
 
-    temps = candidate_temperatures(len(prompts), n, seed=seed, temperature=temperature,
-                                   temperature_range=temperature_range)
+    temps = candidate_temperatures(
+        len(prompts), n, seed=seed, temperature=temperature, temperature_range=temperature_range
+    )
     mesh = mesh or sharding.make_mesh((-1, 1, 1))
     m = load_model(model, mesh, which=step, float32=True)
     model_cfg, tokenizer = m.model_cfg, m.tokenizer
     params = jax.tree.map(lambda p: p.astype(jnp.dtype(dtype)), m.params)  # the heads too: the sampler's dtype
-    settings = sampling.DecodeSettings(max_new_tokens=max_new_tokens, eos_ids=eos_ids(tokenizer, model_cfg, m.source),
-                                       pad_id=tokenize.pad_id(tokenizer), top_k=top_k, top_p=top_p)
-    ids = encode_prompts(tokenizer, [p["prompt"] for p in prompts], template=template,
-                         max_prompt_length=max_prompt_length)
+    settings = sampling.DecodeSettings(
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids(tokenizer, model_cfg, m.source),
+        pad_id=tokenize.pad_id(tokenizer),
+        top_k=top_k,
+        top_p=top_p,
+    )
+    ids = encode_prompts(
+        tokenizer, [p["prompt"] for p in prompts], template=template, max_prompt_length=max_prompt_length
+    )
     longest = max(len(x) for x in ids) + max_new_tokens
     if longest > model_cfg.max_position_embeddings:
-        log(f"warning: prompts + max_new_tokens reach {longest} positions, beyond the model's "
-            f"max_position_embeddings={model_cfg.max_position_embeddings}")
-    generated = generate_candidates(params, model_cfg, ids, temps, settings=settings, seed=seed,
-                                    batch_size=min(batch_size, len(ids)), max_prompt_length=max_prompt_length,
-                                    mesh=mesh, progress=progress)
+        log(
+            f"warning: prompts + max_new_tokens reach {longest} positions, beyond the model's "
+            f"max_position_embeddings={model_cfg.max_position_embeddings}"
+        )
+    generated = generate_candidates(
+        params,
+        model_cfg,
+        ids,
+        temps,
+        settings=settings,
+        seed=seed,
+        batch_size=min(batch_size, len(ids)),
+        max_prompt_length=max_prompt_length,
+        mesh=mesh,
+        progress=progress,
+    )
     prefix = TEMPLATES[template][1]
     rows = []
     for p, cands, t in zip(prompts, generated, temps):
-        rows.append({**p, "candidates": [candidate_text(tokenizer, c, e, prefix) for c, e in cands],
-                     "candidate_ids": [c.tolist() for c, _ in cands], "temperatures": [float(x) for x in t],
-                     "stopped": ["eos" if e else "length" for _, e in cands]})
-    summary = {"prompts": len(rows), "n": n, "model": m.source, "step": m.step, "temperature": temperature,
-               "temperature_range": None if temperature is not None else list(temperature_range),
-               "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed, "template": template,
-               "max_prompt_length": max_prompt_length, "eos_ids": list(settings.eos_ids), "dtype": dtype,
-               "stopped_at_eos": sum(s == "eos" for r in rows for s in r["stopped"])}
+        rows.append(
+            {
+                **p,
+                "candidates": [candidate_text(tokenizer, c, e, prefix) for c, e in cands],
+                "candidate_ids": [c.tolist() for c, _ in cands],
+                "temperatures": [float(x) for x in t],
+                "stopped": ["eos" if e else "length" for _, e in cands],
+            }
+        )
+    summary = {
+        "prompts": len(rows),
+        "n": n,
+        "model": m.source,
+        "step": m.step,
+        "temperature": temperature,
+        "temperature_range": None if temperature is not None else list(temperature_range),
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "template": template,
+        "max_prompt_length": max_prompt_length,
+        "eos_ids": list(settings.eos_ids),
+        "dtype": dtype,
+        "stopped_at_eos": sum(s == "eos" for r in rows for s in r["stopped"]),
+    }
     return rows, summary
-
-

@@ -19,6 +19,7 @@ position (heads.decode), so the padding after a short prompt is overwritten befo
 attended. Randomness: one key per row, folded with the step number, so what a candidate draws
 depends only on its key and its logits, not on the other rows of the batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,9 @@ def next_tokens(key_N, logits_NxV, temperature_N, top_k=0, top_p=1.0):
     return jnp.where(hot, drawn, greedy)
 
 
-def generate(params, prompt_NxP, length_N, temperature_N, key_N, active_N, *, config: ModelConfig,
-             settings: DecodeSettings):
+def generate(
+    params, prompt_NxP, length_N, temperature_N, key_N, active_N, *, config: ModelConfig, settings: DecodeSettings
+):
     """Samples up to settings.max_new_tokens tokens after each row's prompt.
 
     params: the model's parameters in the compute dtype (the KV cache takes their dtype).
@@ -101,15 +103,39 @@ def generate(params, prompt_NxP, length_N, temperature_N, key_N, active_N, *, co
     """
     s = settings
     eos_ids_E = np.full(MAX_EOS_IDS, -1, np.int32)  # -1 never matches: one shape for any count
-    eos_ids_E[:len(s.eos_ids)] = s.eos_ids
-    return _generate(params, prompt_NxP, length_N, temperature_N, key_N, active_N, np.int32(s.top_k),
-                     np.float32(s.top_p), eos_ids_E, config=config, max_new_tokens=s.max_new_tokens,
-                     pad_id=s.pad_id)
+    eos_ids_E[: len(s.eos_ids)] = s.eos_ids
+    return _generate(
+        params,
+        prompt_NxP,
+        length_N,
+        temperature_N,
+        key_N,
+        active_N,
+        np.int32(s.top_k),
+        np.float32(s.top_p),
+        eos_ids_E,
+        config=config,
+        max_new_tokens=s.max_new_tokens,
+        pad_id=s.pad_id,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "pad_id"))
-def _generate(params, prompt_NxP, length_N, temperature_N, key_N, active_N, top_k, top_p, eos_ids_E, *,
-              config: ModelConfig, max_new_tokens: int, pad_id: int):
+def _generate(
+    params,
+    prompt_NxP,
+    length_N,
+    temperature_N,
+    key_N,
+    active_N,
+    top_k,
+    top_p,
+    eos_ids_E,
+    *,
+    config: ModelConfig,
+    max_new_tokens: int,
+    pad_id: int,
+):
     n, p = prompt_NxP.shape
     dtype = params["embed_tokens"].dtype
     cache = layers.init_cache(config, n, p + max_new_tokens, dtype)

@@ -27,6 +27,7 @@ prompts run the XLA kernel on TPU (`for_shared_prompt`); cuDNN takes the rule as
 
 Shapes: N rows, L queries, S keys, Q query heads, K key/value heads (G = Q // K), H head width.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,8 @@ from haf_jax.core.sharding import spec_for
 from haf_jax.model.config import ATTENTIONS as IMPLEMENTATIONS
 
 NEG_INF = -2.3819763e38  # large finite negative: fully masked rows can never produce NaN
-SPLASH_BLOCK = 128       # splash's query / key block; lengths must be multiples of it
-QUERY_BLOCKS = 8         # the XLA path's causal query blocks (xla_attention)
+SPLASH_BLOCK = 128  # splash's query / key block; lengths must be multiples of it
+QUERY_BLOCKS = 8  # the XLA path's causal query blocks (xla_attention)
 MIN_QUERY_BLOCK = 32
 
 _log = logging.getLogger("haf_jax")
@@ -51,8 +52,17 @@ def default_implementation(platform: str) -> str:
     return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
 
 
-def choose(requested: str, *, platform: str, dtype, head_dim: int, length: int, softcap,
-           cached: bool, gpu_capability: str | None = None) -> tuple[str, str | None]:
+def choose(
+    requested: str,
+    *,
+    platform: str,
+    dtype,
+    head_dim: int,
+    length: int,
+    softcap,
+    cached: bool,
+    gpu_capability: str | None = None,
+) -> tuple[str, str | None]:
     """(implementation to run, reason it is not the requested one or None): pure, no device needed.
 
     `platform`: "cpu" | "gpu" | "tpu"; `length`: query length (= key length without a cache);
@@ -63,7 +73,7 @@ def choose(requested: str, *, platform: str, dtype, head_dim: int, length: int, 
     impl = default_implementation(platform) if requested == "auto" else requested
     if impl == "xla":
         return "xla", None
-    if cached:   # decoding is XLA's job; only an explicit request hears about it
+    if cached:  # decoding is XLA's job; only an explicit request hears about it
         return "xla", None if requested == "auto" else f"{impl} does not serve KV-cache decoding"
     if impl == "cudnn":
         if platform not in ("gpu", "cuda"):
@@ -100,18 +110,37 @@ def _target() -> tuple[str, str | None]:
     return platform, capability
 
 
-def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
-           scale: float, softcap: float | None = None, window: int | None = None,
-           implementation: str = "auto", cached: bool = False):
+def attend(
+    query_NxLxQxH,
+    key_NxSxKxH,
+    value_NxSxKxH,
+    *,
+    q_pos_NxL,
+    k_pos_NxS,
+    q_seg_NxL,
+    k_seg_NxS,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    implementation: str = "auto",
+    cached: bool = False,
+):
     """Masked multi-/grouped-query attention -> [N, L, Q, H] in the query's dtype (module docstring).
 
     `window`: a sliding layer's width (key positions > query position - window), None = global.
     `cached`: keys come from a KV cache (decoding): always the XLA path.
     """
     platform, capability = _target()
-    impl, reason = choose(implementation, platform=platform, dtype=query_NxLxQxH.dtype,
-                          head_dim=query_NxLxQxH.shape[-1], length=query_NxLxQxH.shape[1], softcap=softcap,
-                          cached=cached, gpu_capability=capability)
+    impl, reason = choose(
+        implementation,
+        platform=platform,
+        dtype=query_NxLxQxH.dtype,
+        head_dim=query_NxLxQxH.shape[-1],
+        length=query_NxLxQxH.shape[1],
+        softcap=softcap,
+        cached=cached,
+        gpu_capability=capability,
+    )
     if reason is not None:
         label = implementation if implementation != "auto" else f"auto ({default_implementation(platform)})"
         _warn_once(f"model.attention={label}: using xla attention instead ({reason})")
@@ -119,13 +148,36 @@ def attend(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q
         _warn_once(f"model.attention=splash on {platform}: Pallas interpret mode (correct but slow; for tests)")
     args = (query_NxLxQxH, key_NxSxKxH, value_NxSxKxH)
     if impl == "cudnn":
-        return cudnn_attention(*args, q_pos_NxL=q_pos_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
-                               k_seg_NxS=k_seg_NxS, scale=scale, window=window)
+        return cudnn_attention(
+            *args,
+            q_pos_NxL=q_pos_NxL,
+            k_pos_NxS=k_pos_NxS,
+            q_seg_NxL=q_seg_NxL,
+            k_seg_NxS=k_seg_NxS,
+            scale=scale,
+            window=window,
+        )
     if impl == "splash":
-        return splash_attention(*args, q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap,
-                                window=window, interpret=platform != "tpu")
-    return xla_attention(*args, q_pos_NxL=q_pos_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
-                         k_seg_NxS=k_seg_NxS, scale=scale, softcap=softcap, window=window, causal=not cached)
+        return splash_attention(
+            *args,
+            q_seg_NxL=q_seg_NxL,
+            k_seg_NxS=k_seg_NxS,
+            scale=scale,
+            softcap=softcap,
+            window=window,
+            interpret=platform != "tpu",
+        )
+    return xla_attention(
+        *args,
+        q_pos_NxL=q_pos_NxL,
+        k_pos_NxS=k_pos_NxS,
+        q_seg_NxL=q_seg_NxL,
+        k_seg_NxS=k_seg_NxS,
+        scale=scale,
+        softcap=softcap,
+        window=window,
+        causal=not cached,
+    )
 
 
 def for_shared_prompt(config):
@@ -135,8 +187,10 @@ def for_shared_prompt(config):
     resolved = default_implementation(platform) if config.attention == "auto" else config.attention
     if resolved != "splash":
         return config
-    _warn_once(f"model.attention={config.attention}: using xla attention for rows with shared prompts "
-               f"(data.share_prompt): splash's segment ids cannot let two sequences see one prompt")
+    _warn_once(
+        f"model.attention={config.attention}: using xla attention for rows with shared prompts "
+        f"(data.share_prompt): splash's segment ids cannot let two sequences see one prompt"
+    )
     return dataclasses.replace(config, attention="xla")
 
 
@@ -164,8 +218,20 @@ def query_blocks(length: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
-                  scale: float, softcap: float | None = None, window: int | None = None, causal: bool = False):
+def xla_attention(
+    query_NxLxQxH,
+    key_NxSxKxH,
+    value_NxSxKxH,
+    *,
+    q_pos_NxL,
+    k_pos_NxS,
+    q_seg_NxL,
+    k_seg_NxS,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    causal: bool = False,
+):
     """The reference kernel (`dense_attention`), run in causal query blocks when `causal`.
 
     `causal`: the keys are the queries' own row (no KV cache), where no query is ever allowed a key
@@ -180,16 +246,45 @@ def xla_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos
     blocks = query_blocks(query_NxLxQxH.shape[1]) if causal else []
     kw = dict(scale=scale, softcap=softcap, window=window)
     if len(blocks) < 2:
-        return dense_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, q_pos_NxL=q_pos_NxL, k_pos_NxS=k_pos_NxS,
-                               q_seg_NxL=q_seg_NxL, k_seg_NxS=k_seg_NxS, **kw)
-    outs = [dense_attention(query_NxLxQxH[:, a:b], key_NxSxKxH[:, :b], value_NxSxKxH[:, :b],
-                            q_pos_NxL=q_pos_NxL[:, a:b], k_pos_NxS=k_pos_NxS[:, :b], q_seg_NxL=q_seg_NxL[:, a:b],
-                            k_seg_NxS=k_seg_NxS[:, :b], **kw) for a, b in blocks]
+        return dense_attention(
+            query_NxLxQxH,
+            key_NxSxKxH,
+            value_NxSxKxH,
+            q_pos_NxL=q_pos_NxL,
+            k_pos_NxS=k_pos_NxS,
+            q_seg_NxL=q_seg_NxL,
+            k_seg_NxS=k_seg_NxS,
+            **kw,
+        )
+    outs = [
+        dense_attention(
+            query_NxLxQxH[:, a:b],
+            key_NxSxKxH[:, :b],
+            value_NxSxKxH[:, :b],
+            q_pos_NxL=q_pos_NxL[:, a:b],
+            k_pos_NxS=k_pos_NxS[:, :b],
+            q_seg_NxL=q_seg_NxL[:, a:b],
+            k_seg_NxS=k_seg_NxS[:, :b],
+            **kw,
+        )
+        for a, b in blocks
+    ]
     return jnp.concatenate(outs, axis=1)
 
 
-def dense_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
-                    scale: float, softcap: float | None = None, window: int | None = None):
+def dense_attention(
+    query_NxLxQxH,
+    key_NxSxKxH,
+    value_NxSxKxH,
+    *,
+    q_pos_NxL,
+    k_pos_NxS,
+    q_seg_NxL,
+    k_seg_NxS,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+):
     """All queries against all keys: float32 logits [N, K, L x G, S], masked, softmax, weighted values.
 
     The query heads sharing a key/value head are folded into the query axis (L x G rows per key
@@ -202,7 +297,7 @@ def dense_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_p
     g = q // k
     dt = query_NxLxQxH.dtype
     query = jnp.swapaxes(query_NxLxQxH.reshape(n, length, k, g, h), 1, 2).reshape(n, k, length * g, h)
-    key, value = jnp.swapaxes(key_NxSxKxH, 1, 2), jnp.swapaxes(value_NxSxKxH, 1, 2)   # [N, K, S, H]
+    key, value = jnp.swapaxes(key_NxSxKxH, 1, 2), jnp.swapaxes(value_NxSxKxH, 1, 2)  # [N, K, S, H]
     logits = jnp.einsum("nkmh,nksh->nkms", query, key, preferred_element_type=jnp.float32)
     logits = logits.reshape(n, k, length, g, s) * scale
     if softcap:
@@ -214,20 +309,36 @@ def dense_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_p
     return jnp.swapaxes(out.reshape(n, k, length, g, h), 1, 2).reshape(n, length, q, h)
 
 
-def cudnn_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS,
-                    scale: float, window: int | None = None, implementation: str = "cudnn"):
+def cudnn_attention(
+    query_NxLxQxH,
+    key_NxSxKxH,
+    value_NxSxKxH,
+    *,
+    q_pos_NxL,
+    k_pos_NxS,
+    q_seg_NxL,
+    k_seg_NxS,
+    scale: float,
+    window: int | None = None,
+    implementation: str = "cudnn",
+):
     """cuDNN flash attention: causal (by index) and the whole rule (`allowed_mask`) as its boolean
     mask. The sliding window is in that mask, by position: cuDNN's own left window counts indices,
     and a rejected response's distance to its shared prompt is longer in the row than in positions.
     `implementation="xla"` runs the same call through JAX's reference implementation (tests, no GPU)."""
-    allowed = allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window)[:, None]   # [N, 1, L, S]
+    allowed = allowed_mask(q_pos_NxL, k_pos_NxS, q_seg_NxL, k_seg_NxS, window)[:, None]  # [N, 1, L, S]
     return jax.nn.dot_product_attention(
-        query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, mask=allowed, scale=scale, is_causal=True,
-        implementation=implementation)
+        query_NxLxQxH,
+        key_NxSxKxH,
+        value_NxSxKxH,
+        mask=allowed,
+        scale=scale,
+        is_causal=True,
+        implementation=implementation,
+    )
 
 
-def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softcap: float | None,
-                   interpret: bool):
+def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softcap: float | None, interpret: bool):
     """A single-device MQA splash kernel over `heads` query heads sharing one key/value head (built
     at every trace: it holds arrays made under the trace, so it cannot be cached across traces)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -238,19 +349,36 @@ def _splash_kernel(heads: int, length: int, keys: int, window: int | None, softc
     shape = (length, keys)
     if window is None:
         mask = mask_lib.CausalMask(shape)
-    else:   # keys i - window + 1 .. i
+    else:  # keys i - window + 1 .. i
         mask = mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0)
     block = min(SPLASH_BLOCK, length)
-    sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                                  block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                                  block_q_dq=block, block_kv_dq=block)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     return kernel_lib.make_splash_mqa_single_device(
-        mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes, attn_logits_soft_cap=softcap,
-        interpret=interpret)
+        mask_lib.MultiHeadMask([mask] * heads), block_sizes=sizes, attn_logits_soft_cap=softcap, interpret=interpret
+    )
 
 
-def splash_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_seg_NxS, scale: float,
-                     softcap: float | None = None, window: int | None = None, interpret: bool = False):
+def splash_attention(
+    query_NxLxQxH,
+    key_NxSxKxH,
+    value_NxSxKxH,
+    *,
+    q_seg_NxL,
+    k_seg_NxS,
+    scale: float,
+    softcap: float | None = None,
+    window: int | None = None,
+    interpret: bool = False,
+):
     """Pallas splash attention: one MQA kernel per key/value head (its G query heads), vmapped
     over rows and key/value heads, with segment ids; the scale is folded into the queries (the
     soft-cap then applies to the scaled logits, as in the XLA path). Under a mesh, the rows are
@@ -264,14 +392,14 @@ def splash_attention(query_NxLxQxH, key_NxSxKxH, value_NxSxKxH, *, q_seg_NxL, k_
     def local(query, key, value, q_seg, k_seg):
         rows = query.shape[0]
         query = (query * jnp.asarray(scale, query.dtype)).reshape(rows, length, k, q // k, h)
-        query = jnp.transpose(query, (0, 2, 3, 1, 4))            # [n, K, G, L, H]
-        key, value = jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(value, (0, 2, 1, 3))   # [n, K, S, H]
+        query = jnp.transpose(query, (0, 2, 3, 1, 4))  # [n, K, G, L, H]
+        key, value = jnp.transpose(key, (0, 2, 1, 3)), jnp.transpose(value, (0, 2, 1, 3))  # [n, K, S, H]
 
         def one_row(q_KxGxLxH, k_KxSxH, v_KxSxH, qs_L, ks_S):
             ids = kernel_lib.SegmentIds(q=qs_L, kv=ks_S)
             return jax.vmap(lambda a, b, c: kernel(a, b, c, segment_ids=ids))(q_KxGxLxH, k_KxSxH, v_KxSxH)
 
-        out = jax.vmap(one_row)(query, key, value, q_seg, k_seg)   # [n, K, G, L, H]
+        out = jax.vmap(one_row)(query, key, value, q_seg, k_seg)  # [n, K, G, L, H]
         return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(rows, length, q, h)
 
     mesh = jax.sharding.get_abstract_mesh()

@@ -7,6 +7,7 @@ jitted functions. Each field that changes the math is explicit here; the family 
 (`families.from_hf(config_json)`, `families.to_hf(config, "ForCausalLM")`).
 The defaults describe no particular family: every family module sets what it needs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,11 @@ ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # attention kernels (model/atte
 # What a rematerialised block keeps for the backward pass (names of jax.checkpoint_policies):
 # nothing (recompute the whole block), dots (keep matmul outputs), dots_no_batch (keep matmul
 # outputs without batch dimensions: the weight-like ones).
-REMAT_POLICIES = {"nothing": "nothing_saveable", "dots": "dots_saveable",
-                  "dots_no_batch": "dots_with_no_batch_dims_saveable"}
+REMAT_POLICIES = {
+    "nothing": "nothing_saveable",
+    "dots": "dots_saveable",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +89,15 @@ class ModelConfig:
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        for field, allowed in (("norm", NORMS), ("block", BLOCKS), ("mlp", MLPS), ("activation", ACTIVATIONS),
-                               ("rope_type", ROPE_TYPES), ("attention", ATTENTIONS),
-                               ("remat_policy", tuple(REMAT_POLICIES))):
+        for field, allowed in (
+            ("norm", NORMS),
+            ("block", BLOCKS),
+            ("mlp", MLPS),
+            ("activation", ACTIVATIONS),
+            ("rope_type", ROPE_TYPES),
+            ("attention", ATTENTIONS),
+            ("remat_policy", tuple(REMAT_POLICIES)),
+        ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r}; allowed: {', '.join(allowed)}")
         types = self.layer_types or (FULL,) * self.num_layers
@@ -96,8 +106,10 @@ class ModelConfig:
         if SLIDING in types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
-            raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor} gives rotary dim "
-                             f"{self.rotary_dim} for head_dim {self.head_dim}; need an even number in (0, H]")
+            raise ValueError(
+                f"partial_rotary_factor={self.partial_rotary_factor} gives rotary dim "
+                f"{self.rotary_dim} for head_dim {self.head_dim}; need an even number in (0, H]"
+            )
         object.__setattr__(self, "layer_types", tuple(types))
 
     @property
@@ -121,7 +133,7 @@ class ModelConfig:
         return math.sqrt(self.hidden_size) if self.embed_scale else 1.0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of `dataclasses.asdict`, also for the Gemma-only layout of earlier runs.
 
         Runs written before scanned layers have no `scan_layers` (False: their parameters are
@@ -137,9 +149,15 @@ class ModelConfig:
             d["norm_eps"] = d.pop("rms_norm_eps", 1e-6)
             factor = float(d.pop("rope_scaling", 1.0))
             local = d.pop("rope_local_theta", 10_000.0)
-            d.update(norm_offset=True, embed_scale=True, activation="gelu_tanh",
-                     block="sandwich" if sandwich else "pre", rope_type="linear" if factor != 1.0 else "default",
-                     rope_factor=factor, local_rope_theta=local if family == "gemma3" else None)
+            d.update(
+                norm_offset=True,
+                embed_scale=True,
+                activation="gelu_tanh",
+                block="sandwich" if sandwich else "pre",
+                rope_type="linear" if factor != 1.0 else "default",
+                rope_factor=factor,
+                local_rope_theta=local if family == "gemma3" else None,
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -16,10 +16,11 @@ The parameter tree is flat at the top: the trunk's entries (`embed_tokens`, `lay
 scanned layers, the stacked `layers` (model/scan.py), the final norm) beside the heads
 (`reward_head`, and when untied `lm_head`, `lm_head_bias`).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -87,11 +88,11 @@ class PairOutputs:
     """What forward_pairs computes, float32, [B, 2] each (pair axis: 0 chosen, 1 rejected);
     a field is None when its head was not requested. ref_logp_Bx2 is attached by the step."""
 
-    reward_Bx2: Optional[jax.Array] = None
-    logp_Bx2: Optional[jax.Array] = None
-    n_tokens_Bx2: Optional[jax.Array] = None
-    ref_logp_Bx2: Optional[jax.Array] = None
-    logprob_chunks: Optional[jax.Array] = None   # float32 scalar: LM-head chunks run (response_logprobs)
+    reward_Bx2: jax.Array | None = None
+    logp_Bx2: jax.Array | None = None
+    n_tokens_Bx2: jax.Array | None = None
+    ref_logp_Bx2: jax.Array | None = None
+    logprob_chunks: jax.Array | None = None  # float32 scalar: LM-head chunks run (response_logprobs)
 
 
 class PairRows(NamedTuple):
@@ -128,10 +129,17 @@ def pair_rows(batch) -> PairRows:
     if "segment_ids" in batch:
         r = tokens.shape[0]
         if pairs % r:
-            raise ValueError(f"packed batch: {pairs} pairs do not fill {r} rows evenly (last_index {last_Bx2.shape}, "
-                             f"tokens {tokens.shape})")
-        return PairRows(tokens, batch["positions"], batch["segment_ids"], batch["response_mask"],
-                        last_Bx2.reshape(r, 2 * pairs // r))
+            raise ValueError(
+                f"packed batch: {pairs} pairs do not fill {r} rows evenly (last_index {last_Bx2.shape}, "
+                f"tokens {tokens.shape})"
+            )
+        return PairRows(
+            tokens,
+            batch["positions"],
+            batch["segment_ids"],
+            batch["response_mask"],
+            last_Bx2.reshape(r, 2 * pairs // r),
+        )
     if tokens.ndim != 3 or tokens.shape[:2] != (pairs, 2):
         raise ValueError(f"plain batch: tokens {tokens.shape} is not [B, 2, L] for last_index {last_Bx2.shape}")
     length = tokens.shape[2]
@@ -155,8 +163,18 @@ def rewards(reward_kernel_Dx1, hidden_RxTxD, last_index_RxS):
     return h_last_RxSxD.astype(jnp.float32) @ reward_kernel_Dx1[:, 0].astype(jnp.float32)
 
 
-def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, segments_NxL, num_segments: int, *,
-                      bias_V=None, final_logit_softcap: float | None = None, chunk: int = 128):
+def response_logprobs(
+    head_VxD,
+    hidden_NxLxD,
+    tokens_NxL,
+    response_mask_NxL,
+    segments_NxL,
+    num_segments: int,
+    *,
+    bias_V=None,
+    final_logit_softcap: float | None = None,
+    chunk: int = 128,
+):
     """Summed log-probs of the response tokens of each row's sequences under the LM head -> (logp_NxS,
     n_tokens_NxS, chunks run), float32, S = num_segments: the one log-prob entry point.
 
@@ -185,19 +203,20 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
     """
     n, length, _ = hidden_NxLxD.shape
     if tokens_NxL.shape != (n, length) or response_mask_NxL.shape != (n, length) or segments_NxL.shape != (n, length):
-        raise ValueError(f"tokens {tokens_NxL.shape}, response_mask {response_mask_NxL.shape} and segments "
-                         f"{segments_NxL.shape} must all be [N, L] = {(n, length)} of the hidden states")
+        raise ValueError(
+            f"tokens {tokens_NxL.shape}, response_mask {response_mask_NxL.shape} and segments "
+            f"{segments_NxL.shape} must all be [N, L] = {(n, length)} of the hidden states"
+        )
     # At predicted token i + 1 (index i of the [N, L - 1] arrays below): counted, and whose column.
     # Elementwise over [N, L - 1]: for plain rows (bool segments) the head's forward + backward ran
     # 0.99x the time of the former one-column path (CPU, 16 rows x 256, V 8192; A/A noise 1.00x).
     column_NxT = segments_NxL[:, 1:].astype(jnp.int32) - 1
-    predicted_NxT = ((response_mask_NxL[:, 1:] != 0) & (segments_NxL[:, 1:] == segments_NxL[:, :-1])
-                     & (column_NxT >= 0))
+    predicted_NxT = (response_mask_NxL[:, 1:] != 0) & (segments_NxL[:, 1:] == segments_NxL[:, :-1]) & (column_NxT >= 0)
 
     shards = sharding.shard_count("batch", n)
-    rows = n // shards                     # rows per batch shard
-    per_shard = rows * (length - 1)        # predicting positions per shard
-    flat = lambda x: x.reshape(shards, per_shard, *x.shape[2:])   # [P, rows x (L - 1), ...], row order
+    rows = n // shards  # rows per batch shard
+    per_shard = rows * (length - 1)  # predicting positions per shard
+    flat = lambda x: x.reshape(shards, per_shard, *x.shape[2:])  # [P, rows x (L - 1), ...], row order
     hidden = constrain(flat(hidden_NxLxD[:, :-1]), ("batch", None, None))
     targets = flat(tokens_NxL[:, 1:])
     mask = flat(predicted_NxT)
@@ -205,14 +224,15 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
     order = jax.vmap(lambda m: jnp.nonzero(m, size=per_shard, fill_value=0)[0])(mask)
     count_Z = jnp.sum(mask, axis=1, dtype=jnp.int32)
     block = max(1, min(chunk, per_shard))
-    order = jnp.pad(order, ((0, 0), (0, -per_shard % block)))   # whole chunks
+    order = jnp.pad(order, ((0, 0), (0, -per_shard % block)))  # whole chunks
 
     # The first constraint (the parameter's own layout) is where the head's gradient returns to
     # that layout: else the vocabulary split leaks into the optimizer update of the head and its moments.
     head_VxD = constrain(constrain(head_VxD, ("vocab", "embed")), ("logit_vocab", None))
     bias_V = None if bias_V is None else constrain(bias_V, ("logit_vocab",))
-    logp_ZxF = lm_logprobs.token_logprobs(head_VxD, bias_V, hidden, targets, order, count_Z, block=block,
-                                          softcap=final_logit_softcap)
+    logp_ZxF = lm_logprobs.token_logprobs(
+        head_VxD, bias_V, hidden, targets, order, count_Z, block=block, softcap=final_logit_softcap
+    )
     # Each token's log-prob back at its position, then summed per (row, column) in position order:
     # a row's sum does not depend on the other rows of its batch (how the chunks fell).
     hit_NxTxS = predicted_NxT[..., None] & (column_NxT[..., None] == jnp.arange(num_segments))
@@ -222,8 +242,17 @@ def response_logprobs(head_VxD, hidden_NxLxD, tokens_NxL, response_mask_NxL, seg
     return logp, count, lm_logprobs.chunks_run(count_Z, block).astype(jnp.float32)
 
 
-def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, policy: bool = True,
-                  chunk: int = 128, compute_dtype=jnp.float32, shared_prompt: bool = False) -> PairOutputs:
+def forward_pairs(
+    params,
+    config: ModelConfig,
+    batch,
+    *,
+    reward: bool = True,
+    policy: bool = True,
+    chunk: int = 128,
+    compute_dtype=jnp.float32,
+    shared_prompt: bool = False,
+) -> PairOutputs:
     """Runs the trunk once over chosen and rejected and applies the requested heads.
 
     batch: tokens [B, 2, L] int32, response_mask [B, 2, L], last_index [B, 2] (pair axis: 0 chosen,
@@ -247,8 +276,16 @@ def forward_pairs(params, config: ModelConfig, batch, *, reward: bool = True, po
     if policy:
         head, bias = lm_head(params, config)
         logp, n_tok, chunks = response_logprobs(
-            head, hidden, rows.tokens_RxT, rows.response_mask_RxT, rows.segments_RxT, rows.last_index_RxS.shape[1],
-            bias_V=bias, final_logit_softcap=config.final_logit_softcap, chunk=chunk)
+            head,
+            hidden,
+            rows.tokens_RxT,
+            rows.response_mask_RxT,
+            rows.segments_RxT,
+            rows.last_index_RxS.shape[1],
+            bias_V=bias,
+            final_logit_softcap=config.final_logit_softcap,
+            chunk=chunk,
+        )
         out = out.replace(logp_Bx2=logp.reshape(pairs, 2), n_tokens_Bx2=n_tok.reshape(pairs, 2), logprob_chunks=chunks)
     return out
 
@@ -266,8 +303,9 @@ def decode(params, config: ModelConfig, tokens_NxL, positions_NxL, cache, logits
     at a time. Slots beyond a row's current position are never attended. With `logits_at_N` (an
     index into L per row) only that position's logits are computed, [N, V]: a prefill then never
     builds [N, L, V]."""
-    hidden, cache = Decoder(config).apply({"params": trunk_params(params)}, tokens_NxL, positions_NxL,
-                                          jnp.ones(tokens_NxL.shape, bool), cache)
+    hidden, cache = Decoder(config).apply(
+        {"params": trunk_params(params)}, tokens_NxL, positions_NxL, jnp.ones(tokens_NxL.shape, bool), cache
+    )
     if logits_at_N is not None:
         hidden = jnp.take_along_axis(hidden, logits_at_N[:, None, None], axis=1)[:, 0]
     head, bias = lm_head(params, config)

@@ -5,13 +5,14 @@ one tensor at a time and renames it onto the Flax tree (parameter names mirror H
 Accepted tensor prefixes: whatever precedes `embed_tokens.weight` ("model.", "model.language_model.",
 "language_model.model.", ...). A `*ForSequenceClassification` checkpoint with num_labels=1 fills the
 reward head from `score.weight`; a causal LM gets a zero reward head. A tied model's `lm_head.weight`,
-when present, must equal the embedding; an untied one's is the model's own LM head. Vision-tower / projector tensors of a multimodal Gemma 3
-checkpoint are skipped and listed in info["ignored"]; any OTHER unexpected tensor is an error (a
-silently dropped weight would be a silently different model).
+when present, must equal the embedding; an untied one's is the model's own LM head. Vision-tower /
+projector tensors of a multimodal Gemma 3 checkpoint are skipped and listed in info["ignored"]; any
+OTHER unexpected tensor is an error (a silently dropped weight would be a silently different model).
 
 Export: `save_hf(params, config, dir, kind=...)` writes config.json + model.safetensors (+ tokenizer)
 that `transformers` Auto* classes load.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,11 +53,14 @@ def resolve_checkpoint(path_or_hub_id) -> pathlib.Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return pathlib.Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"]))
+        return pathlib.Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+        )
     except Exception as e:  # network, auth (gated models) or a missing repo: one clear line
-        raise FileNotFoundError(f"checkpoint {name!r} could not be fetched from the Hugging Face hub "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise FileNotFoundError(
+            f"checkpoint {name!r} could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def load_hf_config(directory) -> tuple[ModelConfig, dict]:
@@ -135,9 +139,10 @@ def _tensor_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
         found = sorted(p.name for p in directory.iterdir())
         raise FileNotFoundError(
             f"no model.safetensors or model.safetensors.index.json in {directory} (found {found}); "
-            f"only safetensors weights are read (never pickle/.bin)")
+            f"only safetensors weights are read (never pickle/.bin)"
+        )
     with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+        return dict.fromkeys(f.keys(), single)
 
 
 def _num_labels(hf: dict) -> int:
@@ -161,8 +166,10 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
     arch = (hf.get("architectures") or ["?"])[0]
     is_classifier = arch.endswith("ForSequenceClassification")
     if is_classifier and _num_labels(hf) != 1:
-        raise ValueError(f"{arch} in {directory} has num_labels={_num_labels(hf)}; a reward model needs "
-                         f"num_labels=1 (score.weight of shape [1, hidden_size])")
+        raise ValueError(
+            f"{arch} in {directory} has num_labels={_num_labels(hf)}; a reward model needs "
+            f"num_labels=1 (score.weight of shape [1, hidden_size])"
+        )
     files = _tensor_files(directory)
     embeds = [n for n in files if n.endswith("embed_tokens.weight") and not any(p in n for p in _SKIPPED_PARTS)]
     if len(embeds) != 1:
@@ -182,9 +189,11 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
             continue
         (ignored if any(p in name for p in _SKIPPED_PARTS) else unexpected).append(name)
     if unexpected:
-        raise ValueError(f"unexpected tensors in {directory} (not part of a {config.family} model with "
-                         f"{config.num_layers} layers): {sorted(unexpected)[:10]}"
-                         + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else ""))
+        raise ValueError(
+            f"unexpected tensors in {directory} (not part of a {config.family} model with "
+            f"{config.num_layers} layers): {sorted(unexpected)[:10]}"
+            + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        )
 
     np_dtype = jnp.dtype(dtype)
     handles: dict[pathlib.Path, object] = {}
@@ -205,23 +214,31 @@ def load_params(directory, config: ModelConfig, *, dtype=jnp.float32, shardings=
                 array = np.zeros(shape, np_dtype)
                 info["reward_head"] = "zero-initialised"
             elif path.startswith("lm_head") and is_classifier:
-                raise ValueError(f"{arch} in {directory} has no {name!r}: this {config.family} model's LM head is "
-                                 f"not the embedding, and haf_jax needs it for log-probs; use the matching "
-                                 f"*ForCausalLM checkpoint or a haf_jax export (which keeps the LM head)")
+                raise ValueError(
+                    f"{arch} in {directory} has no {name!r}: this {config.family} model's LM head is "
+                    f"not the embedding, and haf_jax needs it for log-probs; use the matching "
+                    f"*ForCausalLM checkpoint or a haf_jax export (which keeps the LM head)"
+                )
             else:
-                raise ValueError(f"tensor {name!r} is missing from {directory} (expected shape "
-                                 f"{list(_hf_shape(shape, layout))} for {path})")
+                raise ValueError(
+                    f"tensor {name!r} is missing from {directory} (expected shape "
+                    f"{list(_hf_shape(shape, layout))} for {path})"
+                )
         else:
             w = read(name)
             expected = _hf_shape(shape, layout)
             if tuple(w.shape) != expected:
-                raise ValueError(f"tensor {name!r} has shape {list(w.shape)} but the config needs "
-                                 f"{list(expected)} (for {path} {list(shape)})")
+                raise ValueError(
+                    f"tensor {name!r} has shape {list(w.shape)} but the config needs "
+                    f"{list(expected)} (for {path} {list(shape)})"
+                )
             if path == "embed_tokens" and tied_head:
                 head = read("lm_head.weight")
                 if head.shape != w.shape or not np.array_equal(head, w):
-                    raise ValueError(f"lm_head.weight differs from embed_tokens.weight in {directory}, but its "
-                                     f"config.json says tie_word_embeddings=true")
+                    raise ValueError(
+                        f"lm_head.weight differs from embed_tokens.weight in {directory}, but its "
+                        f"config.json says tie_word_embeddings=true"
+                    )
                 del head
             array = _to_ours(w, shape, layout).astype(np_dtype)
             if path == "reward_head":
@@ -256,8 +273,10 @@ def export_pad_token(config: ModelConfig, tokenizer=None):
     eos = config.eos_token_id
     if tokenizer is None:
         if config.pad_token_id is None or config.pad_token_id == eos:
-            raise ValueError(f"reward model export needs a pad token distinct from EOS (pad_token_id="
-                             f"{config.pad_token_id}, eos_token_id={eos}) and no tokenizer was given to choose one")
+            raise ValueError(
+                f"reward model export needs a pad token distinct from EOS (pad_token_id="
+                f"{config.pad_token_id}, eos_token_id={eos}) and no tokenizer was given to choose one"
+            )
         return config.pad_token_id, None
     tokenizer = copy.deepcopy(tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos
@@ -276,12 +295,15 @@ def export_pad_token(config: ModelConfig, tokenizer=None):
     if reserved_ids:
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(reserved_ids[0])
         return tokenizer.pad_token_id, tokenizer
-    raise ValueError(f"cannot choose a pad token distinct from EOS ({eos}) for the reward model export: the "
-                     f"tokenizer has no pad/unk token, no free embedding row and no reserved special token")
+    raise ValueError(
+        f"cannot choose a pad token distinct from EOS ({eos}) for the reward model export: the "
+        f"tokenizer has no pad/unk token, no free embedding row and no reserved special token"
+    )
 
 
-def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model", tokenizer=None,
-            dtype=np.float32) -> None:
+def save_hf(
+    params, config: ModelConfig, out_dir, *, kind: str = "reward_model", tokenizer=None, dtype=np.float32
+) -> None:
     """Writes a Hugging Face checkpoint: `kind="reward_model"` -> <Family>ForSequenceClassification
     (num_labels=1, score.weight = reward head), `kind="policy"` -> <Family>ForCausalLM.
 
@@ -297,10 +319,14 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
         pad, tokenizer = export_pad_token(config, tokenizer)
     else:
         pad = tokenizer.pad_token_id if tokenizer is not None else config.pad_token_id
-    eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else config.eos_token_id
+    eos = (
+        tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else config.eos_token_id
+    )
     extra = {"pad_token_id": pad, "eos_token_id": eos, "dtype": np.dtype(dtype).name}
     if kind == "reward_model":
-        hf = families.to_hf(config, "ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, **extra)
+        hf = families.to_hf(
+            config, "ForSequenceClassification", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, **extra
+        )
     else:
         hf = families.to_hf(config, "ForCausalLM", **extra)
     tensors = {}
@@ -316,8 +342,9 @@ def save_hf(params, config: ModelConfig, out_dir, *, kind: str = "reward_model",
         tokenizer.save_pretrained(str(out))
 
 
-def save_peft_adapter(adapters, config: ModelConfig, lora, out_dir, *, heads: dict | None = None,
-                      base: str = "") -> None:
+def save_peft_adapter(
+    adapters, config: ModelConfig, lora, out_dir, *, heads: dict | None = None, base: str = ""
+) -> None:
     """Writes LoRA adapters in the PEFT layout (`adapter_config.json` + `adapter_model.safetensors`)
     for a *ForSequenceClassification base: `peft.PeftModel.from_pretrained(base_classifier, out_dir)`
     rebuilds the reward model. `adapters` is the trained {"lora": ...} subtree (model/lora.py);
@@ -338,9 +365,17 @@ def save_peft_adapter(adapters, config: ModelConfig, lora, out_dir, *, heads: di
             saved.append(names[key].rsplit(".", 1)[-1])
             tensors[f"base_model.model.{names[key]}.weight"] = _to_hf(np.asarray(value, np.float32), _layout(key))
     adapter_config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout, "target_modules": sorted(modules), "modules_to_save": saved,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base or None,
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(modules),
+        "modules_to_save": saved,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base or None,
     }
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

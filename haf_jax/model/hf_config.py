@@ -1,13 +1,20 @@
 """Pieces of `config.json` reading and writing that several families share (rope, activations,
 token ids, the common fields)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from haf_jax.model.config import FULL, ModelConfig
 
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu": "gelu",
+}
 _TO_HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 
@@ -35,10 +42,14 @@ def rope(hf: dict[str, Any], default_theta: float = 10_000.0) -> dict[str, Any]:
     if kind == "linear":
         return {**out, "rope_type": "linear", "rope_factor": float(params["factor"])}
     if kind == "llama3":
-        return {**out, "rope_type": "llama3", "rope_factor": float(params["factor"]),
-                "rope_low_freq_factor": float(params["low_freq_factor"]),
-                "rope_high_freq_factor": float(params["high_freq_factor"]),
-                "rope_original_max_positions": int(params["original_max_position_embeddings"])}
+        return {
+            **out,
+            "rope_type": "llama3",
+            "rope_factor": float(params["factor"]),
+            "rope_low_freq_factor": float(params["low_freq_factor"]),
+            "rope_high_freq_factor": float(params["high_freq_factor"]),
+            "rope_original_max_positions": int(params["original_max_position_embeddings"]),
+        }
     raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
 
 
@@ -48,8 +59,11 @@ def hf_rope(config: ModelConfig) -> dict[str, Any]:
     if config.rope_type in ("linear", "llama3"):
         params["factor"] = config.rope_factor
     if config.rope_type == "llama3":
-        params.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
-                      original_max_position_embeddings=config.rope_original_max_positions)
+        params.update(
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
+            original_max_position_embeddings=config.rope_original_max_positions,
+        )
     legacy = {k: v for k, v in params.items() if k != "rope_theta"} if config.rope_type != "default" else None
     return {"rope_parameters": params, "rope_theta": config.rope_theta, "rope_scaling": legacy}
 
@@ -65,23 +79,35 @@ def common(hf: dict[str, Any]) -> dict[str, Any]:
     """Fields every family reads the same way."""
     heads = hf["num_attention_heads"]
     return dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        pad_token_id=hf.get("pad_token_id"), bos_token_id=first_id(hf.get("bos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=first_id(hf.get("bos_token_id")),
         eos_token_id=first_id(hf.get("eos_token_id"), 2),
     )
 
 
 def hf_common(config: ModelConfig, arch: str, model_type: str) -> dict[str, Any]:
     return {
-        "architectures": [arch], "model_type": model_type, "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_position_embeddings, "pad_token_id": config.pad_token_id,
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-        "tie_word_embeddings": config.tie_word_embeddings, "hidden_act": hf_activation(config),
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": hf_activation(config),
     }

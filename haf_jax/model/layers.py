@@ -9,6 +9,7 @@ Shape letters: N sequences, L new positions, S key positions (L, or the cache le
 width, F feed-forward width, Q query heads, K key/value heads, G = Q // K, H head width,
 R rotary width (<= H).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,22 @@ from haf_jax.model.linear import project
 INIT = nn.initializers.normal(stddev=0.02)
 
 # Hugging Face module names that differ between families (everything else is shared).
-_DEFAULT_NAMES = {"o_proj": "o_proj", "up": "up_proj", "down": "down_proj", "final_norm": "norm",
-                  "q_norm": "q_norm", "k_norm": "k_norm"}
-_PHI_NAMES = {"o_proj": "dense", "up": "fc1", "down": "fc2", "final_norm": "final_layernorm",
-              "q_norm": "q_layernorm", "k_norm": "k_layernorm"}
+_DEFAULT_NAMES = {
+    "o_proj": "o_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+    "final_norm": "norm",
+    "q_norm": "q_norm",
+    "k_norm": "k_norm",
+}
+_PHI_NAMES = {
+    "o_proj": "dense",
+    "up": "fc1",
+    "down": "fc2",
+    "final_norm": "final_layernorm",
+    "q_norm": "q_layernorm",
+    "k_norm": "k_layernorm",
+}
 
 
 def names(config: ModelConfig) -> dict[str, str]:
@@ -50,8 +63,9 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dim = self.config, x.shape[-1]
-        w = param(self, "scale", nn.initializers.zeros if c.norm_offset else nn.initializers.ones,
-                  (dim,), (self.axis_name,)).astype(jnp.float32)
+        w = param(
+            self, "scale", nn.initializers.zeros if c.norm_offset else nn.initializers.ones, (dim,), (self.axis_name,)
+        ).astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         if c.norm == "layer":
             b = param(self, "bias", nn.initializers.zeros, (dim,), (self.axis_name,))
@@ -78,7 +92,8 @@ def inverse_frequencies(config: ModelConfig, sliding: bool):
     wavelen = 2 * math.pi / inv
     scaled = jnp.where(wavelen > low_wavelen, inv / c.rope_factor, inv)
     smooth = (c.rope_original_max_positions / wavelen - c.rope_low_freq_factor) / (
-        c.rope_high_freq_factor - c.rope_low_freq_factor)
+        c.rope_high_freq_factor - c.rope_low_freq_factor
+    )
     blended = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(medium, blended, scaled)
@@ -148,17 +163,28 @@ class Attention(nn.Module):
             q_seg_NxL = k_seg_NxS = valid_NxS.astype(jnp.int32)  # bool valid: one segment + padding
         else:
             write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0))
-            cache = LayerCache(write(cache.key, key.astype(cache.key.dtype), positions_NxL[:, 0]),
-                               write(cache.value, value.astype(cache.value.dtype), positions_NxL[:, 0]))
+            cache = LayerCache(
+                write(cache.key, key.astype(cache.key.dtype), positions_NxL[:, 0]),
+                write(cache.value, value.astype(cache.value.dtype), positions_NxL[:, 0]),
+            )
             key, value = cache.key.astype(dt), cache.value.astype(dt)
             slots = key.shape[1]
             k_pos_NxS = jnp.broadcast_to(jnp.arange(slots, dtype=positions_NxL.dtype), (n, slots))
             q_seg_NxL, k_seg_NxS = jnp.ones((n, length), jnp.int32), jnp.ones((n, slots), jnp.int32)
         out = attention_lib.attend(
-            query, key, value, q_pos_NxL=positions_NxL, k_pos_NxS=k_pos_NxS, q_seg_NxL=q_seg_NxL,
-            k_seg_NxS=k_seg_NxS, scale=c.attention_scale, softcap=c.attn_logit_softcap,
-            window=c.sliding_window if self.sliding else None, implementation=c.attention,
-            cached=cache is not None)
+            query,
+            key,
+            value,
+            q_pos_NxL=positions_NxL,
+            k_pos_NxS=k_pos_NxS,
+            q_seg_NxL=q_seg_NxL,
+            k_seg_NxS=k_seg_NxS,
+            scale=c.attention_scale,
+            softcap=c.attn_logit_softcap,
+            window=c.sliding_window if self.sliding else None,
+            implementation=c.attention,
+            cached=cache is not None,
+        )
         out = project("nlqh,qhd->nld", out, wo.astype(dt))
         if c.o_bias:
             out = out + param(self, f"{o_name}_bias", nn.initializers.zeros, (d,), ("norm",)).astype(dt)
@@ -166,8 +192,11 @@ class Attention(nn.Module):
 
 
 def _activation(name: str):
-    return {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-            "gelu": lambda x: jax.nn.gelu(x, approximate=False)}[name]
+    return {
+        "silu": jax.nn.silu,
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    }[name]
 
 
 class MLP(nn.Module):
@@ -230,7 +259,8 @@ class BlockGroup(nn.Module):
         new_cache = []
         for j, sliding in enumerate(self.kinds):
             x_NxLxD, layer_cache = block(self.config, sliding, name=f"block_{j}")(
-                x_NxLxD, positions_NxL, valid_NxS, None if cache is None else cache[j])
+                x_NxLxD, positions_NxL, valid_NxS, None if cache is None else cache[j]
+            )
             x_NxLxD = constrain(x_NxLxD, ("batch", None, None))
             new_cache.append(layer_cache)
         return x_NxLxD, (tuple(new_cache) if cache is not None else None)
@@ -282,18 +312,25 @@ class Decoder(nn.Module):
         stacked_cache, rest_cache = None, cache
         if first:
             period, repeats = scan_lib.periods(c)
-            group = nn.scan(BlockGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
-                            metadata_params={nn.PARTITION_NAME: scan_lib.STACK})
+            group = nn.scan(
+                BlockGroup,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0),
+                length=repeats,
+                metadata_params={nn.PARTITION_NAME: scan_lib.STACK},
+            )
             kinds = tuple(t == SLIDING for t in c.layer_types[:period])
             x, stacked_cache = group(c, kinds, name=scan_lib.STACK)(
-                x, positions_NxL, valid_NxL, None if cache is None else cache.stacked)
+                x, positions_NxL, valid_NxL, None if cache is None else cache.stacked
+            )
             rest_cache = None if cache is None else cache.rest
         block = _block_class(c, scanned=False)
         new_cache = []
         for i in range(first, c.num_layers):
             x, layer_cache = block(c, c.layer_types[i] == SLIDING, name=f"layers_{i}")(
-                x, positions_NxL, valid_NxL, None if cache is None else rest_cache[i - first])
+                x, positions_NxL, valid_NxL, None if cache is None else rest_cache[i - first]
+            )
             x = constrain(x, ("batch", None, None))
             new_cache.append(layer_cache)
         hidden = Norm(c, name=names(c)["final_norm"])(x)

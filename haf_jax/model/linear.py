@@ -16,6 +16,7 @@ Contract: same outputs, same dtypes and the same mixed-precision behaviour as `j
 `preferred_element_type`: the cotangent keeps its dtype (float32 logits give float32 gradient
 matmuls) and each gradient is cast back to its operand's dtype.
 """
+
 from __future__ import annotations
 
 import functools

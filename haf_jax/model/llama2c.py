@@ -42,6 +42,7 @@ for every piece that splits into two pieces, each such split, ranked by the merg
 and, like Llama 2's tokenizer.json, a normalizer that prepends "▁" and replaces spaces (no word
 splitting), BOS added by the post-processor, and a decoder that drops the prepended space.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,21 +101,27 @@ def read_header(path) -> dict:
         raise ValueError(f"{path}: {len(raw)} bytes, too short for the 28-byte llama2.c header")
     values = struct.unpack("<7i", raw)
     if raw[:4] == _V1_MAGIC:
-        raise ValueError(f"{path}: a llama2.c version-{values[1]} export (magic 0x616b3432); only the legacy v0 "
-                         "format (export.py --version 0, the run.c default) is supported")
+        raise ValueError(
+            f"{path}: a llama2.c version-{values[1]} export (magic 0x616b3432); only the legacy v0 "
+            "format (export.py --version 0, the run.c default) is supported"
+        )
     h = dict(zip(HEADER_FIELDS, values))
     h["shared_classifier"] = h["vocab_size"] > 0
     h["vocab_size"] = abs(h["vocab_size"])
     bad = [k for k in HEADER_FIELDS if h[k] <= 0]
     if bad:
-        raise ValueError(f"{path}: bad llama2.c header {dict(zip(HEADER_FIELDS, values))}: "
-                         f"{', '.join(bad)} must be non-zero (positive)")
+        raise ValueError(
+            f"{path}: bad llama2.c header {dict(zip(HEADER_FIELDS, values))}: "
+            f"{', '.join(bad)} must be non-zero (positive)"
+        )
     if h["dim"] % h["n_heads"] or (h["dim"] // h["n_heads"]) % 2:
-        raise ValueError(f"{path}: bad llama2.c header: dim {h['dim']} is not n_heads "
-                         f"{h['n_heads']} x an even head size")
+        raise ValueError(
+            f"{path}: bad llama2.c header: dim {h['dim']} is not n_heads {h['n_heads']} x an even head size"
+        )
     if h["n_heads"] % h["n_kv_heads"]:
-        raise ValueError(f"{path}: bad llama2.c header: n_heads {h['n_heads']} is not a multiple "
-                         f"of n_kv_heads {h['n_kv_heads']}")
+        raise ValueError(
+            f"{path}: bad llama2.c header: n_heads {h['n_heads']} is not a multiple of n_kv_heads {h['n_kv_heads']}"
+        )
     h["head_dim"] = h["dim"] // h["n_heads"]
     n_floats = sum(int(np.prod(shape)) for _, shape in _array_shapes(h))
     h["expected_bytes"] = _HEADER_BYTES + 4 * n_floats
@@ -125,8 +132,9 @@ def read_checkpoint(path) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a legacy-v0 llama2.c model file.
 
     Returns (header, arrays): header as `read_header`; arrays maps the llama2.c names to read-only
-    float32 arrays (views of a memory map of the file) of the shapes in the module docstring (tok_emb [V, D], wq [L, D, D],
-    wk/wv [L, KV, D], w1/w3 [L, H, D], w2 [L, D, H], ..., wcls [V, D] only when not shared).
+    float32 arrays (views of a memory map of the file) of the shapes in the module docstring
+    (tok_emb [V, D], wq [L, D, D], wk/wv [L, KV, D], w1/w3 [L, H, D], w2 [L, D, H], ..., wcls [V, D]
+    only when not shared).
     Raises ValueError naming the file when it is shorter than the header implies (truncated) or
     longer (trailing bytes: usually a different llama2.c format version or wrong dimensions).
     """
@@ -138,13 +146,14 @@ def read_checkpoint(path) -> tuple[dict, dict[str, np.ndarray]]:
         raise ValueError(
             f"{path}: {what}: {size} bytes, but the llama2.c legacy-v0 header "
             f"{ {k: h[k] for k in HEADER_FIELDS} } (shared classifier: {h['shared_classifier']}) "
-            f"implies {h['expected_bytes']} bytes")
+            f"implies {h['expected_bytes']} bytes"
+        )
     # Read-only memory map: the arrays are views of the file, nothing is copied until used.
     flat = np.memmap(path, dtype="<f4", mode="r", offset=_HEADER_BYTES)
     arrays, at = {}, 0
     for name, shape in _array_shapes(h):
         n = int(np.prod(shape))
-        arrays[name] = flat[at:at + n].reshape(shape)
+        arrays[name] = flat[at : at + n].reshape(shape)
         at += n
     return h, arrays
 
@@ -169,14 +178,16 @@ def read_tokenizer(path, vocab_size: int | None = None) -> tuple[list[str], np.n
         if n < 0 or at + n > len(data):
             raise ValueError(f"{path}: truncated or bad piece length {n} for id {len(pieces)} at byte {at - 4}")
         try:
-            pieces.append(data[at:at + n].decode("utf-8"))
+            pieces.append(data[at : at + n].decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: piece {len(pieces)} is not UTF-8: {e}") from None
         scores.append(score)
         at += n
     if vocab_size is not None and (len(pieces) != vocab_size or at != len(data)):
-        raise ValueError(f"{path}: {len(pieces)} pieces{' and trailing bytes' if at != len(data) else ''}; "
-                         f"the model's vocab_size is {vocab_size}")
+        raise ValueError(
+            f"{path}: {len(pieces)} pieces{' and trailing bytes' if at != len(data) else ''}; "
+            f"the model's vocab_size is {vocab_size}"
+        )
     if not pieces:
         raise ValueError(f"{path}: no pieces")
     if max(len(p.encode("utf-8")) for p in pieces) > max_len:
@@ -205,11 +216,14 @@ def check_rope_tables(header: dict, arrays: dict, theta: float = ROPE_THETA, ato
     hd = header["head_dim"]
     inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     ang = np.arange(header["seq_len"], dtype=np.float64)[:, None] * inv[None, :]
-    err = max(np.max(np.abs(arrays["freq_cis_real"] - np.cos(ang))),
-              np.max(np.abs(arrays["freq_cis_imag"] - np.sin(ang))))
+    err = max(
+        np.max(np.abs(arrays["freq_cis_real"] - np.cos(ang))), np.max(np.abs(arrays["freq_cis_imag"] - np.sin(ang)))
+    )
     if not err <= atol:
-        raise ValueError(f"the RoPE tables differ from theta={theta} by {err:.3g}: not a standard "
-                         "llama2.c legacy-v0 model (or misread)")
+        raise ValueError(
+            f"the RoPE tables differ from theta={theta} by {err:.3g}: not a standard "
+            "llama2.c legacy-v0 model (or misread)"
+        )
 
 
 def hf_state_dict(header: dict, arrays: dict) -> dict[str, np.ndarray]:
@@ -302,19 +316,33 @@ def build_tokenizer(pieces: list[str], scores, path="tokenizer"):
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     hf = _hf_pieces(pieces, path)
-    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(hf)}, merges=bpe_merges(hf, scores),
-                               unk_token=hf[UNK_ID], fuse_unk=True, byte_fallback=True))
+    tok = Tokenizer(
+        models.BPE(
+            vocab={p: i for i, p in enumerate(hf)},
+            merges=bpe_merges(hf, scores),
+            unk_token=hf[UNK_ID],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
     tok.add_special_tokens([AddedToken(hf[i], special=True, normalized=False) for i in range(_FIRST_BYTE_ID)])
     # Llama 2's own tokenizer.json does this with a normalizer, not a Metaspace pre-tokenizer: "▁" is
     # prepended to every text (Metaspace skips it when the text already starts with a space, which
     # llama2.c and SentencePiece do not), and the text is not split into words.
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = None
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1, right=0)])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
     bos = hf[BOS_ID]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, BOS_ID)])
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, BOS_ID)]
+    )
     return tok
 
 
@@ -337,9 +365,13 @@ def to_hf_llama(bin_path, tok_path, out_dir) -> pathlib.Path:
     save_file(hf_state_dict(header, arrays), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(header), indent=2) + "\n")
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=_SPECIAL_NAMES[BOS_ID], eos_token=_SPECIAL_NAMES[EOS_ID],
-        unk_token=_SPECIAL_NAMES[UNK_ID], model_max_length=header["seq_len"],
-        clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        bos_token=_SPECIAL_NAMES[BOS_ID],
+        eos_token=_SPECIAL_NAMES[EOS_ID],
+        unk_token=_SPECIAL_NAMES[UNK_ID],
+        model_max_length=header["seq_len"],
+        clean_up_tokenization_spaces=False,
+    )
     fast.save_pretrained(str(out))
     return out
 
@@ -347,7 +379,8 @@ def to_hf_llama(bin_path, tok_path, out_dir) -> pathlib.Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m haf_jax.model.llama2c",
-        description="Convert a llama2.c legacy-v0 model + tokenizer .bin to a Hugging Face Llama directory.")
+        description="Convert a llama2.c legacy-v0 model + tokenizer .bin to a Hugging Face Llama directory.",
+    )
     parser.add_argument("model", help="llama2.c model .bin (legacy v0 format)")
     parser.add_argument("tokenizer", help="llama2.c tokenizer .bin")
     parser.add_argument("out_dir", help="output directory (created)")
@@ -356,10 +389,12 @@ def main(argv=None) -> None:
     try:
         out = to_hf_llama(args.model, args.tokenizer, args.out_dir)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     header = read_header(args.model)
-    print(f"wrote {out}: llama, {header['n_layers']} layers, dim {header['dim']}, "
-          f"vocab {header['vocab_size']}, tied embeddings: {header['shared_classifier']}")
+    print(
+        f"wrote {out}: llama, {header['n_layers']} layers, dim {header['dim']}, "
+        f"vocab {header['vocab_size']}, tied embeddings: {header['shared_classifier']}"
+    )
 
 
 if __name__ == "__main__":

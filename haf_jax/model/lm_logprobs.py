@@ -26,6 +26,7 @@ states is replicated, so every device computes all rows' logits for its vocabula
 Shapes (docs/DESIGN.md legend): Z batch shards, F positions of a shard (its rows x positions,
 flattened), M positions of one chunk (`block`), D width, V vocabulary.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,9 @@ from haf_jax.core.sharding import constrain
 from haf_jax.model.linear import project
 
 
-def token_logprobs(head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, *, block: int,
-                   softcap: float | None = None):
+def token_logprobs(
+    head_VxD, bias_V, hidden_ZxFxD, targets_ZxF, order_ZxF, count_Z, *, block: int, softcap: float | None = None
+):
     """log p(target) at the first `count_Z[p]` positions of `order_ZxF[p]` (indices into F, each at
     most once), 0 at every other position -> float32 [Z, F]. Differentiable in the head, the bias
     (None: no bias) and the hidden states."""
@@ -68,7 +70,7 @@ def _put(buffer_ZxF, index_ZxM, values_ZxM):
 def head_logits(hidden, head_VxD, bias_V=None, softcap: float | None = None):
     """float32 logits [..., V] of hidden states [..., D] (up to 3 leading axes) under the LM head (cast
     to the hidden states' dtype), plus its bias, soft-capped: the one definition of the LM head."""
-    lead = "nlc"[:hidden.ndim - 1]
+    lead = "nlc"[: hidden.ndim - 1]
     logits = project(f"{lead}d,vd->{lead}v", hidden, head_VxD.astype(hidden.dtype), jnp.float32)
     if bias_V is not None:
         logits = logits + bias_V.astype(jnp.float32)
@@ -127,20 +129,29 @@ def _token_logprobs_bwd(block, softcap, residuals, g_ZxF):
         d_h = jnp.einsum("pbv,vd->pbd", d_logits, head_VxD.astype(h.dtype), preferred_element_type=jnp.float32)
         # The head's gradient contracts the chunk's positions: merged into one axis (a plain matmul).
         rows = d_logits.shape[0] * d_logits.shape[1]
-        d_head = d_head + jnp.einsum("tv,td->vd", d_logits.reshape(rows, -1), h.reshape(rows, -1),
-                                     preferred_element_type=jnp.float32)
+        d_head = d_head + jnp.einsum(
+            "tv,td->vd", d_logits.reshape(rows, -1), h.reshape(rows, -1), preferred_element_type=jnp.float32
+        )
         if d_bias is not None:
             d_bias = d_bias + jnp.sum(d_logits, axis=(0, 1))
         d_hidden = constrain(_put(d_hidden, index, d_h.astype(d_hidden.dtype)), ("batch", None, None))
         return constrain(d_head, ("logit_vocab", None)), d_bias, d_hidden
 
-    init = (constrain(jnp.zeros(head_VxD.shape, jnp.float32), ("logit_vocab", None)),
-            None if bias_V is None else jnp.zeros(bias_V.shape, jnp.float32),
-            # each position is written once (padding adds zeros): no float32 accumulator needed
-            constrain(jnp.zeros(hidden_ZxFxD.shape, hidden_ZxFxD.dtype), ("batch", None, None)))
+    init = (
+        constrain(jnp.zeros(head_VxD.shape, jnp.float32), ("logit_vocab", None)),
+        None if bias_V is None else jnp.zeros(bias_V.shape, jnp.float32),
+        # each position is written once (padding adds zeros): no float32 accumulator needed
+        constrain(jnp.zeros(hidden_ZxFxD.shape, hidden_ZxFxD.dtype), ("batch", None, None)),
+    )
     d_head, d_bias, d_hidden = jax.lax.fori_loop(0, chunks_run(count_Z, block), body, init)
-    return (d_head.astype(head_VxD.dtype), None if bias_V is None else d_bias.astype(bias_V.dtype),
-            d_hidden, None, None, None)
+    return (
+        d_head.astype(head_VxD.dtype),
+        None if bias_V is None else d_bias.astype(bias_V.dtype),
+        d_hidden,
+        None,
+        None,
+        None,
+    )
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

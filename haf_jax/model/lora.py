@@ -13,6 +13,7 @@ step, so gradients reach only A, B and the unfrozen heads, and the optimizer hol
 Dropout on the adapter input is not offered: adapters are merged into W, where input dropout has no
 equivalent (the paper's runs, like PEFT's default, use none).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,10 @@ class LoraConfig:
         if self.rank < 0:
             raise ValueError(f"model.lora.rank must be >= 0, got {self.rank}")
         if self.dropout:
-            raise ValueError(f"model.lora.dropout={self.dropout}: only 0 is supported (adapters are merged into "
-                             f"the weights inside the step, where input dropout has no equivalent)")
+            raise ValueError(
+                f"model.lora.dropout={self.dropout}: only 0 is supported (adapters are merged into "
+                f"the weights inside the step, where input dropout has no equivalent)"
+            )
         try:
             re.compile(self.targets)
         except re.error as e:
@@ -59,9 +62,15 @@ class LoraConfig:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, lora_cfg) -> "LoraConfig":
-        return cls(int(lora_cfg.rank), float(lora_cfg.alpha), float(lora_cfg.dropout), str(lora_cfg.targets),
-                   bool(lora_cfg.train_lm_head), bool(lora_cfg.train_embeddings))
+    def from_config(cls, lora_cfg) -> LoraConfig:
+        return cls(
+            int(lora_cfg.rank),
+            float(lora_cfg.alpha),
+            float(lora_cfg.dropout),
+            str(lora_cfg.targets),
+            bool(lora_cfg.train_lm_head),
+            bool(lora_cfg.train_embeddings),
+        )
 
 
 def _per_layer(config: ModelConfig) -> ModelConfig:
@@ -94,8 +103,10 @@ def targets(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]
         layers.setdefault(new, set()).add(k)
     partial = [p for p, ks in layers.items() if None not in ks and len(ks) != len(scan.layer_paths(p, config))]
     if partial:
-        raise ValueError(f"model.lora.targets={lora.targets!r} selects only some of the scanned layers of "
-                         f"{partial[:3]}; adapt every layer of a period position, or set model.scan_layers=False")
+        raise ValueError(
+            f"model.lora.targets={lora.targets!r} selects only some of the scanned layers of "
+            f"{partial[:3]}; adapt every layer of a period position, or set model.scan_layers=False"
+        )
     return out
 
 
@@ -111,11 +122,15 @@ def _per_layer_targets(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple
             continue
         out[path] = _matrix_dims(path, s.shape)
     if refused:
-        raise ValueError(f"model.lora.targets={lora.targets!r} matches tensors that are not projection matrices: "
-                         f"{refused[:5]} (use model.lora.train_lm_head / train_embeddings to train heads)")
+        raise ValueError(
+            f"model.lora.targets={lora.targets!r} matches tensors that are not projection matrices: "
+            f"{refused[:5]} (use model.lora.train_lm_head / train_embeddings to train heads)"
+        )
     if not out:
-        raise ValueError(f"model.lora.targets={lora.targets!r} matches no projection matrix of this {config.family} "
-                         f"model (names look like 'model.layers.0.mlp.up_proj.weight')")
+        raise ValueError(
+            f"model.lora.targets={lora.targets!r} matches no projection matrix of this {config.family} "
+            f"model (names look like 'model.layers.0.mlp.up_proj.weight')"
+        )
     return out
 
 
@@ -179,7 +194,7 @@ def abstract_trainable(config: ModelConfig, lora: LoraConfig):
     for path, (d_in, d_out) in targets(config, lora).items():
         axes = tuple(flat_names[path])
         lead = (len(scan.layer_paths(path, config)),) if axes[0] == scan.STACK else ()
-        axes, ndim = axes[len(lead):], len(flat_shapes[path].shape) - len(lead)
+        axes, ndim = axes[len(lead) :], len(flat_shapes[path].shape) - len(lead)
         in_first = hf._layout(path) == "in_first"
         a_axis = axes[0] if (in_first or ndim == 2) else None
         b_axis = axes[-1] if (not in_first or ndim == 2) else None

@@ -12,6 +12,7 @@ same in both layouts.
 an optimizer moment) and pass through what is already in the wanted layout, so `to_layout` can
 be applied to a whole train state (restoring a checkpoint written in the other layout).
 """
+
 from __future__ import annotations
 
 import re
@@ -83,8 +84,10 @@ def stack(tree: dict, config: ModelConfig, stack_fn=None) -> dict:
     for new, by_index in groups.items():
         if len(by_index) != r:
             missing = [p for p in layer_paths(new, config) if stacked_path(p, config)[1] not in by_index]
-            raise ValueError(f"{new} stacks {r} layers, but {missing[:3]} are absent: a subset of the "
-                             f"scanned layers cannot be stacked (model.scan_layers=False lifts this)")
+            raise ValueError(
+                f"{new} stacks {r} layers, but {missing[:3]} are absent: a subset of the "
+                f"scanned layers cannot be stacked (model.scan_layers=False lifts this)"
+            )
         out[new] = stack_fn([by_index[k] for k in range(r)])
     return traverse_util.unflatten_dict(out, sep="/")
 

@@ -6,6 +6,7 @@ Per device, from XLA's `compiled.memory_analysis()`:
 (the state is donated, so its outputs alias its arguments and are counted once). A compile that
 XLA itself refuses for lack of memory (RESOURCE_EXHAUSTED, as XLA:TPU does) is the same verdict.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,9 @@ class DoesNotFit(ValueError):
 def exhausted_bytes(message: str) -> tuple[int | None, int | None]:
     """(needed, available) bytes from XLA's 'Used 21.02G of 15.75G hbm' or '... temporaries
     (185.10G) exceeds available HBM (15.75G)' (None when absent)."""
-    m = (re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)", message)
-         or re.search(r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)", message))
+    m = re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)", message) or re.search(
+        r"\(([\d.]+)([KMGT]?)\)\s+exceeds available HBM\s+\(([\d.]+)([KMGT]?)\)", message
+    )
     if not m:
         return None, None
     return int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)])
@@ -41,17 +43,24 @@ def advice(config, mesh_shape, chips: int, fits: bool, headroom: float) -> list[
         return []
     out = []
     if mesh_shape[1] < chips:
-        out.append(f"shard the state over more chips: --config.mesh.shape=\"(1,-1,1)\" (FSDP over all {chips})"
-                   if mesh_shape[0] > 1 else "use more FSDP: --config.mesh.shape=\"(1,-1,1)\"")
+        out.append(
+            f'shard the state over more chips: --config.mesh.shape="(1,-1,1)" (FSDP over all {chips})'
+            if mesh_shape[0] > 1
+            else 'use more FSDP: --config.mesh.shape="(1,-1,1)"'
+        )
     if not config.model.remat:
         out.append("rematerialise blocks: --config.model.remat=True")
-    out.append(f"fewer pairs per micro-batch: --config.optim.grad_accum={2 * config.optim.grad_accum} "
-               f"(or a smaller train.batch_size={config.train.batch_size}; also data.max_length={config.data.max_length})")
+    out.append(
+        f"fewer pairs per micro-batch: --config.optim.grad_accum={2 * config.optim.grad_accum} "
+        f"(or a smaller train.batch_size={config.train.batch_size}; also data.max_length={config.data.max_length})"
+    )
     if config.model.lora.rank == 0:
         out.append("train adapters only: --config.model.lora.rank=64 (the Adam state then covers just the adapters)")
     if config.model.lora.rank == 0 and config.optim.moment_dtype == "float32":
-        out.append("keep Adam's first moment in bfloat16: --config.optim.moment_dtype=bfloat16 (2 bytes less per "
-                   "trained parameter)")
+        out.append(
+            "keep Adam's first moment in bfloat16: --config.optim.moment_dtype=bfloat16 (2 bytes less per "
+            "trained parameter)"
+        )
     if config.model.compute_dtype == "float32":
         out.append("compute in bfloat16: --config.model.compute_dtype=bfloat16")
     out.append("or a bigger slice (more chips, or v5p's 95 GiB per chip)")
@@ -88,15 +97,24 @@ def measure(fn, args, *, memory_bytes: int, per_chip: int = 1):
     t0 = time.perf_counter()
     try:
         compiled = fn.lower(*args).compile()
-    except Exception as e:  # noqa: BLE001 - XLA raises XlaRuntimeError / JaxRuntimeError
+    except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         needed, available = exhausted_bytes(str(e))
         first = next((line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e)[:300])
-        result = {"fits": False, "compile_s": round(time.perf_counter() - t0, 2), "flops_per_step": None,
-                  "bytes_per_chip": {"arguments": None, "temporaries": None, "outputs": None, "aliased": None,
-                                     "total": needed and needed * per_chip},
-                  "xla_error": first.strip()[:500]}
+        result = {
+            "fits": False,
+            "compile_s": round(time.perf_counter() - t0, 2),
+            "flops_per_step": None,
+            "bytes_per_chip": {
+                "arguments": None,
+                "temporaries": None,
+                "outputs": None,
+                "aliased": None,
+                "total": needed and needed * per_chip,
+            },
+            "xla_error": first.strip()[:500],
+        }
         if available:
             result["hbm_usable_per_chip_bytes"] = available * per_chip
         return None, result
@@ -108,11 +126,13 @@ def measure(fn, args, *, memory_bytes: int, per_chip: int = 1):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = (cost or {}).get("flops")  # of one device's program (the per-chip share of the step)
-    return compiled, {"fits": total <= memory_bytes, "compile_s": compile_s,
-                      "flops_per_step": None if flops is None else float(flops) * per_chip,
-                      "bytes_per_chip": {"arguments": args_b, "temporaries": temp, "outputs": outs, "aliased": alias,
-                                         "total": total},
-                      "headroom": round(1 - total / memory_bytes, 4)}
+    return compiled, {
+        "fits": total <= memory_bytes,
+        "compile_s": compile_s,
+        "flops_per_step": None if flops is None else float(flops) * per_chip,
+        "bytes_per_chip": {"arguments": args_b, "temporaries": temp, "outputs": outs, "aliased": alias, "total": total},
+        "headroom": round(1 - total / memory_bytes, 4),
+    }
 
 
 def size(n: int) -> str:
@@ -128,8 +148,9 @@ def device_memory_bytes(devices) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
 
 
-def check_train_step(config, step_cfg, model_cfg, mesh, train_fn, keys, abstract_state, *, live: bool,
-                     pack_shape=None) -> None:
+def check_train_step(
+    config, step_cfg, model_cfg, mesh, train_fn, keys, abstract_state, *, live: bool, pack_shape=None
+) -> None:
     """Compiles `train_fn` (the run's jitted train step) for the largest batch before step 1 and
     raises DoesNotFit with the verdict and advice when a device cannot hold it. The compiled step
     stays in `train_fn`'s cache, so the first step of that shape does not compile again."""
@@ -143,9 +164,11 @@ def check_train_step(config, step_cfg, model_cfg, mesh, train_fn, keys, abstract
     total = result["bytes_per_chip"]["total"]
     need = "?" if total is None else size(total)
     detail = f" ({result['xla_error']})" if result.get("xla_error") else ""
-    lines = [f"the train step does not fit: it needs {need} per device of {size(memory)} "
-             f"({mesh.devices.size} x {local[0].device_kind}, mesh {dict(zip(('data', 'fsdp', 'tensor'), mesh_shape))}, "
-             f"batch tokens {' x '.join(map(str, batch['tokens'].shape))}){detail}"]
+    lines = [
+        f"the train step does not fit: it needs {need} per device of {size(memory)} "
+        f"({mesh.devices.size} x {local[0].device_kind}, mesh {dict(zip(('data', 'fsdp', 'tensor'), mesh_shape))}, "
+        f"batch tokens {' x '.join(map(str, batch['tokens'].shape))}){detail}"
+    ]
     lines += [f"advice: {a}" for a in advice(config, mesh_shape, mesh.devices.size, False, 0.0)]
     lines.append("(python -m haf_jax.plan --config=... --topology=... checks a setup without running it)")
     raise DoesNotFit("\n".join(lines))

@@ -14,6 +14,7 @@ body once, whatever its trip count: scanned layers would be undercounted by thei
 Peaks are dense bfloat16 FLOP/s per device from the vendors' data sheets; on CPU the peak is
 measured once (a float32 matmul on this host), and the log says which.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,16 @@ import jax.numpy as jnp
 # v5p 459 T, v6e 918 T per chip; JAX shows one device per chip) and NVIDIA data sheets (A100 312 T,
 # H100 SXM 989 T, H100 PCIe 756 T, H200 989 T; dense, without sparsity).
 PEAK_BF16_FLOPS = (
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
     ("TPU v4", 275e12),
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
     ("A100", 312e12),
 )
 
@@ -71,7 +77,7 @@ def _count(jaxpr) -> tuple[float, float]:
         else:  # scan (times its length), jit, remat, custom_vjp, ...
             times = eqn.params["length"] if name == "scan" else 1
             for value in eqn.params.values():
-                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
                     sub = getattr(sub, "jaxpr", sub)
                     if hasattr(sub, "eqns"):
                         f, c = _count(sub)
@@ -87,7 +93,10 @@ def peak_flops(devices) -> tuple[float | None, str]:
         # Fake CPU devices (--xla_force_host_platform_device_count) share one host's cores.
         hosts = len({d.process_index for d in devices})
         per_host = measured_cpu_flops()
-        return per_host * hosts, f"measured on this CPU host: {per_host / 1e9:.1f} GFLOP/s float32 matmul x {hosts} host(s)"
+        return (
+            per_host * hosts,
+            f"measured on this CPU host: {per_host / 1e9:.1f} GFLOP/s float32 matmul x {hosts} host(s)",
+        )
     for name, peak in PEAK_BF16_FLOPS:
         if name.lower() in kind.lower():
             return peak * len(devices), f"{kind}: {peak / 1e12:.0f} TFLOP/s bf16 dense x {len(devices)} devices"

@@ -4,9 +4,11 @@
 Metrics are fetched one step late so the device never waits on Python. Elsewhere: the resume
 policy (run_config), reference log-probs (reference.for_run), metrics files (metrics).
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import signal
 
@@ -33,8 +35,15 @@ EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margi
 def evaluate(s: Setup, evaluator, params, ref_params, ref_eval, frozen=None):
     """(eval row, evaluation.Result) over the whole eval split: the one evaluation path, shared with
     score/evaluate. The row holds every finite aggregate (accuracies, margins, calibration)."""
-    result = evaluator(params, s.eval_ds, batch_size=s.config.train.eval_batch_size, ref_logp_Nx2=ref_eval,
-                       ref_params=ref_params, frozen=frozen, desc="eval")
+    result = evaluator(
+        params,
+        s.eval_ds,
+        batch_size=s.config.train.eval_batch_size,
+        ref_logp_Nx2=ref_eval,
+        ref_params=ref_params,
+        frozen=frozen,
+        desc="eval",
+    )
     row = {k: v for k, v in result.summary.items() if isinstance(v, int) or np.isfinite(v)}
     return row, result
 
@@ -74,10 +83,13 @@ def resume(s: Setup, ckpt, loader, config, workdir, base: dict):
     Refuses a config that differs from the checkpoint's in a way that matters (run_config), and a
     workdir whose checkpoints are all unusable (starting afresh there would overwrite its history).
     """
+
     def none_usable():
-        return RunError(f"{s.checkpoint_dir} holds checkpoints but none is usable ("
-                        + "; ".join(f"step {k}: {v}" for k, v in sorted(ckpt.unusable_steps().items()))
-                        + "); move them away to start afresh, or use a new --workdir")
+        return RunError(
+            f"{s.checkpoint_dir} holds checkpoints but none is usable ("
+            + "; ".join(f"step {k}: {v}" for k, v in sorted(ckpt.unusable_steps().items()))
+            + "); move them away to start afresh, or use a new --workdir"
+        )
 
     start = ckpt.latest_step()
     if start is None and ckpt.unusable_steps():
@@ -112,26 +124,45 @@ def train(config, workdir) -> dict:
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
-    ckpt = Checkpointer(s.checkpoint_dir, every_steps=c.checkpoint.every_steps,
-                        every_minutes=c.checkpoint.every_minutes, keep=c.checkpoint.keep, best_metric=best_metric)
+    ckpt = Checkpointer(
+        s.checkpoint_dir,
+        every_steps=c.checkpoint.every_steps,
+        every_minutes=c.checkpoint.every_minutes,
+        keep=c.checkpoint.keep,
+        best_metric=best_metric,
+    )
     loader = train_loader(s)
     padding = loader.padding()
-    log(f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
+    log(
+        f"train batches: {padding['shape']}, padding {padding['padding_fraction']:.1%} of the tokens, "
         f"{padding['pairs_per_step']:g} pairs a step, {padding['tokens_vs_plain']:.2f}x the tokens of plain "
-        f"[B, 2, L] batches (data.packing and data.share_prompt change that)")
+        f"[B, 2, L] batches (data.packing and data.share_prompt change that)"
+    )
     if jax.process_index() == 0:  # the train data report states the padding of its batches
-        paths.write_text(workdir / "data_report_train.json",
-                         json.dumps({**s.train_ds.report, "batches": padding}, indent=1, default=str))
+        paths.write_text(
+            workdir / "data_report_train.json",
+            json.dumps({**s.train_ds.report, "batches": padding}, indent=1, default=str),
+        )
     live = lc.needs_reference and c.loss.reference == "live"
     if c.loss.reference not in ("precompute", "live"):
         raise RunError(f"loss.reference={c.loss.reference!r}; allowed: precompute, live")
     state_sh = jax.tree.map(lambda x: x.sharding, s.abstract_state)
-    train_fn, train_keys = step_lib.jit_train_step(s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings,
-                                                   live_reference=live)
+    train_fn, train_keys = step_lib.jit_train_step(
+        s.step_cfg, s.optimizer, s.mesh, state_sh, s.param_shardings, live_reference=live
+    )
     train_fn = flops.CountedStep(train_fn)  # compiled once per batch shape; its FLOPs give the MFU
     # Before any weight is loaded: a step that cannot fit stops here with the planner's verdict and advice.
-    fit.check_train_step(c, s.step_cfg, s.model_config, s.mesh, train_fn, train_keys, s.abstract_state, live=live,
-                         pack_shape=getattr(loader, "shape", None) if s.step_cfg.packed else None)
+    fit.check_train_step(
+        c,
+        s.step_cfg,
+        s.model_config,
+        s.mesh,
+        train_fn,
+        train_keys,
+        s.abstract_state,
+        live=live,
+        pack_shape=getattr(loader, "shape", None) if s.step_cfg.packed else None,
+    )
     load_params0 = lambda: initial_params(c, s.model_config, s.model_path, s.mesh)
     lora = s.step_cfg.lora.enabled  # LoRA always needs the base: it is frozen, not checkpointed
     params0 = load_params0() if lora or live or ckpt.latest_step() is None else None
@@ -144,8 +175,9 @@ def train(config, workdir) -> dict:
         state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
     params0 = trainable0 = None  # drop the initial weights unless the live reference or LoRA needs them
 
-    evaluator = evaluation.Evaluator(s.step_cfg, s.mesh, reward=lc.needs_reward, policy=lc.needs_policy,
-                                     live_reference=live)
+    evaluator = evaluation.Evaluator(
+        s.step_cfg, s.mesh, reward=lc.needs_reward, policy=lc.needs_policy, live_reference=live
+    )
     metrics_log = MetricsLog(workdir, resume_step=start)
     preempt = Preemption()
     pending = None
@@ -164,14 +196,20 @@ def train(config, workdir) -> dict:
         pairs, tokens, compiles, counted = work
         meter.arrived(pairs, tokens, compiles, flops.flops_of(counted, m))
         if m.pop("finite") < 1.0:
-            raise RunError(f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
-                           f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written")
+            raise RunError(
+                f"non-finite loss or gradient at step {step} (loss={m['loss']}, grad_norm="
+                f"{m['grad_norm']}); the run stopped and no checkpoint of that state was written"
+            )
         if step == 1 or step % c.train.log_every == 0 or step == c.train.steps:
             m.update(meter.rates())  # over the steps since the last logged row, compilation excluded
             metrics_log.write(step, m)
         last_train = m
-        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m[best_metric]:.3f}", refresh=False,
-                        **({"pairs_s": f"{m['pairs_per_s']:.1f}"} if "pairs_per_s" in m else {}))
+        bar.set_postfix(
+            loss=f"{m['loss']:.4f}",
+            acc=f"{m[best_metric]:.3f}",
+            refresh=False,
+            **({"pairs_s": f"{m['pairs_per_s']:.1f}"} if "pairs_per_s" in m else {}),
+        )
 
     try:
         for step in range(start + 1, c.train.steps + 1):
@@ -183,8 +221,12 @@ def train(config, workdir) -> dict:
             compiles = meter.dispatched(batch["tokens"].shape, metrics)
             profiler.after(step, metrics)
             valid = batch["valid"].astype(bool)
-            work = (float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
-                    float(data.real_tokens(batch)) * jax.process_count(), compiles, train_fn.last_flops)
+            work = (
+                float(valid.sum()) * jax.process_count(),  # pairs and real tokens of this step, all hosts
+                float(data.real_tokens(batch)) * jax.process_count(),
+                compiles,
+                train_fn.last_flops,
+            )
             if pending is not None:
                 flush(pending)
             pending = (step, metrics, work)
@@ -198,14 +240,22 @@ def train(config, workdir) -> dict:
             if is_eval:
                 last_eval, result = evaluate(s, evaluator, state["params"], ref_params, refs.get("eval"), frozen)
                 metrics_log.write(step, last_eval, split="eval")
-                metrics_log.write_figures(step, lambda: plots.eval_figures(result.scores), split="eval")
+                metrics_log.write_figures(step, functools.partial(plots.eval_figures, result.scores), split="eval")
                 if best is None or last_eval[best_metric] > best[1][best_metric]:
                     best = (step, last_eval)
-                log(f"\neval @ step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                                                          for k, v in last_eval.items()))
+                log(
+                    f"\neval @ step {step}: "
+                    + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())
+                )
             if save:
-                ckpt.save(step, state, data_state={"train": loader.state}, config={**config_dict(config), **base},
-                          metrics=last_eval if is_eval else None, force=True)
+                ckpt.save(
+                    step,
+                    state,
+                    data_state={"train": loader.state},
+                    config={**config_dict(config), **base},
+                    metrics=last_eval if is_eval else None,
+                    force=True,
+                )
             if is_eval or save:
                 meter.pause()  # eval and saving are not step time
             if stop:
@@ -223,8 +273,13 @@ def train(config, workdir) -> dict:
         metrics_log.close()
         loader.close()
 
-    summary = {"workdir": str(workdir), "steps": c.train.steps, "objective": lc.objective,
-               "last": {"step": c.train.steps, **(last_eval or {})}, "train": last_train}
+    summary = {
+        "workdir": str(workdir),
+        "steps": c.train.steps,
+        "objective": lc.objective,
+        "last": {"step": c.train.steps, **(last_eval or {})},
+        "train": last_train,
+    }
     if best is not None:
         summary["best"] = {"step": best[0], **best[1]}
     if jax.process_index() == 0:

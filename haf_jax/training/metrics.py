@@ -7,6 +7,7 @@ are dropped so the file reads as if the run had never stopped. A remote workdir 
 same files: objects cannot be appended to, so metrics.jsonl is rewritten whole at most every
 `REMOTE_FLUSH_S` seconds, at each eval row and at close.
 """
+
 from __future__ import annotations
 
 import collections
@@ -83,8 +84,11 @@ class Throughput:
     def rates(self) -> dict:
         out = {"compile_s": self.compile_s}
         if self._steps:
-            out.update(pairs_per_s=self._pairs / max(self._time, 1e-9),
-                       tokens_per_s=self._tokens / max(self._time, 1e-9), step_s=self._time / self._steps)
+            out.update(
+                pairs_per_s=self._pairs / max(self._time, 1e-9),
+                tokens_per_s=self._tokens / max(self._time, 1e-9),
+                step_s=self._time / self._steps,
+            )
             if self._peak and self._flops:
                 out["mfu"] = self._flops / (max(self._time, 1e-9) * self._peak)
         self._reset()
@@ -201,7 +205,8 @@ def past_metrics(workdir, upto: int, best_metric: str):
         if row.get("split") == "eval":
             last_eval = values
             if isinstance(values.get(best_metric), (int, float)) and (
-                    best is None or values[best_metric] > best[1][best_metric]):
+                best is None or values[best_metric] > best[1][best_metric]
+            ):
                 best = (step, values)
         elif "split" not in row and step == upto:
             last_train = values

@@ -4,6 +4,7 @@ The trace (`plugins/profile/<time>/<host>.xplane.pb` and `.trace.json.gz`) opens
 profile plugin (`tensorboard --logdir WORKDIR/profile`) or in Perfetto (ui.perfetto.dev, the
 `.trace.json.gz`). Pick steps after the first, which compiles.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,7 +13,7 @@ import jax
 
 
 def parse_steps(spec: str) -> tuple[int, int] | None:
-    """"A-B" -> (A, B); "" -> None; anything else is a ValueError naming the key."""
+    """ "A-B" -> (A, B); "" -> None; anything else is a ValueError naming the key."""
     if not spec:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(spec))

@@ -6,9 +6,11 @@ by a fingerprint of (initial weights, tokenised data, model architecture and com
 so a second run on the same data and weights skips the pass. The arrays are plain .npy files
 (read with allow_pickle=False), indexed by the dataset's pair index; both may live on gs://.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -89,13 +91,26 @@ def for_run(s, params0, workdir, load_params0=None) -> dict[str, np.ndarray]:
             params0 = load_params0()
         if params0 is None:
             raise RunError(f"{local} is missing and the initial weights are not available to recompute it")
-        key = {"weights": params_lib.params_fingerprint(params0), "data": ds.fingerprint,
-               "model": dataclasses.asdict(s.model_config), "dtype": str(s.step_cfg.compute_dtype),
-               "chunk": s.step_cfg.logprob_chunk, "mesh": dict(s.mesh.shape)}
-        put = lambda b: forward.put_batch(b, keys, s.mesh)
-        bs = s.config.train.eval_batch_size
-        array, hit = cached(key, lambda: compute(ds, params0, ref_fn, put, batch_size=bs,
-                                                 desc=f"reference log-probs ({name})"))
+        key = {
+            "weights": params_lib.params_fingerprint(params0),
+            "data": ds.fingerprint,
+            "model": dataclasses.asdict(s.model_config),
+            "dtype": str(s.step_cfg.compute_dtype),
+            "chunk": s.step_cfg.logprob_chunk,
+            "mesh": dict(s.mesh.shape),
+        }
+        array, hit = cached(
+            key,
+            functools.partial(
+                compute,
+                ds,
+                params0,
+                ref_fn,
+                functools.partial(forward.put_batch, keys=keys, mesh=s.mesh),
+                batch_size=s.config.train.eval_batch_size,
+                desc=f"reference log-probs ({name})",
+            ),
+        )
         log(f"reference log-probs ({name}, {len(ds)} pairs): {'cache hit' if hit else 'computed'}")
         if local is not None and jax.process_index() == 0:
             _save(local, array)

@@ -8,6 +8,7 @@ differences in eval/log cadence, checkpoint options and the eval data are report
 A checkpoint written before a key existed is compared as if it had the key's default
 (haf_jax/config/base.py ADDED_LATER), so adding a key never breaks a resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ def config_dict(config) -> dict:
 
 
 # Keys (haf_jax/config/base.py) that never change the trained state.
-HARMLESS_PREFIXES = ("train.eval_every", "train.log_every", "train.profile_steps", "checkpoint.", "data.eval",
-                     "model.scan_layers", "model.remat_policy")  # a resume converts the layout; same numbers
+HARMLESS_PREFIXES = (
+    "train.eval_every",
+    "train.log_every",
+    "train.profile_steps",
+    "checkpoint.",
+    "data.eval",
+    "model.scan_layers",
+    "model.remat_policy",
+)  # a resume converts the layout; same numbers
 _MISSING = "<missing>"
 
 
@@ -44,8 +52,7 @@ def _matches(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
-def compare_configs(saved: dict, current: dict, *,
-                    harmless_prefixes=HARMLESS_PREFIXES) -> tuple[list[str], list[str]]:
+def compare_configs(saved: dict, current: dict, *, harmless_prefixes=HARMLESS_PREFIXES) -> tuple[list[str], list[str]]:
     """Differences between a checkpoint's config and the current one, as (breaking, harmless).
 
     Nested dicts are flattened to dotted keys and compared after a JSON round trip (so a tuple
@@ -73,19 +80,28 @@ def check_resumable(saved: dict, config, base: dict, workdir, *, scan_layers: bo
     saved_scan = bool(saved["model"]["scan_layers"])
     if saved.get("base_weights") != base.get("base_weights") and saved_scan != scan_layers:
         # the base's fingerprint covers its layout: adapters are converted, the frozen base is not
-        raise RunError(f"{workdir} holds LoRA adapters of a run with model.scan_layers={saved_scan}: resume "
-                       f"it with --config.model.scan_layers={saved_scan}")
+        raise RunError(
+            f"{workdir} holds LoRA adapters of a run with model.scan_layers={saved_scan}: resume "
+            f"it with --config.model.scan_layers={saved_scan}"
+        )
     if saved.get("base_weights") != base.get("base_weights"):
-        raise RunError(f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
-                       f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
-                       f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir")
+        raise RunError(
+            f"{workdir} holds LoRA adapters trained on other base weights (fingerprint "
+            f"{saved.get('base_weights')}; model.checkpoint={config.model.checkpoint!r} gives "
+            f"{base.get('base_weights')}): resume with the base they were trained on, or use a new --workdir"
+        )
     breaking, harmless = compare_configs(saved, {**config_dict(config), **base})
     was_eval = saved["data"]["eval"]
     if bool(was_eval) != bool(config.data.eval):  # "" carves the eval split out of data.train
         harmless = [line for line in harmless if not line.startswith("data.eval:")]
-        breaking.append(f"data.eval: saved={was_eval!r} current={config.data.eval!r} (an empty data.eval takes "
-                        f"the eval split out of data.train, so this changes the training data)")
+        breaking.append(
+            f"data.eval: saved={was_eval!r} current={config.data.eval!r} (an empty data.eval takes "
+            f"the eval split out of data.train, so this changes the training data)"
+        )
     if breaking:
-        raise RunError(f"{workdir} holds a checkpoint from a different run configuration:\n  "
-                       + "\n  ".join(breaking) + "\nuse a new --workdir or restore the old settings")
+        raise RunError(
+            f"{workdir} holds a checkpoint from a different run configuration:\n  "
+            + "\n  ".join(breaking)
+            + "\nuse a new --workdir or restore the old settings"
+        )
     return harmless

@@ -3,6 +3,7 @@ tokenizer, data, mesh, step config, optimizer and the state layout (`build` -> `
 
 What training alone needs; the factories evaluation and the planner share with it are core/model_setup.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,14 +51,22 @@ def build(config, workdir: epath.Path | None) -> Setup:
     with paths.local_dir(tok_source) if paths.is_remote(tok_source) else contextlib.nullcontext(tok_source) as t:
         tokenizer = data.load_tokenizer(t)
     if len(tokenizer) > model_cfg.vocab_size:
-        raise RunError(f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is "
-                       f"{model_cfg.vocab_size}")
+        raise RunError(
+            f"tokenizer {tok_source} has {len(tokenizer)} tokens but the model's vocab_size is {model_cfg.vocab_size}"
+        )
     d = config.data
     train_spec = d.train or data.sample_paths()["data"]
     options = data.PairOptions(
-        max_length=d.max_length, max_prompt_length=d.max_prompt_length, template=d.template,
-        eval_fraction=d.eval_fraction, seed=config.train.seed, max_skip_fraction=d.max_skip_fraction,
-        process_index=jax.process_index(), process_count=jax.process_count(), **data_options.fidelity_options(d))
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        template=d.template,
+        eval_fraction=d.eval_fraction,
+        seed=config.train.seed,
+        max_skip_fraction=d.max_skip_fraction,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        **data_options.fidelity_options(d),
+    )
     eval_opts = dataclasses.replace(options, **data_options.eval_options(d))  # data.eval_subsample[_seed]
     if d.eval:  # separate files: each is used whole
         train_ds = data.load_pairs(train_spec, tokenizer, options, split="all")
@@ -78,25 +87,48 @@ def build(config, workdir: epath.Path | None) -> Setup:
     n_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     for key in ("batch_size", "eval_batch_size"):
         if config.train[key] % (n_shards * config.optim.grad_accum if key == "batch_size" else n_shards):
-            raise RunError(f"train.{key}={config.train[key]} must be a multiple of the data-parallel size "
-                           f"{n_shards} (mesh {dict(mesh.shape)})"
-                           + (f" times optim.grad_accum={config.optim.grad_accum}" if key == "batch_size" else ""))
+            raise RunError(
+                f"train.{key}={config.train[key]} must be a multiple of the data-parallel size "
+                f"{n_shards} (mesh {dict(mesh.shape)})"
+                + (f" times optim.grad_accum={config.optim.grad_accum}" if key == "batch_size" else "")
+            )
     step_cfg = step_config(config, model_cfg)
     optimizer = optimizer_for(config)
     param_sh = params_lib.param_shardings(model_cfg, mesh)
     trained_sh = params_lib.trainable_shardings(model_cfg, step_cfg.lora, mesh)
     init_state, abstract_state = step_lib.state_layout(model_cfg, optimizer, mesh, step_cfg.lora)
-    return Setup(config, model_cfg, tokenizer, train_ds, eval_ds, mesh, step_cfg, optimizer, param_sh, trained_sh,
-                 init_state, abstract_state, workdir / "checkpoints" if workdir is not None else None, path)
+    return Setup(
+        config,
+        model_cfg,
+        tokenizer,
+        train_ds,
+        eval_ds,
+        mesh,
+        step_cfg,
+        optimizer,
+        param_sh,
+        trained_sh,
+        init_state,
+        abstract_state,
+        workdir / "checkpoints" if workdir is not None else None,
+        path,
+    )
 
 
 def train_loader(s: Setup):
     """The run's train batches (plain, packed or shared-prompt, as data.* says), in the seeded order:
     rows a multiple of the data-parallel size times optim.grad_accum. The caller closes it."""
     c, d = s.config, s.config.data
-    return data.train_loader(s.train_ds, c.train.batch_size, seed=c.train.seed, packing=d.packing,
-                             share_prompt=d.share_prompt, pack_length=d.pack_length, pack_rows=d.pack_rows,
-                             row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum)
+    return data.train_loader(
+        s.train_ds,
+        c.train.batch_size,
+        seed=c.train.seed,
+        packing=d.packing,
+        share_prompt=d.share_prompt,
+        pack_length=d.pack_length,
+        pack_rows=d.pack_rows,
+        row_multiple=s.mesh.shape["data"] * s.mesh.shape["fsdp"] * c.optim.grad_accum,
+    )
 
 
 def split_trainable(s: Setup, params0):

@@ -12,6 +12,7 @@ train_step(state, batch, ref_params, frozen) -> (state, metrics)
 The state is donated. A non-finite loss or gradient leaves the state unchanged and is reported
 through metrics["finite"] = 0, so the host can stop without the bad state ever existing.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,8 +37,16 @@ from haf_jax.model.heads import forward_pairs
 
 def _outputs(params, cfg: StepConfig, batch, ref_params):
     """Model outputs for one (micro-)batch, with the reference log-probs attached."""
-    out = forward_pairs(params, cfg.model, batch, reward=cfg.loss.needs_reward, policy=cfg.loss.needs_policy,
-                        chunk=cfg.logprob_chunk, compute_dtype=cfg.compute_dtype, shared_prompt=cfg.share_prompt)
+    out = forward_pairs(
+        params,
+        cfg.model,
+        batch,
+        reward=cfg.loss.needs_reward,
+        policy=cfg.loss.needs_policy,
+        chunk=cfg.logprob_chunk,
+        compute_dtype=cfg.compute_dtype,
+        shared_prompt=cfg.share_prompt,
+    )
     if cfg.loss.needs_reference:
         if ref_params is not None:  # live reference: frozen initial weights, same tokens
             out = out.replace(ref_logp_Bx2=jax.lax.stop_gradient(reference_logprobs(ref_params, batch, cfg=cfg)))
@@ -50,8 +59,16 @@ def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
     out = _outputs(model_params(params, frozen, cfg), cfg, batch, ref_params)
     lc = cfg.loss
     loss, metrics = losses.objective(
-        out, objective=lc.objective, alpha=lc.alpha, beta=lc.beta, policy_kind=lc.policy, margin=lc.margin,
-        centering=lc.centering, label_smoothing=lc.label_smoothing, simpo_gamma=lc.simpo_gamma, weight_B=batch["valid"].astype(jnp.float32),
+        out,
+        objective=lc.objective,
+        alpha=lc.alpha,
+        beta=lc.beta,
+        policy_kind=lc.policy,
+        margin=lc.margin,
+        centering=lc.centering,
+        label_smoothing=lc.label_smoothing,
+        simpo_gamma=lc.simpo_gamma,
+        weight_B=batch["valid"].astype(jnp.float32),
         dpo_scale_by_alpha=lc.dpo_scale_by_alpha,
     )
     if out.logprob_chunks is not None:  # what the LM head ran: the step's FLOPs (flops.step_flops)
@@ -76,7 +93,8 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
         shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, metrics), _ = jax.lax.scan(
-            lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_step(mb)), None), zeros, micro)
+            lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_step(mb)), None), zeros, micro
+        )
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics = {k: v if k == "num_pairs" else v / a for k, v in metrics.items()}
     grad_norm = optax.tree.norm(grads)
@@ -90,8 +108,7 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
     # Keep the previous weights and moments when anything is non-finite: the bad state never exists.
     # A cond runs one branch, in place; a select between new and old state read both (on the 2-core
     # CPU it took the optimizer step of issue 12's model from 78 to 128 ms).
-    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2],
-                                     (params, state["opt_state"], grads))
+    params, opt_state = jax.lax.cond(finite, update, lambda operands: operands[:2], (params, state["opt_state"], grads))
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
     return new, {**metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
 
@@ -100,17 +117,19 @@ def micro_batches(batch, a: int):
     """Every key split into `a` micro-batches on a new leading axis: micro-batch j takes rows j, j + a,
     j + 2a, ... (every device keeps an equal share). In a packed batch the pairs follow their rows:
     pair keys are split by row ([B] -> [R, B / R] -> rows j, j + a, ...)."""
+
     def split(x, per_row=1):
         x = x.reshape(x.shape[0] // per_row, per_row, *x.shape[1:])
         x = jnp.moveaxis(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 1, 0)
         return x.reshape(a, -1, *x.shape[3:])
+
     if "segment_ids" not in batch:
         return jax.tree.map(split, batch)
     per_row = batch["last_index"].shape[0] // batch["tokens"].shape[0]
     return {k: split(v, 1 if k in ROW_KEYS else per_row) for k, v in batch.items()}
 
 
-def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraConfig = lora_lib.LoraConfig()):
+def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraConfig | None = None):
     """(jitted trainable params -> state, abstract state carrying shardings): nothing is allocated here.
 
     The trainable params are all parameters, or LoRA's adapters + heads. Every piece of state is
@@ -118,6 +137,7 @@ def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraCon
     (`optax.tree_map_params`), counts and other scalars replicated. (Left to XLA's propagation, the
     moments came out replicated on TPU: gemma-2b's Adam state alone then overflowed a v5e chip.)
     """
+    lora = lora or lora_lib.LoraConfig()  # None: full fine-tuning
     abstract_params = params_lib.abstract_trainable(model_cfg, lora, mesh)
     param_sh = jax.tree.map(lambda x: x.sharding, abstract_params)
 
@@ -126,8 +146,9 @@ def state_layout(model_cfg: ModelConfig, optimizer, mesh, lora: lora_lib.LoraCon
 
     shapes = jax.eval_shape(make_state, abstract_params)
     replicated = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, shapes["opt_state"], param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        optimizer, lambda _, sh: sh, shapes["opt_state"], param_sh, transform_non_params=lambda _: replicated
+    )
     state_sh = {"params": param_sh, "opt_state": opt_sh, "step": replicated}
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return jax.jit(make_state, out_shardings=state_sh, donate_argnums=(0,)), abstract_state
@@ -138,11 +159,20 @@ def jit_train_step(cfg: StepConfig, optimizer, mesh, state_shardings, param_shar
     fsdp), metrics replicated. `param_shardings` are those of the full model (reference, frozen base)."""
     keys = step_keys(cfg, live_reference, cfg.packed)
     ref_sh = param_shardings if live_reference else None
-    fn = sharding.under_mesh(lambda state, batch, ref, frozen: train_step(state, batch, ref, frozen, cfg=cfg,
-                                                                          optimizer=optimizer), mesh)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings(mesh, keys, packed=cfg.packed), ref_sh,
-                                     _frozen_shardings(cfg, param_shardings)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,)), keys
+    fn = sharding.under_mesh(
+        lambda state, batch, ref, frozen: train_step(state, batch, ref, frozen, cfg=cfg, optimizer=optimizer), mesh
+    )
+    return jax.jit(
+        fn,
+        in_shardings=(
+            state_shardings,
+            batch_shardings(mesh, keys, packed=cfg.packed),
+            ref_sh,
+            _frozen_shardings(cfg, param_shardings),
+        ),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    ), keys
 
 
 def _frozen_shardings(cfg: StepConfig, param_shardings):
