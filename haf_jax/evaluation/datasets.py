@@ -32,18 +32,7 @@ def load_data(
     if source == RUN_EVAL:
         if c is None:
             raise ValueError(f"--data={RUN_EVAL} needs a run directory as the model, got {model.name}")
-        options = data.PairOptions(
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            template=d.template,
-            eval_fraction=d.eval_fraction,
-            seed=c.train.seed,
-            max_skip_fraction=d.max_skip_fraction,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            **data_options.fidelity_options(d),
-            **data_options.eval_options(d),
-        )
+        _, options = data_options.run_pair_options(c)
         ds = data.load_pairs(
             d.eval or d.train or data.sample_paths()["data"],
             model.tokenizer,

@@ -56,18 +56,7 @@ def build(config, workdir: epath.Path | None) -> Setup:
         )
     d = config.data
     train_spec = d.train or data.sample_paths()["data"]
-    options = data.PairOptions(
-        max_length=d.max_length,
-        max_prompt_length=d.max_prompt_length,
-        template=d.template,
-        eval_fraction=d.eval_fraction,
-        seed=config.train.seed,
-        max_skip_fraction=d.max_skip_fraction,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        **data_options.fidelity_options(d),
-    )
-    eval_opts = dataclasses.replace(options, **data_options.eval_options(d))  # data.eval_subsample[_seed]
+    options, eval_opts = data_options.run_pair_options(config)  # eval: data.eval_subsample[_seed] too
     if d.eval:  # separate files: each is used whole
         train_ds = data.load_pairs(train_spec, tokenizer, options, split="all")
         eval_ds = data.load_pairs(d.eval, tokenizer, eval_opts, split="all")
