@@ -63,6 +63,20 @@ def no_network(monkeypatch):
     assert not attempts, f"network connections attempted: {attempts}"
 
 
+@pytest.fixture
+def one_device(monkeypatch, tmp_path):
+    """This process seen as a one-device machine for an in-process run (this file fakes 8 CPU devices;
+    the mesh of a run, a scorer or a sampler takes every device jax.devices() lists, and a child
+    process started by a test gets one): in-process commands and library calls run on the device a
+    child would, with their own reference cache (HAF_JAX_CACHE), as helpers.runs.Runner gives a child."""
+    import jax
+
+    devices = jax.devices()[:1]
+    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
+    monkeypatch.setenv("HAF_JAX_CACHE", str(tmp_path / "haf_jax_cache"))
+    return devices[0]
+
+
 @pytest.fixture(scope="session")
 def load_config():
     """The one way tests load a run config (helpers.runs.load_config, as `python -m haf_jax.train`

@@ -72,15 +72,20 @@ def test_metrics_contract(run_a):
     assert summary["last"]["step"] == STEPS and summary["last"]["reward_accuracy"] == ev[STEPS]["reward_accuracy"]
 
 
-def test_profiler_trace_of_chosen_steps(runner, tmp_path):
-    """train.profile_steps=2-3 leaves a trace that TensorBoard's profile plugin and Perfetto open."""
+def test_profiler_trace_of_chosen_steps(runner, small_data, one_device, tmp_path, capsys):
+    """train.profile_steps=2-3 leaves a trace that TensorBoard's profile plugin and Perfetto open;
+    a bad range is the command's one error line and exit status 2."""
     workdir = tmp_path / "run"
-    runner.train(workdir, "--config.train.steps=4", "--config.train.profile_steps=2-3")
+    train_in_process(workdir, f"--config.data.train={small_data}", *SMALL, "--config.train.steps=4",
+                     "--config.train.profile_steps=2-3")
     traces = list((workdir / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
     assert list((workdir / "profile").rglob("*.trace.json.gz"))
-    p = runner.train(tmp_path / "bad", "--config.train.steps=4", "--config.train.profile_steps=3-1", check=False)
-    assert p.returncode == 2 and "train.profile_steps='3-1'" in p.stderr and "Traceback" not in p.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        runner.invoke_train(tmp_path / "bad", "--config.train.steps=4", "--config.train.profile_steps=3-1")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "train.profile_steps='3-1'" in err and "Traceback" not in err
 
 
 def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
@@ -251,27 +256,24 @@ def test_workdir_reference_is_reused_only_for_its_data(tmp_path):
 # ----------------------------------------------------------------------------- export / score
 
 
-def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path):
+def test_export_round_trip_with_transformers(run_a, small_data, one_device, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from haf_jax.evaluation.export import export
+    from haf_jax.evaluation.scoring import score
 
     out = tmp_path / "export"
-    exported = runner.cli("haf_jax.export", f"--workdir={run_a}", f"--out={out}", workdir_for_env=tmp_path / "x")
-    info = json.loads(exported.stdout.strip().splitlines()[-1])
+    info = export(str(run_a), str(out))  # what `haf_jax.export` prints as its last line
     for kind in ("reward_model", "policy"):
         assert (out / kind / "model.safetensors").is_file() and (out / kind / "config.json").is_file()
         assert not list((out / kind).glob("*.bin"))
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(small_data.read_text().splitlines(keepends=True)[:6]))
-    common = [f"--data={pairs}", "--max_length=64", "--max_prompt_length=32", "--batch_size=4"]
+    common = dict(max_length=64, max_prompt_length=32, batch_size=4)
     run_out, hf_out = tmp_path / "run_scores.jsonl", tmp_path / "hf_scores.jsonl"
-    p_run = runner.cli("haf_jax.score", f"--model={run_a}", f"--out={run_out}", *common,
-                       workdir_for_env=tmp_path / "x")
-    p_hf = runner.cli("haf_jax.score", f"--model={out / 'reward_model'}", f"--reference={out / 'policy'}",
-                      f"--out={hf_out}", *common, workdir_for_env=tmp_path / "x")
-    s_run = json.loads(p_run.stdout.strip().splitlines()[-1])
-    s_hf = json.loads(p_hf.stdout.strip().splitlines()[-1])
+    s_run = score(str(run_a), str(pairs), str(run_out), **common)  # `haf_jax.score`'s summary line
+    s_hf = score(str(out / "reward_model"), str(pairs), str(hf_out), reference=str(out / "policy"), **common)
     ours, ours_hf = score_rows(run_out), score_rows(hf_out)
     assert len(ours) == len(ours_hf) == s_run["pairs"] == 6
     assert "dpo_accuracy" not in s_run and "ref_logp_chosen" not in ours[0]

@@ -2,28 +2,24 @@
 
 For Llama, Qwen2 and Phi a tiny random `transformers` model (the family's features on, the bundled
 2,048-token tokenizer saved beside it) is written with save_pretrained(safe_serialization=True).
-One in-process run per checkpoint (haf_jax.training.loop.train on configs/<family>.py with
---config.model.checkpoint=DIR, one CPU device) trains 6 steps of 4 pairs on a 32-row slice of the
-bundled sample (24 train / 8 eval pairs, max_length 64); then `haf_jax.export` and `haf_jax.score`
-children run on it side by side and transformers scores the export exactly as `score` scores the run.
-The real aidreams260K llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by haf_jax's own forward
-against the ids in ../shared/data/README.md, and trained for a few steps with its own 512-token
-tokenizer. Children are set up as in test_e2e_checkpoints.py (one CPU device, offline, their own
-reference cache, the session's shared JAX compilation cache). (test_family_configs_load_by_path moved
-to tests/unit/test_family_configs.py.)
+Everything runs in this process, on one CPU device (the `one_device` fixture): one run per checkpoint
+(haf_jax.training.loop.train on configs/<family>.py with --config.model.checkpoint=DIR) trains 6 steps
+of 4 pairs on a 32-row slice of the bundled sample (24 train / 8 eval pairs, max_length 64); then the
+libraries of `haf_jax.export` and `haf_jax.score` (evaluation.export.export, evaluation.scoring.score)
+run on it and transformers scores the export exactly as `score` scores the run.
+The real aidreams260K llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by
+haf_jax's own forward against the ids in ../shared/data/README.md, and trained for a few steps with its
+own 512-token tokenizer. (test_family_configs_load_by_path moved to tests/unit/test_family_configs.py.)
 """
 from __future__ import annotations
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from helpers.aidreams import readme_greedy_ids
-from helpers.runs import REPO, TIMEOUT, child_env, score_rows, train_in_process, train_rows, transformers_scores
+from helpers.runs import score_rows, train_in_process, train_rows, transformers_scores
 
 STEPS = 6
 SMALL = [
@@ -41,30 +37,12 @@ CONFIGS = {"llama": "configs/llama.py", "qwen2": "configs/qwen2.py", "phi": "con
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    """Tiny models: torch's 2 intra-op threads only contend with the children on 2 cores."""
+    """Tiny models: torch's 2 intra-op threads only contend with XLA and the other test worker on 2 cores."""
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _env(workdir, shared_root):
-    return child_env(pathlib.Path(str(workdir) + ".cache"), shared_root / "jax_compile_cache")
-
-
-def _start(args, workdir, shared_root):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_env(workdir, shared_root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc, what):
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{err[-4000:]}"
-    return out, err
 
 
 def train(config, workdir, checkpoint, data):
@@ -143,11 +121,13 @@ def build_checkpoint(family, out):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
-def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_device, tmp_path):
+def test_haf_from_checkpoint_export_and_score(family, data32, one_device, tmp_path):
     """Train from a tiny <family> checkpoint; export; transformers scores the export like `score`
     scores the run (rewards and log-probs within 2e-3)."""
     from safetensors.numpy import load_file
 
+    from haf_jax.evaluation.export import export
+    from haf_jax.evaluation.scoring import score
     from haf_jax.model.config import ModelConfig
     from haf_jax.model.families import preset
 
@@ -161,11 +141,8 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_d
     out, scores = tmp_path / "export", tmp_path / "scores.jsonl"
     pairs = tmp_path / "pairs8.jsonl"
     pairs.write_text("".join(data32.read_text().splitlines(keepends=True)[:8]))
-    export = _start(["haf_jax.export", f"--workdir={run}", f"--out={out}"], tmp_path / "x", shared_root)
-    score = _start(["haf_jax.score", f"--model={run}", f"--data={pairs}", f"--out={scores}", "--max_length=64",
-                    "--max_prompt_length=32", "--batch_size=4"], tmp_path / "y", shared_root)
-    exported = json.loads(_finish(export, "export")[0].strip().splitlines()[-1])
-    summary = json.loads(_finish(score, "score")[0].strip().splitlines()[-1])
+    exported = export(str(run), str(out))  # what `haf_jax.export` and `haf_jax.score` print last
+    summary = score(str(run), str(pairs), str(scores), max_length=64, max_prompt_length=32, batch_size=4)
     assert exported["step"] == STEPS and summary["pairs"] == 8
 
     # the parameters changed (k_proj biases get no gradient: softmax ignores a per-query constant)

@@ -119,12 +119,12 @@ def test_two_process_score_equals_one_process(preempted, tmp_path):
 
 def test_collectives_agree_across_two_processes(tmp_path):
     """Each collective of haf_jax.core.distributed gives both processes the same, right answer
-    (tests/multihost_collectives.py): agreements, gathers, and checksums of an array spread over both."""
+    (tests/helpers/multihost_collectives.py): agreements, gathers, and checksums of an array spread over both."""
     import jax.numpy as jnp
 
     from haf_jax.checkpoint import integrity
 
-    outs = finish(start(["tests.multihost_collectives"], 2, tmp_path / "cache"))
+    outs = finish(start(["tests.helpers.multihost_collectives"], 2, tmp_path / "cache"))
     got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     whole = jnp.arange(12, dtype=jnp.float32).reshape(4, 3)
     shared = {"everyone_differs": False, "everyone_agrees": True, "anyone_one": True, "anyone_none": False,

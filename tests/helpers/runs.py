@@ -77,7 +77,8 @@ def child_env(cache_dir: pathlib.Path, compile_cache: pathlib.Path | None, **ext
 
 
 class Runner:
-    """Starts haf_jax CLIs as children with the small config and an isolated reference cache."""
+    """Starts haf_jax CLIs as children with the small config and an isolated reference cache (and runs
+    `haf_jax.train` in this process, `invoke_train`)."""
 
     def __init__(self, shared_root: pathlib.Path, data: pathlib.Path):
         self.shared_root, self.data = shared_root, data
@@ -89,6 +90,15 @@ class Runner:
     def train_cmd(self, workdir, *overrides):
         return [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
                 f"--config.data.train={self.data}", *SMALL, *overrides]
+
+    def invoke_train(self, workdir, *overrides):
+        """The command of `train_cmd` run in this process (helpers.commands; the config file by absolute
+        path): exits (SystemExit) and prints where the child would. Needs the `one_device` fixture."""
+        from helpers.commands import command
+
+        command("haf_jax.train").invoke(["haf_jax.train", f"--config={REPO / 'configs' / 'gemma.py'}",
+                                         f"--workdir={workdir}", f"--config.data.train={self.data}", *SMALL,
+                                         *overrides])
 
     def train(self, workdir, *overrides, env=None, check=True):
         p = subprocess.run(self.train_cmd(workdir, *overrides), cwd=REPO, env=self.env(workdir, **(env or {})),

@@ -3,15 +3,13 @@ and what transformers' sequence classifier gives the token sequence of the data 
 pick is the argmax (lowest index on ties); two reward models' agreement on a constructed case;
 bad candidate files; the command end to end (sampling from a policy, two reward models)."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers as T
+from helpers.commands import command
 from helpers.parity import perturb
 from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
 
@@ -137,19 +135,18 @@ def test_bad_candidates_file(tmp_path, row, message):
 
 
 @pytest.mark.slow
-def test_bon_cli_samples_and_scores(rms, tmp_path):
-    """The command samples from a policy (as haf_jax.sample does) and scores with two models."""
+def test_bon_cli_samples_and_scores(rms, one_device, tmp_path, capsys):
+    """The command (in this process, on one device) samples from a policy (as haf_jax.sample does)
+    and scores with two models."""
     policy = tmp_path / "policy"
     build_causal_lm("llama", policy)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("w5 w6", "w7 w8 w9 w10", "w11")))
     out = tmp_path / "bon.jsonl"
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device
-    p = subprocess.run([sys.executable, "-m", "haf_jax.bon", f"--reward_model={rms['rm'][0]}",
-                        f"--reward_model2={rms['neg'][0]}", f"--prompts={prompts}", f"--policy={policy}", "--n=3",
-                        "--max_new_tokens=5", f"--out={out}"], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    command("haf_jax.bon").invoke(["haf_jax.bon", f"--reward_model={rms['rm'][0]}",
+                                   f"--reward_model2={rms['neg'][0]}", f"--prompts={prompts}", f"--policy={policy}",
+                                   "--n=3", "--max_new_tokens=5", f"--out={out}"])  # exit 0: no SystemExit
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["w5 w6", "w7 w8 w9 w10", "w11"]
     for r in rows:

@@ -1,17 +1,21 @@
 """CLI behaviour: haf_jax.score's library (evaluation.scoring: input order, skipped rows kept in place,
-summary); train flag errors."""
+summary); train flag errors (the command in this process)."""
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
 import pytest
+from helpers.commands import command
 
 from haf_jax import data
 from haf_jax.core import params as params_lib, sharding
 from haf_jax.evaluation.scoring import score
 from haf_jax.model import hf
 from haf_jax.model.families import preset
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):
@@ -43,12 +47,10 @@ def test_score_keeps_input_order_and_reports_skipped_rows(tmp_path):
     ("--config.loss.nope=1", "unknown or invalid config key in --config.loss.nope=1"),
     ("--config.train.steps=abc", "--config.train.steps=abc"),
 ])
-def test_train_cli_rejects_bad_config_overrides(tmp_path, override, message):
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py",
-                        f"--workdir={tmp_path}", override], capture_output=True, text=True, timeout=120,
-                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-    assert p.returncode == 2
-    assert message in p.stderr and "Traceback" not in p.stderr
+def test_train_cli_rejects_bad_config_overrides(tmp_path, capsys, override, message):
+    with pytest.raises(SystemExit) as exited:
+        command("haf_jax.train").invoke(["haf_jax.train", f"--config={ROOT / 'configs' / 'gemma.py'}",
+                                         f"--workdir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert message in err and "Traceback" not in err

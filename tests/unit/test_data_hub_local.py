@@ -10,19 +10,14 @@ give the same pairs, fingerprints and batches as the same records from a JSON li
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from helpers.hub_repos import ROWS, one_line_error as _error
+from helpers.runs import train_in_process
 
 from haf_jax.data import PairOptions, load_pairs
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("no_network")  # tests/conftest.py: reading a local copy connects nowhere
 
@@ -124,24 +119,16 @@ def test_bad_local_repositories_one_line_errors(hub, tok):
 
 
 @pytest.mark.slow
-def test_train_from_local_hub_repository(hub, tok, tmp_path):
-    """The README's hh_harmless command with the hub id replaced by a local copy, offline."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
-        env.pop(key)
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1")
+def test_train_from_local_hub_repository(hub, tok, one_device, tmp_path):
+    """The README's hh_harmless command with the hub id replaced by a local copy, offline (in this
+    process, on one device)."""
     hh = hub / "Anthropic/hh-rlhf"
     workdir = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
-                        f"--config.data.train=recipe:hh_harmless:hf:{hh}:data_dir=harmless-base:train",
-                        f"--config.data.eval=recipe:hh_harmless:hf:{hh}:data_dir=harmless-base:test",
-                        "--config.train.steps=2", "--config.train.batch_size=4", "--config.data.max_length=64",
-                        "--config.data.max_prompt_length=32", "--config.train.eval_every=2",
-                        "--config.train.eval_batch_size=8", "--config.checkpoint.every_steps=2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    train_in_process(workdir, f"--config.data.train=recipe:hh_harmless:hf:{hh}:data_dir=harmless-base:train",
+                     f"--config.data.eval=recipe:hh_harmless:hf:{hh}:data_dir=harmless-base:test",
+                     "--config.train.steps=2", "--config.train.batch_size=4", "--config.data.max_length=64",
+                     "--config.data.max_prompt_length=32", "--config.train.eval_every=2",
+                     "--config.train.eval_batch_size=8", "--config.checkpoint.every_steps=2")
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and summary["last"]["pairs"] > 0
     for name, part in (("train", "harmless-base/train"), ("eval", "harmless-base/test")):

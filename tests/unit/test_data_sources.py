@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+from helpers.commands import command
 
 from haf_jax.data import DataError, load_pairs
 from haf_jax.data.sources import Source, parse_source, read_rows
@@ -129,8 +130,7 @@ def test_recipe_field_errors(tmp_path, tok):
 
 
 def test_cli_reports_and_fails_cleanly(tmp_path, capsys):
-    from haf_jax.data.__main__ import main
-
+    main = command("haf_jax.data.__main__")  # with its own flags only (see helpers.commands)
     good = tmp_path / "g.jsonl"
     good.write_text(jsonl(ROWS))
     main.invoke(["haf_jax.data", str(good), "--out", str(tmp_path / "r.json")])  # exit 0: no SystemExit

@@ -4,10 +4,7 @@ JSON lines (pairs, fingerprint, batches), sharded, resumed, broken, and trained 
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -15,12 +12,13 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
 
-from helpers import tfds_prefs  # noqa: E402  (the builders)
-from helpers.hub_repos import one_line_error as _error  # noqa: E402  (one-line DataError message of a spec)
+from helpers import tfds_prefs  # the builders
+from helpers.commands import command
+from helpers.hub_repos import one_line_error as _error  # one-line DataError message of a spec
+from helpers.runs import train_in_process
 
-from haf_jax.data import PairLoader, PairOptions, load_pairs  # noqa: E402
+from haf_jax.data import PairLoader, PairOptions, load_pairs
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
 FIELDS = {"labelled_prefs": tfds_prefs.LABELLED_FIELDS}
 
@@ -161,8 +159,7 @@ def test_broken_datasets_one_line_errors(data_dir, tok):
 
 
 def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
-    from haf_jax.data.__main__ import main
-
+    main = command("haf_jax.data.__main__")  # with its own flags only (see helpers.commands)
     main.invoke(["haf_jax.data", f"tfds:hh_prefs:data_dir={data_dir}:test"])  # exit 0: no SystemExit
     assert "rows read 16" in capsys.readouterr().out
     src = f"tfds:broken_prefs:data_dir={data_dir}:train"
@@ -182,32 +179,23 @@ def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- end to end
 
 
-def child_env(tmp_path, **extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
-        env.pop(key)
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
 TINY = ["--config.train.steps=2", "--config.train.batch_size=4", "--config.data.max_length=64",
         "--config.data.max_prompt_length=32", "--config.train.eval_every=2", "--config.train.eval_batch_size=16",
         "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
 
 
 @pytest.mark.slow
-def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
-    """`python -m haf_jax.train ... --config.data.train=tfds:hh_prefs:train --config.data.eval=
-    tfds:hh_prefs:test` with TFDS_DATA_DIR; the run's data is the JSON lines data, token for token;
-    then `haf_jax.score` scores the TFDS test split."""
+def test_train_and_score_from_tfds(data_dir, tok, one_device, tmp_path, monkeypatch):
+    """Training on `--config.data.train=tfds:hh_prefs:train --config.data.eval=tfds:hh_prefs:test` with
+    TFDS_DATA_DIR (in this process, on one device); the run's data is the JSON lines data, token for
+    token; then evaluation.scoring.score (what `haf_jax.score` runs) scores the TFDS test split."""
+    from haf_jax.evaluation.scoring import score
+
     workdir = tmp_path / "run"
-    env = child_env(tmp_path, TFDS_DATA_DIR=str(data_dir))
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
-                        "--config.data.train=tfds:hh_prefs:train", "--config.data.eval=tfds:hh_prefs:test", *TINY],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    train_in_process(workdir, "--config.data.train=tfds:hh_prefs:train", "--config.data.eval=tfds:hh_prefs:test",
+                     *TINY)
+    monkeypatch.delenv("TFDS_DATA_DIR")  # the scored spec names its data_dir
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and summary["last"]["pairs"] == 16
     options = PairOptions(max_length=64, max_prompt_length=32)
@@ -220,11 +208,7 @@ def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
         same_batches(load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:{split}", tok, options, split="all"), ref)
 
     out = tmp_path / "scores.jsonl"
-    p = subprocess.run([sys.executable, "-m", "haf_jax.score", f"--model={workdir}",
-                        f"--data=tfds:hh_prefs:data_dir={data_dir}:test", f"--out={out}", "--max_length=64",
-                        "--batch_size=16"], cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    score(str(workdir), f"tfds:hh_prefs:data_dir={data_dir}:test", str(out), max_length=64, batch_size=16)
     scores = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["row"] for s in scores] == list(range(16))
     assert all(np.isfinite([s["reward_chosen"], s["reward_rejected"]]).all() for s in scores)

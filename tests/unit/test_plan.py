@@ -5,8 +5,8 @@ import json
 import pathlib
 
 import pytest
+from helpers.commands import command
 
-from haf_jax import plan
 from haf_jax.training import planning
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -15,7 +15,7 @@ KEYS = ("fits", "topology", "chips", "mesh", "hbm_per_chip_bytes", "bytes_per_ch
 
 
 def _run(capsys, *args) -> tuple[dict, str]:
-    plan.main.invoke(["plan", GEMMA, *args])
+    command("haf_jax.plan").invoke(["plan", GEMMA, *args])
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert all(k in report for k in KEYS), report
@@ -38,7 +38,7 @@ def test_topology_names_map_to_jax_topologies():
 
 def test_unknown_topology_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
-        plan.main.invoke(["plan", GEMMA, "--topology=v9-8"])
+        command("haf_jax.plan").invoke(["plan", GEMMA, "--topology=v9-8"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown topology 'v9-8'") and "Traceback" not in err

@@ -7,9 +7,6 @@ saved as safetensors with a word-level tokenizer and loaded through haf_jax.eval
 path the CLI takes. Each decode shape compiles once per module (the settings are shared).
 """
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +15,7 @@ import pytest
 import torch
 import transformers as T
 from helpers.aidreams import GREEDY_60, readme_greedy_ids
+from helpers.commands import command
 from helpers.word_models import BOS, EOS, FAMILIES, V, build_causal_lm
 
 from haf_jax.core import sharding
@@ -268,20 +266,19 @@ def test_prompt_file_rows_and_template(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_sample_cli(tiny, tmp_path):
-    """The command end to end: one row per prompt in input order, the documented fields, the
-    summary as the last stdout line; a bad file is one error line and exit status 2."""
+def test_sample_cli(tiny, one_device, tmp_path, capsys):
+    """The command end to end (in this process, on one device: the 8 fake ones only slow a tiny
+    compile): one row per prompt in input order, the documented fields, the summary as the last
+    stdout line; a bad file is one error line and exit status 2."""
     directory = tiny["llama"][0]
     texts = prompt_texts(np.random.default_rng(3), (6, 2, 9))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t, "id": k}) + "\n" for k, t in enumerate(texts)))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "haf_jax.sample", f"--model={directory}", f"--prompts={prompts}", f"--out={out}",
-           "--n=3", "--max_new_tokens=6", "--batch_size=2", "--seed=5"]
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device: the 8 fake ones only slow a tiny compile
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    argv = ["haf_jax.sample", f"--model={directory}", f"--prompts={prompts}", f"--out={out}",
+            "--n=3", "--max_new_tokens=6", "--batch_size=2", "--seed=5"]
+    command("haf_jax.sample").invoke(argv)  # exit 0: no SystemExit
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompts"] == 3 and summary["top_p"] == 0.85 and summary["temperature_range"] == [0.5, 1.2]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["prompt"]) for r in rows] == list(enumerate(texts))
@@ -295,7 +292,8 @@ def test_sample_cli(tiny, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w5"}\n{"prompt": null}\n')
-    p = subprocess.run(cmd[:4] + [f"--prompts={bad}", f"--out={out}"], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in p.stderr
+    with pytest.raises(SystemExit) as exited:
+        command("haf_jax.sample").invoke(argv[:2] + [f"--prompts={bad}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in err

@@ -1,7 +1,8 @@
 """Every collective of haf_jax.core.distributed, called by each process of a 2-process job.
 
-Run by tests/test_multihost.py as `python -m tests.multihost_collectives` on two processes (one
-CPU device each); each prints one JSON line of what it got back, which the test compares.
+Run by tests/e2e/test_multihost.py as `python -m tests.helpers.multihost_collectives` on two
+processes (one CPU device each); each prints one JSON line of what it got back, which the test
+compares.
 """
 from __future__ import annotations
 
