@@ -61,7 +61,7 @@ def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
 def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, runner, one_device, tmp_path, capsys):
     extra = [*LORA, f"--config.model.checkpoint={lora_base}"]
     workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step >= EVAL_EVERY, *extra, steps=STEPS)
-    p = runner.train(workdir, *extra)
+    p = runner.train(workdir, *extra)  # a child: its numbers are compared bit for bit with lora_run's
     assert "resumed from" in p.stderr, p.stderr[-3000:]
     ours, theirs = train_rows(workdir), train_rows(lora_run)
     assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))

@@ -54,3 +54,17 @@ def test_train_cli_rejects_bad_config_overrides(tmp_path, capsys, override, mess
     err = capsys.readouterr().err
     assert exited.value.code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_the_same_override_in_a_second_run_in_one_process(tmp_path, capsys):
+    """Command.invoke runs a command as `python -m` would, also a second time in one process:
+    config_flags defines a flag per `--config.KEY` it parses, which the next run must not define again
+    (absl would refuse it as defined twice)."""
+    argv = ["haf_jax.train", f"--config={ROOT / 'configs' / 'gemma.py'}", f"--workdir={tmp_path}",
+            "--config.train.steps=abc"]
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exited:
+            command("haf_jax.train").invoke(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2
+        assert "--config.train.steps=abc: invalid literal for int()" in err and "defined twice" not in err, err
