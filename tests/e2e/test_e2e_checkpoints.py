@@ -3,12 +3,15 @@ metrics.jsonl contract, and `haf_jax.export` / `haf_jax.score` against transform
 
 The runs train the small config of tests/helpers/runs.py (the tiny preset, 48 train / 16 eval pairs,
 24 steps of 4 pairs) on one CPU device. Runs that are killed or signalled, and the runs whose
-numbers are compared bit for bit with run A, are real `python -m haf_jax.train` children; config
-refusals, the NaN guard and the already-complete resume run in-process through
-haf_jax.training.loop.train (no second jax/orbax/transformers import). One uninterrupted run ("run
-A", tests/e2e/conftest.py) is shared by every test that only reads it or works on a copy; under
-pytest-xdist a file lock makes the workers build it once. The children share a persistent JAX
-compilation cache, so only the first run compiles.
+numbers are compared bit for bit with run A, are real `python -m haf_jax.train` children (an
+in-process run sees the 8 fake devices of tests/conftest.py while it uses one, and its float
+rounding differs from a one-device child's from step 2 on). Everything else runs in this process,
+on one device (`one_device`), with no second jax/orbax/transformers import: config refusals, the
+NaN guard, the already-complete resume, the profiled run and the bad profile range (the command,
+`Runner.invoke_train`), the resume with scanned layers (compared to float rounding), and export and
+score (their libraries). One uninterrupted run ("run A", tests/e2e/conftest.py) is shared by every
+test that only reads it or works on a copy; under pytest-xdist a file lock makes the workers build
+it once. The children share a persistent JAX compilation cache, so only the first run compiles.
 """
 from __future__ import annotations
 

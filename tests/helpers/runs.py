@@ -4,8 +4,10 @@ library or as a `python -m haf_jax.train` child, and readers of what a run leave
 The small config trains the tiny preset on a 64-row slice of the bundled sample (48 train / 16 eval
 pairs, max_length 64 = one length bucket), 24 steps of 4 pairs (two epochs), a checkpoint every 4
 steps and an eval every 8. Children and in-process runs alike use one CPU device (the fake 8-device
-XLA flag of tests/conftest.py is stripped from children; `one_device` in tests/e2e/conftest.py
-restricts this process): one device is what a user gets, and the fastest to compile.
+XLA flag of tests/conftest.py is stripped from children; `one_device` in tests/conftest.py restricts
+this process): one device is what a user gets, and the fastest to compile. The two agree to float
+rounding, not bit for bit (this process still has 8 devices): a run compared bit for bit with a
+child's must be a child too.
 """
 from __future__ import annotations
 
