@@ -67,8 +67,10 @@ def no_network(monkeypatch):
 def one_device(monkeypatch, tmp_path):
     """This process seen as a one-device machine for an in-process run (this file fakes 8 CPU devices;
     the mesh of a run, a scorer or a sampler takes every device jax.devices() lists, and a child
-    process started by a test gets one): in-process commands and library calls run on the device a
-    child would, with their own reference cache (HAF_JAX_CACHE), as helpers.runs.Runner gives a child."""
+    process started by a test gets one): in-process commands and library calls run on one device as
+    a child would, with their own reference cache (HAF_JAX_CACHE), as helpers.runs.Runner gives a
+    child. Their numbers equal a child's to float rounding, not bit for bit (XLA still has 8 devices
+    here): compare bit for bit only runs made the same way."""
     import jax
 
     devices = jax.devices()[:1]
