@@ -65,12 +65,21 @@ class Command:
         """The command in this process: every flag back to its default, `argv` ([program, args...])
         parsed, then the guarded main. Exits (SystemExit) where the command would."""
         flags.FLAGS.unparse_flags()
+        _drop_config_overrides()
         saved, sys.argv = sys.argv, list(argv)  # config_flags reads --config.key overrides from sys.argv
         try:
             rest = parse_config_flags(list(argv)) if self.config_flags else flags.FLAGS(list(argv))
         finally:
             sys.argv = saved
         self(rest)
+
+
+def _drop_config_overrides() -> None:
+    """Removes the `--config.KEY` flags an earlier parse in this process defined: config_flags defines
+    one flag per override it parses, and defining it again (the same override in a second run of a
+    command) would be absl's DuplicateFlagError. No other flag name has a dot."""
+    for name in [name for name in flags.FLAGS if "." in name]:
+        delattr(flags.FLAGS, name)
 
 
 def command(*, errors: tuple[type[BaseException], ...] = (), prefix: str = "error", config_flags: bool = False):

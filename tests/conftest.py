@@ -1,11 +1,10 @@
 """Test set-up: fake 8 CPU devices before jax is imported anywhere; fixtures shared by tests/unit and
 tests/e2e (helpers without fixtures live in tests/helpers/, importable as `helpers` since pytest puts
 this directory on sys.path)."""
+
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -56,11 +55,28 @@ def no_network(monkeypatch):
     def refuse(self, address, *a, **k):
         attempts.append(address)
         raise ConnectionRefusedError(f"test: no network ({address!r})")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     yield
     assert not attempts, f"network connections attempted: {attempts}"
+
+
+@pytest.fixture
+def one_device(monkeypatch, tmp_path):
+    """This process seen as a one-device machine for an in-process run (this file fakes 8 CPU devices;
+    the mesh of a run, a scorer or a sampler takes every device jax.devices() lists, and a child
+    process started by a test gets one): in-process commands and library calls run on one device as
+    a child would, with their own reference cache (HAF_JAX_CACHE), as helpers.runs.Runner gives a
+    child. Their numbers equal a child's to float rounding, not bit for bit (XLA still has 8 devices
+    here): compare bit for bit only runs made the same way."""
+    import jax
+
+    devices = jax.devices()[:1]
+    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
+    monkeypatch.setenv("HAF_JAX_CACHE", str(tmp_path / "haf_jax_cache"))
+    return devices[0]
 
 
 @pytest.fixture(scope="session")

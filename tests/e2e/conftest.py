@@ -1,9 +1,11 @@
 """Fixtures of the end-to-end tests: runs shared by the tests that only read them (built once per
-session, also across pytest-xdist workers, under file locks in a directory all workers share), the
-data slices they train on, and a one-device view of this process for in-process runs.
+session, also across pytest-xdist workers, under file locks in a directory all workers share) and
+the data slices they train on. (`one_device`, this process seen as a one-device machine for in-process
+runs, is in tests/conftest.py: unit tests use it too.)
 
 Every test under tests/e2e is marked `slow` (so `-m "not slow"` runs tests/unit alone).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -83,18 +85,6 @@ def run_a(runner, shared_root):
             shutil.rmtree(workdir, ignore_errors=True)
             runner.train(workdir)
     return workdir
-
-
-@pytest.fixture
-def one_device(monkeypatch, tmp_path):
-    """This process seen as a one-device machine for an in-process run (tests/conftest.py fakes 8 CPU
-    devices for the unit tests; the mesh of a run takes every device jax.devices() lists, and the
-    children of the other e2e tests get one): runs in-process train on the same device as a child,
-    with their own reference cache (HAF_JAX_CACHE), as Runner gives a child."""
-    devices = jax.devices()[:1]
-    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
-    monkeypatch.setenv("HAF_JAX_CACHE", str(tmp_path / "haf_jax_cache"))
-    return devices[0]
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,17 @@ metrics.jsonl contract, and `haf_jax.export` / `haf_jax.score` against transform
 
 The runs train the small config of tests/helpers/runs.py (the tiny preset, 48 train / 16 eval pairs,
 24 steps of 4 pairs) on one CPU device. Runs that are killed or signalled, and the runs whose
-numbers are compared bit for bit with run A, are real `python -m haf_jax.train` children; config
-refusals, the NaN guard and the already-complete resume run in-process through
-haf_jax.training.loop.train (no second jax/orbax/transformers import). One uninterrupted run ("run
-A", tests/e2e/conftest.py) is shared by every test that only reads it or works on a copy; under
-pytest-xdist a file lock makes the workers build it once. The children share a persistent JAX
-compilation cache, so only the first run compiles.
+numbers are compared bit for bit with run A, are real `python -m haf_jax.train` children (an
+in-process run sees the 8 fake devices of tests/conftest.py while it uses one, and its float
+rounding differs from a one-device child's from step 2 on). Everything else runs in this process,
+on one device (`one_device`), with no second jax/orbax/transformers import: config refusals, the
+NaN guard, the already-complete resume, the profiled run and the bad profile range (the command,
+`Runner.invoke_train`), the resume with scanned layers (compared to float rounding), and export and
+score (their libraries). One uninterrupted run ("run A", tests/e2e/conftest.py) is shared by every
+test that only reads it or works on a copy; under pytest-xdist a file lock makes the workers build
+it once. The children share a persistent JAX compilation cache, so only the first run compiles.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,15 +76,25 @@ def test_metrics_contract(run_a):
     assert summary["last"]["step"] == STEPS and summary["last"]["reward_accuracy"] == ev[STEPS]["reward_accuracy"]
 
 
-def test_profiler_trace_of_chosen_steps(runner, tmp_path):
-    """train.profile_steps=2-3 leaves a trace that TensorBoard's profile plugin and Perfetto open."""
+def test_profiler_trace_of_chosen_steps(runner, small_data, one_device, tmp_path, capsys):
+    """train.profile_steps=2-3 leaves a trace that TensorBoard's profile plugin and Perfetto open;
+    a bad range is the command's one error line and exit status 2."""
     workdir = tmp_path / "run"
-    runner.train(workdir, "--config.train.steps=4", "--config.train.profile_steps=2-3")
+    train_in_process(
+        workdir,
+        f"--config.data.train={small_data}",
+        *SMALL,
+        "--config.train.steps=4",
+        "--config.train.profile_steps=2-3",
+    )
     traces = list((workdir / "profile").rglob("*.xplane.pb"))
     assert traces and traces[0].stat().st_size > 0
     assert list((workdir / "profile").rglob("*.trace.json.gz"))
-    p = runner.train(tmp_path / "bad", "--config.train.steps=4", "--config.train.profile_steps=3-1", check=False)
-    assert p.returncode == 2 and "train.profile_steps='3-1'" in p.stderr and "Traceback" not in p.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        runner.invoke_train(tmp_path / "bad", "--config.train.steps=4", "--config.train.profile_steps=3-1")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "train.profile_steps='3-1'" in err and "Traceback" not in err
 
 
 def test_sigkill_and_resume_is_bit_exact(run_a, runner, tmp_path):
@@ -127,8 +141,15 @@ def test_breaking_config_change_is_refused(run_a, small_data, one_device, tmp_pa
     workdir = copy_run(run_a, tmp_path / "run")
     before = (workdir / "metrics.jsonl").read_text()
     with pytest.raises(RunError) as refused:  # the command prints it as one "error: ..." line, exit 2
-        train_in_process(workdir, f"--config.data.train={small_data}", *SMALL, "--config.loss.objective=dpo",
-                         "--config.loss.beta=0.5", f"--config.data.eval={small_data}", "--config.train.eval_every=12")
+        train_in_process(
+            workdir,
+            f"--config.data.train={small_data}",
+            *SMALL,
+            "--config.loss.objective=dpo",
+            "--config.loss.beta=0.5",
+            f"--config.data.eval={small_data}",
+            "--config.train.eval_every=12",
+        )
     message = str(refused.value)
     assert "different run configuration" in message, message
     assert "loss.objective: saved='haf' current='dpo'" in message, message
@@ -251,27 +272,24 @@ def test_workdir_reference_is_reused_only_for_its_data(tmp_path):
 # ----------------------------------------------------------------------------- export / score
 
 
-def test_export_round_trip_with_transformers(run_a, runner, small_data, tmp_path):
+def test_export_round_trip_with_transformers(run_a, small_data, one_device, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from haf_jax.evaluation.export import export
+    from haf_jax.evaluation.scoring import score
 
     out = tmp_path / "export"
-    exported = runner.cli("haf_jax.export", f"--workdir={run_a}", f"--out={out}", workdir_for_env=tmp_path / "x")
-    info = json.loads(exported.stdout.strip().splitlines()[-1])
+    info = export(str(run_a), str(out))  # what `haf_jax.export` prints as its last line
     for kind in ("reward_model", "policy"):
         assert (out / kind / "model.safetensors").is_file() and (out / kind / "config.json").is_file()
         assert not list((out / kind).glob("*.bin"))
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(small_data.read_text().splitlines(keepends=True)[:6]))
-    common = [f"--data={pairs}", "--max_length=64", "--max_prompt_length=32", "--batch_size=4"]
+    common = dict(max_length=64, max_prompt_length=32, batch_size=4)
     run_out, hf_out = tmp_path / "run_scores.jsonl", tmp_path / "hf_scores.jsonl"
-    p_run = runner.cli("haf_jax.score", f"--model={run_a}", f"--out={run_out}", *common,
-                       workdir_for_env=tmp_path / "x")
-    p_hf = runner.cli("haf_jax.score", f"--model={out / 'reward_model'}", f"--reference={out / 'policy'}",
-                      f"--out={hf_out}", *common, workdir_for_env=tmp_path / "x")
-    s_run = json.loads(p_run.stdout.strip().splitlines()[-1])
-    s_hf = json.loads(p_hf.stdout.strip().splitlines()[-1])
+    s_run = score(str(run_a), str(pairs), str(run_out), **common)  # `haf_jax.score`'s summary line
+    s_hf = score(str(out / "reward_model"), str(pairs), str(hf_out), reference=str(out / "policy"), **common)
     ours, ours_hf = score_rows(run_out), score_rows(hf_out)
     assert len(ours) == len(ours_hf) == s_run["pairs"] == 6
     assert "dpo_accuracy" not in s_run and "ref_logp_chosen" not in ours[0]
@@ -305,7 +323,8 @@ def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path, layout)
     runner.train(whole, *packed)
     report = json.loads((whole / "data_report_train.json").read_text())["batches"]
     if layout == "packing":
-        assert re.fullmatch(r"\d+x256", report["shape"]) and report["padding_fraction"] < report["unpacked_padding_fraction"]
+        assert re.fullmatch(r"\d+x256", report["shape"])
+        assert report["padding_fraction"] < report["unpacked_padding_fraction"]
     else:
         assert re.fullmatch(r"4x\d+(, 4x\d+)*", report["shape"]) and report["tokens_vs_plain"] < 0.9, report
         first = train_rows(whole)[1]
@@ -316,15 +335,16 @@ def test_packed_run_logs_padding_and_resumes_bit_exact(runner, tmp_path, layout)
     assert_same_losses(whole, workdir)
 
 
-def test_per_layer_checkpoint_resumes_with_scanned_layers(run_a, runner, tmp_path):
+def test_per_layer_checkpoint_resumes_with_scanned_layers(run_a, runner, one_device, tmp_path, capsys):
     """A run written with per-layer parameters (every run from before model.scan_layers) resumes
     with scanned layers: its params and Adam moments are stacked, and training continues with the
     same numbers up to float rounding."""
     workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step > EVAL_EVERY)
-    p = runner.train(workdir, "--config.model.scan_layers=True")
-    no_traceback(p)
-    assert "checkpoint parameters converted to model.scan_layers=True" in p.stderr, p.stderr[-3000:]
-    assert "model.scan_layers: saved=False current=True" in p.stderr  # logged as harmless
+    runner.invoke_train(workdir, "--config.model.scan_layers=True")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-4000:]
+    assert "checkpoint parameters converted to model.scan_layers=True" in err, err[-3000:]
+    assert "model.scan_layers: saved=False current=True" in err  # logged as harmless
     ra, rb = train_rows(run_a), train_rows(workdir)
     assert sorted(rb) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):

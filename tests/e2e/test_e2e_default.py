@@ -3,6 +3,7 @@
 One process (a few minutes on a 2-core CPU), nothing shared with other tests: its own reference
 cache, no compilation cache, one CPU device as on a laptop.
 """
+
 import json
 import math
 import os
@@ -21,14 +22,25 @@ def test_offline_default_run(tmp_path):
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")]:
         env.pop(key)
-    env.update(HAF_JAX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HAF_JAX_CACHE=str(tmp_path / "cache"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        JAX_PLATFORMS="cpu",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # The README's relative --workdir, resolved against the current directory (orbax itself
     # only takes absolute paths, so this guards that conversion).
     workdir = tmp_path / "runs" / "default"
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", f"--config={REPO / 'configs' / 'gemma.py'}",
-                        "--workdir=runs/default"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "haf_jax.train", f"--config={REPO / 'configs' / 'gemma.py'}", "--workdir=runs/default"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     m = re.search(r"eval reward_accuracy of the trained model: ([0-9.]+) \((\d+) pairs\)", p.stdout)
     assert m, p.stdout[-3000:]
@@ -45,9 +57,22 @@ def test_offline_default_run(tmp_path):
     # from (zero reward head, policy = reference) on the same eval pairs, and the same numbers as the
     # loop's eval. Untrained: accuracy 0 (ties are wrong), log loss ln 2 = 0.693, Brier 0.25; the
     # trained policy head gave log loss 0.649-0.651 and Brier 0.227-0.229: the margins below are under half.
-    p = subprocess.run([sys.executable, "-m", "haf_jax.evaluate", "--model=runs/default", "--data=run:eval",
-                        "--step=initial,last", "--out=runs/default_eval"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "haf_jax.evaluate",
+            "--model=runs/default",
+            "--data=run:eval",
+            "--step=initial,last",
+            "--out=runs/default_eval",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     entry = json.loads((tmp_path / "runs" / "default_eval" / "report.json").read_text())["run_eval"]
     trained, untrained = entry["models"]["default"]["last"], entry["models"]["default"]["initial"]
@@ -63,11 +88,14 @@ def test_offline_default_run(tmp_path):
     assert trained["dpo_log_loss"] <= untrained["dpo_log_loss"] - 0.01, (trained, untrained)
     assert trained["dpo_brier"] <= untrained["dpo_brier"] - 0.005, (trained, untrained)
     figures = tmp_path / "runs" / "default_eval" / "figures" / "run_eval" / "default-last"
-    assert all((figures / f"{name}.png").stat().st_size > 10_000
-               for name in ("reliability", "reward_histograms", "reward_vs_length"))
+    assert all(
+        (figures / f"{name}.png").stat().st_size > 10_000
+        for name in ("reliability", "reward_histograms", "reward_vs_length")
+    )
     # "best" is the eval row with the highest reward accuracy in metrics.jsonl (first on ties)
-    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-             if '"split": "eval"' in line]
+    evals = [
+        json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"split": "eval"' in line
+    ]
     top = max(evals, key=lambda r: (r["reward_accuracy"], -r["step"]))
     assert (summary["best"]["step"], summary["best"]["reward_accuracy"]) == (top["step"], top["reward_accuracy"])
     assert (workdir / "metrics.jsonl").is_file() and (workdir / "checkpoints").is_dir()

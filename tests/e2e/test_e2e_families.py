@@ -2,34 +2,36 @@
 
 For Llama, Qwen2 and Phi a tiny random `transformers` model (the family's features on, the bundled
 2,048-token tokenizer saved beside it) is written with save_pretrained(safe_serialization=True).
-One in-process run per checkpoint (haf_jax.training.loop.train on configs/<family>.py with
---config.model.checkpoint=DIR, one CPU device) trains 6 steps of 4 pairs on a 32-row slice of the
-bundled sample (24 train / 8 eval pairs, max_length 64); then `haf_jax.export` and `haf_jax.score`
-children run on it side by side and transformers scores the export exactly as `score` scores the run.
-The real aidreams260K llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by haf_jax's own forward
-against the ids in ../shared/data/README.md, and trained for a few steps with its own 512-token
-tokenizer. Children are set up as in test_e2e_checkpoints.py (one CPU device, offline, their own
-reference cache, the session's shared JAX compilation cache). (test_family_configs_load_by_path moved
-to tests/unit/test_family_configs.py.)
+Everything runs in this process, on one CPU device (the `one_device` fixture): one run per checkpoint
+(haf_jax.training.loop.train on configs/<family>.py with --config.model.checkpoint=DIR) trains 6 steps
+of 4 pairs on a 32-row slice of the bundled sample (24 train / 8 eval pairs, max_length 64); then the
+libraries of `haf_jax.export` and `haf_jax.score` (evaluation.export.export, evaluation.scoring.score)
+run on it and transformers scores the export exactly as `score` scores the run.
+The real aidreams260K llama2.c model (../shared/data) is converted to a HF Llama, decoded greedily by
+haf_jax's own forward against the ids in ../shared/data/README.md, and trained for a few steps with its
+own 512-token tokenizer. (test_family_configs_load_by_path moved to tests/unit/test_family_configs.py.)
 """
+
 from __future__ import annotations
 
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from helpers.aidreams import readme_greedy_ids
-from helpers.runs import REPO, TIMEOUT, child_env, score_rows, train_in_process, train_rows, transformers_scores
+from helpers.runs import score_rows, train_in_process, train_rows, transformers_scores
 
 STEPS = 6
 SMALL = [
-    f"--config.train.steps={STEPS}", "--config.train.batch_size=4", "--config.data.max_length=64",
-    "--config.data.max_prompt_length=32", f"--config.train.eval_every={STEPS}",
-    f"--config.checkpoint.every_steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_batch_size=8",
+    f"--config.train.steps={STEPS}",
+    "--config.train.batch_size=4",
+    "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32",
+    f"--config.train.eval_every={STEPS}",
+    f"--config.checkpoint.every_steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.eval_batch_size=8",
     "--config.data.eval_fraction=0.25",
 ]
 LN2 = math.log(2)
@@ -41,7 +43,7 @@ CONFIGS = {"llama": "configs/llama.py", "qwen2": "configs/qwen2.py", "phi": "con
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    """Tiny models: torch's 2 intra-op threads only contend with the children on 2 cores."""
+    """Tiny models: torch's 2 intra-op threads only contend with XLA and the other test worker on 2 cores."""
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -49,28 +51,11 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _env(workdir, shared_root):
-    return child_env(pathlib.Path(str(workdir) + ".cache"), shared_root / "jax_compile_cache")
-
-
-def _start(args, workdir, shared_root):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=_env(workdir, shared_root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(proc, what):
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{err[-4000:]}"
-    return out, err
-
-
 def train(config, workdir, checkpoint, data):
     """One in-process run of `config` from `checkpoint`; returns its train rows (step -> row)."""
-    train_in_process(workdir, f"--config.data.train={data}", f"--config.model.checkpoint={checkpoint}", *SMALL,
-                     config=config)
+    train_in_process(
+        workdir, f"--config.data.train={data}", f"--config.model.checkpoint={checkpoint}", *SMALL, config=config
+    )
     return train_rows(workdir)
 
 
@@ -102,19 +87,45 @@ def hf_config(family):
 
     if family == "llama":  # GQA, llama3 rope frequency bands, untied LM head
         return transformers.LlamaConfig(
-            **_SHAPE, **_IDS, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=131_072,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-            tie_word_embeddings=False)
+            **_SHAPE,
+            **_IDS,
+            num_key_value_heads=2,
+            head_dim=16,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=131_072,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500_000.0,
+                "factor": 32.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            tie_word_embeddings=False,
+        )
     if family == "qwen2":  # q/k/v biases, GQA, tied LM head
         return transformers.Qwen2Config(
-            **_SHAPE, **_IDS, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
-            use_sliding_window=False)
+            **_SHAPE,
+            **_IDS,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+        )
     if family == "phi":  # LayerNorm, parallel block, partial rotary 0.4, biases, untied biased LM head
         return transformers.PhiConfig(
-            **_SHAPE, **_IDS, num_key_value_heads=4, partial_rotary_factor=0.4, hidden_act="gelu_new",
-            layer_norm_eps=1e-5, max_position_embeddings=2048, tie_word_embeddings=False, qk_layernorm=False)
+            **_SHAPE,
+            **_IDS,
+            num_key_value_heads=4,
+            partial_rotary_factor=0.4,
+            hidden_act="gelu_new",
+            layer_norm_eps=1e-5,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            qk_layernorm=False,
+        )
     raise ValueError(family)
 
 
@@ -143,11 +154,13 @@ def build_checkpoint(family, out):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
-def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_device, tmp_path):
+def test_haf_from_checkpoint_export_and_score(family, data32, one_device, tmp_path):
     """Train from a tiny <family> checkpoint; export; transformers scores the export like `score`
     scores the run (rewards and log-probs within 2e-3)."""
     from safetensors.numpy import load_file
 
+    from haf_jax.evaluation.export import export
+    from haf_jax.evaluation.scoring import score
     from haf_jax.model.config import ModelConfig
     from haf_jax.model.families import preset
 
@@ -161,11 +174,8 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_d
     out, scores = tmp_path / "export", tmp_path / "scores.jsonl"
     pairs = tmp_path / "pairs8.jsonl"
     pairs.write_text("".join(data32.read_text().splitlines(keepends=True)[:8]))
-    export = _start(["haf_jax.export", f"--workdir={run}", f"--out={out}"], tmp_path / "x", shared_root)
-    score = _start(["haf_jax.score", f"--model={run}", f"--data={pairs}", f"--out={scores}", "--max_length=64",
-                    "--max_prompt_length=32", "--batch_size=4"], tmp_path / "y", shared_root)
-    exported = json.loads(_finish(export, "export")[0].strip().splitlines()[-1])
-    summary = json.loads(_finish(score, "score")[0].strip().splitlines()[-1])
+    exported = export(str(run), str(out))  # what `haf_jax.export` and `haf_jax.score` print last
+    summary = score(str(run), str(pairs), str(scores), max_length=64, max_prompt_length=32, batch_size=4)
     assert exported["step"] == STEPS and summary["pairs"] == 8
 
     # the parameters changed (k_proj biases get no gradient: softmax ignores a per-query constant)
@@ -187,8 +197,10 @@ def test_haf_from_checkpoint_export_and_score(family, shared_root, data32, one_d
             worst["reward"] = max(worst["reward"], abs(float(reward[j]) - row[f"reward_{side}"]))
             worst["logp"] = max(worst["logp"], abs(float(logp[j]) - row[f"logp_{side}"]))
     assert max(abs(r["reward_chosen"]) + abs(r["reward_rejected"]) for r in ours) > 1e-2  # not a trivial 0 == 0
-    print(f"{family}: step-1 reward_loss={rows[1]['reward_loss']!r} policy_loss={rows[1]['policy_loss']!r}; "
-          f"export vs score max |diff| reward={worst['reward']:.2e} logp={worst['logp']:.2e}")
+    print(
+        f"{family}: step-1 reward_loss={rows[1]['reward_loss']!r} policy_loss={rows[1]['policy_loss']!r}; "
+        f"export vs score max |diff| reward={worst['reward']:.2e} logp={worst['logp']:.2e}"
+    )
 
 
 def test_aidreams_greedy_and_haf(shared_data, data32, one_device, tmp_path):

@@ -6,6 +6,7 @@ One base checkpoint (the tiny Gemma preset, random weights, the bundled tokenize
 Hugging Face directory; one uninterrupted LoRA run shared by the tests (built once under xdist;
 both are fixtures of tests/e2e/conftest.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,10 @@ def test_lora_run_trains_adapters_and_head_only(lora_run, lora_base):
     assert saved["base_weights"] and saved["model"]["lora"]["rank"] == 4
 
 
-def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, runner, tmp_path):
+def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, runner, one_device, tmp_path, capsys):
     extra = [*LORA, f"--config.model.checkpoint={lora_base}"]
     workdir = kill_after_checkpoint(runner, tmp_path, lambda step: step >= EVAL_EVERY, *extra, steps=STEPS)
-    p = runner.train(workdir, *extra)
+    p = runner.train(workdir, *extra)  # a child: its numbers are compared bit for bit with lora_run's
     assert "resumed from" in p.stderr, p.stderr[-3000:]
     ours, theirs = train_rows(workdir), train_rows(lora_run)
     assert sorted(ours) == sorted(theirs) == list(range(1, STEPS + 1))
@@ -69,7 +70,8 @@ def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, 
         for k in ("loss", "reward_loss", "policy_loss", "grad_norm"):
             assert ours[s][k] == theirs[s][k], (s, k)
     assert [r for r in rows(workdir) if r.get("split") == "eval"] == [
-        r for r in rows(lora_run) if r.get("split") == "eval"]
+        r for r in rows(lora_run) if r.get("split") == "eval"
+    ]
 
     # the same run on other base weights (one tensor changed) is refused, with the reason
     other = tmp_path / "other_base"
@@ -79,24 +81,27 @@ def test_lora_resume_is_bit_exact_and_refuses_another_base(lora_run, lora_base, 
     tensors = load_file(other / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 0.5
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
-    p = runner.train(workdir, *LORA, f"--config.model.checkpoint={other}", check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert "LoRA adapters trained on other base weights" in p.stderr, p.stderr[-2000:]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # the command's contract: one error line, no traceback
+        runner.invoke_train(workdir, *LORA, f"--config.model.checkpoint={other}")
+    err = capsys.readouterr().err
+    assert exited.value.code != 0 and "Traceback" not in err
+    assert "LoRA adapters trained on other base weights" in err, err[-2000:]
 
 
-def test_lora_exports_score_like_the_run(lora_run, lora_base, runner, small_data, tmp_path):
+def test_lora_exports_score_like_the_run(lora_run, lora_base, small_data, one_device, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    from haf_jax.evaluation.export import export
+    from haf_jax.evaluation.scoring import score
+
     out = tmp_path / "export"
-    exported = runner.cli("haf_jax.export", f"--workdir={lora_run}", "--step=last", f"--out={out}",
-                          workdir_for_env=tmp_path / "x")
-    info = json.loads(exported.stdout.strip().splitlines()[-1])
+    info = export(str(lora_run), str(out), which="last")  # what `haf_jax.export` prints as its last line
     assert info["adapter"] == str(out / "adapter")
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(small_data.read_text().splitlines(keepends=True)[:6]))
     scores = tmp_path / "scores.jsonl"
-    runner.cli("haf_jax.score", f"--model={lora_run}", "--step=last", f"--data={pairs}", f"--out={scores}",
-               "--max_length=64", "--max_prompt_length=32", "--batch_size=4", workdir_for_env=tmp_path / "x")
+    score(str(lora_run), str(pairs), str(scores), step="last", max_length=64, max_prompt_length=32, batch_size=4)
     ours = score_rows(scores)
     assert len(ours) == 6
 

@@ -1,4 +1,5 @@
 """Two real processes (jax.distributed on 127.0.0.1, CPU) train one run together."""
+
 import json
 import math
 import os
@@ -10,9 +11,16 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMALL = ["--config.train.steps=6", "--config.train.batch_size=4", "--config.data.max_length=64",
-         "--config.data.max_prompt_length=32", "--config.train.eval_every=3", "--config.checkpoint.every_steps=3",
-         "--config.train.log_every=1", "--config.train.eval_batch_size=16"]
+SMALL = [
+    "--config.train.steps=6",
+    "--config.train.batch_size=4",
+    "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32",
+    "--config.train.eval_every=3",
+    "--config.checkpoint.every_steps=3",
+    "--config.train.log_every=1",
+    "--config.train.eval_batch_size=16",
+]
 
 
 def test_two_processes_train_one_run(tmp_path):
@@ -21,11 +29,32 @@ def test_two_processes_train_one_run(tmp_path):
         port = s.getsockname()[1]
     procs = []
     for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid), HAF_JAX_CACHE=str(tmp_path / "cache"))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={tmp_path / 'run'}",
-             *SMALL], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            HAF_JAX_CACHE=str(tmp_path / "cache"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "haf_jax.train",
+                    "--config=configs/gemma.py",
+                    f"--workdir={tmp_path / 'run'}",
+                    *SMALL,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]

@@ -8,6 +8,7 @@ into gs://bucket/run, killed with SIGKILL after a checkpoint, resumed from the b
 match the uninterrupted local run A (tests/e2e/conftest.py) bit for bit; export and score then read
 the run from the bucket and write to it, and give what they give for the local run.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ def emulator(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "gcs_emulator.py"), str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "helpers" / "gcs_emulator.py"), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -76,8 +80,7 @@ def in_emulator(emulator, monkeypatch):
     """This process pointed at the emulator by STORAGE_EMULATOR_HOST; the variables haf_jax.core.paths
     derives from it are removed again afterwards."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
     return emulator
@@ -105,7 +108,9 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     paths.upload_dir(tmp_path / "tok", "gs://bucket/t/tok")
     with paths.local_dir("gs://bucket/t/tok") as d:
         assert sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs) == [
-            "a.json", os.path.join("sub", "b.txt")]
+            "a.json",
+            os.path.join("sub", "b.txt"),
+        ]
     with paths.writable_dir("gs://bucket/t/out") as d:
         open(os.path.join(d, "x.bin"), "wb").write(b"\x00\x01")
     assert paths.path("gs://bucket/t/out/x.bin").read_bytes() == b"\x00\x01"
@@ -146,15 +151,15 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
 
 def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp_path, monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-                 "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+    for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.delenv(name, raising=False)  # haf_jax must derive them from STORAGE_EMULATOR_HOST
     env = {"HAF_JAX_CACHE": str(tmp_path / "cache")}
     run = "gs://bucket/run"
 
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe nobody reads while we wait
-        proc = subprocess.Popen(runner.train_cmd(run), cwd=REPO, env=runner.env(tmp_path / "w", **env),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            runner.train_cmd(run), cwd=REPO, env=runner.env(tmp_path / "w", **env), stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             wait_until(lambda: any(s > 4 for s in committed(run + "/checkpoints")), proc, poll=0.2)
             proc.send_signal(signal.SIGKILL)
@@ -170,8 +175,14 @@ def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp
     assert f"resumed from {run}/checkpoints at step {killed_at}" in p.stderr, p.stderr[-3000:]
     assert not (REPO / "gs:").exists()  # nothing went to a local "gs:" directory
     local = tmp_path / "from_bucket"
-    for name in ("metrics.jsonl", "summary.json", "model_config.json", "data_report_train.json",
-                 "reference_train.npy", "tokenizer/tokenizer.json"):
+    for name in (
+        "metrics.jsonl",
+        "summary.json",
+        "model_config.json",
+        "data_report_train.json",
+        "reference_train.npy",
+        "tokenizer/tokenizer.json",
+    ):
         bucket_file(f"{run}/{name}", local / name)
     assert_same_losses(run_a, local)
 
@@ -185,17 +196,35 @@ def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp
 
     epath.Path("gs://bucket/data.jsonl").write_bytes(runner.data.read_bytes())
     common = ["--max_length=64", "--max_prompt_length=32", "--batch_size=16"]
-    p = runner.cli("haf_jax.score", f"--model={run}", "--data=gs://bucket/data.jsonl",
-                   "--out=gs://bucket/scores.jsonl", *common, workdir_for_env=tmp_path / "s1")
+    p = runner.cli(
+        "haf_jax.score",
+        f"--model={run}",
+        "--data=gs://bucket/data.jsonl",
+        "--out=gs://bucket/scores.jsonl",
+        *common,
+        workdir_for_env=tmp_path / "s1",
+    )
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    runner.cli("haf_jax.score", f"--model={run_a}", f"--data={runner.data}", f"--out={tmp_path / 'scores.jsonl'}",
-               *common, workdir_for_env=tmp_path / "s2")
+    runner.cli(
+        "haf_jax.score",
+        f"--model={run_a}",
+        f"--data={runner.data}",
+        f"--out={tmp_path / 'scores.jsonl'}",
+        *common,
+        workdir_for_env=tmp_path / "s2",
+    )
     got = bucket_file("gs://bucket/scores.jsonl", tmp_path / "got" / "scores.jsonl").read_text()
     assert got == (tmp_path / "scores.jsonl").read_text()
     assert summary["pairs"] == len(got.splitlines()) - summary["skipped"] > 0
     # an exported reward model in the bucket scores like the run it came from
-    runner.cli("haf_jax.score", "--model=gs://bucket/export/reward_model", "--data=gs://bucket/data.jsonl",
-               "--out=gs://bucket/scores_export.jsonl", *common, workdir_for_env=tmp_path / "s3")
+    runner.cli(
+        "haf_jax.score",
+        "--model=gs://bucket/export/reward_model",
+        "--data=gs://bucket/data.jsonl",
+        "--out=gs://bucket/scores_export.jsonl",
+        *common,
+        workdir_for_env=tmp_path / "s3",
+    )
     from_export = bucket_file("gs://bucket/scores_export.jsonl", tmp_path / "got" / "scores_export.jsonl").read_text()
     rows_export, rows_run = [[json.loads(line) for line in t.splitlines()] for t in (from_export, got)]
     assert [r["row"] for r in rows_export] == [r["row"] for r in rows_run]
@@ -205,8 +234,15 @@ def test_train_kill_resume_export_score_in_a_bucket(emulator, runner, run_a, tmp
         assert a["reward_chosen"] == pytest.approx(b["reward_chosen"], abs=1e-4), (a, b)
 
     # evaluate reads the run and the data from the bucket and writes its report and figures there
-    p = runner.cli("haf_jax.evaluate", f"--model={run}", "--data=gs://bucket/data.jsonl", "--out=gs://bucket/eval",
-                   "--step=best", *common, workdir_for_env=tmp_path / "v1")
+    p = runner.cli(
+        "haf_jax.evaluate",
+        f"--model={run}",
+        "--data=gs://bucket/data.jsonl",
+        "--out=gs://bucket/eval",
+        "--step=best",
+        *common,
+        workdir_for_env=tmp_path / "v1",
+    )
     report = json.loads(bucket_file("gs://bucket/eval/report.json", tmp_path / "got" / "report.json").read_text())
     (entry,) = report.values()
     (model,) = entry["models"].values()

@@ -5,6 +5,7 @@ same step and exit 0; exporting or scoring that run from two processes (paramete
 across them, gathered; each process scores its slice of every batch) must give the same files as
 from one.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,9 +21,16 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SMALL = ["--config.train.steps=500", "--config.train.batch_size=4", "--config.data.max_length=64",
-         "--config.data.max_prompt_length=32", "--config.train.eval_every=1000", "--config.checkpoint.every_steps=1000",
-         "--config.train.log_every=1", "--config.train.eval_batch_size=16"]
+SMALL = [
+    "--config.train.steps=500",
+    "--config.train.batch_size=4",
+    "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32",
+    "--config.train.eval_every=1000",
+    "--config.checkpoint.every_steps=1000",
+    "--config.train.log_every=1",
+    "--config.train.eval_batch_size=16",
+]
 
 
 def sample_rows(path: pathlib.Path, n: int) -> pathlib.Path:
@@ -42,8 +50,16 @@ def start(module_args: list[str], n: int, cache) -> list[subprocess.Popen]:
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", HAF_JAX_CACHE=str(cache), TQDM_DISABLE="1")
         if n > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", *module_args],
+                cwd=ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
     return procs
 
 
@@ -60,8 +76,18 @@ def preempted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multihost")
     workdir = tmp / "run"
     data = sample_rows(tmp / "data.jsonl", 64)  # a short reference pass before step 1
-    procs = start(["haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}", f"--config.data.train={data}",
-                   "--config.data.eval_fraction=0.25", *SMALL], 2, tmp / "cache")
+    procs = start(
+        [
+            "haf_jax.train",
+            "--config=configs/gemma.py",
+            f"--workdir={workdir}",
+            f"--config.data.train={data}",
+            "--config.data.eval_fraction=0.25",
+            *SMALL,
+        ],
+        2,
+        tmp / "cache",
+    )
     try:
         deadline = time.monotonic() + 600
         metrics = workdir / "metrics.jsonl"
@@ -91,11 +117,21 @@ def test_sigterm_on_one_host_saves_one_step_on_all(preempted):
 
 def test_two_process_export_equals_one_process(preempted, tmp_path):
     workdir, _ = preempted
-    outs = finish(start(["haf_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'two'}", "--step=last"], 2,
-                        tmp_path / "cache"))
+    outs = finish(
+        start(
+            ["haf_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'two'}", "--step=last"],
+            2,
+            tmp_path / "cache",
+        )
+    )
     assert json.loads(outs[0].strip().splitlines()[-1])["reward_model"] == str(tmp_path / "two" / "reward_model")
-    finish(start(["haf_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'one'}", "--step=last"], 1,
-                 tmp_path / "cache"))
+    finish(
+        start(
+            ["haf_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'one'}", "--step=last"],
+            1,
+            tmp_path / "cache",
+        )
+    )
     one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
     assert one == two and any(p.suffix == ".safetensors" for p in one)
@@ -106,12 +142,21 @@ def test_two_process_export_equals_one_process(preempted, tmp_path):
 def test_two_process_score_equals_one_process(preempted, tmp_path):
     workdir, _ = preempted
     data = sample_rows(tmp_path / "data.jsonl", 70)  # 70: a ragged last batch
-    args = ["haf_jax.score", f"--model={workdir}", "--step=last", f"--data={data}", "--max_length=64",
-            "--max_prompt_length=32", "--batch_size=16"]
+    args = [
+        "haf_jax.score",
+        f"--model={workdir}",
+        "--step=last",
+        f"--data={data}",
+        "--max_length=64",
+        "--max_prompt_length=32",
+        "--batch_size=16",
+    ]
     outs = finish(start([*args, f"--out={tmp_path / 'two.jsonl'}"], 2, tmp_path / "cache"))
     summary = json.loads(outs[0].strip().splitlines()[-1])
     finish(start([*args, f"--out={tmp_path / 'one.jsonl'}"], 1, tmp_path / "cache"))
-    two, one = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("two", "one"))
+    two, one = (
+        [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("two", "one")
+    )
     assert len(two) == summary["pairs"] + summary["skipped"] == 70  # each pair once
     for a, b in zip(two, one):  # in order; values to float32 reduction order (2 devices vs 1)
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6) for k in a), (a, b)
@@ -119,17 +164,26 @@ def test_two_process_score_equals_one_process(preempted, tmp_path):
 
 def test_collectives_agree_across_two_processes(tmp_path):
     """Each collective of haf_jax.core.distributed gives both processes the same, right answer
-    (tests/multihost_collectives.py): agreements, gathers, and checksums of an array spread over both."""
+    (tests/helpers/multihost_collectives.py): agreements, gathers, and checksums of an array spread over both."""
     import jax.numpy as jnp
 
     from haf_jax.checkpoint import integrity
 
-    outs = finish(start(["tests.multihost_collectives"], 2, tmp_path / "cache"))
+    outs = finish(start(["tests.helpers.multihost_collectives"], 2, tmp_path / "cache"))
     got = [json.loads(out.strip().splitlines()[-1]) for out in outs]
     whole = jnp.arange(12, dtype=jnp.float32).reshape(4, 3)
-    shared = {"everyone_differs": False, "everyone_agrees": True, "anyone_one": True, "anyone_none": False,
-              "process_0": True, "stack": [[0, 10], [1, 11]], "concat": [0, 10, 1, 11],
-              "digest": [True, integrity.digest({"w": whole})[1]], "finite": True, "preemption": False}
+    shared = {
+        "everyone_differs": False,
+        "everyone_agrees": True,
+        "anyone_one": True,
+        "anyone_none": False,
+        "process_0": True,
+        "stack": [[0, 10], [1, 11]],
+        "concat": [0, 10, 1, 11],
+        "digest": [True, integrity.digest({"w": whole})[1]],
+        "finite": True,
+        "preemption": False,
+    }
     for pid, g in enumerate(got):
         assert {k: g[k] for k in shared} == shared, (pid, g)
         assert g["to_host"] == {"spread": whole.tolist(), "local": [pid, pid]}, (pid, g)

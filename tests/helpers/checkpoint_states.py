@@ -1,6 +1,7 @@
 """A small, sharded train-like state and the checkpoint calls around it (tests/unit/test_checkpoint.py,
 tests/e2e/test_gcs.py): params {"embed" [16, 8], "mlp" {"w" [8, 32], "b" [32]}, "head" [64, 256]},
 Adam moments, a step count and a PRNG key, on a 1- or 8-device mesh."""
+
 import functools
 
 import jax
@@ -18,8 +19,7 @@ CONFIG = {"model": {"preset": "tiny", "dims": [2, 4]}, "loss": {"objective": "ha
 
 def mesh_of(n):
     shape = {8: (2, 2, 2), 1: (1, 1, 1)}[n]
-    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=jax.devices()[:n])
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.devices()[:n])
 
 
 def shardings_for(mesh, tree):
@@ -43,14 +43,16 @@ def _init_state(seed):
     def values(*shape):  # cheap to compile, unlike jax.random.normal on 8 devices
         return jnp.sin(jnp.arange(np.prod(shape), dtype=jnp.float32) * (seed + 1.7)).reshape(shape)
 
-    params = {"embed": values(16, 8), "mlp": {"w": values(8, 32), "b": values(32)},
-              "head": values(64, 256)}  # big enough for raw chunk files
+    params = {
+        "embed": values(16, 8),
+        "mlp": {"w": values(8, 32), "b": values(32)},
+        "head": values(64, 256),
+    }  # big enough for raw chunk files
     tx = optax.adam(1e-2)
     opt_state = tx.init(params)
     updates, opt_state = tx.update(params, opt_state, params)  # non-trivial moments and count
     params = optax.apply_updates(params, updates)
-    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(7),
-             "rng": jax.random.key(seed + 42)}
+    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(7), "rng": jax.random.key(seed + 42)}
     return state
 
 
@@ -68,5 +70,4 @@ def assert_same(a, b):
 
 
 def save(c, step, state, metrics=None, **kw):
-    return c.save(step, state, data_state={"epoch": 0, "position": step * 4}, config=CONFIG,
-                  metrics=metrics, **kw)
+    return c.save(step, state, data_state={"epoch": 0, "position": step * 4}, config=CONFIG, metrics=metrics, **kw)

@@ -8,6 +8,7 @@ twice fails with "Malformed StorageGeneration". The handler below adds the heade
 emulator's own object record, as GCS documents them; nothing else changes. (The emulator also
 does not enforce `ifGenerationMatch`: harmless here, where each object has one writer.)
 """
+
 import sys
 
 from gcp_storage_emulator import server

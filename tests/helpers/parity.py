@@ -1,6 +1,7 @@
 """Helpers shared by the transformers parity tests (test_model_hf.py, test_model_families.py):
 perturbed torch weights, right-padded token batches, the jitted haf_jax forward passes and the
 transformers reference of one unpadded sequence."""
+
 import functools
 
 import jax
@@ -48,8 +49,8 @@ def pair_batch(rng, spec, width, *, high, pad, bos, eos):
         prompt[0] = bos
         for j, r in enumerate(responses):
             seq = np.concatenate([prompt, rng.integers(3, high, r - 1), [eos]])
-            tokens[b, j, :len(seq)] = seq
-            resp[b, j, p:len(seq)] = 1
+            tokens[b, j, : len(seq)] = seq
+            resp[b, j, p : len(seq)] = 1
             last[b, j] = len(seq) - 1
     return {"tokens": tokens, "response_mask": resp, "last_index": last}
 

@@ -4,9 +4,12 @@ library or as a `python -m haf_jax.train` child, and readers of what a run leave
 The small config trains the tiny preset on a 64-row slice of the bundled sample (48 train / 16 eval
 pairs, max_length 64 = one length bucket), 24 steps of 4 pairs (two epochs), a checkpoint every 4
 steps and an eval every 8. Children and in-process runs alike use one CPU device (the fake 8-device
-XLA flag of tests/conftest.py is stripped from children; `one_device` in tests/e2e/conftest.py
-restricts this process): one device is what a user gets, and the fastest to compile.
+XLA flag of tests/conftest.py is stripped from children; `one_device` in tests/conftest.py restricts
+this process): one device is what a user gets, and the fastest to compile. The two agree to float
+rounding, not bit for bit (this process still has 8 devices): a run compared bit for bit with a
+child's must be a child too.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,17 +29,27 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "haf_jax" / "samples" / "hh_harmless_base_test.jsonl.gz"
 STEPS, EVERY, EVAL_EVERY = 24, 4, 8
 SMALL = [
-    f"--config.train.steps={STEPS}", "--config.train.batch_size=4", "--config.data.max_length=64",
-    "--config.data.max_prompt_length=32", f"--config.train.eval_every={EVAL_EVERY}",
-    f"--config.checkpoint.every_steps={EVERY}", "--config.train.log_every=1",
-    "--config.train.eval_batch_size=16", "--config.data.eval_fraction=0.25",
+    f"--config.train.steps={STEPS}",
+    "--config.train.batch_size=4",
+    "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32",
+    f"--config.train.eval_every={EVAL_EVERY}",
+    f"--config.checkpoint.every_steps={EVERY}",
+    "--config.train.log_every=1",
+    "--config.train.eval_batch_size=16",
+    "--config.data.eval_fraction=0.25",
 ]
 TIMEOUT = 300
 # LoRA runs (tests/e2e/test_e2e_lora.py): rank-4 adapters, 8 steps, a checkpoint every 2, an eval every 4
 LORA_STEPS, LORA_EVERY, LORA_EVAL_EVERY = 8, 2, 4
-LORA = ["--config.model.lora.rank=4", "--config.model.lora.alpha=8.0",
-        f"--config.train.steps={LORA_STEPS}", f"--config.checkpoint.every_steps={LORA_EVERY}",
-        f"--config.train.eval_every={LORA_EVAL_EVERY}", "--config.optim.learning_rate=0.01"]
+LORA = [
+    "--config.model.lora.rank=4",
+    "--config.model.lora.alpha=8.0",
+    f"--config.train.steps={LORA_STEPS}",
+    f"--config.checkpoint.every_steps={LORA_EVERY}",
+    f"--config.train.eval_every={LORA_EVAL_EVERY}",
+    "--config.optim.learning_rate=0.01",
+]
 
 
 def load_config(spec: str, *overrides: str):
@@ -67,17 +80,28 @@ def child_env(cache_dir: pathlib.Path, compile_cache: pathlib.Path | None, **ext
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     env["XLA_FLAGS"] = flags
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HAF_JAX_CACHE=str(cache_dir), TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        HAF_JAX_CACHE=str(cache_dir),
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+    )
     if compile_cache is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
     env.update(extra)
     return env
 
 
 class Runner:
-    """Starts haf_jax CLIs as children with the small config and an isolated reference cache."""
+    """Starts haf_jax CLIs as children with the small config and an isolated reference cache (and runs
+    `haf_jax.train` in this process, `invoke_train`)."""
 
     def __init__(self, shared_root: pathlib.Path, data: pathlib.Path):
         self.shared_root, self.data = shared_root, data
@@ -87,23 +111,65 @@ class Runner:
         return child_env(cache, self.shared_root / "jax_compile_cache", **extra)
 
     def train_cmd(self, workdir, *overrides):
-        return [sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
-                f"--config.data.train={self.data}", *SMALL, *overrides]
+        return [
+            sys.executable,
+            "-m",
+            "haf_jax.train",
+            "--config=configs/gemma.py",
+            f"--workdir={workdir}",
+            f"--config.data.train={self.data}",
+            *SMALL,
+            *overrides,
+        ]
+
+    def invoke_train(self, workdir, *overrides):
+        """The command of `train_cmd` run in this process (helpers.commands; the config file by absolute
+        path): exits (SystemExit) and prints where the child would. Needs the `one_device` fixture."""
+        from helpers.commands import command
+
+        command("haf_jax.train").invoke(
+            [
+                "haf_jax.train",
+                f"--config={REPO / 'configs' / 'gemma.py'}",
+                f"--workdir={workdir}",
+                f"--config.data.train={self.data}",
+                *SMALL,
+                *overrides,
+            ]
+        )
 
     def train(self, workdir, *overrides, env=None, check=True):
-        p = subprocess.run(self.train_cmd(workdir, *overrides), cwd=REPO, env=self.env(workdir, **(env or {})),
-                           capture_output=True, text=True, timeout=TIMEOUT)
+        p = subprocess.run(
+            self.train_cmd(workdir, *overrides),
+            cwd=REPO,
+            env=self.env(workdir, **(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         if check:
             assert p.returncode == 0, f"train failed ({p.returncode}):\n{p.stderr[-4000:]}"
         return p
 
     def start(self, workdir, *overrides, env=None):
-        return subprocess.Popen(self.train_cmd(workdir, *overrides), cwd=REPO, env=self.env(workdir, **(env or {})),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            self.train_cmd(workdir, *overrides),
+            cwd=REPO,
+            env=self.env(workdir, **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def cli(self, module, *args, workdir_for_env, check=True):
-        p = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=self.env(workdir_for_env),
-                           capture_output=True, text=True, timeout=TIMEOUT)
+        p = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=self.env(workdir_for_env),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
         if check:
             assert p.returncode == 0, f"{module} failed ({p.returncode}):\n{p.stderr[-4000:]}"
         return p
@@ -171,7 +237,7 @@ def kill_after_checkpoint(runner, tmp_path, committed, *overrides, steps=STEPS):
         workdir = tmp_path / f"b{attempt}"
         proc = runner.start(workdir, *overrides)
         try:
-            wait_until(lambda: any(committed(s) for s in committed_steps(workdir)), proc)
+            wait_until(lambda workdir=workdir: any(committed(s) for s in committed_steps(workdir)), proc)
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=60)
         finally:
@@ -202,8 +268,9 @@ def transformers_scores(out, pairs, *, max_length, max_prompt_length, batch_size
 
     tok = data.load_tokenizer(str(out / "reward_model"))
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
-    options = data.PairOptions(max_length=max_length, max_prompt_length=max_prompt_length, eval_fraction=0.0,
-                               max_skip_fraction=1.0)
+    options = data.PairOptions(
+        max_length=max_length, max_prompt_length=max_prompt_length, eval_fraction=0.0, max_skip_fraction=1.0
+    )
     ds = data.load_pairs(str(pairs), tok, options, split="all")
     kw = dict(torch_dtype=torch.float32, attn_implementation="eager")
     rm = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "reward_model"), **kw).eval()

@@ -2,6 +2,7 @@
 interpret mode (values and gradients, also split over a mesh), cuDNN's argument mapping through
 jax.nn.dot_product_attention's XLA implementation (no GPU here) and its fallback rules, and the
 splash train step compiled ahead of time for TPU v5e."""
+
 import dataclasses
 import logging
 import os
@@ -35,7 +36,7 @@ def _xla(qkv, **kw):
 
 
 def _real(qkv):
-    return np.asarray(qkv[3]) > 0    # padding rows may differ: nothing reads them
+    return np.asarray(qkv[3]) > 0  # padding rows may differ: nothing reads them
 
 
 def test_xla_path_masks_segments_positions_and_window(qkv):
@@ -54,8 +55,9 @@ def test_xla_path_masks_segments_positions_and_window(qkv):
 def test_splash_equals_xla(qkv, softcap, window):
     q, k, v, seg, _ = qkv
     kw = dict(scale=0.25, softcap=softcap, window=window)
-    got = jax.jit(lambda a, b, c: A.splash_attention(a, b, c, q_seg_NxL=seg, k_seg_NxS=seg, interpret=True,
-                                                     **kw))(q, k, v)
+    got = jax.jit(lambda a, b, c: A.splash_attention(a, b, c, q_seg_NxL=seg, k_seg_NxS=seg, interpret=True, **kw))(
+        q, k, v
+    )
     want = _xla(qkv, **kw)
     real = _real(qkv)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
@@ -75,6 +77,7 @@ def test_splash_gradients_equal_xla_under_a_mesh(qkv):
             else:
                 out = A.xla_attention(a, b, c, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, **kw)
             return jnp.sum(jnp.sin(out) * weight)
+
         return jax.jit(sharding.under_mesh(jax.grad(f, argnums=(0, 1, 2)), mesh))
 
     q, k, v = (jax.device_put(x, sharding.batch_sharding(mesh, 4)) for x in (q, k, v))
@@ -89,8 +92,18 @@ def test_cudnn_arguments_mean_the_xla_mask(qkv):
         q, k, v, seg, pos = data
         real = _real(data)
         for window in (None, 40):
-            got = A.cudnn_attention(q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25,
-                                    window=window, implementation="xla")
+            got = A.cudnn_attention(
+                q,
+                k,
+                v,
+                q_pos_NxL=pos,
+                k_pos_NxS=pos,
+                q_seg_NxL=seg,
+                k_seg_NxS=seg,
+                scale=0.25,
+                window=window,
+                implementation="xla",
+            )
             want = _xla(data, scale=0.25, window=window)
             np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
 
@@ -104,11 +117,20 @@ def _shared_prompt_row(prompt=30, chosen=50, rejected=20, pad=12):
     p, c, r = (rng.normal(size=(n, Q + 2 * K, H)) for n in (prompt, chosen, rejected))
     parts = [p[:-1], np.concatenate([p[-1:], c]), np.concatenate([p[-1:], r]), np.zeros((pad, Q + 2 * K, H))]
     row = np.concatenate(parts)[None]
-    seg = np.concatenate([np.full(prompt - 1, -1), np.full(chosen + 1, 1), np.full(rejected + 1, 2),
-                          np.zeros(pad)]).astype(np.int32)[None]
-    pos = np.concatenate([np.arange(prompt - 1), np.arange(prompt - 1, prompt + chosen),
-                          np.arange(prompt - 1, prompt + rejected), np.zeros(pad)]).astype(np.int32)[None]
-    split = lambda x: tuple(jnp.asarray(a, jnp.float32) for a in (x[..., :Q, :], x[..., Q:Q + K, :], x[..., Q + K:, :]))
+    seg = np.concatenate(
+        [np.full(prompt - 1, -1), np.full(chosen + 1, 1), np.full(rejected + 1, 2), np.zeros(pad)]
+    ).astype(np.int32)[None]
+    pos = np.concatenate(
+        [
+            np.arange(prompt - 1),
+            np.arange(prompt - 1, prompt + chosen),
+            np.arange(prompt - 1, prompt + rejected),
+            np.zeros(pad),
+        ]
+    ).astype(np.int32)[None]
+    split = lambda x: tuple(
+        jnp.asarray(a, jnp.float32) for a in (x[..., :Q, :], x[..., Q : Q + K, :], x[..., Q + K :, :])
+    )
     return (*split(row), jnp.asarray(seg), jnp.asarray(pos))
 
 
@@ -116,16 +138,22 @@ def test_shared_prompt_row_attends_as_two_plain_rows():
     """Each response of a shared-prompt row sees its prompt and itself (at its own positions) and
     never the other response: its attention outputs equal those of its plain row."""
     q, k, v, seg, pos = _shared_prompt_row()
-    shared = np.asarray(A.xla_attention(q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg,
-                                        scale=0.25, softcap=5.0, window=40))[0]
+    shared = np.asarray(
+        A.xla_attention(
+            q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25, softcap=5.0, window=40
+        )
+    )[0]
     s = np.asarray(seg)[0]
     prefix = np.flatnonzero(s == -1)
     for side in (1, 2):
-        idx = np.concatenate([prefix, np.flatnonzero(s == side)])   # the plain row's tokens, in order
+        idx = np.concatenate([prefix, np.flatnonzero(s == side)])  # the plain row's tokens, in order
         plain = [x[:, idx] for x in (q, k, v)]
         ones, p = jnp.ones((1, len(idx)), jnp.int32), jnp.arange(len(idx), dtype=jnp.int32)[None]
-        want = np.asarray(A.xla_attention(*plain, q_pos_NxL=p, k_pos_NxS=p, q_seg_NxL=ones, k_seg_NxS=ones,
-                                          scale=0.25, softcap=5.0, window=40))[0]
+        want = np.asarray(
+            A.xla_attention(
+                *plain, q_pos_NxL=p, k_pos_NxS=p, q_seg_NxL=ones, k_seg_NxS=ones, scale=0.25, softcap=5.0, window=40
+            )
+        )[0]
         np.testing.assert_allclose(shared[idx], want, rtol=1e-5, atol=1e-6)
 
 
@@ -167,16 +195,21 @@ def test_choose_falls_back_with_a_reason():
     assert A.choose("auto", **{**base, "platform": "tpu"}) == ("splash", None)
     assert A.choose("auto", **{**base, "platform": "cpu"}) == ("xla", None)
     assert A.choose("xla", **base) == ("xla", None)
-    for change, reason in [({"softcap": 50.0}, "soft-cap"), ({"dtype": jnp.float32}, "float32"),
-                           ({"head_dim": 256}, "up to 128"), ({"head_dim": 60}, "multiple of 8"),
-                           ({"cached": True}, "KV-cache"), ({"platform": "cpu"}, "needs a GPU"),
-                           ({"length": 511}, "even length")]:
+    for change, reason in [
+        ({"softcap": 50.0}, "soft-cap"),
+        ({"dtype": jnp.float32}, "float32"),
+        ({"head_dim": 256}, "up to 128"),
+        ({"head_dim": 60}, "multiple of 8"),
+        ({"cached": True}, "KV-cache"),
+        ({"platform": "cpu"}, "needs a GPU"),
+        ({"length": 511}, "even length"),
+    ]:
         impl, why = A.choose("cudnn", **{**base, **change})
         assert impl == "xla" and reason in why, (change, why)
     assert A.choose("cudnn", **{**base, "head_dim": 256}, gpu_capability="9.0") == ("cudnn", None)
-    assert A.choose("auto", **{**base, "cached": True}) == ("xla", None)   # decoding: silently XLA
+    assert A.choose("auto", **{**base, "cached": True}) == ("xla", None)  # decoding: silently XLA
     tpu = {**base, "platform": "tpu", "softcap": 50.0, "dtype": jnp.float32}
-    assert A.choose("splash", **tpu) == ("splash", None)           # splash has soft-caps and float32
+    assert A.choose("splash", **tpu) == ("splash", None)  # splash has soft-caps and float32
     impl, why = A.choose("splash", **{**tpu, "length": 96})
     assert impl == "xla" and "multiple of 128" in why
     with pytest.raises(ValueError, match="model.attention='flash'"):
@@ -185,14 +218,25 @@ def test_choose_falls_back_with_a_reason():
 
 def test_fallback_is_logged_once(qkv, caplog):
     q, k, v, seg, pos = qkv
-    call = lambda: A.attend(q, k, v, q_pos_NxL=pos, k_pos_NxS=pos, q_seg_NxL=seg, k_seg_NxS=seg, scale=0.25,
-                            softcap=5.0, implementation="cudnn")
+    call = lambda: A.attend(
+        q,
+        k,
+        v,
+        q_pos_NxL=pos,
+        k_pos_NxS=pos,
+        q_seg_NxL=seg,
+        k_seg_NxS=seg,
+        scale=0.25,
+        softcap=5.0,
+        implementation="cudnn",
+    )
     A._logged.clear()
     with caplog.at_level(logging.WARNING, logger="haf_jax"):
         out = call()
         call()
     assert [r.getMessage() for r in caplog.records] == [
-        "model.attention=cudnn: using xla attention instead (cudnn needs a GPU (platform cpu))"]
+        "model.attention=cudnn: using xla attention instead (cudnn needs a GPU (platform cpu))"
+    ]
     np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(qkv, scale=0.25, softcap=5.0, causal=True)), rtol=1e-6)
 
 
@@ -201,7 +245,7 @@ def test_splash_packed_train_step_compiles_for_tpu_v5e():
     over v5e:2x4's 8 chips: the step compiles with the Mosaic splash kernel."""
     pytest.importorskip("libtpu", reason="libtpu (pip install -e '.[tpu]') compiles for TPU topologies")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other test processes may hold libtpu's lock
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other test processes may hold libtpu's lock
     from jax.experimental import topologies
 
     from haf_jax.core import params as params_lib
@@ -215,16 +259,29 @@ def test_splash_packed_train_step_compiles_for_tpu_v5e():
     cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16, packed=True)
     opt = make_optimizer(learning_rate=1e-5, total_steps=100)
     _, abstract = step_lib.state_layout(model, opt, mesh)
-    fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       params_lib.param_shardings(model, mesh), live_reference=False)
+    fn, keys = step_lib.jit_train_step(
+        cfg,
+        opt,
+        mesh,
+        jax.tree.map(lambda x: x.sharding, abstract),
+        params_lib.param_shardings(model, mesh),
+        live_reference=False,
+    )
     rows, length, slots = 8, 256, 32
-    dims = {"tokens": (rows, length), "response_mask": (rows, length), "positions": (rows, length),
-            "segment_ids": (rows, length), "last_index": (slots, 2), "valid": (slots,), "ref_logp": (slots, 2)}
+    dims = {
+        "tokens": (rows, length),
+        "response_mask": (rows, length),
+        "positions": (rows, length),
+        "segment_ids": (rows, length),
+        "last_index": (slots, 2),
+        "valid": (slots,),
+        "ref_logp": (slots, 2),
+    }
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
     shardings = forward.batch_shardings(mesh, keys, packed=True)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=shardings[k]) for k in keys}
     lowered = fn.lower(abstract, batch, None, None)
-    assert "splash" in lowered.as_text()                  # the Pallas kernel, not the XLA fallback
+    assert "splash" in lowered.as_text()  # the Pallas kernel, not the XLA fallback
     assert lowered.compile().memory_analysis().temp_size_in_bytes > 0
 
 

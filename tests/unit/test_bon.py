@@ -2,16 +2,15 @@
 and what transformers' sequence classifier gives the token sequence of the data contract; the
 pick is the argmax (lowest index on ties); two reward models' agreement on a constructed case;
 bad candidate files; the command end to end (sampling from a policy, two reward models)."""
+
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers as T
+from helpers.commands import command
 from helpers.parity import perturb
 from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
 
@@ -29,9 +28,20 @@ MAX_LENGTH, MAX_PROMPT = 24, 8
 def _reward_model(directory, seed, sign=1.0):
     """A perturbed tiny Llama reward model (tied head, so the directory also has the LM head);
     `sign=-1` negates its score head: the same trunk ranking every candidate the other way."""
-    config = T.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                           num_key_value_heads=2, num_hidden_layers=2, bos_token_id=BOS, eos_token_id=EOS,
-                           pad_token_id=None, max_position_embeddings=128, tie_word_embeddings=True, num_labels=1)
+    config = T.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=None,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        num_labels=1,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = perturb(T.LlamaForSequenceClassification(config), seed=seed).eval()
@@ -56,9 +66,10 @@ def mesh():
 ROWS = [
     {"prompt": "w10 w11 w12", "id": "a", "candidates": ["w5 w6 w7", "w20", "w30 w31 w32 w33 w34"]},
     # the middle candidate is cut to the response budget (24 - 8 prompt tokens), keeping its EOS
-    {"prompt": "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49", "candidates": ["w50 w51",
-                                                                         " ".join(f"w{i}" for i in range(60, 80)),
-                                                                         "w90", "w91 w92"]},
+    {
+        "prompt": "w40 w41 w42 w43 w44 w45 w46 w47 w48 w49",
+        "candidates": ["w50 w51", " ".join(f"w{i}" for i in range(60, 80)), "w90", "w91 w92"],
+    },
     {"prompt": "w100", "candidates": ["w7 w7", "w7 w7", ""]},  # a tie and an empty candidate
 ]
 
@@ -67,17 +78,24 @@ def _contract_ids(prompt, candidate):
     """The data contract written out: BOS + tok(template(prompt)) keeping its end (8 tokens in all),
     + tok(" " + candidate) cut to the remaining budget keeping the EOS; "Instruct:" and "Output:"
     are unknown words here (id 0)."""
-    words = lambda text: [int(w[1:]) if w.startswith("w") else 0 for w in text.split()]  # noqa: E731
-    prompt_ids = [BOS] + words(f"Instruct: {prompt}\nOutput:")[-(MAX_PROMPT - 1):]
+    words = lambda text: [int(w[1:]) if w.startswith("w") else 0 for w in text.split()]
+    prompt_ids = [BOS] + words(f"Instruct: {prompt}\nOutput:")[-(MAX_PROMPT - 1) :]
     response = words(" " + candidate) + [EOS]
     budget = MAX_LENGTH - len(prompt_ids)
-    return prompt_ids + (response if len(response) <= budget else response[:budget - 1] + [EOS])
+    return prompt_ids + (response if len(response) <= budget else response[: budget - 1] + [EOS])
 
 
 def test_scores_equal_score_and_transformers_and_pick_is_argmax(rms, mesh, tmp_path):
     rm_dir, rm_torch = rms["rm"]
-    out, summary = bon.best_of_n([str(rm_dir)], ROWS, template=TEMPLATE, max_length=MAX_LENGTH,
-                                 max_prompt_length=MAX_PROMPT, batch_size=2, mesh=mesh)
+    out, summary = bon.best_of_n(
+        [str(rm_dir)],
+        ROWS,
+        template=TEMPLATE,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+        batch_size=2,
+        mesh=mesh,
+    )
     assert [r["prompt"] for r in out] == [r["prompt"] for r in ROWS] and out[0]["id"] == "a"
 
     # transformers' classifier on the contract's token sequence of each candidate
@@ -97,11 +115,22 @@ def test_scores_equal_score_and_transformers_and_pick_is_argmax(rms, mesh, tmp_p
     # haf_jax.score on pairs whose chosen response is the candidate (it skips an empty response)
     pairs = tmp_path / "pairs.jsonl"
     kept = [(i, j) for i, r in enumerate(ROWS) for j, c in enumerate(r["candidates"]) if c]
-    pairs.write_text("".join(json.dumps({"prompt": ROWS[i]["prompt"], "chosen": ROWS[i]["candidates"][j],
-                                         "rejected": "w3 w4"}) + "\n" for i, j in kept))
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": ROWS[i]["prompt"], "chosen": ROWS[i]["candidates"][j], "rejected": "w3 w4"}) + "\n"
+            for i, j in kept
+        )
+    )
     scored = tmp_path / "scored.jsonl"
-    score_lib.score(str(rm_dir), str(pairs), str(scored), template=TEMPLATE, max_length=MAX_LENGTH,
-                    max_prompt_length=MAX_PROMPT, batch_size=4)
+    score_lib.score(
+        str(rm_dir),
+        str(pairs),
+        str(scored),
+        template=TEMPLATE,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+        batch_size=4,
+    )
     rewards = [json.loads(line)["reward_chosen"] for line in scored.read_text().splitlines()]
     np.testing.assert_allclose([out[i]["scores"][j] for i, j in kept], rewards, atol=1e-5, rtol=1e-6)
 
@@ -109,11 +138,19 @@ def test_scores_equal_score_and_transformers_and_pick_is_argmax(rms, mesh, tmp_p
 def test_two_reward_models_agreement(rms, mesh):
     """The second model is the first with its reward head negated: its pick is the worst candidate,
     so the picks agree only on the row whose candidates all tie (1 of 3)."""
-    rows = [{"prompt": "w10", "candidates": ["w5 w6", "w5 w6"]},
-            {"prompt": "w11 w12", "candidates": ["w20 w21", "w22", "w23 w24 w25"]},
-            {"prompt": "w13", "candidates": ["w30", "w31 w32"]}]
-    out, summary = bon.best_of_n([str(rms["rm"][0]), str(rms["neg"][0])], rows, template="none",
-                                 max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, mesh=mesh)
+    rows = [
+        {"prompt": "w10", "candidates": ["w5 w6", "w5 w6"]},
+        {"prompt": "w11 w12", "candidates": ["w20 w21", "w22", "w23 w24 w25"]},
+        {"prompt": "w13", "candidates": ["w30", "w31 w32"]},
+    ]
+    out, summary = bon.best_of_n(
+        [str(rms["rm"][0]), str(rms["neg"][0])],
+        rows,
+        template="none",
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+        mesh=mesh,
+    )
     for r in out:
         np.testing.assert_allclose(r["scores2"], -np.array(r["scores"]), atol=1e-6)
         assert r["pick"] == int(np.argmax(r["scores"])) and r["pick2"] == int(np.argmin(r["scores"]))
@@ -122,13 +159,22 @@ def test_two_reward_models_agreement(rms, mesh):
     assert summary["mean_score2_of_pick"] == pytest.approx(-summary["mean_best_score"], abs=1e-6)
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"candidates": ["a"]}, r"c\.jsonl line 2, field 'prompt': missing"),
-    ({"prompt": "p"}, r"c\.jsonl line 2, field 'candidates': missing"),
-    ({"prompt": "p", "candidates": []}, r"c\.jsonl line 2, field 'candidates': expected a non-empty list"),
-    ({"prompt": "p", "candidates": "a b"}, r"c\.jsonl line 2, field 'candidates': expected a non-empty list of strings, got str"),
-    ({"prompt": "p", "candidates": ["a", None]}, r"c\.jsonl line 2, field 'candidates\[1\]': expected a string, got null"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"candidates": ["a"]}, r"c\.jsonl line 2, field 'prompt': missing"),
+        ({"prompt": "p"}, r"c\.jsonl line 2, field 'candidates': missing"),
+        ({"prompt": "p", "candidates": []}, r"c\.jsonl line 2, field 'candidates': expected a non-empty list"),
+        (
+            {"prompt": "p", "candidates": "a b"},
+            r"c\.jsonl line 2, field 'candidates': expected a non-empty list of strings, got str",
+        ),
+        (
+            {"prompt": "p", "candidates": ["a", None]},
+            r"c\.jsonl line 2, field 'candidates\[1\]': expected a string, got null",
+        ),
+    ],
+)
 def test_bad_candidates_file(tmp_path, row, message):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"prompt": "ok", "candidates": ["x"]}) + "\n" + json.dumps(row) + "\n")
@@ -137,19 +183,27 @@ def test_bad_candidates_file(tmp_path, row, message):
 
 
 @pytest.mark.slow
-def test_bon_cli_samples_and_scores(rms, tmp_path):
-    """The command samples from a policy (as haf_jax.sample does) and scores with two models."""
+def test_bon_cli_samples_and_scores(rms, one_device, tmp_path, capsys):
+    """The command (in this process, on one device) samples from a policy (as haf_jax.sample does)
+    and scores with two models."""
     policy = tmp_path / "policy"
     build_causal_lm("llama", policy)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("w5 w6", "w7 w8 w9 w10", "w11")))
     out = tmp_path / "bon.jsonl"
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device
-    p = subprocess.run([sys.executable, "-m", "haf_jax.bon", f"--reward_model={rms['rm'][0]}",
-                        f"--reward_model2={rms['neg'][0]}", f"--prompts={prompts}", f"--policy={policy}", "--n=3",
-                        "--max_new_tokens=5", f"--out={out}"], capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    command("haf_jax.bon").invoke(
+        [
+            "haf_jax.bon",
+            f"--reward_model={rms['rm'][0]}",
+            f"--reward_model2={rms['neg'][0]}",
+            f"--prompts={prompts}",
+            f"--policy={policy}",
+            "--n=3",
+            "--max_new_tokens=5",
+            f"--out={out}",
+        ]
+    )  # exit 0: no SystemExit
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["w5 w6", "w7 w8 w9 w10", "w11"]
     for r in rows:

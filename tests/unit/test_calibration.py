@@ -1,5 +1,6 @@
 """Calibration maths (losses.calibration / pearson / evaluation_summary) against NumPy written
 here independently, and against analytic values."""
+
 import math
 
 import numpy as np
@@ -57,8 +58,9 @@ def test_miscalibrated_case_gives_the_analytic_ece_brier_and_log_loss():
     got = losses.calibration(margin, outcome_N=outcome)
     assert float(got["ece"]) == pytest.approx(0.35, abs=1e-6)
     assert float(got["brier"]) == pytest.approx((2 * 0.1**2 + 2 * 0.9**2 + 4 * 0.3**2) / 8, abs=1e-6)
-    assert float(got["log_loss"]) == pytest.approx(-(2 * math.log(0.9) + 2 * math.log(0.1) + 4 * math.log(0.7)) / 8,
-                                                   rel=1e-6)
+    assert float(got["log_loss"]) == pytest.approx(
+        -(2 * math.log(0.9) + 2 * math.log(0.1) + 4 * math.log(0.7)) / 8, rel=1e-6
+    )
     # An untrained reward head (all margins 0): p = 0.5 everywhere, every pair wrong (ties are wrong).
     zero = losses.calibration(np.zeros(10))
     assert float(zero["ece"]) == pytest.approx(0.5) and float(zero["brier"]) == pytest.approx(0.25)
@@ -70,8 +72,9 @@ def test_pearson_and_summary_match_numpy():
     reward = rng.normal(size=(50, 2)).astype(np.float32)
     n_tokens = rng.integers(1, 100, size=(50, 2)).astype(np.float32)
     logp, ref = rng.normal(-50, 5, size=(50, 2)), rng.normal(-50, 5, size=(50, 2))
-    s = losses.evaluation_summary({"reward_Bx2": reward, "n_tokens_Bx2": n_tokens, "logp_Bx2": logp,
-                                   "ref_logp_Bx2": ref}, beta=0.1)
+    s = losses.evaluation_summary(
+        {"reward_Bx2": reward, "n_tokens_Bx2": n_tokens, "logp_Bx2": logp, "ref_logp_Bx2": ref}, beta=0.1
+    )
     margin = reward[:, 0] - reward[:, 1]
     implicit = 0.1 * ((logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1]))
     assert s["pairs"] == 50 and s["reward_accuracy"] == pytest.approx(np.mean(margin > 0))

@@ -1,4 +1,5 @@
 """Checkpoint layer: round trip, mesh changes, retention, corruption, NaN guard; the resume config policy."""
+
 import asyncio
 import glob
 import logging
@@ -113,7 +114,7 @@ def _garble(step_dir):  # same size, bytes flipped inside a raw chunk: tensorsto
     f = _biggest_data_file(step_dir)
     assert os.path.getsize(f) > 60_000  # the (64, 256) float32 chunk, not a b-tree node
     b = bytearray(open(f, "rb").read())
-    b[len(b) // 2: len(b) // 2 + 8] = bytes(x ^ 0xFF for x in b[len(b) // 2: len(b) // 2 + 8])
+    b[len(b) // 2 : len(b) // 2 + 8] = bytes(x ^ 0xFF for x in b[len(b) // 2 : len(b) // 2 + 8])
     open(f, "wb").write(bytes(b))
 
 
@@ -127,21 +128,30 @@ def _garble_data_state(step_dir):
 
 def _drop_item(step_dir):
     import shutil
+
     shutil.rmtree(f"{step_dir}/config")
 
 
 def _drop_checksums(step_dir):  # meta still a JSON object, but without what restore verifies against
     import json
+
     path = f"{step_dir}/meta/metadata"
     meta = json.loads(open(path).read())
     del meta["checksums"]
     open(path, "w").write(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage,why", [
-    (_truncate, "reading it failed"), (_garble, "checksum mismatch"),
-    (_garble_metadata, "'state' has unreadable metadata"), (_garble_data_state, "'data' is missing or unreadable"),
-    (_drop_item, "'config' is missing"), (_drop_checksums, "'meta' holds no 'checksums'")])
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (_truncate, "reading it failed"),
+        (_garble, "checksum mismatch"),
+        (_garble_metadata, "'state' has unreadable metadata"),
+        (_garble_data_state, "'data' is missing or unreadable"),
+        (_drop_item, "'config' is missing"),
+        (_drop_checksums, "'meta' holds no 'checksums'"),
+    ],
+)
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage, why):
     states = {s: make_state(mesh_of(8), seed=s) for s in (1, 2, 3)}
     with Checkpointer(tmp_path, every_steps=1) as c:
@@ -210,8 +220,9 @@ def test_failed_restore_leaves_no_read_behind(tmp_path, monkeypatch):
     timing: that made the end-to-end test flaky).
     """
     loops = []
-    monkeypatch.setattr(drain.DrainingPolicy, "new_event_loop",
-                        lambda self: loops.append(drain.DrainingLoop()) or loops[-1])
+    monkeypatch.setattr(
+        drain.DrainingPolicy, "new_event_loop", lambda self: loops.append(drain.DrainingLoop()) or loops[-1]
+    )
     mesh = mesh_of(8)
     sharding = NamedSharding(mesh, P(None, ("data", "fsdp", "tensor")))
     make = jax.jit(_many_leaves, static_argnums=0, out_shardings=sharding)
@@ -232,24 +243,40 @@ def test_failed_restore_leaves_no_read_behind(tmp_path, monkeypatch):
 
 
 def test_compare_configs():
-    saved = {"model": {"preset": "tiny", "layers": 2}, "loss": {"objective": "haf", "alpha": 1.0},
-             "train": {"eval_every": 100, "seed": 0, "shape": (2, 3)},
-             "checkpoint": {"every_steps": 50}, "data": {"eval": "a.jsonl"}}
-    current = {"model": {"preset": "tiny", "layers": 4}, "loss": {"objective": "dpo", "alpha": 1.0},
-               "train": {"eval_every": 10, "seed": 0, "shape": [2, 3], "new_key": 1},
-               "checkpoint": {"every_steps": 20}, "data": {"eval": "b.jsonl"}}
+    saved = {
+        "model": {"preset": "tiny", "layers": 2},
+        "loss": {"objective": "haf", "alpha": 1.0},
+        "train": {"eval_every": 100, "seed": 0, "shape": (2, 3)},
+        "checkpoint": {"every_steps": 50},
+        "data": {"eval": "a.jsonl"},
+    }
+    current = {
+        "model": {"preset": "tiny", "layers": 4},
+        "loss": {"objective": "dpo", "alpha": 1.0},
+        "train": {"eval_every": 10, "seed": 0, "shape": [2, 3], "new_key": 1},
+        "checkpoint": {"every_steps": 20},
+        "data": {"eval": "b.jsonl"},
+    }
     breaking, harmless = run_config.compare_configs(saved, current)
-    assert breaking == ["loss.objective: saved='haf' current='dpo'",
-                        "model.layers: saved=2 current=4",
-                        "train.new_key: saved='<missing>' current=1"]
-    assert harmless == ["checkpoint.every_steps: saved=50 current=20",
-                        "data.eval: saved='a.jsonl' current='b.jsonl'",
-                        "train.eval_every: saved=100 current=10"]
+    assert breaking == [
+        "loss.objective: saved='haf' current='dpo'",
+        "model.layers: saved=2 current=4",
+        "train.new_key: saved='<missing>' current=1",
+    ]
+    assert harmless == [
+        "checkpoint.every_steps: saved=50 current=20",
+        "data.eval: saved='a.jsonl' current='b.jsonl'",
+        "train.eval_every: saved=100 current=10",
+    ]
     assert run_config.compare_configs(saved, saved) == ([], [])
     # "train.eval_every" must not cover a hypothetical "train.eval_everything".
     assert run_config.compare_configs({"train": {"eval_everything": 1}}, {"train": {"eval_everything": 2}})[0]
-    assert run_config.compare_configs(saved, current, harmless_prefixes=("model.", "loss.objective", "train.",
-                                                                         "checkpoint.", "data.eval"))[0] == []
+    assert (
+        run_config.compare_configs(
+            saved, current, harmless_prefixes=("model.", "loss.objective", "train.", "checkpoint.", "data.eval")
+        )[0]
+        == []
+    )
 
 
 def test_harmless_prefixes_name_existing_config_keys(load_config):
@@ -262,13 +289,34 @@ def test_harmless_prefixes_name_existing_config_keys(load_config):
 # What runs written before each ADDED_LATER key existed did: the base config's default for such a
 # key must stay this value, or those runs would resume, score and export as something they were not.
 OLDER_RUNS = {
-    "model": {"lora": {"rank": 0, "alpha": 16.0, "dropout": 0.0,
-                       "targets": r"mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.weight$",
-                       "train_lm_head": False, "train_embeddings": False},
-              "attention": "auto", "scan_layers": False, "remat_policy": "nothing"},
-    "data": {"truncation": "always", "degenerate": "skip", "batching": "length_grouped", "eval_subsample": 0,
-             "eval_subsample_seed": 0, "packing": False, "pack_length": 0, "pack_rows": 0, "share_prompt": False},
-    "loss": {"dpo_scale_by_alpha": False}, "train": {"profile_steps": ""}, "optim": {"moment_dtype": "float32"}}
+    "model": {
+        "lora": {
+            "rank": 0,
+            "alpha": 16.0,
+            "dropout": 0.0,
+            "targets": r"mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.weight$",
+            "train_lm_head": False,
+            "train_embeddings": False,
+        },
+        "attention": "auto",
+        "scan_layers": False,
+        "remat_policy": "nothing",
+    },
+    "data": {
+        "truncation": "always",
+        "degenerate": "skip",
+        "batching": "length_grouped",
+        "eval_subsample": 0,
+        "eval_subsample_seed": 0,
+        "packing": False,
+        "pack_length": 0,
+        "pack_rows": 0,
+        "share_prompt": False,
+    },
+    "loss": {"dpo_scale_by_alpha": False},
+    "train": {"profile_steps": ""},
+    "optim": {"moment_dtype": "float32"},
+}
 
 
 def test_keys_added_later_take_what_older_runs_did(load_config):
@@ -283,16 +331,18 @@ def test_keys_added_later_take_what_older_runs_did(load_config):
     assert OLDER_RUNS["model"]["lora"] == dataclasses.asdict(LoraConfig())
     assert {f"{section}.{key}" for section, keys in OLDER_RUNS.items() for key in keys} == set(base.ADDED_LATER)
     current = run_config.config_dict(load_config("configs/gemma.py:gemma-2b"))
-    saved = {section: {k: v for k, v in values.items() if k not in OLDER_RUNS.get(section, {})}
-             for section, values in current.items()}
-    del saved["data"]["max_length"]   # not a key added later: no default
+    saved = {
+        section: {k: v for k, v in values.items() if k not in OLDER_RUNS.get(section, {})}
+        for section, values in current.items()
+    }
+    del saved["data"]["max_length"]  # not a key added later: no default
     filled = base.with_added_defaults(saved)
     for section, values in OLDER_RUNS.items():
         assert {k: filled[section][k] for k in values} == values, section
     assert "max_length" not in filled["data"]
     breaking, _ = run_config.compare_configs(filled, current)
     assert "data.max_length: saved='<missing>' current=512" in breaking
-    assert "model.scan_layers: saved=False current=True" not in breaking   # a harmless layout change
+    assert "model.scan_layers: saved=False current=True" not in breaking  # a harmless layout change
     # a section present in part is completed key by key; a value the run recorded is kept
     partial = base.with_added_defaults({"model": {"lora": {"rank": 8}, "scan_layers": True}})
     assert partial["model"]["lora"] == {**OLDER_RUNS["model"]["lora"], "rank": 8}

@@ -1,4 +1,5 @@
 """Batches, buckets, the resumable loader, and host sharding (simulated and 2 real processes)."""
+
 import json
 import os
 import socket
@@ -18,9 +19,14 @@ def write_data(path, n=N_PAIRS):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        w = lambda k: " ".join(f"w{j}" for j in rng.integers(0, 50, size=k))  # noqa: E731
-        rows.append({"prompt": f"Question {i}: " + w(rng.integers(1, 40)),
-                     "chosen": " " + w(rng.integers(1, 150)), "rejected": " " + w(rng.integers(1, 80))})
+        w = lambda k: " ".join(f"w{j}" for j in rng.integers(0, 50, size=k))
+        rows.append(
+            {
+                "prompt": f"Question {i}: " + w(rng.integers(1, 40)),
+                "chosen": " " + w(rng.integers(1, 150)),
+                "rejected": " " + w(rng.integers(1, 80)),
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -48,7 +54,7 @@ def check_batch(batch, ds, b):
             assert toks[r, s, last[r, s]] == 1 and (toks[r, s, n:] == 0).all()
             assert mask[r, s, last[r, s]] == 1 and mask[r, s, n:].sum() == 0 and toks[r, s, 0] == 2
         pr = np.flatnonzero(mask[r, 0])[0]
-        assert (toks[r, 0, :pr] == toks[r, 1, :pr]).all()       # same prompt tokens
+        assert (toks[r, 0, :pr] == toks[r, 1, :pr]).all()  # same prompt tokens
 
 
 def test_buckets():
@@ -59,7 +65,7 @@ def test_buckets():
 
 def test_in_order_batches_with_filler(ds):
     batches = list(ds.batches(10))
-    assert len(batches) == 10                                    # 96 pairs -> 9 full + 1 partial
+    assert len(batches) == 10  # 96 pairs -> 9 full + 1 partial
     idx = np.concatenate([b["index"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
     assert idx[valid].tolist() == list(range(N_PAIRS)) and (~valid).sum() == 4
@@ -98,7 +104,7 @@ def test_stop_and_restore_equals_not_stopping(ds):
         epoch(a, 17)
         state = json.loads(json.dumps(a.state))
     assert state == {"epoch": 1, "position": 5, "seed": 5, "num_pairs": N_PAIRS}
-    with PairLoader(ds, 8, seed=0, prefetch=0) as b:   # seed comes from the state
+    with PairLoader(ds, 8, seed=0, prefetch=0) as b:  # seed comes from the state
         b.restore(state)
         got = epoch(b, 13)
     for x, y in zip(want[17:], got):
@@ -112,12 +118,17 @@ def test_length_grouping_reduces_padding(ds):
             bs = epoch(ld, 12 * 4)
         real = sum(int((b["last_index"] + 1).sum()) for b in bs)
         return 1 - real / sum(b["tokens"].size for b in bs)
+
     assert pad_frac(length_grouping=True) < pad_frac(length_grouping=False)
 
 
 def test_simulated_processes_disjoint_union(data, tok):
-    parts = [load_pairs(data, tok, PairOptions(max_length=256, max_prompt_length=64, process_index=p, process_count=2),
-                        split="all") for p in range(2)]
+    parts = [
+        load_pairs(
+            data, tok, PairOptions(max_length=256, max_prompt_length=64, process_index=p, process_count=2), split="all"
+        )
+        for p in range(2)
+    ]
     assert parts[0].fingerprint == parts[1].fingerprint and parts[0].report == parts[1].report
     loaders = [PairLoader(d, 16, seed=3) for d in parts]
     seen = [set(), set()]
@@ -165,18 +176,32 @@ def test_two_real_processes(tmp_path, data, tok, ds):
         port = str(s.getsockname()[1])
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), port, str(p), data,
-                               str(sample_paths()["tokenizer"]), str(tmp_path / f"out{p}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for p in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(tmp_path / "worker.py"),
+                port,
+                str(p),
+                data,
+                str(sample_paths()["tokenizer"]),
+                str(tmp_path / f"out{p}.json"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for p in range(2)
+    ]
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out.decode()[-3000:]
     res = [json.load(open(tmp_path / f"out{p}.json")) for p in range(2)]
     # global report equals the single-process one (counts were all-gathered)
     for r in res:
-        assert {k: v for k, v in r["report"].items() if k != "process_count"} == \
-               {k: v for k, v in ds.report.items() if k != "process_count"}
+        assert {k: v for k, v in r["report"].items() if k != "process_count"} == {
+            k: v for k, v in ds.report.items() if k != "process_count"
+        }
     single = {int(i): None for i in range(N_PAIRS)}
     for b in ds.batches(N_PAIRS):
         for r, i in enumerate(b["index"]):
@@ -189,7 +214,7 @@ def test_two_real_processes(tmp_path, data, tok, ds):
         for p in range(2):
             bp = res[p]["train"][k]
             seen[p] += bp["index"]
-            for r, i in enumerate(bp["index"]):          # same tokens as the single-process data
+            for r, i in enumerate(bp["index"]):  # same tokens as the single-process data
                 t, last = single[i]
                 n = last[0] + 1
                 assert bp["tokens"][r][0][:n] == t[0][:n].tolist()
@@ -210,7 +235,7 @@ def test_token_cache_reused(tmp_path, data, tok, ds, monkeypatch):
     files = list(tmp_path.glob("pairs-*.npz"))
     assert len(files) == 1 and first.fingerprint in files[0].name
     monkeypatch.setattr("haf_jax.data.tokenize.encode_pairs", lambda *a, **k: 1 / 0)
-    again = load_pairs(data, tok, options, split="all")          # no tokenisation this time
+    again = load_pairs(data, tok, options, split="all")  # no tokenisation this time
     assert again.report == ds.report
     for x, y in zip(ds.batches(32), again.batches(32)):
         for k in x:

@@ -1,4 +1,5 @@
 """Record forms and paper recipes -> {prompt, chosen, rejected} (+ tokens), skipping, splits."""
+
 import gzip
 import json
 
@@ -38,7 +39,9 @@ def test_explicit_round_trip_and_tokens(tmp_path, tok):
         n = len(want)
         assert b["tokens"][0, side, :n].tolist() == want
         assert (b["tokens"][0, side, n:] == tok.pad_token_id).all()
-        assert b["response_mask"][0, side].tolist() == [0] * (1 + len(p)) + [1] * (len(y) + 1) + [0] * (b["tokens"].shape[2] - n)
+        assert b["response_mask"][0, side].tolist() == [0] * (1 + len(p)) + [1] * (len(y) + 1) + [0] * (
+            b["tokens"].shape[2] - n
+        )
         assert b["last_index"][0, side] == n - 1
 
 
@@ -51,18 +54,24 @@ def test_hh_implicit_prompt(tmp_path, tok):
 
 
 def test_messages_prompt_and_full_conversations(tmp_path, tok):
-    rows = [{"prompt": [{"role": "user", "content": "Hi"}],
-             "chosen": [{"role": "assistant", "content": "Hello"}],
-             "rejected": [{"role": "assistant", "content": "Go"}]},
-            {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-             "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "Hello"}],
+            "rejected": [{"role": "assistant", "content": "Go"}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go"}],
+        },
+    ]
     ds = load(tmp_path, rows, tok)
     want = ("<bos><|user|>\nHi<eos><|assistant|>\n", "Hello<eos>", "Go<eos>")
     assert triples(ds) == [want, want]
     b = next(ds.batches(2))
-    row = b["tokens"][0, 0, :b["last_index"][0, 0] + 1].tolist()
+    row = b["tokens"][0, 0, : b["last_index"][0, 0] + 1].tolist()
     assert row.count(tok.bos_token_id) == 1 and row[0] == tok.bos_token_id
-    assert row.count(tok.eos_token_id) == 2          # user turn end + assistant turn end
+    assert row.count(tok.eos_token_id) == 2  # user turn end + assistant turn end
     assert row[-1] == tok.eos_token_id
     resp = [t for t, m in zip(b["tokens"][0, 0], b["response_mask"][0, 0]) if m]
     assert resp == ids(tok, "Hello") + [tok.eos_token_id]
@@ -78,28 +87,38 @@ def test_labelled_pairs_and_custom_fields(tmp_path, tok):
 
 
 def test_ranking_expanded_to_pairs(tmp_path, tok):
-    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1], "id": 7},
-            {"prompt": "q", "responses": ["x", "y", "z"], "scores": [1.0, 3.0, 1.0]}]
+    rows = [
+        {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1], "id": 7},
+        {"prompt": "q", "responses": ["x", "y", "z"], "scores": [1.0, 3.0, 1.0]},
+    ]
     ds = load(tmp_path, rows, tok)
-    assert sorted(triples(ds)) == sorted([("p", "c", "a"), ("p", "c", "b"), ("p", "a", "b"),
-                                          ("q", "y", "x"), ("q", "y", "z")])
+    assert sorted(triples(ds)) == sorted(
+        [("p", "c", "a"), ("p", "c", "b"), ("p", "a", "b"), ("q", "y", "x"), ("q", "y", "z")]
+    )
     assert {p.get("id") for p in ds.pairs[:3]} == {"7#2>0", "7#2>1", "7#0>1"}
 
 
-@pytest.mark.parametrize("template,prompt,chosen", [
-    ("none", "Say hi", "hi"),
-    ("phi2", "Instruct: Say hi\nOutput:", " hi"),
-    ("mistral", "[INST] Say hi [/INST]", "hi"),
-])
+@pytest.mark.parametrize(
+    "template,prompt,chosen",
+    [
+        ("none", "Say hi", "hi"),
+        ("phi2", "Instruct: Say hi\nOutput:", " hi"),
+        ("mistral", "[INST] Say hi [/INST]", "hi"),
+    ],
+)
 def test_templates(tmp_path, tok, template, prompt, chosen):
     ds = load(tmp_path, [{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}], tok, template=template)
     assert triples(ds)[0][:2] == (prompt, chosen)
 
 
 def test_hh_recipe_single_turn_only_and_template(tmp_path, tok):
-    rows = [{"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."},
-            {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
-             "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e"}]
+    rows = [
+        {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."},
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e",
+        },
+    ]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
     for name in ("hh_harmless", "hh_helpful"):
         ds = load_pairs(f"recipe:{name}:{path}", tok, split="all")
@@ -110,24 +129,45 @@ def test_hh_recipe_single_turn_only_and_template(tmp_path, tok):
 
 
 def test_beavertails_safe_recipe(tmp_path, tok):
-    base = {"prompt": "How do I pick a lock?", "response_0": "Call a locksmith.", "response_1": "Use a pin.",
-            "better_response_id": 1, "safer_response_id": 0}
-    rows = [dict(base, is_response_0_safe=True, is_response_1_safe=False),
-            dict(base, is_response_0_safe=False, is_response_1_safe=True),
-            dict(base, is_response_0_safe=True, is_response_1_safe=True),
-            dict(base, is_response_0_safe=False, is_response_1_safe=False)]
-    ds = load_pairs("recipe:beavertails_safe:" + write_jsonl(tmp_path / "b.jsonl", rows), tok,
-                    PairOptions(template="mistral"), split="all")
-    assert triples(ds) == [("[INST] How do I pick a lock? [/INST]", "Call a locksmith.", "Use a pin."),
-                           ("[INST] How do I pick a lock? [/INST]", "Use a pin.", "Call a locksmith.")]
+    base = {
+        "prompt": "How do I pick a lock?",
+        "response_0": "Call a locksmith.",
+        "response_1": "Use a pin.",
+        "better_response_id": 1,
+        "safer_response_id": 0,
+    }
+    rows = [
+        dict(base, is_response_0_safe=True, is_response_1_safe=False),
+        dict(base, is_response_0_safe=False, is_response_1_safe=True),
+        dict(base, is_response_0_safe=True, is_response_1_safe=True),
+        dict(base, is_response_0_safe=False, is_response_1_safe=False),
+    ]
+    ds = load_pairs(
+        "recipe:beavertails_safe:" + write_jsonl(tmp_path / "b.jsonl", rows),
+        tok,
+        PairOptions(template="mistral"),
+        split="all",
+    )
+    assert triples(ds) == [
+        ("[INST] How do I pick a lock? [/INST]", "Call a locksmith.", "Use a pin."),
+        ("[INST] How do I pick a lock? [/INST]", "Use a pin.", "Call a locksmith."),
+    ]
     assert ds.report["filtered_by_reason"] == {"not_exactly_one_safe": 2}
 
 
 def test_alpaca_recipe_first_10_percent_eval(tmp_path, tok):
-    rows = [{"instruction": f"Task {i}", "input": "ctx" if i == 0 else "", "output_1": f"o1-{i}",
-             "output_2": f"o2-{i}", "preference": 1 + i % 2} for i in range(20)]
+    rows = [
+        {
+            "instruction": f"Task {i}",
+            "input": "ctx" if i == 0 else "",
+            "output_1": f"o1-{i}",
+            "output_2": f"o2-{i}",
+            "preference": 1 + i % 2,
+        }
+        for i in range(20)
+    ]
     path = "recipe:alpaca_human_pref:" + write_jsonl(tmp_path / "a.jsonl", rows)
-    ev = load_pairs(path, tok, PairOptions(eval_fraction=0.5), split="eval")   # recipe rule wins
+    ev = load_pairs(path, tok, PairOptions(eval_fraction=0.5), split="eval")  # recipe rule wins
     tr = load_pairs(path, tok, split="train")
     assert triples(ev) == [("Task 0\n\nctx", "o1-0", "o2-0"), ("Task 1", "o2-1", "o1-1")]
     assert len(tr) == 18 and tr.pairs[0]["prompt"] == "Task 2"
@@ -137,27 +177,38 @@ def test_chatbot_arena_recipe(tmp_path, tok):
     def conv(q, a, extra=False):
         m = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return m + m if extra else m
+
     rows = []
     for i in range(100):
         winner = ["model_a", "model_b", "tie", "tie (bothbad)"][i % 4]
-        rows.append({"question_id": str(i), "model_a": "m1", "model_b": "m2", "winner": winner,
-                     "conversation_a": conv(f"q{i}", f"a{i}", extra=i == 4),
-                     "conversation_b": conv(f"q{i}", f"b{i}", extra=i == 4), "turn": 2 if i == 4 else 1,
-                     "language": "English"})
+        rows.append(
+            {
+                "question_id": str(i),
+                "model_a": "m1",
+                "model_b": "m2",
+                "winner": winner,
+                "conversation_a": conv(f"q{i}", f"a{i}", extra=i == 4),
+                "conversation_b": conv(f"q{i}", f"b{i}", extra=i == 4),
+                "turn": 2 if i == 4 else 1,
+                "language": "English",
+            }
+        )
     path = "recipe:chatbot_arena:" + write_jsonl(tmp_path / "c.jsonl", rows)
     all_ = load_pairs(path, tok, split="all")
     assert all_.report["filtered_by_reason"] == {"multi_turn": 1, "tie": 50}
     assert triples(all_)[:2] == [("q0", "a0", "b0"), ("q1", "b1", "a1")]
     assert len(all_) == 49
     ev = load_pairs(path, tok, split="eval")
-    assert triples(ev) == [("q0", "a0", "b0"), ("q1", "b1", "a1")]   # first 5% of the 49 kept rows
+    assert triples(ev) == [("q0", "a0", "b0"), ("q1", "b1", "a1")]  # first 5% of the 49 kept rows
     assert len(load_pairs(path, tok, split="train")) == 47
 
 
 def test_skips_counted_by_reason_and_refusal(tmp_path, tok):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 7 + [
-        {"prompt": "p", "chosen": "  ", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": ""},
-        {"prompt": "p", "chosen": "same", "rejected": "same"}]
+        {"prompt": "p", "chosen": "  ", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": ""},
+        {"prompt": "p", "chosen": "same", "rejected": "same"},
+    ]
     ds = load(tmp_path, rows, tok, max_skip_fraction=0.5)
     assert len(ds) == 7
     assert ds.report["skipped_by_reason"] == {"empty_chosen": 1, "empty_rejected": 1, "identical": 1}
@@ -191,7 +242,7 @@ def test_fingerprint_tracks_rows_tokenizer_and_settings(tmp_path, tok):
 
 def test_hh_prompts_on_real_file(shared_data, tok):
     path = shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz"
-    rows = [json.loads(l) for l in gzip.open(path, "rt", encoding="utf-8")]
+    rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
     conv = convert_rows(((f"line {i + 1}", r) for i, r in enumerate(rows)), source=str(path))
     by_group = {p["group"]: p for p in conv.pairs}
     shared = 0
@@ -202,13 +253,15 @@ def test_hh_prompts_on_real_file(shared_data, tok):
             assert i not in by_group
             continue
         shared += 1
-        if i in by_group:       # absent only when skipped for an empty response
+        if i in by_group:  # absent only when skipped for an empty response
             assert by_group[i]["prompt"] == r["chosen"][:cut_c]
             assert by_group[i]["prompt"] + by_group[i]["chosen"] == r["chosen"]
             assert by_group[i]["prompt"] + by_group[i]["rejected"] == r["rejected"]
     assert shared == 2307 and len(conv.pairs) == 2303
     assert dict(__import__("collections").Counter(r for _, r in conv.skipped)) == {
-        "prompt_mismatch": 5, "empty_chosen": 4}
+        "prompt_mismatch": 5,
+        "empty_chosen": 4,
+    }
     ds = load_pairs(f"recipe:hh_harmless:{path}", tok, split="all")
     assert ds.report["rows_read"] == 2312 and ds.report["filtered_by_reason"]["multi_turn"] > 1000
     assert all(p["prompt"].count("\n\nHuman:") == 1 for p in ds.pairs)

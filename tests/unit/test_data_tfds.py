@@ -1,13 +1,11 @@
 """TFDS sources for real: datasets built in the test (tests/helpers/tfds_prefs.py, array_record, no
 TensorFlow), read through `tfds:NAME[:data_dir=DIR]:SPLIT`, compared with the same records from
 JSON lines (pairs, fingerprint, batches), sharded, resumed, broken, and trained and scored from."""
+
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -15,12 +13,13 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed: pip install -e '.[tfds]'")
 
-from helpers import tfds_prefs  # noqa: E402  (the builders)
-from helpers.hub_repos import one_line_error as _error  # noqa: E402  (one-line DataError message of a spec)
+from helpers import tfds_prefs  # the builders
+from helpers.commands import command
+from helpers.hub_repos import one_line_error as _error  # one-line DataError message of a spec
+from helpers.runs import train_in_process
 
-from haf_jax.data import PairLoader, PairOptions, load_pairs  # noqa: E402
+from haf_jax.data import PairLoader, PairOptions, load_pairs
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 FORMS = ["explicit_prefs", "hh_prefs", "messages_prefs", "conversation_prefs", "labelled_prefs", "ranking_prefs"]
 FIELDS = {"labelled_prefs": tfds_prefs.LABELLED_FIELDS}
 
@@ -79,10 +78,16 @@ def test_decoded_values(data_dir, tok):
     assert row["chosen"] == [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "Good 1"}]
     ds = load_pairs(f"tfds:messages_prefs:data_dir={data_dir}:train", tok, split="all")
     assert ds.pairs[0]["chat"] and ds.pairs[0]["prompt"] == "<bos><|user|>\nHi 0<eos><|assistant|>\n"
-    ds = load_pairs(f"tfds:labelled_prefs:data_dir={data_dir}:train", tok,
-                    PairOptions(fields=tfds_prefs.LABELLED_FIELDS), split="all")
-    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in ds.pairs[:2]] == [("x0?", "A0", "B0"),
-                                                                                 ("x1?", "B1", "A1")]
+    ds = load_pairs(
+        f"tfds:labelled_prefs:data_dir={data_dir}:train",
+        tok,
+        PairOptions(fields=tfds_prefs.LABELLED_FIELDS),
+        split="all",
+    )
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in ds.pairs[:2]] == [
+        ("x0?", "A0", "B0"),
+        ("x1?", "B1", "A1"),
+    ]
 
 
 def test_data_dir_forms_recipe_and_slices(data_dir, tok, tmp_path, monkeypatch):
@@ -95,7 +100,7 @@ def test_data_dir_forms_recipe_and_slices(data_dir, tok, tmp_path, monkeypatch):
     assert load_pairs("tfds:hh_prefs:test[:5]", tok, split="all").pairs == want.pairs[:5]
     rows = tfds_prefs.ROWS["hh_prefs"]["train"]
     jl = write_jsonl(tmp_path / "hh.jsonl", rows)
-    for split in ("train", "eval"):     # the deterministic eval carve picks the same rows
+    for split in ("train", "eval"):  # the deterministic eval carve picks the same rows
         a = load_pairs("tfds:hh_prefs:train", tok, PairOptions(eval_fraction=0.25, seed=1), split=split)
         b = load_pairs(str(jl), tok, PairOptions(eval_fraction=0.25, seed=1), split=split)
         same_dataset(a, b)
@@ -131,83 +136,95 @@ def test_broken_datasets_one_line_errors(data_dir, tok):
     one line naming the dataset, split, row and field."""
     d = data_dir
     src = f"tfds:broken_prefs:data_dir={d}:train"
-    assert _error(src, tok) == (f"{src} row 0: cannot recognise the record form from fields "
-                                "['answer', 'blob', 'chosen', 'prompt']; expected prompt/chosen/rejected, "
-                                "chosen/rejected (HH dialogues or message lists), response_0/response_1/label "
-                                "or responses/ranking|scores (see fields=)")
+    assert _error(src, tok) == (
+        f"{src} row 0: cannot recognise the record form from fields "
+        "['answer', 'blob', 'chosen', 'prompt']; expected prompt/chosen/rejected, "
+        "chosen/rejected (HH dialogues or message lists), response_0/response_1/label "
+        "or responses/ranking|scores (see fields=)"
+    )
     assert _error(src, tok, fields={"form": "explicit"}).startswith(
-        f"{src} row 0, field 'rejected': missing field (row has ['answer', 'blob', 'chosen', 'prompt'])")
+        f"{src} row 0, field 'rejected': missing field (row has ['answer', 'blob', 'chosen', 'prompt'])"
+    )
     assert _error(src, tok, fields={"rejected": "answer"}) == (
-        f"{src} row 2, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 3)")
+        f"{src} row 2, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 3)"
+    )
     # the binary 'blob' feature is never read: the rows before the bad one load
-    ok = load_pairs(f"tfds:broken_prefs:data_dir={d}:train[:2]", tok, PairOptions(fields={"rejected": "answer"}),
-                    split="all")
+    ok = load_pairs(
+        f"tfds:broken_prefs:data_dir={d}:train[:2]", tok, PairOptions(fields={"rejected": "answer"}), split="all"
+    )
     assert [p["rejected"] for p in ok.pairs] == ["a0", "a1"]
     src = f"tfds:broken_messages_prefs:data_dir={d}:train"
-    assert _error(src, tok) == (f"{src} row 1, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 2) "
-                                "in [1]['content']")
+    assert _error(src, tok) == (
+        f"{src} row 1, field 'chosen': not valid UTF-8 (byte 0xe9 at byte offset 2) in [1]['content']"
+    )
     src = f"tfds:explicit_prefs:data_dir={d}:train"
     assert _error(f"recipe:beavertails_safe:{src}", tok).startswith(
-        f"{src} row 0, field 'is_response_0_safe': missing field")
-    assert re.fullmatch(rf"tfds:explicit_prefs:data_dir={re.escape(str(d))}:validation: cannot read split "
-                        r"'validation' from data_dir .*Unknown split 'validation'.*",
-                        _error(f"tfds:explicit_prefs:data_dir={d}:validation", tok))
+        f"{src} row 0, field 'is_response_0_safe': missing field"
+    )
+    assert re.fullmatch(
+        rf"tfds:explicit_prefs:data_dir={re.escape(str(d))}:validation: cannot read split "
+        r"'validation' from data_dir .*Unknown split 'validation'.*",
+        _error(f"tfds:explicit_prefs:data_dir={d}:validation", tok),
+    )
     assert _error(f"tfds:nothing_here:data_dir={d}:train", tok) == (
-        f"tfds:nothing_here:data_dir={d}:train: dataset not found (not prepared) in data_dir {d}")
+        f"tfds:nothing_here:data_dir={d}:train: dataset not found (not prepared) in data_dir {d}"
+    )
     assert _error(f"tfds:explicit_prefs:data_dir={d}/nope:train", tok) == (
-        f"tfds:explicit_prefs:data_dir={d}/nope:train: TFDS data_dir '{d}/nope' is not a directory")
+        f"tfds:explicit_prefs:data_dir={d}/nope:train: TFDS data_dir '{d}/nope' is not a directory"
+    )
     for bad in ("tfds:x", "tfds:x:cfg:train", "tfds:x::train"):
         assert "bad TFDS spec" in _error(bad, tok)
 
 
 def test_cli_check_and_missing_package(data_dir, tmp_path, capsys, monkeypatch):
-    from haf_jax.data.__main__ import main
-
+    main = command("haf_jax.data.__main__")  # with its own flags only (see helpers.commands)
     main.invoke(["haf_jax.data", f"tfds:hh_prefs:data_dir={data_dir}:test"])  # exit 0: no SystemExit
     assert "rows read 16" in capsys.readouterr().out
     src = f"tfds:broken_prefs:data_dir={data_dir}:train"
     with pytest.raises(SystemExit) as e:
         main.invoke(["haf_jax.data", f"recipe:hh_helpful:{src}"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == f"data error: {src} row 0, field 'rejected': missing field " \
-                                              "(row has ['answer', 'blob', 'chosen', 'prompt'])"
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)    # as without the extra
+    assert (
+        capsys.readouterr().err.strip() == f"data error: {src} row 0, field 'rejected': missing field "
+        "(row has ['answer', 'blob', 'chosen', 'prompt'])"
+    )
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as without the extra
     with pytest.raises(SystemExit) as e:
         main.invoke(["haf_jax.data", "tfds:hh_prefs:test"])
     assert e.value.code == 2
-    assert re.fullmatch(r"data error: tfds:hh_prefs:test: TensorFlow Datasets is not installed; "
-                        r"pip install 'haf_jax\[tfds\]' .*", capsys.readouterr().err.strip())
+    assert re.fullmatch(
+        r"data error: tfds:hh_prefs:test: TensorFlow Datasets is not installed; "
+        r"pip install 'haf_jax\[tfds\]' .*",
+        capsys.readouterr().err.strip(),
+    )
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-def child_env(tmp_path, **extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
-        env.pop(key)
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HAF_JAX_CACHE=str(tmp_path / "cache"), TQDM_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-TINY = ["--config.train.steps=2", "--config.train.batch_size=4", "--config.data.max_length=64",
-        "--config.data.max_prompt_length=32", "--config.train.eval_every=2", "--config.train.eval_batch_size=16",
-        "--config.train.log_every=1", "--config.checkpoint.every_steps=2"]
+TINY = [
+    "--config.train.steps=2",
+    "--config.train.batch_size=4",
+    "--config.data.max_length=64",
+    "--config.data.max_prompt_length=32",
+    "--config.train.eval_every=2",
+    "--config.train.eval_batch_size=16",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every_steps=2",
+]
 
 
 @pytest.mark.slow
-def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
-    """`python -m haf_jax.train ... --config.data.train=tfds:hh_prefs:train --config.data.eval=
-    tfds:hh_prefs:test` with TFDS_DATA_DIR; the run's data is the JSON lines data, token for token;
-    then `haf_jax.score` scores the TFDS test split."""
+def test_train_and_score_from_tfds(data_dir, tok, one_device, tmp_path, monkeypatch):
+    """Training on `--config.data.train=tfds:hh_prefs:train --config.data.eval=tfds:hh_prefs:test` with
+    TFDS_DATA_DIR (in this process, on one device); the run's data is the JSON lines data, token for
+    token; then evaluation.scoring.score (what `haf_jax.score` runs) scores the TFDS test split."""
+    from haf_jax.evaluation.scoring import score
+
     workdir = tmp_path / "run"
-    env = child_env(tmp_path, TFDS_DATA_DIR=str(data_dir))
-    p = subprocess.run([sys.executable, "-m", "haf_jax.train", "--config=configs/gemma.py", f"--workdir={workdir}",
-                        "--config.data.train=tfds:hh_prefs:train", "--config.data.eval=tfds:hh_prefs:test", *TINY],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    monkeypatch.setenv("TFDS_DATA_DIR", str(data_dir))
+    train_in_process(workdir, "--config.data.train=tfds:hh_prefs:train", "--config.data.eval=tfds:hh_prefs:test", *TINY)
+    monkeypatch.delenv("TFDS_DATA_DIR")  # the scored spec names its data_dir
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and summary["last"]["pairs"] == 16
     options = PairOptions(max_length=64, max_prompt_length=32)
@@ -216,15 +233,11 @@ def test_train_and_score_from_tfds(data_dir, tok, tmp_path):
         assert report["source"] == f"tfds:hh_prefs:{split}"
         rows = tfds_prefs.ROWS["hh_prefs"][split]
         ref = load_pairs(str(write_jsonl(tmp_path / f"{split}.jsonl", rows)), tok, options, split="all")
-        assert report["fingerprint"] == ref.fingerprint      # rows + tokenizer + tokenisation settings
+        assert report["fingerprint"] == ref.fingerprint  # rows + tokenizer + tokenisation settings
         same_batches(load_pairs(f"tfds:hh_prefs:data_dir={data_dir}:{split}", tok, options, split="all"), ref)
 
     out = tmp_path / "scores.jsonl"
-    p = subprocess.run([sys.executable, "-m", "haf_jax.score", f"--model={workdir}",
-                        f"--data=tfds:hh_prefs:data_dir={data_dir}:test", f"--out={out}", "--max_length=64",
-                        "--batch_size=16"], cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    score(str(workdir), f"tfds:hh_prefs:data_dir={data_dir}:test", str(out), max_length=64, batch_size=16)
     scores = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["row"] for s in scores] == list(range(16))
     assert all(np.isfinite([s["reward_chosen"], s["reward_rejected"]]).all() for s in scores)

@@ -1,4 +1,5 @@
 """Tokenisation contract (DESIGN.md s3), truncation rules, tokenizer loading."""
+
 import json
 
 import numpy as np
@@ -27,7 +28,7 @@ def test_bundled_tokenizer_specials(tok):
     assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
     assert len(tok) == 2048
     text = "\n\nHuman: héllo 🙂\n\nAssistant: ok"
-    assert tok.decode(ids(tok, text)) == text          # byte-level: lossless
+    assert tok.decode(ids(tok, text)) == text  # byte-level: lossless
 
 
 def test_gemma_expected_ids(gemma):
@@ -48,8 +49,11 @@ def test_gemma_no_double_bos_and_one_eos(gemma):
 
 
 def test_gemma_chat_template(tmp_path, gemma):
-    row = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Yo"}],
-           "rejected": [{"role": "assistant", "content": "Bye"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Yo"}],
+        "rejected": [{"role": "assistant", "content": "Bye"}],
+    }
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps(row) + "\n")
     ds = load_pairs(str(path), gemma, split="all")
@@ -83,24 +87,27 @@ def test_responses_cut_by_same_rule_keep_eos(tok):
     budget = 64 - len(t.prompt[0])
     for y, text in ((t.chosen[0], long_c), (t.rejected[0], long_r)):
         assert len(y) == budget and y[-1] == 1
-        assert y[:-1].tolist() == ids(tok, text)[:budget - 1]
+        assert y[:-1].tolist() == ids(tok, text)[: budget - 1]
     assert t.lengths[0].tolist() == [64, 64]
-    assert t.flags[0] == 2                            # response cut, EOS kept
+    assert t.flags[0] == 2  # response cut, EOS kept
     t2 = one(tok, "p", long_c, " short", max_length=64, max_prompt_length=16, keep_eos=False)
     assert t2.chosen[0][-1] != 1 and t2.rejected[0][-1] == 1 and t2.flags[0] == 2 | 4
 
 
 def test_report_counts_truncation(tmp_path, tok):
-    rows = [{"prompt": "x " * 300, "chosen": "a", "rejected": "b"},
-            {"prompt": "q", "chosen": "y " * 600, "rejected": "b"},
-            {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    rows = [
+        {"prompt": "x " * 300, "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "y " * 600, "rejected": "b"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = load_pairs(str(path), tok, PairOptions(max_length=128, max_prompt_length=32), split="all").report
     assert (r["truncated_prompt"], r["truncated_response"], r["lost_eos"]) == (1, 1, 0)
     assert r["tokens"]["max"] == 128 and r["tokens_raw"]["max"] > 128
-    r = load_pairs(str(path), tok, PairOptions(max_length=128, max_prompt_length=32, keep_eos=False),
-                   split="all").report
+    r = load_pairs(
+        str(path), tok, PairOptions(max_length=128, max_prompt_length=32, keep_eos=False), split="all"
+    ).report
     assert r["lost_eos"] == 1
 
 
@@ -130,6 +137,7 @@ def test_load_tokenizer_errors(tmp_path):
 
 def test_gemma_contract_on_real_hh_rows(tmp_path, shared_data, gemma):
     import gzip
+
     src = shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz"
     lines = gzip.open(src, "rt", encoding="utf-8").readlines()[:150]
     path = tmp_path / "hh.jsonl"
@@ -141,13 +149,13 @@ def test_gemma_contract_on_real_hh_rows(tmp_path, shared_data, gemma):
             for s, text in ((0, pair["chosen"]), (1, pair["rejected"])):
                 n = b["last_index"][r, s] + 1
                 row = b["tokens"][r, s, :n].tolist()
-                assert row[0] == 2 and row.count(2) == 1                      # one BOS
-                assert row[-1] == 1 and row.count(1) == 1                     # one EOS, last
+                assert row[0] == 2 and row.count(2) == 1  # one BOS
+                assert row[-1] == 1 and row.count(1) == 1  # one EOS, last
                 resp = b["tokens"][r, s][b["response_mask"][r, s] == 1].tolist()
                 y = ids(gemma, text)
-                assert resp == (y + [1] if len(resp) == len(y) + 1 else y[:len(resp) - 1] + [1])
+                assert resp == (y + [1] if len(resp) == len(y) + 1 else y[: len(resp) - 1] + [1])
             m0 = np.flatnonzero(b["response_mask"][r, 0])[0]
             m1 = np.flatnonzero(b["response_mask"][r, 1])[0]
             assert m0 == m1 and (b["tokens"][r, 0, :m0] == b["tokens"][r, 1, :m1]).all()
             p = ids(gemma, pair["prompt"])
-            assert b["tokens"][r, 0, 1:m0].tolist() == p[-(m0 - 1):]          # prompt keeps its end
+            assert b["tokens"][r, 0, 1:m0].tolist() == p[-(m0 - 1) :]  # prompt keeps its end

@@ -3,6 +3,7 @@ inference restores parameters only; reports, figures and RewardBench through a t
 
 One tiny run (2 steps of 8 pairs, max_length 48) trained in-process is shared by the module.
 """
+
 import gzip
 import json
 import os
@@ -72,11 +73,24 @@ def test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report(run, tmp_p
     untrained = entry["models"]["run"]["initial"]  # zero reward head, policy = reference
     assert untrained["reward_accuracy"] == 0.0 and untrained["dpo_accuracy"] == 0.0
     assert untrained["log_loss"] == pytest.approx(np.log(2), abs=1e-6) and untrained["reward_length_corr"] is None
-    s = score(str(run / "run"), str(run / "eval.jsonl"), str(tmp_path / "scores.jsonl"), reference="initial",
-              step="last", batch_size=8, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT)
-    for key, loop_key in (("reward_accuracy", "reward_accuracy"), ("dpo_accuracy", "dpo_accuracy"),
-                          ("mean_margin", "reward_margin"), ("mean_implicit_margin", "implicit_margin"),
-                          ("ece", "ece"), ("log_loss", "log_loss")):
+    s = score(
+        str(run / "run"),
+        str(run / "eval.jsonl"),
+        str(tmp_path / "scores.jsonl"),
+        reference="initial",
+        step="last",
+        batch_size=8,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+    )
+    for key, loop_key in (
+        ("reward_accuracy", "reward_accuracy"),
+        ("dpo_accuracy", "dpo_accuracy"),
+        ("mean_margin", "reward_margin"),
+        ("mean_implicit_margin", "implicit_margin"),
+        ("ece", "ece"),
+        ("log_loss", "log_loss"),
+    ):
         assert s[key] == pytest.approx(loop_row[loop_key], abs=1e-6), key
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     margins = np.array([r["reward_chosen"] - r["reward_rejected"] for r in rows])
@@ -111,12 +125,15 @@ def test_inference_restores_parameters_only(run, monkeypatch):
     assert loaded.step == 2 and len(restored) == 1
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(restored[0])[0]]
     assert paths and all(p.startswith("['params']") for p in paths)
-    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     assert nbytes(restored[0]) == nbytes(params)
     # What was left on disk: Adam's two moments, twice the parameters' bytes, never read.
     layout = json.loads((run / "run" / "checkpoints" / "2" / "meta" / "metadata").read_text())["layout"]
-    opt_bytes = sum(np.prod(shape) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()
-                    if k.startswith("['opt_state']"))
+    opt_bytes = sum(
+        np.prod(shape) * np.dtype(dtype).itemsize
+        for k, (shape, dtype) in layout.items()
+        if k.startswith("['opt_state']")
+    )
     assert opt_bytes >= 2 * nbytes(params)
     # The compute dtype: the trunk cast, the heads kept in float32 (as the training forward pass).
     cast = loading.cast_trunk(params, "bfloat16")
@@ -125,8 +142,14 @@ def test_inference_restores_parameters_only(run, monkeypatch):
 
 def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpointer, "restore", _never)
-    report = evaluate([str(run / "run")], [f"rewardbench:{RB_V1}", f"rewardbench2:{RB_V2}"], str(tmp_path / "rb"),
-                      steps=["last"], batch_size=8, figures=False)
+    report = evaluate(
+        [str(run / "run")],
+        [f"rewardbench:{RB_V1}", f"rewardbench2:{RB_V2}"],
+        str(tmp_path / "rb"),
+        steps=["last"],
+        batch_size=8,
+        figures=False,
+    )
     v1, v2 = report["rewardbench"], report["rewardbench2"]
     assert v1["rows"] == 18 and v1["pairs"] == 18 and v2["rows"] == 9 and v2["pairs"] == 23
     assert set(v1["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"} and "score_with_prior_sets" in v1
@@ -136,8 +159,15 @@ def test_rewardbench_through_a_run_matches_score_rows(run, tmp_path, monkeypatch
     records, index = rewardbench.pair_records(rows, 1)
     pairs = str(tmp_path / "v1_pairs.jsonl")
     jsonl.write(pairs, records)
-    score(str(run / "run"), pairs, str(tmp_path / "v1_scores.jsonl"), step="last", batch_size=8,
-          max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT)
+    score(
+        str(run / "run"),
+        pairs,
+        str(tmp_path / "v1_scores.jsonl"),
+        step="last",
+        batch_size=8,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT,
+    )
     scored = [json.loads(line) for line in (tmp_path / "v1_scores.jsonl").read_text().splitlines()]
     expect = rewardbench.score_rows(rows, index, [[r["reward_chosen"], r["reward_rejected"]] for r in scored], 1)
     assert v1["subsets"] == pytest.approx(expect["subsets"]) and v1["score"] == pytest.approx(expect["score"])
@@ -154,7 +184,10 @@ def test_figures_have_the_expected_axes_and_reach_tensorboard(tmp_path):
     figs = plots.eval_figures(scores, title="t")
     labels = {name: [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes] for name, fig in figs.items()}
     assert labels["reliability"][0][1] == "accuracy" and labels["reliability"][0][0].startswith("confidence")
-    assert labels["reward_histograms"][:2] == [("reward", "responses"), ("reward margin r_chosen - r_rejected", "pairs")]
+    assert labels["reward_histograms"][:2] == [
+        ("reward", "responses"),
+        ("reward margin r_chosen - r_rejected", "pairs"),
+    ]
     assert labels["reward_vs_length"] == [("response length (tokens)", "reward")]
     grid = plots.accuracy_heatmap(np.array([[0.7, np.nan]]), ["m"], ["a", "b"])
     assert (grid.axes[0].get_xlabel(), grid.axes[0].get_ylabel()) == ("test data", "model (trained on)")

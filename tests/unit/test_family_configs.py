@@ -2,12 +2,18 @@
 directory where configs/ is not importable: it imports haf_jax.config, no path tricks): a tiny offline
 default preset (the bundled tokenizer's vocabulary), exactly the family module's presets. (Was in
 tests/test_e2e_families.py.)"""
+
 from __future__ import annotations
 
 import pytest
 
-CONFIGS = {"llama": "configs/llama.py", "mistral": "configs/mistral.py", "qwen2": "configs/qwen2.py",
-           "phi": "configs/phi.py", "gemma": "configs/gemma.py"}
+CONFIGS = {
+    "llama": "configs/llama.py",
+    "mistral": "configs/mistral.py",
+    "qwen2": "configs/qwen2.py",
+    "phi": "configs/phi.py",
+    "gemma": "configs/gemma.py",
+}
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

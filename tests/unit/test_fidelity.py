@@ -6,6 +6,7 @@ data.truncation (always | trl), data.degenerate (skip | keep), data.batching (le
 data.eval_subsample[_seed] (datasets' shuffle(seed).select(range(N))), loss.dpo_scale_by_alpha; and
 loop.build passing the data keys through (the step keys go through loop.step_config).
 """
+
 import dataclasses
 import json
 
@@ -24,7 +25,7 @@ from haf_jax.model import heads
 from haf_jax.model.families import preset
 from haf_jax.training import step as step_lib
 
-BOS, EOS = 2, 1        # the bundled tokenizer's
+BOS, EOS = 2, 1  # the bundled tokenizer's
 MODEL = dataclasses.replace(preset("tiny"), vocab_size=2048)
 FIDELITY_DATA_KEYS = ("truncation", "degenerate", "batching", "eval_subsample", "eval_subsample_seed")
 
@@ -89,8 +90,8 @@ def test_truncation_trl_cuts_only_what_does_not_fit(tok):
     assert len(trl.prompt[0 + 1]) == 50 and len(always.prompt[1]) == 50
     assert len(trl.chosen[1]) == 384 and len(always.chosen[1]) == 462
     for t in (trl, always):
-        assert t.chosen[1][-1] == EOS and t.flags[1] == RESPONSE_CUT          # the EOS is kept in both
-        assert t.rejected[1].tolist() == always.rejected[1].tolist()          # the short side is untouched
+        assert t.chosen[1][-1] == EOS and t.flags[1] == RESPONSE_CUT  # the EOS is kept in both
+        assert t.rejected[1].tolist() == always.rejected[1].tolist()  # the short side is untouched
     # C: the same result by both rules
     for f in ("prompt", "chosen", "rejected"):
         np.testing.assert_array_equal(getattr(trl, f)[2], getattr(always, f)[2])
@@ -108,11 +109,13 @@ def test_truncation_from_config_reaches_the_batches(tok, tmp_path):
     got = {}
     for value in ("always", "trl"):
         d = data_section(truncation=value)
-        ds = load_pairs(path, tok, PairOptions(max_length=512, max_prompt_length=128, **fidelity_options(d)), split="all")
+        ds = load_pairs(
+            path, tok, PairOptions(max_length=512, max_prompt_length=128, **fidelity_options(d)), split="all"
+        )
         b = next(ds.batches(1))
         got[value] = (ds.report["truncated_prompt"], int(b["last_index"][0, 0]) + 1, ds.fingerprint)
     assert got["always"][:2] == (1, 131) and got["trl"][:2] == (0, 493)
-    assert got["always"][2] != got["trl"][2]              # a different reference cache key
+    assert got["always"][2] != got["trl"][2]  # a different reference cache key
     # a config without the key (written before it existed) = always, and the same fingerprint as before
     assert fidelity_options(OLDER_RUN.data)["truncation"] == "always"
     assert load_pairs(path, tok, PairOptions(max_length=512), split="all").fingerprint == got["always"][2]
@@ -145,8 +148,9 @@ def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     # keep: pairs like any other, reported as kept, not as skipped (nothing refused)
     assert len(keep) == 5 and keep.report["skipped_by_reason"] == {} and keep.skipped == []
     assert keep.report["degenerate_kept_by_reason"] == {"empty_chosen": 1, "identical": 1}
-    assert keep.report["skipped_fraction"] == 0 and "kept (data.degenerate=keep): empty_chosen 1, identical 1" \
-        in format_report(keep.report)
+    assert keep.report[
+        "skipped_fraction"
+    ] == 0 and "kept (data.degenerate=keep): empty_chosen 1, identical 1" in format_report(keep.report)
     assert [p.get("degenerate") for p in keep.pairs] == [None, None, None, "identical", "empty_chosen"]
     assert keep.fingerprint != skip.fingerprint
     b = next(keep.batches(8))
@@ -159,14 +163,13 @@ def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     correct = np.asarray(losses.pair_metrics({"reward_Bx2": out.reward_Bx2})["correct_reward_B"])[:5]
     r = np.asarray(out.reward_Bx2)
     assert r[3, 0] == r[3, 1] and correct[3] == 0.0
-    assert len(set(np.round(r[:5, 0], 5))) == 5            # a real reward head: not all ties
+    assert len(set(np.round(r[:5, 0], 5))) == 5  # a real reward head: not all ties
 
 
 # ----------------------------------------------------------------------------- data.batching
 def test_batching_random_is_the_plain_permutation(tok, tmp_path):
     rng = np.random.default_rng(0)
-    rows = [{"prompt": f"q{i}", "chosen": words(int(rng.integers(1, 200)), " a"), "rejected": " no"}
-            for i in range(64)]
+    rows = [{"prompt": f"q{i}", "chosen": words(int(rng.integers(1, 200)), " a"), "rejected": " no"} for i in range(64)]
     path = write_jsonl(tmp_path / "b.jsonl", rows)
     spread = {}
     for value in ("length_grouped", "random"):
@@ -179,11 +182,11 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
         lengths = ds.all_lengths.max(axis=1)[idx]
         spread[value] = float(np.mean(lengths.max(axis=1) - lengths.min(axis=1)))
         plain = np.random.default_rng([0, 0, 0]).permutation(64).reshape(8, 8)
-        if value == "random":   # the authors' random sampler: batch k = the k-th run of the permutation
+        if value == "random":  # the authors' random sampler: batch k = the k-th run of the permutation
             np.testing.assert_array_equal(idx, plain)
         else:
             assert not np.array_equal(idx, plain)
-        assert sorted(idx.ravel().tolist()) == list(range(64))   # one epoch sees every pair once either way
+        assert sorted(idx.ravel().tolist()) == list(range(64))  # one epoch sees every pair once either way
     assert spread["length_grouped"] < 0.3 * spread["random"], spread
     with pytest.raises(DataError, match="unknown batching 'bucket'"):
         load_pairs(path, tok, PairOptions(batching="bucket"), split="all")
@@ -192,8 +195,16 @@ def test_batching_random_is_the_plain_permutation(tok, tmp_path):
 # ----------------------------------------------------------------------------- data.eval_subsample
 def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
     datasets = pytest.importorskip("datasets")
-    rows = [{"prompt": f"p{i}", "response_0": f"a{i}", "response_1": f"b{i}",
-             "is_response_0_safe": i % 3 != 1, "is_response_1_safe": i % 3 == 1 or i % 5 == 0} for i in range(60)]
+    rows = [
+        {
+            "prompt": f"p{i}",
+            "response_0": f"a{i}",
+            "response_1": f"b{i}",
+            "is_response_0_safe": i % 3 != 1,
+            "is_response_1_safe": i % 3 == 1 or i % 5 == 0,
+        }
+        for i in range(60)
+    ]
     path = "recipe:beavertails_safe:" + write_jsonl(tmp_path / "s.jsonl", rows)
     full = load_pairs(path, tok, split="all")
     kept_rows = [r for r in rows if r["is_response_0_safe"] != r["is_response_1_safe"]]
@@ -204,7 +215,7 @@ def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
     assert [p["prompt"] for p in sub.pairs] == [p["prompt"] for p in full.pairs if p["prompt"] in set(want)]
     other = load_pairs(path, tok, PairOptions(subsample=7, subsample_seed=1), split="all")
     assert {p["prompt"] for p in other.pairs} != set(want)
-    assert len(load_pairs(path, tok, PairOptions(subsample=1000), split="all")) == len(full)   # more than there is: all
+    assert len(load_pairs(path, tok, PairOptions(subsample=1000), split="all")) == len(full)  # more than there is: all
     assert eval_options(OLDER_RUN.data) == {"subsample": 0, "subsample_seed": 0}
 
 
@@ -221,12 +232,18 @@ def test_dpo_scale_by_alpha_golden():
     l_p = np.mean(-np_log_sigmoid(beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))))
     l_r = np.mean(-np_log_sigmoid(r[:, 0] - r[:, 1]))
     out = {"reward_Bx2": r, "logp_Bx2": lp, "ref_logp_Bx2": ref}
-    want = {("dpo", False): l_p, ("dpo", True): alpha * l_p, ("haf", False): l_r + alpha * l_p,
-            ("haf", True): l_r + alpha * l_p, ("baseline", False): l_r, ("baseline", True): l_r}
+    want = {
+        ("dpo", False): l_p,
+        ("dpo", True): alpha * l_p,
+        ("haf", False): l_r + alpha * l_p,
+        ("haf", True): l_r + alpha * l_p,
+        ("baseline", False): l_r,
+        ("baseline", True): l_r,
+    }
     for (objective, flag), value in want.items():
         loss, metrics = losses.objective(out, objective=objective, alpha=alpha, beta=beta, dpo_scale_by_alpha=flag)
         np.testing.assert_allclose(float(loss), value, rtol=1e-5, err_msg=str((objective, flag)))
-        np.testing.assert_allclose(float(metrics["policy_loss"]), l_p, rtol=1e-5)   # logged unscaled
+        np.testing.assert_allclose(float(metrics["policy_loss"]), l_p, rtol=1e-5)  # logged unscaled
     assert abs(l_p - alpha * l_p) > 0.1
 
 
@@ -236,22 +253,39 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
     tokens = rng.integers(4, 2048, (4, 2, 16)).astype(np.int32)
     mask = np.zeros((4, 2, 16), np.int32)
     mask[:, :, 6:] = 1
-    batch = {"tokens": tokens, "response_mask": mask, "last_index": np.full((4, 2), 15, np.int32),
-             "valid": np.ones(4, bool), "ref_logp": rng.normal(-120, 5, (4, 2)).astype(np.float32)}
+    batch = {
+        "tokens": tokens,
+        "response_mask": mask,
+        "last_index": np.full((4, 2), 15, np.int32),
+        "valid": np.ones(4, bool),
+        "ref_logp": rng.normal(-120, 5, (4, 2)).astype(np.float32),
+    }
     got = {}
     for flag in (False, True):
-        lc = forward.LossConfig.from_config(ConfigDict({"objective": "dpo", "alpha": 0.2, "beta": 0.1,
-                                                         "policy": "sigmoid", "margin": 0.0, "centering": 0.0,
-                                                         "label_smoothing": 0.0, "simpo_gamma": 0.0,
-                                                         "dpo_scale_by_alpha": flag}))
+        lc = forward.LossConfig.from_config(
+            ConfigDict(
+                {
+                    "objective": "dpo",
+                    "alpha": 0.2,
+                    "beta": 0.1,
+                    "policy": "sigmoid",
+                    "margin": 0.0,
+                    "centering": 0.0,
+                    "label_smoothing": 0.0,
+                    "simpo_gamma": 0.0,
+                    "dpo_scale_by_alpha": flag,
+                }
+            )
+        )
         cfg = forward.StepConfig(MODEL, lc, logprob_chunk=16)
-        got[flag] = jax.jit(lambda p, b: jax.value_and_grad(step_lib._loss, has_aux=True)(p, cfg, b, None, None))(
-            params, batch)
+        got[flag] = jax.jit(
+            lambda p, b, cfg=cfg: jax.value_and_grad(step_lib._loss, has_aux=True)(p, cfg, b, None, None)
+        )(params, batch)
     (l0, _), g0 = got[False]
     (l1, _), g1 = got[True]
-    assert not forward.LossConfig.from_config(OLDER_RUN.loss).dpo_scale_by_alpha   # runs from before the key
+    assert not forward.LossConfig.from_config(OLDER_RUN.loss).dpo_scale_by_alpha  # runs from before the key
     np.testing.assert_allclose(float(l1), 0.2 * float(l0), rtol=1e-5)
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g1)])   # the gradient scales with the loss
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g1)])  # the gradient scales with the loss
     b = 0.2 * np.concatenate([np.ravel(x) for x in jax.tree.leaves(g0)])
     assert np.abs(b).max() > 0
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b).max())
@@ -263,7 +297,8 @@ def test_loop_build_passes_the_data_options(tok, tmp_path, load_config):
     from haf_jax.training import loop, resume as run_config
 
     rows = [{"prompt": words(200) + f" q{i}", "chosen": " yes", "rejected": " no"} for i in range(24)] + [
-        {"prompt": "same", "chosen": " twin", "rejected": " twin"}]
+        {"prompt": "same", "chosen": " twin", "rejected": " twin"}
+    ]
     path = write_jsonl(tmp_path / "l.jsonl", rows)
     default = load_config("configs/gemma.py")
     c = load_config("configs/gemma.py")
@@ -275,7 +310,7 @@ def test_loop_build_passes_the_data_options(tok, tmp_path, load_config):
     for ds, n in ((s.train_ds, 25), (s.eval_ds, 5)):
         r = ds.report
         assert len(ds) == n and (r["truncation"], r["degenerate"], r["batching"]) == ("trl", "keep", "random")
-        assert r["truncated_prompt"] == 0      # 201 + 3 tokens fit in 256: kept whole under trl
+        assert r["truncated_prompt"] == 0  # 201 + 3 tokens fit in 256: kept whole under trl
     assert s.train_ds.report["degenerate_kept_by_reason"] == {"identical": 1}
     assert s.eval_ds.report["subsample"] == 5 and s.train_ds.report["subsample"] == 0
     assert s.step_cfg.loss.dpo_scale_by_alpha
@@ -287,5 +322,10 @@ def test_loop_build_passes_the_data_options(tok, tmp_path, load_config):
     breaking, _ = run_config.compare_configs(with_added_defaults(saved), run_config.config_dict(default))
     assert breaking == []
     breaking, _ = run_config.compare_configs(with_added_defaults(saved), run_config.config_dict(c))
-    assert {line.split(":")[0] for line in breaking} >= {"data.truncation", "data.degenerate", "data.batching",
-                                                          "data.eval_subsample", "loss.dpo_scale_by_alpha"}
+    assert {line.split(":")[0] for line in breaking} >= {
+        "data.truncation",
+        "data.degenerate",
+        "data.batching",
+        "data.eval_subsample",
+        "loss.dpo_scale_by_alpha",
+    }

@@ -2,6 +2,7 @@
 hides a cycle, it does not remove it), and the rooms keep their layers (docs/DESIGN.md "The house"):
 commands -> training / evaluation / generation -> model / data / core; config (every key's default)
 below them all."""
+
 import ast
 import pathlib
 
@@ -25,7 +26,9 @@ def _graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 # `from pkg import sub` imports the submodule; `from pkg import name` needs pkg itself
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
@@ -44,7 +47,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                cycles.append(stack[stack.index(dep):] + [dep])
+                cycles.append(stack[stack.index(dep) :] + [dep])
             elif dep not in state:
                 visit(dep, stack + [dep])
         state[node] = "done"
@@ -56,7 +59,8 @@ def test_no_import_cycle():
 
 
 COMMANDS = {f"haf_jax.{c}" for c in ("train", "score", "evaluate", "export", "plan", "sample", "bon", "cli")} | {
-    "haf_jax.data.__main__"}
+    "haf_jax.data.__main__"
+}
 
 
 def _room(module: str) -> str:

@@ -1,5 +1,6 @@
 """model/linear.project: the same values and gradients as jnp.einsum, whichever operand its backward
 puts on the left, with the token axes merged or not, in float32 and in bfloat16 with float32 output."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +49,7 @@ def test_project_under_remat_and_vmap():
     x = jnp.asarray(rng.normal(size=(3, 2, 5, 4)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
     f = lambda fn: lambda a, b: jnp.sum(jnp.tanh(jax.vmap(lambda xi: fn(xi, b))(a)) ** 2)
-    ours = jax.checkpoint(lambda a, b: project("nld,df->nlf", a, b),
-                          policy=jax.checkpoint_policies.dots_saveable)
+    ours = jax.checkpoint(lambda a, b: project("nld,df->nlf", a, b), policy=jax.checkpoint_policies.dots_saveable)
     ref = lambda a, b: jnp.einsum("nld,df->nlf", a, b)
     g, g_ref = jax.grad(f(ours), argnums=(0, 1))(x, w), jax.grad(f(ref), argnums=(0, 1))(x, w)
     for a, b in zip(g, g_ref):

@@ -6,6 +6,7 @@ The README lists only the first 20 ids; the full 60 (GREEDY_60, both in tests/he
 pinned from this conversion and cross-checked in test (b) by an independent NumPy float64 forward on
 the raw llama2.c arrays.
 """
+
 import shutil
 import struct
 
@@ -49,17 +50,20 @@ def hf_model(converted):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.LlamaForCausalLM.from_pretrained(
-        converted, dtype=torch.float32, attn_implementation="eager").eval()
+        converted, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     return model
 
 
 def _hf_logits(model, ids):
     import torch
+
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
 # ---------------------------------------------------------------- independent NumPy reference
+
 
 def _rmsnorm(x, w):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * w
@@ -81,7 +85,7 @@ def _rope_half(x, head_dim):
     xh = x.reshape(t, -1, head_dim)
     ang = np.arange(t)[:, None] * 10000.0 ** (-np.arange(0, head_dim, 2) / head_dim)[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    a, b = xh[..., : head_dim // 2], xh[..., head_dim // 2:]
+    a, b = xh[..., : head_dim // 2], xh[..., head_dim // 2 :]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(x.shape)
 
 
@@ -127,20 +131,29 @@ def _llama2c_encode(text, pieces, scores):
                 best = (i, j)
         if best is None:
             return ids
-        ids[best[0]:best[0] + 2] = [best[1]]
+        ids[best[0] : best[0] + 2] = [best[1]]
 
 
 # ---------------------------------------------------------------- tests
+
 
 def test_config_and_tensors(converted, files):
     import json
 
     from safetensors.numpy import load_file
+
     cfg = json.loads((converted / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
-    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
-            cfg["num_key_value_heads"], cfg["vocab_size"], cfg["max_position_embeddings"], cfg["head_dim"]) == (
-        64, 172, 4, 4, 4, 512, 128, 16)
+    assert (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+        cfg["vocab_size"],
+        cfg["max_position_embeddings"],
+        cfg["head_dim"],
+    ) == (64, 172, 4, 4, 4, 512, 128, 16)
     assert cfg["tie_word_embeddings"] is True and cfg["rope_theta"] == 10000.0 and cfg["rms_norm_eps"] == 1e-5
     sd = load_file(converted / "model.safetensors")
     assert "lm_head.weight" not in sd and len(sd) == 2 + 4 * 9
@@ -157,6 +170,7 @@ def test_transformers_greedy_matches_readme(hf_model):
     """(a) transformers float32 eager from [BOS], 60 ids in all: a manual argmax loop over the whole
     prefix (no KV cache) and generate(do_sample=False), which uses the cache."""
     import torch
+
     ids = [1]
     with torch.no_grad():
         for _ in range(59):
@@ -197,8 +211,15 @@ def test_tokenizer_decode_and_round_trip(converted, files):
     # Encoding agrees with llama2.c's encode() (reference above) beyond the model's own output:
     # byte fallback (é, emoji, newline, tab), repeated spaces, digits, punctuation.
     pieces, scores, _ = llama2c.read_tokenizer(files[1])
-    for s in [text, "Hello world, this is a test.", "  double  spaces\nand a newline\tTab",
-              "café ☕ 2025: 87% of λμ", "whispers unfolding through weights' thresholds", "a", ""]:
+    for s in [
+        text,
+        "Hello world, this is a test.",
+        "  double  spaces\nand a newline\tTab",
+        "café ☕ 2025: 87% of λμ",
+        "whispers unfolding through weights' thresholds",
+        "a",
+        "",
+    ]:
         assert tok(s, add_special_tokens=False)["input_ids"] == _llama2c_encode(s, pieces, scores), s
         assert tok.decode(tok(s)["input_ids"], skip_special_tokens=True) == s
 
@@ -239,14 +260,24 @@ def test_untied_gqa_synthetic(files, tmp_path):
     transformers = pytest.importorskip("transformers")
     d, f, n_layers, nh, nkv, v, s = 32, 48, 2, 4, 2, 512, 16
     hd = d // nh
-    h = dict(dim=d, hidden_dim=f, n_layers=n_layers, n_heads=nh, n_kv_heads=nkv, vocab_size=v, seq_len=s,
-             head_dim=hd, shared_classifier=False)
+    h = dict(
+        dim=d,
+        hidden_dim=f,
+        n_layers=n_layers,
+        n_heads=nh,
+        n_kv_heads=nkv,
+        vocab_size=v,
+        seq_len=s,
+        head_dim=hd,
+        shared_classifier=False,
+    )
     rng = np.random.default_rng(0)
     ang = np.arange(s)[:, None] * 10000.0 ** (-np.arange(0, hd, 2) / hd)[None, :]
     w = {}
     for name, shape in llama2c._array_shapes(h):
-        w[name] = (1 + 0.1 * rng.standard_normal(shape) if name.startswith("rms")
-                   else 0.3 * rng.standard_normal(shape)).astype(np.float32)
+        w[name] = (
+            1 + 0.1 * rng.standard_normal(shape) if name.startswith("rms") else 0.3 * rng.standard_normal(shape)
+        ).astype(np.float32)
     w["freq_cis_real"], w["freq_cis_imag"] = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     path = tmp_path / "untied.bin"
     with open(path, "wb") as fh:

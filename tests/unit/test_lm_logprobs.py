@@ -2,6 +2,7 @@
 against the full log-softmax over every position: values and gradients in the head, its bias and
 the hidden states, with and without a final-logit soft-cap, for chunks of 1, 4 and all positions;
 and the number of chunks it runs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,13 @@ N, L, D, V = 6, 37, 8, 50
 def inputs():
     rng = np.random.default_rng(0)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return (f32(rng.normal(size=(V, D))), f32(rng.normal(size=(V,))), f32(rng.normal(size=(N, L, D))),
-            jnp.asarray(rng.integers(0, V, (N, L)), jnp.int32), jnp.asarray(rng.random((N, L)) < 0.4, jnp.int32))
+    return (
+        f32(rng.normal(size=(V, D))),
+        f32(rng.normal(size=(V,))),
+        f32(rng.normal(size=(N, L, D))),
+        jnp.asarray(rng.integers(0, V, (N, L)), jnp.int32),
+        jnp.asarray(rng.random((N, L)) < 0.4, jnp.int32),
+    )
 
 
 def full_softmax_logprobs(head, bias, hidden, tokens, mask, softcap):
@@ -34,12 +40,13 @@ def full_softmax_logprobs(head, bias, hidden, tokens, mask, softcap):
 def test_values_and_gradients_equal_the_full_log_softmax(inputs, softcap, with_bias, chunk):
     head, bias, hidden, tokens, mask = inputs
     bias = bias if with_bias else None
-    one_sequence = jnp.ones(tokens.shape, bool)   # every row one sequence: column 0
-    ours = lambda w, b, h: heads.response_logprobs(w, h, tokens, mask, one_sequence, 1, bias_V=b,
-                                                   final_logit_softcap=softcap, chunk=chunk)[0][:, 0]
+    one_sequence = jnp.ones(tokens.shape, bool)  # every row one sequence: column 0
+    ours = lambda w, b, h: heads.response_logprobs(
+        w, h, tokens, mask, one_sequence, 1, bias_V=b, final_logit_softcap=softcap, chunk=chunk
+    )[0][:, 0]
     ref = lambda w, b, h: full_softmax_logprobs(w, b, h, tokens, mask, softcap)
     np.testing.assert_allclose(ours(head, bias, hidden), ref(head, bias, hidden), rtol=1e-6, atol=3e-5)
-    weights = jnp.arange(1.0, N + 1)   # a different cotangent per row
+    weights = jnp.arange(1.0, N + 1)  # a different cotangent per row
     grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(head, bias, hidden)
     for g, g_ref in zip(grad(ours), grad(ref)):
         if g_ref is not None:

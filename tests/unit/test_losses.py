@@ -1,4 +1,5 @@
 """haf_jax.core.losses against an independent float64 NumPy implementation."""
+
 import itertools
 import math
 import zlib
@@ -108,13 +109,21 @@ def test_objective_matches_numpy(objective, kind, reward_opts, ls, weights):
     seed = zlib.crc32(repr((objective, kind, margin, centering, ls, weights)).encode())
     out, full = make_inputs(seed, objective)
     w = WEIGHTS[weights]
-    kw = dict(alpha=0.3, beta=0.1 if kind != "simpo" else 2.0, margin=margin, centering=centering,
-              label_smoothing=ls, simpo_gamma=0.5)
-    loss, metrics = losses.objective(out, objective=objective, policy_kind=kind,
-                                     weight_B=None if w is None else jnp.asarray(w), **kw)
+    kw = dict(
+        alpha=0.3,
+        beta=0.1 if kind != "simpo" else 2.0,
+        margin=margin,
+        centering=centering,
+        label_smoothing=ls,
+        simpo_gamma=0.5,
+    )
+    loss, metrics = losses.objective(
+        out, objective=objective, policy_kind=kind, weight_B=None if w is None else jnp.asarray(w), **kw
+    )
     np_w = np.ones(B) if w is None else w.astype(np.float64)
-    ref_loss, ref_metrics = np_objective(full, objective, kind, kw["alpha"], kw["beta"], margin,
-                                         centering, ls, 0.5, np_w)
+    ref_loss, ref_metrics = np_objective(
+        full, objective, kind, kw["alpha"], kw["beta"], margin, centering, ls, 0.5, np_w
+    )
     assert loss.dtype == jnp.float32 and loss.shape == ()
     np.testing.assert_allclose(float(loss), ref_loss, **TOL)
     assert set(metrics) == set(losses.METRIC_KEYS)
@@ -127,10 +136,16 @@ def test_objective_matches_numpy(objective, kind, reward_opts, ls, weights):
 def test_policy_loss_per_pair(kind):
     _, full = make_inputs(3, "haf")
     ls = 0.2 if kind in ("sigmoid", "simpo") else 0.0
-    got = losses.policy_loss(full["logp_Bx2"], full["ref_logp_Bx2"], kind=kind, beta=0.3,
-                             label_smoothing=ls, n_tokens_Bx2=full["n_tokens_Bx2"], simpo_gamma=0.4)
-    want = np_policy_loss(full["logp_Bx2"], full["ref_logp_Bx2"], kind, 0.3, ls,
-                          full["n_tokens_Bx2"], 0.4)
+    got = losses.policy_loss(
+        full["logp_Bx2"],
+        full["ref_logp_Bx2"],
+        kind=kind,
+        beta=0.3,
+        label_smoothing=ls,
+        n_tokens_Bx2=full["n_tokens_Bx2"],
+        simpo_gamma=0.4,
+    )
+    want = np_policy_loss(full["logp_Bx2"], full["ref_logp_Bx2"], kind, 0.3, ls, full["n_tokens_Bx2"], 0.4)
     assert got.shape == (B,) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, **TOL)
 
@@ -209,9 +224,9 @@ def test_all_filler_batch_is_zero_not_nan():
 )
 def test_gradients_finite(objective, kind):
     out, _ = make_inputs(9, objective)
+
     def fn(o):
-        return losses.objective(o, objective=objective, policy_kind=kind,
-                                weight_B=jnp.asarray(WEIGHTS["zeros"]))[0]
+        return losses.objective(o, objective=objective, policy_kind=kind, weight_B=jnp.asarray(WEIGHTS["zeros"]))[0]
 
     grads = jax.grad(fn)(out)
     for k, g in grads.items():

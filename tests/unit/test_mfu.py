@@ -1,4 +1,5 @@
 """MFU in the logs: FLOPs per step from the step's trace, peaks per device, rates without compilation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,11 @@ def mlp_loss(w1, w2, x):
     return jnp.sum(jnp.tanh(x @ w1) @ w2)
 
 
-MLP_ARGS = (jax.ShapeDtypeStruct((256, 512), jnp.float32), jax.ShapeDtypeStruct((512, 128), jnp.float32),
-            jax.ShapeDtypeStruct((64, 256), jnp.float32))
+MLP_ARGS = (
+    jax.ShapeDtypeStruct((256, 512), jnp.float32),
+    jax.ShapeDtypeStruct((512, 128), jnp.float32),
+    jax.ShapeDtypeStruct((64, 256), jnp.float32),
+)
 
 
 def test_matmul_flops_match_xla_and_the_formula_without_loops():
@@ -32,15 +36,19 @@ def test_loops_count_by_trips_where_xla_counts_one():
     """Every position a response: the chunk loop's FLOPs x the chunks it ran are the whole head's,
     whatever the chunking; XLA's cost analysis counts one trip (why the trace is counted)."""
     n, length, d, v = 2, 257, 32, 500
-    args = (jax.ShapeDtypeStruct((v, d), jnp.float32), jax.ShapeDtypeStruct((n, length, d), jnp.float32),
-            jax.ShapeDtypeStruct((n, length), jnp.int32), jax.ShapeDtypeStruct((n, length), jnp.float32))
+    args = (
+        jax.ShapeDtypeStruct((v, d), jnp.float32),
+        jax.ShapeDtypeStruct((n, length, d), jnp.float32),
+        jax.ShapeDtypeStruct((n, length), jnp.int32),
+        jax.ShapeDtypeStruct((n, length), jnp.float32),
+    )
     ones = np.ones((n, length), np.float32)
     xla = {}
     for chunk in (256, 64, 16):
         fn = jax.jit(lambda w, h, t, m, c=chunk: response_logprobs(w, h, t, m, jnp.ones_like(t, bool), 1, chunk=c))
         fixed, per_chunk = flops.step_flops(fn.trace(*args).jaxpr)
         chunks = fn(jnp.ones((v, d)), jnp.ones((n, length, d)), jnp.ones((n, length), jnp.int32), ones)[2]
-        assert float(chunks) == n * 256 / chunk   # both rows' positions, flattened
+        assert float(chunks) == n * 256 / chunk  # both rows' positions, flattened
         assert fixed + per_chunk * float(chunks) == 2 * n * (length - 1) * d * v  # 2 x 256 positions
         cost = fn.lower(*args).compile().cost_analysis()
         xla[chunk] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
@@ -62,16 +70,16 @@ def test_chunks_that_did_not_run_are_not_counted():
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     mask = np.zeros((n, length), np.int32)
-    mask[0, 40:50], mask[1, 5:9] = 1, 1          # 14 response tokens: one chunk holds them all
+    mask[0, 40:50], mask[1, 5:9] = 1, 1  # 14 response tokens: one chunk holds them all
     assert float(grad(head, hidden, mask)[0][1]) == 1.0
-    mask[0, 10:13] = 1                           # 17: two chunks
+    mask[0, 10:13] = 1  # 17: two chunks
     assert float(grad(head, hidden, mask)[0][1]) == 2.0
     fixed, per_chunk = flops.step_flops(grad.trace(head, hidden, mask).jaxpr)
     block = chunk
     # forward; backward: recomputed logits, the head's and the hidden states' gradients
     assert fixed == 0.0 and per_chunk == 4 * 2 * block * d * v
     assert flops.flops_of((fixed, per_chunk), {"logprob_chunks": 2.0}) == 2 * 4 * 2 * block * d * v
-    assert flops.flops_of((fixed, per_chunk), {}) == 0.0     # no log-probs (Baseline): none counted
+    assert flops.flops_of((fixed, per_chunk), {}) == 0.0  # no log-probs (Baseline): none counted
 
 
 def test_counted_step_compiles_once_per_shape_and_reports_its_flops():

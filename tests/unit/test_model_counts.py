@@ -1,4 +1,5 @@
 """Parameter counts of the real-size presets via jax.eval_shape (nothing is allocated)."""
+
 import math
 
 import jax

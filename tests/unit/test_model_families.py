@@ -7,6 +7,7 @@ variants that between them switch on every option that changes its math; `test_e
 then flips each option alone in our config (or zeroes its bias tensors) to show the parity test
 would catch it. The measured errors are printed (`pytest -s`).
 """
+
 import dataclasses
 import functools
 import json
@@ -41,36 +42,90 @@ TOL = dict(atol=2e-3, rtol=1e-4)  # rewards and summed log-probs (as test_model_
 LOGIT_TOL = 1e-4  # max |logit error| vs transformers
 FLIP_MIN = 1e-3  # an option changed alone must push the logit error above this ...
 GELU_FLIP_MIN = 3e-4  # ... except exact vs tanh GeLU, which differ by < 5e-4 per activation (still 100x the
-                      # parity errors measured here, 2e-6 to 1e-5)
+# parity errors measured here, 2e-6 to 1e-5)
 
-_COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=None, num_labels=1, max_position_embeddings=128)
+_COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=BOS,
+    eos_token_id=EOS,
+    pad_token_id=None,
+    num_labels=1,
+    max_position_embeddings=128,
+)
 
 # name -> (HF config class, kwargs). Between the two variants of a family every option is on somewhere.
 VARIANTS = {
     # biases on q/k/v/o and the MLP, head_dim 24 != 64 / 4, llama3 frequency bands that bend at these
     # positions (original context 16), untied head, non-default eps
-    "llama-a": (T.LlamaConfig, dict(
-        num_hidden_layers=2, head_dim=24, attention_bias=True, mlp_bias=True, rms_norm_eps=1e-3,
-        tie_word_embeddings=False, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-a": (
+        T.LlamaConfig,
+        dict(
+            num_hidden_layers=2,
+            head_dim=24,
+            attention_bias=True,
+            mlp_bias=True,
+            rms_norm_eps=1e-3,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
     # linear scaling, tied head, multi-head (no GQA), three layers
-    "llama-b": (T.LlamaConfig, dict(
-        num_hidden_layers=3, num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500.0,
-        rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-b": (
+        T.LlamaConfig,
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_theta=500.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+        ),
+    ),
     # window 5 on every layer (sequences of 24), GQA, untied
     "mistral-a": (T.MistralConfig, dict(num_hidden_layers=2, sliding_window=5, tie_word_embeddings=False)),
     # no window, MQA, tied
-    "mistral-b": (T.MistralConfig, dict(num_hidden_layers=2, sliding_window=None, num_key_value_heads=1,
-                                        tie_word_embeddings=True, rope_theta=1000.0)),
+    "mistral-b": (
+        T.MistralConfig,
+        dict(
+            num_hidden_layers=2, sliding_window=None, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1000.0
+        ),
+    ),
     # q/k/v biases, window 5 on the layers from 1 on, untied
-    "qwen2-a": (T.Qwen2Config, dict(num_hidden_layers=3, use_sliding_window=True, max_window_layers=1,
-                                    sliding_window=5, tie_word_embeddings=False, rms_norm_eps=1e-3)),
+    "qwen2-a": (
+        T.Qwen2Config,
+        dict(
+            num_hidden_layers=3,
+            use_sliding_window=True,
+            max_window_layers=1,
+            sliding_window=5,
+            tie_word_embeddings=False,
+            rms_norm_eps=1e-3,
+        ),
+    ),
     # no window, tied, MQA (like Qwen2-0.5B's 14 / 2 heads)
     "qwen2-b": (T.Qwen2Config, dict(num_hidden_layers=2, num_key_value_heads=1, tie_word_embeddings=True)),
     # rotary on 6 of 16 dims, LayerNorm on q/k heads, gelu_new, large eps; BOS = EOS as in phi-2
-    "phi-a": (T.PhiConfig, dict(num_hidden_layers=2, num_key_value_heads=4, partial_rotary_factor=0.4,
-                                qk_layernorm=True, layer_norm_eps=1e-2, hidden_act="gelu_new", bos_token_id=EOS)),
+    "phi-a": (
+        T.PhiConfig,
+        dict(
+            num_hidden_layers=2,
+            num_key_value_heads=4,
+            partial_rotary_factor=0.4,
+            qk_layernorm=True,
+            layer_norm_eps=1e-2,
+            hidden_act="gelu_new",
+            bos_token_id=EOS,
+        ),
+    ),
     # the default 0.5 rotary, exact gelu, GQA, no q/k norm
     "phi-b": (T.PhiConfig, dict(num_hidden_layers=2, hidden_act="gelu", layer_norm_eps=1e-5)),
 }
@@ -110,8 +165,9 @@ class Ckpt:
         self.name, self.family = name, name.split("-")[0]
         self.hf_config = _hf_config(name)
         self.hf_config._attn_implementation = "eager"
-        self.seq = _perturb(T.AutoModelForSequenceClassification.from_config(self.hf_config),
-                            seed=list(VARIANTS).index(name)).eval()
+        self.seq = _perturb(
+            T.AutoModelForSequenceClassification.from_config(self.hf_config), seed=list(VARIANTS).index(name)
+        ).eval()
         self.causal = T.AutoModelForCausalLM.from_config(self.hf_config).eval()
         self.causal.model.load_state_dict(self.seq.model.state_dict())
         self.causal.tie_weights()
@@ -130,8 +186,10 @@ class Ckpt:
         self.last = np.array(self.lengths, np.int32) - 1
         self.mask = np.arange(width)[None] < np.array(self.lengths)[:, None]
         with torch.no_grad():
-            self.ref_logits = self.causal(input_ids=torch.tensor(self.tokens, dtype=torch.long),
-                                          attention_mask=torch.tensor(self.mask, dtype=torch.long)).logits.numpy()
+            self.ref_logits = self.causal(
+                input_ids=torch.tensor(self.tokens, dtype=torch.long),
+                attention_mask=torch.tensor(self.mask, dtype=torch.long),
+            ).logits.numpy()
 
     def logit_error(self, params, config, jit=True):
         ours = (_logits if jit else heads.full_logits)(params, config, self.tokens, self.last)
@@ -159,17 +217,35 @@ WIDTH = 40
 def test_logits_parity(ckpt):
     assert ckpt.info["reward_head"] == "zero-initialised"
     c = ckpt.config
-    expected = {"llama-a": dict(qkv_bias=True, o_bias=True, mlp_bias=True, head_dim=24, rope_type="llama3",
-                                rope_factor=8.0, rope_original_max_positions=16, tie_word_embeddings=False,
-                                norm_eps=1e-3),
-                "llama-b": dict(rope_type="linear", rope_factor=4.0, tie_word_embeddings=True, num_kv_heads=4),
-                "mistral-a": dict(layer_types=(SLIDING, SLIDING), sliding_window=5, num_kv_heads=2),
-                "mistral-b": dict(layer_types=(FULL, FULL), sliding_window=None, tie_word_embeddings=True),
-                "qwen2-a": dict(layer_types=(FULL, SLIDING, SLIDING), sliding_window=5, qkv_bias=True, o_bias=False),
-                "qwen2-b": dict(layer_types=(FULL, FULL), sliding_window=None, tie_word_embeddings=True),
-                "phi-a": dict(partial_rotary_factor=0.4, qk_norm=True, norm_eps=1e-2, activation="gelu_tanh",
-                              lm_head_bias=True, block="parallel", norm="layer", bos_token_id=EOS),
-                "phi-b": dict(partial_rotary_factor=0.5, qk_norm=False, activation="gelu", num_kv_heads=2)}[ckpt.name]
+    expected = {
+        "llama-a": dict(
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            head_dim=24,
+            rope_type="llama3",
+            rope_factor=8.0,
+            rope_original_max_positions=16,
+            tie_word_embeddings=False,
+            norm_eps=1e-3,
+        ),
+        "llama-b": dict(rope_type="linear", rope_factor=4.0, tie_word_embeddings=True, num_kv_heads=4),
+        "mistral-a": dict(layer_types=(SLIDING, SLIDING), sliding_window=5, num_kv_heads=2),
+        "mistral-b": dict(layer_types=(FULL, FULL), sliding_window=None, tie_word_embeddings=True),
+        "qwen2-a": dict(layer_types=(FULL, SLIDING, SLIDING), sliding_window=5, qkv_bias=True, o_bias=False),
+        "qwen2-b": dict(layer_types=(FULL, FULL), sliding_window=None, tie_word_embeddings=True),
+        "phi-a": dict(
+            partial_rotary_factor=0.4,
+            qk_norm=True,
+            norm_eps=1e-2,
+            activation="gelu_tanh",
+            lm_head_bias=True,
+            block="parallel",
+            norm="layer",
+            bos_token_id=EOS,
+        ),
+        "phi-b": dict(partial_rotary_factor=0.5, qk_norm=False, activation="gelu", num_kv_heads=2),
+    }[ckpt.name]
     assert {k: getattr(c, k) for k in expected} == expected
     if ckpt.name == "qwen2-a":  # transformers itself applies the window on those layers
         assert ckpt.causal.model.layers[1].self_attn.sliding_window == 5
@@ -184,8 +260,7 @@ def test_logits_parity(ckpt):
 # ----------------------------------------------------------------------------- (2) each option matters
 def _zero(params, *leaf_names):
     """A copy of params with every leaf whose name is in leaf_names set to zero (all layers)."""
-    flat = {path: (jnp.zeros_like(v) if path[-1] in leaf_names else v)
-            for path, v in _flatten(params).items()}
+    flat = {path: (jnp.zeros_like(v) if path[-1] in leaf_names else v) for path, v in _flatten(params).items()}
     assert any(path[-1] in leaf_names for path in flat), leaf_names
     return _unflatten(flat)
 
@@ -216,8 +291,10 @@ def _with_norm_bias(params):
 
 def _with_post_attention_norm(params):
     """Parallel -> pre-norm needs a pre-MLP norm: a copy of each layer's input norm."""
-    return {k: ({**v, "post_attention_layernorm": v["input_layernorm"]} if k.startswith("layers_") else v)
-            for k, v in params.items()}
+    return {
+        k: ({**v, "post_attention_layernorm": v["input_layernorm"]} if k.startswith("layers_") else v)
+        for k, v in params.items()
+    }
 
 
 def _flips(name, c):
@@ -228,47 +305,69 @@ def _flips(name, c):
     all_full = dict(layer_types=(FULL,) * c.num_layers, sliding_window=None)
     all_sliding = dict(layer_types=(SLIDING,) * c.num_layers)
     no_qkv_bias = lambda p: _zero(p, "q_proj_bias", "k_proj_bias", "v_proj_bias")
-    common = [(f"activation {c.activation}->{'gelu_tanh' if c.activation != 'gelu_tanh' else 'gelu'}",
-               r(activation="gelu_tanh" if c.activation != "gelu_tanh" else "gelu"), same)]
+    common = [
+        (
+            f"activation {c.activation}->{'gelu_tanh' if c.activation != 'gelu_tanh' else 'gelu'}",
+            r(activation="gelu_tanh" if c.activation != "gelu_tanh" else "gelu"),
+            same,
+        )
+    ]
     if c.family != "phi":
-        common += [("norm rms->layer", r(norm="layer"), _with_norm_bias),
-                   ("norm x*w -> x*(1+w) (Gemma)", r(norm_offset=True), same),
-                   ("mlp gated->plain", r(mlp="plain"), same),
-                   ("block pre->parallel", r(block="parallel"), same)]
+        common += [
+            ("norm rms->layer", r(norm="layer"), _with_norm_bias),
+            ("norm x*w -> x*(1+w) (Gemma)", r(norm_offset=True), same),
+            ("mlp gated->plain", r(mlp="plain"), same),
+            ("block pre->parallel", r(block="parallel"), same),
+        ]
     if not c.tie_word_embeddings:
         common.append(("untied->tied head", r(tie_word_embeddings=True), same))
-    return common + {
-        "llama-a": lambda: [("rope llama3->default", r(rope_type="default"), same),
-                    ("q/k/v biases zeroed", c, no_qkv_bias),
-                    ("o bias zeroed", c, lambda p: _zero(p, "o_proj_bias")),
-                    ("mlp biases zeroed", c, lambda p: _zero(p, "gate_proj_bias", "up_proj_bias", "down_proj_bias")),
-                    ("rms eps 1e-3->1e-6", r(norm_eps=1e-6), same)],
-        "llama-b": lambda: [("rope linear->default", r(rope_type="default"), same),
-                    ("rope linear factor 4->2", r(rope_factor=2.0), same),
-                    ("rope_theta 500->10000", r(rope_theta=10_000.0), same)],
-        "mistral-a": lambda: [("sliding window 5->none", r(**all_full), same),
-                      ("sliding window 5->8", r(sliding_window=8), same)],
-        "mistral-b": lambda: [("no window -> window 5", r(**all_sliding, sliding_window=5), same)],
-        "qwen2-a": lambda: [("q/k/v biases zeroed", c, no_qkv_bias),
-                    ("sliding window off", r(**all_full), same),
-                    ("max_window_layers 1->0", r(**all_sliding), same),
-                    ("sliding window 5->8", r(sliding_window=8), same),
-                    ("rms eps 1e-3->1e-6", r(norm_eps=1e-6), same)],
-        "qwen2-b": lambda: [("q/k/v biases zeroed", c, no_qkv_bias)],
-        "phi-a": lambda: [("partial rotary 0.4->0.5", r(partial_rotary_factor=0.5), same),
-                  ("partial rotary 0.4->1.0", r(partial_rotary_factor=1.0), same),
-                  ("q/k LayerNorm off", r(qk_norm=False), same),
-                  ("LM head bias zeroed", c, lambda p: _zero(p, "lm_head_bias")),
-                  ("q/k/v biases zeroed", c, no_qkv_bias),
-                  ("dense (o) bias zeroed", c, lambda p: _zero(p, "dense_bias")),
-                  ("fc1/fc2 biases zeroed", c, lambda p: _zero(p, "fc1_bias", "fc2_bias")),
-                  ("norm layer->rms", r(norm="rms"), same),
-                  ("LayerNorm biases zeroed", c, lambda p: _zero(p, "bias")),
-                  ("block parallel->pre", r(block="pre"), _with_post_attention_norm),
-                  ("layer_norm_eps 1e-2->1e-5", r(norm_eps=1e-5), same)],
-        "phi-b": lambda: [("partial rotary 0.5->0.4", r(partial_rotary_factor=0.4), same),
-                  ("q/k/v biases zeroed", c, no_qkv_bias)],
-    }[name]()
+    return (
+        common
+        + {
+            "llama-a": lambda: [
+                ("rope llama3->default", r(rope_type="default"), same),
+                ("q/k/v biases zeroed", c, no_qkv_bias),
+                ("o bias zeroed", c, lambda p: _zero(p, "o_proj_bias")),
+                ("mlp biases zeroed", c, lambda p: _zero(p, "gate_proj_bias", "up_proj_bias", "down_proj_bias")),
+                ("rms eps 1e-3->1e-6", r(norm_eps=1e-6), same),
+            ],
+            "llama-b": lambda: [
+                ("rope linear->default", r(rope_type="default"), same),
+                ("rope linear factor 4->2", r(rope_factor=2.0), same),
+                ("rope_theta 500->10000", r(rope_theta=10_000.0), same),
+            ],
+            "mistral-a": lambda: [
+                ("sliding window 5->none", r(**all_full), same),
+                ("sliding window 5->8", r(sliding_window=8), same),
+            ],
+            "mistral-b": lambda: [("no window -> window 5", r(**all_sliding, sliding_window=5), same)],
+            "qwen2-a": lambda: [
+                ("q/k/v biases zeroed", c, no_qkv_bias),
+                ("sliding window off", r(**all_full), same),
+                ("max_window_layers 1->0", r(**all_sliding), same),
+                ("sliding window 5->8", r(sliding_window=8), same),
+                ("rms eps 1e-3->1e-6", r(norm_eps=1e-6), same),
+            ],
+            "qwen2-b": lambda: [("q/k/v biases zeroed", c, no_qkv_bias)],
+            "phi-a": lambda: [
+                ("partial rotary 0.4->0.5", r(partial_rotary_factor=0.5), same),
+                ("partial rotary 0.4->1.0", r(partial_rotary_factor=1.0), same),
+                ("q/k LayerNorm off", r(qk_norm=False), same),
+                ("LM head bias zeroed", c, lambda p: _zero(p, "lm_head_bias")),
+                ("q/k/v biases zeroed", c, no_qkv_bias),
+                ("dense (o) bias zeroed", c, lambda p: _zero(p, "dense_bias")),
+                ("fc1/fc2 biases zeroed", c, lambda p: _zero(p, "fc1_bias", "fc2_bias")),
+                ("norm layer->rms", r(norm="rms"), same),
+                ("LayerNorm biases zeroed", c, lambda p: _zero(p, "bias")),
+                ("block parallel->pre", r(block="pre"), _with_post_attention_norm),
+                ("layer_norm_eps 1e-2->1e-5", r(norm_eps=1e-5), same),
+            ],
+            "phi-b": lambda: [
+                ("partial rotary 0.5->0.4", r(partial_rotary_factor=0.4), same),
+                ("q/k/v biases zeroed", c, no_qkv_bias),
+            ],
+        }[name]()
+    )
 
 
 def test_each_option_matters(ckpt):
@@ -284,6 +383,7 @@ def test_each_option_matters(ckpt):
 
 
 # ----------------------------------------------------------------------------- (b) rewards and log-probs
+
 
 def _seq_params(ckpt):
     """Rewards from the *ForSequenceClassification checkpoint; an untied one lacks the LM head, so
@@ -303,12 +403,25 @@ def test_rewards_and_logprobs_match_transformers(ckpt):
     np.testing.assert_array_equal(np.asarray(params["reward_head"])[:, 0], ckpt.seq.score.weight.detach().numpy()[0])
     batch = _pair_batch(np.random.default_rng(1), PAIRS, WIDTH)
     out = jax.tree.map(np.asarray, _pairs(params, ckpt.config, batch))
-    ref = np.array([[hf_reference(ckpt.seq, ckpt.causal, batch["tokens"][b, j, :batch["last_index"][b, j] + 1],
-                                   batch["response_mask"][b, j, :batch["last_index"][b, j] + 1])
-                     for j in range(2)] for b in range(len(PAIRS))])
+    ref = np.array(
+        [
+            [
+                hf_reference(
+                    ckpt.seq,
+                    ckpt.causal,
+                    batch["tokens"][b, j, : batch["last_index"][b, j] + 1],
+                    batch["response_mask"][b, j, : batch["last_index"][b, j] + 1],
+                )
+                for j in range(2)
+            ]
+            for b in range(len(PAIRS))
+        ]
+    )
     reward_err, logp_err = np.abs(out.reward_Bx2 - ref[..., 0]).max(), np.abs(out.logp_Bx2 - ref[..., 1]).max()
-    print(f"\n[pairs] {ckpt.name}: max |reward error| = {reward_err:.2e}, max |logp error| = {logp_err:.2e} "
-          f"(|logp| up to {np.abs(ref[..., 1]).max():.0f})")
+    print(
+        f"\n[pairs] {ckpt.name}: max |reward error| = {reward_err:.2e}, max |logp error| = {logp_err:.2e} "
+        f"(|logp| up to {np.abs(ref[..., 1]).max():.0f})"
+    )
     np.testing.assert_allclose(out.reward_Bx2, ref[..., 0], **TOL)
     np.testing.assert_allclose(out.logp_Bx2, ref[..., 1], **TOL)
     np.testing.assert_array_equal(out.n_tokens_Bx2, batch["response_mask"][:, :, 1:].sum(-1))
@@ -358,17 +471,38 @@ def test_export_round_trip(ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- (3) KV-cache decoding
-_GEMMA_COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+_GEMMA_COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 DECODE_CONFIGS = {
     "gemma": lambda: T.GemmaConfig(num_hidden_layers=2, **{**_GEMMA_COMMON, "num_key_value_heads": 1}),
-    "gemma2": lambda: T.Gemma2Config(num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
-                                     attn_logit_softcapping=2.0, final_logit_softcapping=1.5, **_GEMMA_COMMON),
+    "gemma2": lambda: T.Gemma2Config(
+        num_hidden_layers=3,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=1.5,
+        **_GEMMA_COMMON,
+    ),
     "gemma3": lambda: T.Gemma3TextConfig(
-        num_hidden_layers=3, sliding_window=5, query_pre_attn_scalar=24,
+        num_hidden_layers=3,
+        sliding_window=5,
+        query_pre_attn_scalar=24,
         layer_types=[SLIDING, FULL, SLIDING],
-        rope_parameters={FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
-                         SLIDING: {"rope_type": "default", "rope_theta": 100.0}}, **_GEMMA_COMMON),
+        rope_parameters={
+            FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+            SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+        },
+        **_GEMMA_COMMON,
+    ),
     "llama": lambda: _hf_config("llama-a"),
     "mistral": lambda: _hf_config("mistral-a"),
     "qwen2": lambda: _hf_config("qwen2-a"),
@@ -426,11 +560,13 @@ def test_cached_decoding_equals_full_forward(family):
     steps = np.zeros((len(PROMPTS), n_steps), np.int32)
     for i, p in enumerate(PROMPTS):
         prompt[i, :p] = tokens[i, :p]
-        steps[i, :SEQ_LEN - p] = tokens[i, p:]
+        steps[i, : SEQ_LEN - p] = tokens[i, p:]
     prefill, decoded = jax.tree.map(np.asarray, _generate(params, config, prompt, steps, np.array(PROMPTS, np.int32)))
     err = 0.0
     for i, p in enumerate(PROMPTS):
-        err = max(err, np.abs(prefill[i, :p] - full[i, :p]).max(), np.abs(decoded[i, :SEQ_LEN - p] - full[i, p:]).max())
+        err = max(
+            err, np.abs(prefill[i, :p] - full[i, :p]).max(), np.abs(decoded[i, : SEQ_LEN - p] - full[i, p:]).max()
+        )
     print(f"\n[decode] {family}: max |cached - full logit| = {err:.2e} (|logits| up to {np.abs(full).max():.1f})")
     assert err <= 1e-5, (family, err)
     assert np.abs(full).max() > 0.5
@@ -438,9 +574,16 @@ def test_cached_decoding_equals_full_forward(family):
 
 # ----------------------------------------------------------------------------- (4) preset sizes
 PUBLISHED = {
-    "llama2-7b": 6_738_415_616, "llama3-8b": 8_030_261_248, "llama3.2-1b": 1_235_814_400,
-    "llama3.2-3b": 3_212_749_824, "mistral-7b": 7_241_732_096, "mistral-7b-v0.3": 7_248_023_552,
-    "qwen2-0.5b": 494_032_768, "qwen2-1.5b": 1_543_714_304, "qwen2-7b": 7_615_616_512, "phi-2": 2_779_683_840,
+    "llama2-7b": 6_738_415_616,
+    "llama3-8b": 8_030_261_248,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_241_732_096,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "qwen2-0.5b": 494_032_768,
+    "qwen2-1.5b": 1_543_714_304,
+    "qwen2-7b": 7_615_616_512,
+    "phi-2": 2_779_683_840,
 }
 
 
@@ -464,8 +607,9 @@ def test_preset_parameter_count(name):
 # ----------------------------------------------------------------------------- (5) model_type checks
 def test_unknown_or_mismatched_model_type(tmp_path):
     (tmp_path / "neox").mkdir()
-    (tmp_path / "neox" / "config.json").write_text(json.dumps(
-        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64}))
+    (tmp_path / "neox" / "config.json").write_text(
+        json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64})
+    )
     with pytest.raises(ValueError, match=r"unsupported architecture model_type='gpt_neox'.*GPTNeoXForCausalLM.*llama"):
         hf.load_hf_config(tmp_path / "neox")
 
@@ -479,5 +623,10 @@ def test_unknown_or_mismatched_model_type(tmp_path):
         hf.load_params(tmp_path / "llama", dataclasses.replace(llama_config, family="qwen2", qkv_bias=True))
     # a scaling rule we do not implement is refused, not ignored
     with pytest.raises(ValueError, match=r"unsupported rope scaling type 'yarn'"):
-        families.from_hf({**families.to_hf(llama_config), "rope_parameters": None,
-                             "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        families.from_hf(
+            {
+                **families.to_hf(llama_config),
+                "rope_parameters": None,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+            }
+        )

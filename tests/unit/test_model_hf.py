@@ -4,6 +4,7 @@ Every torch model is built from a tiny random config with ALL weights perturbed 
 to zero/one and the reward head to zero, which would hide bugs), saved with safetensors, then read
 by haf_jax.model.hf. No downloads.
 """
+
 import copy
 import json
 
@@ -32,22 +33,44 @@ TOL = dict(atol=2e-3, rtol=1e-4)  # the acceptance tolerance for rewards and sum
 
 
 def _hf_config(family, **kw):
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, pad_token_id=PAD, eos_token_id=EOS,
-                  bos_token_id=BOS, num_labels=1, max_position_embeddings=128)
+    common = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=BOS,
+        num_labels=1,
+        max_position_embeddings=128,
+    )
     common.update(kw)
     if family == "gemma":  # MQA like gemma-2b
-        return T.GemmaConfig(num_hidden_layers=2, **{**common, "num_key_value_heads": 1},
-                             hidden_activation="gelu_pytorch_tanh")
+        return T.GemmaConfig(
+            num_hidden_layers=2, **{**common, "num_key_value_heads": 1}, hidden_activation="gelu_pytorch_tanh"
+        )
     if family == "gemma2":  # window 4 << sequence; small soft-caps so capping really bends the logits
-        return T.Gemma2Config(num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
-                              attn_logit_softcapping=2.0, final_logit_softcapping=1.5, **common)
+        return T.Gemma2Config(
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=1.5,
+            **common,
+        )
     return T.Gemma3TextConfig(  # sliding/full mix, different bases, linear scaling on full layers
-        num_hidden_layers=3, sliding_window=5, query_pre_attn_scalar=24,
+        num_hidden_layers=3,
+        sliding_window=5,
+        query_pre_attn_scalar=24,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
-        **common)
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        },
+        **common,
+    )
 
 
 _CLASSES = {
@@ -100,16 +123,15 @@ def test_logits_parity(ckpt):
     assert not np.any(np.asarray(params["reward_head"]))
     lengths = [24, 17, 9]
     tokens = _tokens(np.random.default_rng(0), lengths, 24)
-    mask = (np.arange(24)[None] < np.array(lengths)[:, None])
+    mask = np.arange(24)[None] < np.array(lengths)[:, None]
     ours = np.asarray(_logits(params, ckpt.config, tokens, np.array(lengths, np.int32) - 1))
     with torch.no_grad():
-        ref = ckpt.causal(input_ids=torch.tensor(tokens, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+        ref = ckpt.causal(
+            input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).logits.numpy()
     err = np.abs(ours - ref)[mask].max()
     assert err <= 1e-4, f"{ckpt.family}: max |logit error| {err}"
     assert np.abs(ref).max() > 0.5  # logits are not trivially small
-
-
 
 
 def test_rewards_and_logprobs_match_transformers(ckpt):
@@ -119,9 +141,19 @@ def test_rewards_and_logprobs_match_transformers(ckpt):
     # pair 0 is short; its neighbours are much longer, so it is mostly padding in the batch
     batch = _pair_batch(np.random.default_rng(1), [(4, 3, 6), (10, 30, 22), (7, 12, 2)], 40)
     out = jax.tree.map(np.asarray, _pairs(params, ckpt.config, batch))
-    ref = np.array([[_hf_reference(ckpt, batch["tokens"][b, j, :batch["last_index"][b, j] + 1],
-                                   batch["response_mask"][b, j, :batch["last_index"][b, j] + 1])
-                     for j in range(2)] for b in range(3)])
+    ref = np.array(
+        [
+            [
+                _hf_reference(
+                    ckpt,
+                    batch["tokens"][b, j, : batch["last_index"][b, j] + 1],
+                    batch["response_mask"][b, j, : batch["last_index"][b, j] + 1],
+                )
+                for j in range(2)
+            ]
+            for b in range(3)
+        ]
+    )
     np.testing.assert_allclose(out.reward_Bx2, ref[..., 0], **TOL)
     np.testing.assert_allclose(out.logp_Bx2, ref[..., 1], **TOL)
     np.testing.assert_array_equal(out.n_tokens_Bx2, batch["response_mask"][:, :, 1:].sum(-1))
@@ -215,18 +247,21 @@ def test_error_messages(gemma2, tmp_path):
 
     def wrong(t):
         t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((48, 64), np.float32)
+
     d = _rewrite(src, tmp_path / "shape", wrong)
     with pytest.raises(ValueError, match=r"k_proj\.weight' has shape \[48, 64\] but the config needs \[32, 64\]"):
         hf.load_params(d, cfg)
 
     def extra(t):
         t["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+
     d = _rewrite(src, tmp_path / "extra", extra)
     with pytest.raises(ValueError, match=r"unexpected tensors.*q_proj\.bias"):
         hf.load_params(d, cfg)
 
     def untied(t):
         t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+
     d = _rewrite(src, tmp_path / "untied", untied)
     with pytest.raises(ValueError, match="lm_head.weight differs from embed_tokens.weight"):
         hf.load_params(d, cfg)
@@ -241,6 +276,7 @@ def test_error_messages(gemma2, tmp_path):
 
     def two_labels(c):
         c.update(id2label={"0": "A", "1": "B"}, label2id={"A": 0, "B": 1})
+
     d = _rewrite(src, tmp_path / "two", edit_config=two_labels)
     with pytest.raises(ValueError, match="num_labels=2"):
         hf.load_params(d, cfg)
@@ -260,20 +296,32 @@ def test_multimodal_prefix(tmp_path):
     text = _hf_config("gemma3")
     src = _perturb(T.Gemma3ForCausalLM(text), 7)
     config = families.from_hf(text.to_dict())
-    tensors = {k.replace("model.", "model.language_model.", 1): v.detach().numpy()
-               for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    tensors = {
+        k.replace("model.", "model.language_model.", 1): v.detach().numpy()
+        for k, v in src.state_dict().items()
+        if k != "lm_head.weight"
+    }
     tensors["model.vision_tower.vision_model.post_layernorm.weight"] = np.ones(8, np.float32)
     tensors["model.multi_modal_projector.mm_soft_emb_norm.weight"] = np.ones(8, np.float32)
-    tmp_path.joinpath("config.json").write_text(json.dumps(
-        {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
-         "text_config": text.to_dict(), "vision_config": {}}))
+    tmp_path.joinpath("config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gemma3",
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "text_config": text.to_dict(),
+                "vision_config": {},
+            }
+        )
+    )
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     loaded_config, _ = hf.load_hf_config(tmp_path)
     assert loaded_config == config
     params, info = hf.load_params(tmp_path, config)
     assert info["prefix"] == "model.language_model." and len(info["ignored"]) == 2
-    np.testing.assert_array_equal(np.asarray(params["layers_1"]["self_attn"]["q_norm"]["scale"]),
-                                  src.model.layers[1].self_attn.q_norm.weight.detach().numpy())
+    np.testing.assert_array_equal(
+        np.asarray(params["layers_1"]["self_attn"]["q_norm"]["scale"]),
+        src.model.layers[1].self_attn.q_norm.weight.detach().numpy(),
+    )
 
 
 # ----------------------------------------------------------------------------- the real Gemma tokenizer
@@ -288,16 +336,37 @@ def test_real_gemma_tokenizer(shared_data, tmp_path):
     with gzip.open(shared_data / "gemma-tokenizer" / "tokenizer.json.gz", "rt", encoding="utf-8") as f:
         tok = Tokenizer.from_str(f.read())
     assert tok.encode("Hello world! The quick brown fox.").ids == [
-        2, 4521, 2134, 235341, 714, 4320, 8426, 25341, 235265]
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                     pad_token="<pad>", unk_token="<unk>")
-    cfg = T.GemmaConfig(vocab_size=256_000, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_labels=1,
-                        pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
-                        bos_token_id=fast.bos_token_id, hidden_activation="gelu_pytorch_tanh")
+        2,
+        4521,
+        2134,
+        235341,
+        714,
+        4320,
+        8426,
+        25341,
+        235265,
+    ]
+    fast = T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    cfg = T.GemmaConfig(
+        vocab_size=256_000,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_labels=1,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+        hidden_activation="gelu_pytorch_tanh",
+    )
     torch.manual_seed(0)
-    ref = types.SimpleNamespace(seq=_perturb(T.GemmaForSequenceClassification(cfg), 11).eval(),
-                                causal=T.GemmaForCausalLM(cfg).eval())
+    ref = types.SimpleNamespace(
+        seq=_perturb(T.GemmaForSequenceClassification(cfg), 11).eval(), causal=T.GemmaForCausalLM(cfg).eval()
+    )
     ref.causal.model.load_state_dict(ref.seq.model.state_dict())
     ref.causal.tie_weights()
     for m in (ref.seq, ref.causal):
@@ -312,14 +381,18 @@ def test_real_gemma_tokenizer(shared_data, tmp_path):
     p_ids = [fast.bos_token_id] + enc(prompt)
     seqs = [p_ids + enc(r) + [fast.eos_token_id] for r in responses]
     width = max(map(len, seqs)) + 3
-    batch = {"tokens": np.zeros((1, 2, width), np.int32), "response_mask": np.zeros((1, 2, width), np.int32),
-             "last_index": np.array([[len(s) - 1 for s in seqs]], np.int32)}
+    batch = {
+        "tokens": np.zeros((1, 2, width), np.int32),
+        "response_mask": np.zeros((1, 2, width), np.int32),
+        "last_index": np.array([[len(s) - 1 for s in seqs]], np.int32),
+    }
     for j, s in enumerate(seqs):
-        batch["tokens"][0, j, :len(s)] = s
-        batch["response_mask"][0, j, len(p_ids):len(s)] = 1
+        batch["tokens"][0, j, : len(s)] = s
+        batch["response_mask"][0, j, len(p_ids) : len(s)] = 1
     out = jax.tree.map(np.asarray, _pairs(params, config, batch))
-    expected = np.array([_hf_reference(ref, np.array(s), batch["response_mask"][0, j, :len(s)])
-                         for j, s in enumerate(seqs)])
+    expected = np.array(
+        [_hf_reference(ref, np.array(s), batch["response_mask"][0, j, : len(s)]) for j, s in enumerate(seqs)]
+    )
     np.testing.assert_allclose(out.reward_Bx2[0], expected[:, 0], **TOL)
     np.testing.assert_allclose(out.logp_Bx2[0], expected[:, 1], **TOL)
 

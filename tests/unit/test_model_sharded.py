@@ -1,4 +1,5 @@
 """The model on a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices equals the 1-device result."""
+
 import jax
 import numpy as np
 from flax import traverse_util
@@ -15,8 +16,9 @@ def _random_params(seed=0):
     """Host params with every leaf random (norms and reward head too, so nothing is trivially 0)."""
     shapes, _ = heads.abstract_params(CONFIG)
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (rng.standard_normal(s.shape) * (0.3 if len(s.shape) == 1 else 0.1))
-                        .astype(np.float32), shapes)
+    return jax.tree.map(
+        lambda s: (rng.standard_normal(s.shape) * (0.3 if len(s.shape) == 1 else 0.1)).astype(np.float32), shapes
+    )
 
 
 def _batch(b=4, length=32, seed=1):
@@ -60,8 +62,12 @@ def test_init_and_load_params_on_mesh(tmp_path):
     assert all(init[k].sharding == expected[k] for k in expected)
     # export from sharded arrays, re-import straight onto the mesh (one tensor at a time)
     params_host = _random_params(2)
-    hf.save_hf(jax.device_put(params_host, params_lib.param_shardings(CONFIG, mesh8)), CONFIG,
-               tmp_path / "rm", kind="reward_model")
+    hf.save_hf(
+        jax.device_put(params_host, params_lib.param_shardings(CONFIG, mesh8)),
+        CONFIG,
+        tmp_path / "rm",
+        kind="reward_model",
+    )
     loaded, info = hf.load_params(tmp_path / "rm", CONFIG, shardings=params_lib.param_shardings(CONFIG, mesh8))
     assert info["reward_head"] == "loaded"
     flat = traverse_util.flatten_dict(loaded, sep="/")

@@ -1,4 +1,5 @@
 """haf_jax.core.optim: schedules, clipping, AdamW defaults and gradient accumulation."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,9 @@ def lrs(schedule, steps):
 
 def test_linear_schedule_no_warmup():
     s = learning_rate_schedule(learning_rate=1e-5, total_steps=3200)
-    np.testing.assert_allclose(lrs(s, [0, 1600, 3199, 3200, 5000]),
-                               [1e-5, 5e-6, 1e-5 / 3200, 0.0, 0.0], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(
+        lrs(s, [0, 1600, 3199, 3200, 5000]), [1e-5, 5e-6, 1e-5 / 3200, 0.0, 0.0], rtol=1e-5, atol=1e-12
+    )
 
 
 def test_linear_schedule_with_warmup():

@@ -1,6 +1,7 @@
 """Packed batches (haf_jax/data/packing.py): on real tokenised HH pairs (GPT-2 BPE), a packed batch
 gives the per-pair rewards, log-probs, token counts, loss and gradients of the same pairs unpacked;
 the packing loader is deterministic, resumable, covers each epoch without repeats, and pads little."""
+
 import dataclasses
 
 import jax
@@ -21,8 +22,12 @@ MAX_LENGTH = 128
 @pytest.fixture(scope="module")
 def hh(shared_data):
     tok = data.load_tokenizer(shared_data / "gpt2-tokenizer")
-    return data.load_pairs(shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz", tok,
-                           data.PairOptions(max_length=MAX_LENGTH, max_prompt_length=64), split="all")
+    return data.load_pairs(
+        shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz",
+        tok,
+        data.PairOptions(max_length=MAX_LENGTH, max_prompt_length=64),
+        split="all",
+    )
 
 
 def _packed_and_unpacked(ds, pairs, shape, share_prompt=False):
@@ -51,7 +56,7 @@ def test_packed_batch_layout(hh):
             np.testing.assert_array_equal(packed["tokens"][row][seg], unpacked["tokens"][u, side, :n])
             np.testing.assert_array_equal(packed["positions"][row][seg], np.arange(n))
             np.testing.assert_array_equal(packed["response_mask"][row][seg], unpacked["response_mask"][u, side, :n])
-            assert packed["tokens"][row, packed["last_index"][b, side]] == 50256   # GPT-2's EOS
+            assert packed["tokens"][row, packed["last_index"][b, side]] == 50256  # GPT-2's EOS
     assert (packed["index"][~packed["valid"]] == -1).all()
 
 
@@ -76,7 +81,7 @@ def test_shared_prompt_layout(hh):
             np.testing.assert_array_equal(packed["tokens"][row, idx], unpacked["tokens"][u, side, :n])
             np.testing.assert_array_equal(packed["positions"][row, idx], np.arange(n))
             np.testing.assert_array_equal(packed["response_mask"][row, idx], unpacked["response_mask"][u, side, :n])
-        saved += len(prompt)   # the prompt once (P - 1 shared + 1 per sequence) instead of twice
+        saved += len(prompt)  # the prompt once (P - 1 shared + 1 per sequence) instead of twice
     assert packing.real_tokens(packed) == packing.real_tokens(unpacked) - saved
 
 
@@ -96,16 +101,21 @@ def test_packed_equals_unpacked_on_real_pairs(hh, layout):
     if layout == "row_shared":
         pairs = packed["index"][packed["valid"]]
         loader = packing.SharedPromptLoader(hh, len(pairs), shuffle=False, prefetch=0)
-        packed = packing.make_packed_batch(hh, pairs, np.zeros(len(pairs), np.int64),
-                                           packing.PackShape(len(pairs), loader.buckets[-1], 1), share_prompt=True)
+        packed = packing.make_packed_batch(
+            hh,
+            pairs,
+            np.zeros(len(pairs), np.int64),
+            packing.PackShape(len(pairs), loader.buckets[-1], 1),
+            share_prompt=True,
+        )
     n = int(packed["valid"].sum())
     assert n >= 5 and unpacked["tokens"].shape[0] == n
     if layout != "row_shared":
-        assert len(set(packed["segment_ids"][0]) - {0}) >= 4   # several sequences share a row
+        assert len(set(packed["segment_ids"][0]) - {0}) >= 4  # several sequences share a row
     cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), logprob_chunk=48, share_prompt=share)
-    ref = np.random.default_rng(0).normal(-200, 20, (len(hh), 2)).astype(np.float32)   # any reference
+    ref = np.random.default_rng(0).normal(-200, 20, (len(hh), 2)).astype(np.float32)  # any reference
 
-    def loss(p, batch):   # what step._loss computes, keeping the per-pair outputs
+    def loss(p, batch):  # what step._loss computes, keeping the per-pair outputs
         out = step_lib._outputs(p, cfg, batch, None)
         return losses.objective(out, objective="haf", weight_B=batch["valid"].astype(jnp.float32))[0], out
 
@@ -115,13 +125,23 @@ def test_packed_equals_unpacked_on_real_pairs(hh, layout):
     (loss_u, out_u), grad_u = run(params, with_ref(unpacked))
     valid = packed["valid"]
     for field in ("reward_Bx2", "logp_Bx2", "n_tokens_Bx2"):
-        np.testing.assert_allclose(np.asarray(getattr(out_p, field))[valid], np.asarray(getattr(out_u, field)),
-                                   rtol=2e-5, atol=2e-4, err_msg=field)
+        np.testing.assert_allclose(
+            np.asarray(getattr(out_p, field))[valid],
+            np.asarray(getattr(out_u, field)),
+            rtol=2e-5,
+            atol=2e-4,
+            err_msg=field,
+        )
     assert np.ptp(np.asarray(out_u.reward_Bx2)) > 1e-3 and (np.asarray(out_u.n_tokens_Bx2) > 0).all()
     np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
     for (path, g_p), g_u in zip(jax.tree_util.tree_leaves_with_path(grad_p), jax.tree.leaves(grad_u)):
-        np.testing.assert_allclose(np.asarray(g_p), np.asarray(g_u), rtol=1e-3, atol=1e-6 * float(jnp.abs(g_u).max()),
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(g_p),
+            np.asarray(g_u),
+            rtol=1e-3,
+            atol=1e-6 * float(jnp.abs(g_u).max()),
+            err_msg=jax.tree_util.keystr(path),
+        )
 
 
 def test_pair_rows_read_plain_and_packed_batches_as_rows():
@@ -129,20 +149,27 @@ def test_pair_rows_read_plain_and_packed_batches_as_rows():
     sequence (bool segments, reshapes only), a packed one its own rows with S = 2B / R sequences each;
     batches whose shapes disagree are refused by name."""
     b, length = 3, 6
-    plain = {"tokens": np.arange(b * 2 * length).reshape(b, 2, length), "response_mask": np.ones((b, 2, length), int),
-             "last_index": np.array([[5, 3], [2, 4], [1, 0]])}
+    plain = {
+        "tokens": np.arange(b * 2 * length).reshape(b, 2, length),
+        "response_mask": np.ones((b, 2, length), int),
+        "last_index": np.array([[5, 3], [2, 4], [1, 0]]),
+    }
     rows = heads.pair_rows(plain)
     assert rows.tokens_RxT.shape == (2 * b, length) and rows.last_index_RxS.shape == (2 * b, 1)
-    np.testing.assert_array_equal(rows.tokens_RxT[3], plain["tokens"][1, 1])   # row 2b + j: pair b, side j
+    np.testing.assert_array_equal(rows.tokens_RxT[3], plain["tokens"][1, 1])  # row 2b + j: pair b, side j
     np.testing.assert_array_equal(rows.segments_RxT[3], np.arange(length) <= 4)
     assert rows.segments_RxT.dtype == bool
     r, k = 2, 3
-    packed = {"tokens": np.zeros((r, 10), int), "positions": np.zeros((r, 10), int),
-              "segment_ids": np.ones((r, 10), int), "response_mask": np.zeros((r, 10), int),
-              "last_index": np.arange(2 * r * k).reshape(r * k, 2)}
+    packed = {
+        "tokens": np.zeros((r, 10), int),
+        "positions": np.zeros((r, 10), int),
+        "segment_ids": np.ones((r, 10), int),
+        "response_mask": np.zeros((r, 10), int),
+        "last_index": np.arange(2 * r * k).reshape(r * k, 2),
+    }
     rows = heads.pair_rows(packed)
     assert rows.segments_RxT is packed["segment_ids"] and rows.last_index_RxS.shape == (r, 2 * k)
-    np.testing.assert_array_equal(rows.last_index_RxS[1], np.arange(6, 12))   # row 1: pairs 3..5, chosen first
+    np.testing.assert_array_equal(rows.last_index_RxS[1], np.arange(6, 12))  # row 1: pairs 3..5, chosen first
     with pytest.raises(ValueError, match="do not fill 2 rows"):
         heads.pair_rows({**packed, "last_index": packed["last_index"][:5]})
     with pytest.raises(ValueError, match=r"is not \[B, 2, L\]"):
@@ -152,9 +179,14 @@ def test_pair_rows_read_plain_and_packed_batches_as_rows():
 def test_micro_batches_keep_pairs_with_their_rows():
     """grad_accum splits a packed batch by rows, and each pair goes with its row."""
     r, k = 4, 3
-    batch = {"tokens": np.arange(r)[:, None] * np.ones((1, 5), int), "segment_ids": np.ones((r, 5), int),
-             "positions": np.zeros((r, 5), int), "response_mask": np.zeros((r, 5), int),
-             "last_index": np.repeat(np.arange(r * k) // k, 2).reshape(r * k, 2), "valid": np.ones(r * k, bool)}
+    batch = {
+        "tokens": np.arange(r)[:, None] * np.ones((1, 5), int),
+        "segment_ids": np.ones((r, 5), int),
+        "positions": np.zeros((r, 5), int),
+        "response_mask": np.zeros((r, 5), int),
+        "last_index": np.repeat(np.arange(r * k) // k, 2).reshape(r * k, 2),
+        "valid": np.ones(r * k, bool),
+    }
     micro = step_lib.micro_batches(batch, 2)
     assert micro["tokens"].shape == (2, 2, 5) and micro["last_index"].shape == (2, 6, 2)
     for j in range(2):
@@ -170,11 +202,11 @@ def test_packed_loader_deterministic_covering_and_low_padding(hh):
         x, y = next(a), next(b)
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
-        assert x["tokens"].shape == (a.shape.rows, a.shape.length)   # one static shape
+        assert x["tokens"].shape == (a.shape.rows, a.shape.length)  # one static shape
     assert not np.array_equal(next(make(1))["index"], next(make(0))["index"])
     slots, _ = a.plan(0)
     seen = slots[slots >= 0]
-    assert len(seen) == len(set(seen.tolist())) > 0.95 * len(hh)   # no repeats; only the tail is dropped
+    assert len(seen) == len(set(seen.tolist())) > 0.95 * len(hh)  # no repeats; only the tail is dropped
     report = a.padding()
     assert report["padding_fraction"] < 0.1 < report["unpacked_padding_fraction"]
     assert 13 <= report["pairs_per_step"] <= 16
@@ -186,7 +218,7 @@ def test_packed_loader_resumes_across_an_epoch(hh):
     for _ in range(steps - 2):
         next(loader)
     state = dict(loader.state)
-    expected = [next(loader) for _ in range(4)]          # crosses into epoch 1
+    expected = [next(loader) for _ in range(4)]  # crosses into epoch 1
     assert loader.epoch == 1 and loader.epoch_steps(1) > 0
     loader.close()
     _assert_resumes(packing.PackedLoader(hh, 64, seed=0, prefetch=2), state, expected)
@@ -212,13 +244,14 @@ def test_shared_prompt_loader_resumes_across_an_epoch(hh):
         b = next(loader)
         length = b["tokens"].shape[1]
         assert b["tokens"].shape[0] == 32 and length in loader.buckets
-        assert need[b["index"]].max() <= length and (length == loader.buckets[0] or
-                                                     need[b["index"]].max() > loader.buckets[loader.buckets.index(length) - 1])
+        assert need[b["index"]].max() <= length and (
+            length == loader.buckets[0] or need[b["index"]].max() > loader.buckets[loader.buckets.index(length) - 1]
+        )
         assert ((b["segment_ids"] != 0).sum(axis=1) == need[b["index"]]).all()
         seen.extend(b["index"].tolist())
     assert len(seen) == len(set(seen))
     state = dict(loader.state)
-    expected = [next(loader) for _ in range(4)]          # crosses into epoch 1
+    expected = [next(loader) for _ in range(4)]  # crosses into epoch 1
     assert loader.epoch == 1
     loader.close()
     _assert_resumes(packing.SharedPromptLoader(hh, 32, seed=0, prefetch=2), state, expected)
@@ -235,8 +268,12 @@ def _as_process(ds, p: int, count: int):
     """`ds` as process p of `count` sees it (its own pairs tokenised; lengths of all pairs)."""
     idx = np.arange(p, len(ds), count)
     t = ds.tokens
-    tokens = tokenize.TokenizedPairs(*[[getattr(t, f)[i] for i in idx] for f in ("prompt", "chosen", "rejected")],
-                                     t.lengths[idx], t.raw_lengths[idx], t.flags[idx])
+    tokens = tokenize.TokenizedPairs(
+        *[[getattr(t, f)[i] for i in idx] for f in ("prompt", "chosen", "rejected")],
+        t.lengths[idx],
+        t.raw_lengths[idx],
+        t.flags[idx],
+    )
     return dataclasses.replace(ds, tokens=tokens, local_indices=idx, process_index=p, process_count=count)
 
 

@@ -1,12 +1,13 @@
 """`python -m haf_jax.plan`: the configured train step compiled ahead of time for a topology, its
 memory per chip against the chip's HBM. Three compiles: cpu:8 (tiny), v5e:2x4 (a small Gemma from a
 local config.json) and one that cannot fit a v5e chip; the topology parser needs none."""
+
 import json
 import pathlib
 
 import pytest
+from helpers.commands import command
 
-from haf_jax import plan
 from haf_jax.training import planning
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -15,7 +16,7 @@ KEYS = ("fits", "topology", "chips", "mesh", "hbm_per_chip_bytes", "bytes_per_ch
 
 
 def _run(capsys, *args) -> tuple[dict, str]:
-    plan.main.invoke(["plan", GEMMA, *args])
+    command("haf_jax.plan").invoke(["plan", GEMMA, *args])
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert all(k in report for k in KEYS), report
@@ -38,7 +39,7 @@ def test_topology_names_map_to_jax_topologies():
 
 def test_unknown_topology_is_one_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
-        plan.main.invoke(["plan", GEMMA, "--topology=v9-8"])
+        command("haf_jax.plan").invoke(["plan", GEMMA, "--topology=v9-8"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown topology 'v9-8'") and "Traceback" not in err
@@ -55,14 +56,32 @@ def test_state_is_sharded_over_v5e_2x4(capsys, tmp_path):
     """A 2-layer Gemma (vocabulary 16384, width 256) from a local config.json: no weights, no data.
     Each chip's arguments are ~1/8 of the train state (FSDP over 8 chips)."""
     pytest.importorskip("libtpu", reason="libtpu (pip install -e '.[tpu]') compiles for TPU topologies")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 16384, "hidden_size": 256,
-        "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-        "head_dim": 128, "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
-        "tie_word_embeddings": True}))
-    report, _ = _run(capsys, "--topology=v5litepod-8", f"--config.model.checkpoint={tmp_path}",
-                     "--config.data.max_length=128")
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["GemmaForCausalLM"],
+                "model_type": "gemma",
+                "vocab_size": 16384,
+                "hidden_size": 256,
+                "intermediate_size": 1024,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "head_dim": 128,
+                "hidden_act": "gelu_pytorch_tanh",
+                "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0,
+                "bos_token_id": 2,
+                "eos_token_id": 1,
+                "pad_token_id": 0,
+                "tie_word_embeddings": True,
+            }
+        )
+    )
+    report, _ = _run(
+        capsys, "--topology=v5litepod-8", f"--config.model.checkpoint={tmp_path}", "--config.data.max_length=128"
+    )
     assert report["topology"] == "v5e:2x4" and report["chips"] == 8 and report["fits"] is True
     assert report["hbm_per_chip_bytes"] == 16 * 2**30
     state = report["state_bytes_total"]
@@ -91,7 +110,9 @@ def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_pat
     config.train.batch_size = 8
     measured = []
     real_measure = fit.measure
-    monkeypatch.setattr(fit, "measure", lambda *a, **k: measured.append(real_measure(*a, **k)[1]) or (None, measured[-1]))
+    monkeypatch.setattr(
+        fit, "measure", lambda *a, **k: measured.append(real_measure(*a, **k)[1]) or (None, measured[-1])
+    )
     monkeypatch.setattr(fit, "device_memory_bytes", lambda devices: 2**20)
     monkeypatch.setattr(loop, "initial_params", lambda *a: pytest.fail("weights loaded before the fit check"))
     with pytest.raises(fit.DoesNotFit) as e:
@@ -100,7 +121,9 @@ def test_train_stops_before_step_1_when_the_step_cannot_fit(monkeypatch, tmp_pat
     assert 2**20 < need < 2**30  # the tiny step's real size, above the injected figure
     message = str(e.value)
     assert message.startswith(f"the train step does not fit: it needs {need / 2**20:.1f} MiB per device of 1.0 MiB")
-    assert "batch tokens 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
+    assert (
+        "batch tokens 8 x 2 x 256" in message and "advice: rematerialise blocks: --config.model.remat=True" in message
+    )
     assert not (tmp_path / "run" / "reference_train.npy").exists()
 
 

@@ -6,10 +6,8 @@ The tiny models are random transformers models with every weight perturbed (test
 saved as safetensors with a word-level tokenizer and loaded through haf_jax.evaluation.loading.load_model, the
 path the CLI takes. Each decode shape compiles once per module (the settings are shared).
 """
+
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import pytest
 import torch
 import transformers as T
 from helpers.aidreams import GREEDY_60, readme_greedy_ids
+from helpers.commands import command
 from helpers.word_models import BOS, EOS, FAMILIES, V, build_causal_lm
 
 from haf_jax.core import sharding
@@ -69,15 +68,29 @@ def _settings(**kw):
 
 def _hf_greedy(model, ids, eos=EOS):
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=MAX_NEW,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 def _greedy(params, config, ids, **settings):
     temps = np.zeros((len(ids), 1), np.float32)
-    out = sample_lib.generate_candidates(params, config, ids, temps, settings=_settings(**settings),
-                                         batch_size=len(ids), max_prompt_length=64, progress=False)
+    out = sample_lib.generate_candidates(
+        params,
+        config,
+        ids,
+        temps,
+        settings=_settings(**settings),
+        batch_size=len(ids),
+        max_prompt_length=64,
+        progress=False,
+    )
     return [(c[0][0].tolist(), c[0][1]) for c in out]
 
 
@@ -109,7 +122,7 @@ def test_eos_stops_the_candidate(tiny):
     stop = next(t for k, t in enumerate(first) if k >= 2 and t not in first[:k])
     stopped = _greedy(params, config, ids, eos_ids=(EOS, stop))
     for x, (full, _), (got, eos) in zip(ids, free, stopped):
-        cut = full[:full.index(stop) + 1] if stop in full else full
+        cut = full[: full.index(stop) + 1] if stop in full else full
         assert got == cut and eos == (cut[-1] in (EOS, stop))
         assert got == _hf_greedy(model, x.tolist(), eos=[EOS, stop])
     assert len(stopped[0][0]) < MAX_NEW and stopped[0][1]
@@ -128,12 +141,19 @@ def test_llama2c_greedy_ids(shared_data, tmp_path, one_device_mesh):
     params, config, tok = m.params, m.model_cfg, m.tokenizer
     assert tok.bos_token_id == GREEDY_60[0] and tok.eos_token_id not in GREEDY_60
     settings = sampling.DecodeSettings(max_new_tokens=len(GREEDY_60) - 1, eos_ids=(tok.eos_token_id,))
-    out = sample_lib.generate_candidates(params, config, [np.array([tok.bos_token_id], np.int32)],
-                                         np.zeros((1, 1), np.float32), settings=settings, progress=False)
+    out = sample_lib.generate_candidates(
+        params,
+        config,
+        [np.array([tok.bos_token_id], np.int32)],
+        np.zeros((1, 1), np.float32),
+        settings=settings,
+        progress=False,
+    )
     assert [GREEDY_60[0]] + out[0][0][0].tolist() == GREEDY_60
 
 
 # ----------------------------------------------------------------------------- sampling maths
+
 
 def numpy_allowed(logits_V, temperature, top_k=0, top_p=1.0, slack=0.0):
     """bool [V]: the tokens inside the top-k and then top-p nucleus of softmax(logits / T), float64.
@@ -162,7 +182,7 @@ def test_allowed_tokens_equal_numpy():
     allowed = jax.jit(sampling.allowed_tokens)  # top_k, top_p traced: one compile
     for top_k, top_p in [(0, 0.85), (5, 1.0), (8, 0.6), (1, 0.9), (0, 1.0)]:
         got = np.asarray(allowed(jnp.asarray(logits), jnp.asarray(temps), top_k, top_p))
-        want = np.stack([numpy_allowed(l, t, top_k, top_p) for l, t in zip(logits, temps)])
+        want = np.stack([numpy_allowed(row, t, top_k, top_p) for row, t in zip(logits, temps)])
         np.testing.assert_array_equal(got, want, err_msg=str((top_k, top_p)))
         if (top_k, top_p) != (0, 1.0):
             assert 1 <= got.sum(-1).min() and got.sum(-1).max() < logits.shape[1]  # the filters cut
@@ -172,15 +192,26 @@ def test_allowed_tokens_equal_numpy():
 def sampled(tiny):
     """Candidates of three prompts (n = 4, the paper's temperatures) under several settings."""
     _, _, params, config, tok = tiny["llama"]
-    ids = sample_lib.encode_prompts(tok, prompt_texts(np.random.default_rng(2), (3, 8, 5)), template="none",
-                                    max_prompt_length=64)
-    temps = sample_lib.candidate_temperatures(len(ids), 4, seed=0, temperature=None,
-                                              temperature_range=sample_lib.PAPER_TEMPERATURE_RANGE)
+    ids = sample_lib.encode_prompts(
+        tok, prompt_texts(np.random.default_rng(2), (3, 8, 5)), template="none", max_prompt_length=64
+    )
+    temps = sample_lib.candidate_temperatures(
+        len(ids), 4, seed=0, temperature=None, temperature_range=sample_lib.PAPER_TEMPERATURE_RANGE
+    )
 
     def run(seed, **kw):
         # one prompt x 4 candidates per batch: the rows and width of the greedy tests (no new compile)
-        return sample_lib.generate_candidates(params, config, ids, temps, settings=_settings(**kw), seed=seed,
-                                              batch_size=1, max_prompt_length=64, progress=False)
+        return sample_lib.generate_candidates(
+            params,
+            config,
+            ids,
+            temps,
+            settings=_settings(**kw),
+            seed=seed,
+            batch_size=1,
+            max_prompt_length=64,
+            progress=False,
+        )
 
     return ids, temps, run
 
@@ -215,7 +246,7 @@ def test_sampled_tokens_are_inside_the_nucleus(tiny, sampled, top_k, top_p):
         seqs = [np.concatenate([ids[i], new]) for i, cands in enumerate(out) for new, _ in cands]
         tokens = np.zeros((len(seqs), width), np.int32)
         for r, seq in enumerate(seqs):
-            tokens[r, :len(seq)] = seq
+            tokens[r, : len(seq)] = seq
         logits = np.asarray(full_logits(tokens, np.array([len(s) - 1 for s in seqs], np.int32)))
         count, total, r = 0, 0, 0
         for i, cands in enumerate(out):
@@ -235,14 +266,18 @@ def test_sampled_tokens_are_inside_the_nucleus(tiny, sampled, top_k, top_p):
 
 # ----------------------------------------------------------------------------- prompt files
 
-@pytest.mark.parametrize("lines,message", [
-    (['{"prompt": "a"}', '{"text": "b"}'], r"p\.jsonl line 2, field 'prompt': missing"),
-    (['{"prompt": 3}'], r"p\.jsonl line 1, field 'prompt': expected a string, got number"),
-    (['{"prompt": "a"}', '', '{"prompt": "b"'], r"p\.jsonl line 3: not valid JSON"),
-    (['["a"]'], r"p\.jsonl line 1: expected a JSON object, got a list"),
-    (['{"prompt": "  "}'], r"p\.jsonl line 1, field 'prompt': empty prompt"),
-    ([''], r"p\.jsonl: no prompts \(empty file\)"),
-])
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"prompt": "a"}', '{"text": "b"}'], r"p\.jsonl line 2, field 'prompt': missing"),
+        (['{"prompt": 3}'], r"p\.jsonl line 1, field 'prompt': expected a string, got number"),
+        (['{"prompt": "a"}', "", '{"prompt": "b"'], r"p\.jsonl line 3: malformed JSON"),
+        (['["a"]'], r"p\.jsonl line 1: found a JSON array where JSON lines"),
+        (['{"prompt": "  "}'], r"p\.jsonl line 1, field 'prompt': empty prompt"),
+        ([""], r"p\.jsonl: no prompts \(empty file\)"),
+    ],
+)
 def test_bad_prompt_file_names_file_line_and_field(tmp_path, lines, message):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -259,8 +294,12 @@ def test_prompt_file_rows_and_template(tmp_path, tiny):
     assert sample_lib.read_prompts(str(path)) == [{"prompt": "w5 w6", "id": "x"}, {"prompt": "w7"}]
     tok = tiny["llama"][4]
     got = sample_lib.encode_prompts(tok, ["w5 w6 w7 w8"], template="mistral", max_prompt_length=4)
-    pair = tokenize.encode_pairs(tok, [{"prompt": "[INST] w5 w6 w7 w8 [/INST]", "chosen": "w9", "rejected": "w10"}],
-                                 max_length=16, max_prompt_length=4)
+    pair = tokenize.encode_pairs(
+        tok,
+        [{"prompt": "[INST] w5 w6 w7 w8 [/INST]", "chosen": "w9", "rejected": "w10"}],
+        max_length=16,
+        max_prompt_length=4,
+    )
     # "[INST]" and "[/INST]" are unknown words (id 0); the prompt keeps BOS and its last 3 tokens
     assert got[0].tolist() == pair.prompt[0].tolist() == [BOS, 7, 8, 0]
     with pytest.raises(DataError, match="unknown template"):
@@ -268,20 +307,27 @@ def test_prompt_file_rows_and_template(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_sample_cli(tiny, tmp_path):
-    """The command end to end: one row per prompt in input order, the documented fields, the
-    summary as the last stdout line; a bad file is one error line and exit status 2."""
+def test_sample_cli(tiny, one_device, tmp_path, capsys):
+    """The command end to end (in this process, on one device: the 8 fake ones only slow a tiny
+    compile): one row per prompt in input order, the documented fields, the summary as the last
+    stdout line; a bad file is one error line and exit status 2."""
     directory = tiny["llama"][0]
     texts = prompt_texts(np.random.default_rng(3), (6, 2, 9))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": t, "id": k}) + "\n" for k, t in enumerate(texts)))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "haf_jax.sample", f"--model={directory}", f"--prompts={prompts}", f"--out={out}",
-           "--n=3", "--max_new_tokens=6", "--batch_size=2", "--seed=5"]
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device: the 8 fake ones only slow a tiny compile
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    argv = [
+        "haf_jax.sample",
+        f"--model={directory}",
+        f"--prompts={prompts}",
+        f"--out={out}",
+        "--n=3",
+        "--max_new_tokens=6",
+        "--batch_size=2",
+        "--seed=5",
+    ]
+    command("haf_jax.sample").invoke(argv)  # exit 0: no SystemExit
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["prompts"] == 3 and summary["top_p"] == 0.85 and summary["temperature_range"] == [0.5, 1.2]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["prompt"]) for r in rows] == list(enumerate(texts))
@@ -295,7 +341,8 @@ def test_sample_cli(tiny, tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "w5"}\n{"prompt": null}\n')
-    p = subprocess.run(cmd[:4] + [f"--prompts={bad}", f"--out={out}"], capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in p.stderr
+    with pytest.raises(SystemExit) as exited:
+        command("haf_jax.sample").invoke(argv[:2] + [f"--prompts={bad}", f"--out={out}"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in err

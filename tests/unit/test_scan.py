@@ -3,6 +3,7 @@
 The test model repeats (sliding, sliding, full) over 8 layers: two scanned periods and two layers
 of an incomplete last period, with Gemma 3's q/k norms and separate sliding-layer rope base.
 """
+
 import dataclasses
 import json
 
@@ -23,9 +24,18 @@ from haf_jax.training import step as step_lib
 decode = jax.jit(heads.decode, static_argnums=1)
 
 S, F = SLIDING, FULL
-BASE = dataclasses.replace(preset("tiny"), family="gemma3", vocab_size=128, num_layers=8, qk_norm=True,
-                           layer_types=(S, S, F, S, S, F, S, S), sliding_window=4, rope_theta=10_000.0,
-                           local_rope_theta=100.0, attn_logit_softcap=None)  # Gemma 3 has no attention soft-cap
+BASE = dataclasses.replace(
+    preset("tiny"),
+    family="gemma3",
+    vocab_size=128,
+    num_layers=8,
+    qk_norm=True,
+    layer_types=(S, S, F, S, S, F, S, S),
+    sliding_window=4,
+    rope_theta=10_000.0,
+    local_rope_theta=100.0,
+    attn_logit_softcap=None,
+)  # Gemma 3 has no attention soft-cap
 SCANNED = dataclasses.replace(BASE, scan_layers=True)
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -69,8 +79,9 @@ def test_stacked_layout_names_and_conversions(params):
     assert names["layers"]["block_1"]["self_attn"]["q_proj"] == P("layers", "embed", "heads", "head_dim")
     assert jax.tree.structure(shapes) == jax.tree.structure(stacked)
     # layer 4 = block_1 of the second period; layer 6 keeps its own name
-    np.testing.assert_array_equal(stacked["layers"]["block_1"]["mlp"]["up_proj"][1],
-                                  per_layer["layers_4"]["mlp"]["up_proj"])
+    np.testing.assert_array_equal(
+        stacked["layers"]["block_1"]["mlp"]["up_proj"][1], per_layer["layers_4"]["mlp"]["up_proj"]
+    )
     assert_params_equal(scan.unstack(stacked, SCANNED), per_layer)
     assert_params_equal(scan.stack(stacked, SCANNED), stacked)  # already stacked: unchanged
     assert params_lib.param_count(stacked) == params_lib.param_count(per_layer)
@@ -112,8 +123,13 @@ def _batch(rng, b=2, length=16):
     mask = np.zeros((b, 2, length), np.int32)
     mask[:, :, 6:] = 1
     last = rng.integers(10, length, (b, 2)).astype(np.int32)
-    return {"tokens": tokens, "response_mask": mask, "last_index": last, "valid": np.ones((b,), bool),
-            "ref_logp": rng.normal(-30, 2, (b, 2)).astype(np.float32)}
+    return {
+        "tokens": tokens,
+        "response_mask": mask,
+        "last_index": last,
+        "valid": np.ones((b,), bool),
+        "ref_logp": rng.normal(-30, 2, (b, 2)).astype(np.float32),
+    }
 
 
 def test_three_train_steps_equal_and_a_per_layer_state_resumes_scanned(params):
@@ -127,8 +143,9 @@ def test_three_train_steps_equal_and_a_per_layer_state_resumes_scanned(params):
         cfg = forward.StepConfig(model=config, loss=forward.LossConfig())
         init, abstract = step_lib.state_layout(config, optimizer, mesh)
         state_sh = jax.tree.map(lambda x: x.sharding, abstract)
-        fn, keys = step_lib.jit_train_step(cfg, optimizer, mesh, state_sh, params_lib.param_shardings(config, mesh),
-                                           live_reference=False)
+        fn, keys = step_lib.jit_train_step(
+            cfg, optimizer, mesh, state_sh, params_lib.param_shardings(config, mesh), live_reference=False
+        )
         return init, abstract, lambda state, batch: fn(state, forward.put_batch(batch, keys, mesh), None, None)
 
     def run(step_fn, state, todo):
@@ -193,7 +210,9 @@ def test_lora_on_scanned_layers(params, tmp_path):
     merged = lora_lib.merge({"lora": adapters}, stacked, lora)
     merged_per_layer = lora_lib.merge({"lora": scan.unstack(adapters, SCANNED)}, per_layer, lora)
     _close(scan.unstack(merged, SCANNED), merged_per_layer, rtol=1e-6, atol=1e-6)
-    assert not np.allclose(merged["layers"]["block_0"]["mlp"]["up_proj"], stacked["layers"]["block_0"]["mlp"]["up_proj"])
+    assert not np.allclose(
+        merged["layers"]["block_0"]["mlp"]["up_proj"], stacked["layers"]["block_0"]["mlp"]["up_proj"]
+    )
     # the PEFT export names every layer, as the per-layer model's does
     hf.save_peft_adapter(adapters, SCANNED, lora, tmp_path / "scanned")
     hf.save_peft_adapter(scan.unstack(adapters, SCANNED), BASE, lora, tmp_path / "per_layer")

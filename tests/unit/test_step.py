@@ -1,4 +1,5 @@
 """The jitted train/eval steps: initial-step values, sharding equivalence, reference modes, learning."""
+
 import dataclasses
 import functools
 import math
@@ -32,28 +33,56 @@ def synthetic_pairs(rng: np.random.Generator, n: int, length: int = 24):
             resp = rng.integers(lo, hi, rng.integers(2, 8))
             ids = np.concatenate([[BOS], prompt, resp, [EOS]])
             tokens[i, side, : len(ids)] = ids
-            mask[i, side, 1 + len(prompt): len(ids)] = 1
+            mask[i, side, 1 + len(prompt) : len(ids)] = 1
             last[i, side] = len(ids) - 1
-    return {"tokens": tokens, "response_mask": mask, "last_index": last, "valid": np.ones((n,), bool),
-            "index": np.arange(n)}
+    return {
+        "tokens": tokens,
+        "response_mask": mask,
+        "last_index": last,
+        "valid": np.ones((n,), bool),
+        "index": np.arange(n),
+    }
 
 
-@functools.lru_cache(maxsize=None)  # each distinct set-up compiles once for the whole module
+@functools.cache  # each distinct set-up compiles once for the whole module
 def make(objective="haf", mesh_shape=(1, 1, 1), live=False, grad_accum=1, lr=3e-3, steps=100, bf16_remat=False):
-    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape)])
+    mesh = sharding.make_mesh(mesh_shape, devices=jax.devices()[: math.prod(mesh_shape)])
     model = dataclasses.replace(MODEL, remat=bf16_remat)
-    cfg = forward.StepConfig(model, forward.LossConfig(objective=objective), logprob_chunk=8,
-                              grad_accum=grad_accum, compute_dtype=jnp.bfloat16 if bf16_remat else jnp.float32)
+    cfg = forward.StepConfig(
+        model,
+        forward.LossConfig(objective=objective),
+        logprob_chunk=8,
+        grad_accum=grad_accum,
+        compute_dtype=jnp.bfloat16 if bf16_remat else jnp.float32,
+    )
     opt = make_optimizer(learning_rate=lr, total_steps=steps)
     init_state, abstract = step_lib.state_layout(MODEL, opt, mesh)
     psh = params_lib.param_shardings(MODEL, mesh)
-    train_fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh,
-                                             live_reference=live)
-    eval_fn = jax.jit(sharding.under_mesh(functools.partial(
-        evaluation.pair_scores, cfg=cfg, reward=objective != "dpo", policy=objective != "baseline"), mesh))
+    train_fn, keys = step_lib.jit_train_step(
+        cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract), psh, live_reference=live
+    )
+    eval_fn = jax.jit(
+        sharding.under_mesh(
+            functools.partial(
+                evaluation.pair_scores, cfg=cfg, reward=objective != "dpo", policy=objective != "baseline"
+            ),
+            mesh,
+        )
+    )
     ref_fn, ref_keys = forward.jit_reference(cfg, mesh, psh)
     params0 = params_lib.init_params(MODEL, jax.random.key(0), mesh)
-    return dict(mesh=mesh, cfg=cfg, init_state=init_state, train=train_fn, keys=keys, eval=eval_fn, ref=ref_fn, ref_keys=ref_keys, params0=params0, psh=psh)
+    return dict(
+        mesh=mesh,
+        cfg=cfg,
+        init_state=init_state,
+        train=train_fn,
+        keys=keys,
+        eval=eval_fn,
+        ref=ref_fn,
+        ref_keys=ref_keys,
+        params0=params0,
+        psh=psh,
+    )
 
 
 def put(batch, keys, mesh):
@@ -145,7 +174,7 @@ def test_non_finite_loss_keeps_state_and_reports():
     assert np.isnan(jax.device_get(new["params"]["reward_head"])).all()  # unchanged, not updated further
     np.testing.assert_array_equal(jax.device_get(new["params"]["embed_tokens"]), before["embed_tokens"])
     for got, want in zip(jax.tree.leaves(jax.device_get(new["opt_state"])), jax.tree.leaves(moments)):
-        np.testing.assert_array_equal(got, want)   # moments and update count kept too
+        np.testing.assert_array_equal(got, want)  # moments and update count kept too
     assert int(new["step"]) == int(state["step"]) + 1
 
 
@@ -160,7 +189,7 @@ def test_tiny_model_learns_synthetic_rule(objective):
         train_pool = with_ref(r, train_pool)
     state = fresh_state(r)
     for i in range(80):
-        b = {k: v[i * 16:(i + 1) * 16] for k, v in train_pool.items()}
+        b = {k: v[i * 16 : (i + 1) * 16] for k, v in train_pool.items()}
         state, m = r["train"](state, put(b, r["keys"], r["mesh"]), None, None)
     scores = jax.device_get(r["eval"](state["params"], put(eval_batch, r["keys"], r["mesh"]), None, None))
     if objective == "dpo":  # the implicit reward against the precomputed reference

@@ -1,4 +1,5 @@
 """metrics.Throughput: rates per logged interval that never include compilation or eval time."""
+
 import threading
 
 from haf_jax.training.metrics import Throughput
@@ -75,8 +76,7 @@ def test_step_time_is_taken_at_its_finish_not_when_the_host_reads_it():
     finish(launch(), 103.0)
     # ... and step 2 at 103.0 (step 3 finished): arrival to arrival would say 0.1 s
     meter.arrived(4, 400, compiles=False, flops=50.0)
-    assert meter.rates() == {"compile_s": 1.0, "pairs_per_s": 4.0, "tokens_per_s": 400.0, "step_s": 1.0,
-                             "mfu": 0.5}
+    assert meter.rates() == {"compile_s": 1.0, "pairs_per_s": 4.0, "tokens_per_s": 400.0, "step_s": 1.0, "mfu": 0.5}
     meter.arrived(4, 400, compiles=False, flops=50.0)
     assert meter.rates()["step_s"] == 1.0
     meter.close()

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a real TPU topology, without a TPU: libtpu (the `tpu` extra)
 compiles for `v5e:2x4`'s 8 abstract chips, and the compiled step's memory analysis says what each
 chip would hold."""
+
 import dataclasses
 import os
 
@@ -34,11 +35,22 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
     cfg = forward.StepConfig(model, forward.LossConfig(objective="haf"), compute_dtype=jnp.bfloat16)
     opt = make_optimizer(learning_rate=1e-5, total_steps=100)
     _, abstract = step_lib.state_layout(model, opt, mesh)
-    fn, keys = step_lib.jit_train_step(cfg, opt, mesh, jax.tree.map(lambda x: x.sharding, abstract),
-                                       params_lib.param_shardings(model, mesh), live_reference=False)
+    fn, keys = step_lib.jit_train_step(
+        cfg,
+        opt,
+        mesh,
+        jax.tree.map(lambda x: x.sharding, abstract),
+        params_lib.param_shardings(model, mesh),
+        live_reference=False,
+    )
     b, length = 16, 128
-    dims = {"tokens": (b, 2, length), "response_mask": (b, 2, length), "last_index": (b, 2), "valid": (b,),
-            "ref_logp": (b, 2)}
+    dims = {
+        "tokens": (b, 2, length),
+        "response_mask": (b, 2, length),
+        "last_index": (b, 2),
+        "valid": (b,),
+        "ref_logp": (b, 2),
+    }
     dtypes = {"valid": jnp.bool_, "ref_logp": jnp.float32}
     shardings = forward.batch_shardings(mesh, keys)
     batch = {k: jax.ShapeDtypeStruct(dims[k], dtypes.get(k, jnp.int32), sharding=shardings[k]) for k in keys}
@@ -46,8 +58,10 @@ def test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8():
 
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     per_chip = memory.argument_size_in_bytes
-    print(f"v5e:2x4 HaF step: state {state_bytes / 2**30:.2f} GiB in total; per chip arguments "
-          f"{per_chip / 2**30:.3f} GiB, temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB")
+    print(
+        f"v5e:2x4 HaF step: state {state_bytes / 2**30:.2f} GiB in total; per chip arguments "
+        f"{per_chip / 2**30:.3f} GiB, temporaries {memory.temp_size_in_bytes / 2**30:.3f} GiB"
+    )
     assert state_bytes / 8 <= per_chip < 1.1 * state_bytes / 8
     assert per_chip + memory.temp_size_in_bytes < 15.75 * 2**30
     # The LM head's log-probs run split by vocabulary: no chip holds the whole head's float32
