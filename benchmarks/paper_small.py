@@ -1,4 +1,4 @@
-"""A small-scale replication of the paper's comparison (PAPER.md s6/s7): baseline vs HaF vs DPO.
+"""A small-scale replication of the paper's comparison (docs/REPRODUCE.md): baseline vs HaF vs DPO.
 
   python benchmarks/paper_small.py [--steps=120] [--seeds=3] [--out=paper_small.json]
       [--workdir=DIR] [--lr=1e-3] [--batch=16] [--eval_every=40] [--max_length=128]
@@ -29,7 +29,7 @@ What it does, all offline and deterministic:
   data order, since the start weights are fixed and there is no dropout).
 * In-distribution (ID) accuracy: the trainer's own eval on the held-out split: reward-head accuracy
   r(chosen) > r(rejected) and implicit-reward (DPO) accuracy beta*(dlogp_chosen - dlogp_rejected) > 0,
-  both strict (PAPER.md s7). Objective `baseline` trains no policy and `dpo` no reward head: those
+  both strict (docs/REPRODUCE.md). Objective `baseline` trains no policy and `dpo` no reward head: those
   cells are n/a.
 * Out-of-distribution (OOD) set "shuffled": for every held-out eval row (never trained on) whose
   chosen response has at least 4 words: prompt = the HH prompt; chosen = the chosen response with
@@ -40,7 +40,7 @@ What it does, all offline and deterministic:
   ask for. Scored through `haf_jax.evaluation.loading.load_model` + the jitted `forward_pairs` pass
   `haf_jax.score` uses (same tokenisation, same max_length/max_prompt_length), with the converted
   start model as the reference for the implicit reward.
-* best / last (PAPER.md s8.6): `last` = the final step; `best` = the eval step the run itself picks
+* best / last (docs/REPRODUCE.md): `last` = the final step; `best` = the eval step the run itself picks
   as best (highest ID reward accuracy, or ID DPO accuracy for dpo; the first such step on ties),
   and every number in a `best` row, OOD included, is that one checkpoint's.
 * Also shown: the untrained start model's own sum log-probability as a preference

@@ -18,5 +18,5 @@ from haf_jax.model import mistral
 
 def get_config(arg: str = "tiny-mistral"):
     c = family_config(arg, mistral.PRESETS, "configs/mistral.py", tiny="tiny-mistral")
-    c.data.template = "none" if arg == "tiny-mistral" else "mistral"  # prompt template (PAPER.md s5)
+    c.data.template = "none" if arg == "tiny-mistral" else "mistral"  # prompt template (docs/REPRODUCE.md)
     return c

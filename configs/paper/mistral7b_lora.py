@@ -1,4 +1,4 @@
-"""The paper's Mistral-7B runs (PAPER.md s5): mistralai/Mistral-7B-v0.3 with LoRA, lr 3e-5.
+"""The paper's Mistral-7B runs (docs/REPRODUCE.md): mistralai/Mistral-7B-v0.3 with LoRA, lr 3e-5.
 
   python -m haf_jax.train --config=configs/paper/mistral7b_lora.py:haf,beavertails --workdir=runs/paper/m7-haf-beaver
 

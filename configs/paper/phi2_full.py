@@ -1,4 +1,4 @@
-"""The paper's Phi-2 runs (PAPER.md s5): microsoft/phi-2, full fine-tune, lr 1e-5.
+"""The paper's Phi-2 runs (docs/REPRODUCE.md): microsoft/phi-2, full fine-tune, lr 1e-5.
 
   python -m haf_jax.train --config=configs/paper/phi2_full.py:haf,helpful --workdir=runs/paper/phi2-haf-helpful
 

@@ -1,7 +1,7 @@
 """The base run config: every key a run reads, with its default and what it means.
 
 `base_config()` is the offline demo (the tiny Gemma preset on the bundled HH-RLHF sample, float32,
-a short run); `full_size(c)` moves it to a real backbone's setup (PAPER.md s5: bf16 compute,
+a short run); `full_size(c)` moves it to a real backbone's setup (docs/REPRODUCE.md, the authors' setup: bf16 compute,
 lr 1e-5, 512 tokens, 3200 steps); `family_config` is what configs/<family>.py returns:
   python -m haf_jax.train --config=configs/llama.py --workdir=runs/tiny-llama
   python -m haf_jax.train --config=configs/llama.py:llama3-8b --workdir=runs/l3 \
@@ -54,7 +54,7 @@ def base_config() -> ConfigDict:
     c.data.eval = ""  # same; "" = carve data.eval_fraction out of data.train deterministically
     c.data.eval_fraction = 0.1  # used only when data.eval is ""; full size: 0.05
     c.data.template = "none"  # prompt template: none | phi2 | mistral
-    c.data.max_length = 256  # prompt + response tokens; full size: 512 (PAPER.md s5)
+    c.data.max_length = 256  # prompt + response tokens; full size: 512 (docs/REPRODUCE.md)
     c.data.max_prompt_length = 128  # the prompt keeps its END when cut
     c.data.max_skip_fraction = 0.1  # refuse to start when more rows than this would be skipped
     # Fidelity options: the defaults are this project's behaviour, the alternatives the paper
@@ -120,7 +120,7 @@ def base_config() -> ConfigDict:
 
 def full_size(c: ConfigDict) -> ConfigDict:
     """`c` (a base config) with a real backbone's setup, changed in place and returned: bf16 compute,
-    remat and scanned layers, 512 tokens, lr 1e-5, 3200 steps (PAPER.md s5)."""
+    remat and scanned layers, 512 tokens, lr 1e-5, 3200 steps (docs/REPRODUCE.md)."""
     c.model.compute_dtype = "bfloat16"
     c.model.remat = True
     c.model.scan_layers = True

@@ -1,5 +1,5 @@
 """What the two paper configs share: objectives, datasets with the authors' eval splits, and the
-authors' training setup (PAPER.md s5) on top of the full-size base config.
+authors' training setup (docs/REPRODUCE.md) on top of the full-size base config.
 
 configs/paper/phi2_full.py and configs/paper/mistral7b_lora.py call `paper_config` and add what
 their model differs in:
@@ -61,7 +61,7 @@ def parse(arg: str | None, config_file: str) -> tuple[str, str]:
 def paper_config(
     arg: str | None, config_file: str, *, preset: str, checkpoint: str, template: str, learning_rate: float
 ) -> ConfigDict:
-    """The authors' setup for one (objective, dataset): PAPER.md s5, fidelity options at the authors'
+    """The authors' setup for one (objective, dataset): docs/REPRODUCE.md, fidelity options at the authors'
     behaviour except where that behaviour is a bug (docs/REPRODUCE.md lists every deviation)."""
     objective, dataset = parse(arg, config_file)
     c = full_size(base_config())  # bf16 compute, f32 master weights, remat
@@ -69,7 +69,7 @@ def paper_config(
     c.model.checkpoint = checkpoint  # hub id (or a local copy of it)
     c.data.train, c.data.eval, c.data.eval_subsample = DATASETS[dataset]
     c.data.eval_subsample_seed = 0  # BeaverTails eval: shuffle(seed=0)
-    c.data.template = template  # PAPER.md s5 prompt template
+    c.data.template = template  # docs/REPRODUCE.md prompt template
     c.data.max_length = 512
     c.data.max_prompt_length = 128
     c.data.truncation = "trl"  # TRL 0.7: cut the prompt only when prompt + longer response > 512 (EOS still kept)

@@ -45,7 +45,7 @@ class Heads(nn.Module):
     @nn.compact
     def __call__(self):
         c = self.config
-        # The reward head F: Linear(D -> 1) without bias, zero-initialised (PAPER.md s2).
+        # The reward head F: Linear(D -> 1) without bias, zero-initialised (the paper's reward head; docs/REPRODUCE.md).
         param(self, "reward_head", nn.initializers.zeros, (c.hidden_size, 1), ("embed", "reward"))
         if not c.tie_word_embeddings:
             param(self, "lm_head", INIT, (c.vocab_size, c.hidden_size), ("vocab", "embed"))

@@ -1,7 +1,7 @@
 """configs/paper/phi2_full.py and configs/paper/mistral7b_lora.py: all 2 x 3 x 5 runs of the paper.
 
 Every OBJECTIVE,DATASET loads through config_flags by path (as haf_jax.train does, from a directory
-where configs/ is not importable) with the paper's hyperparameters (PAPER.md s5); each dataset's
+where configs/ is not importable) with the paper's hyperparameters (docs/REPRODUCE.md); each dataset's
 train and eval specs build on local copies of the hub datasets in their public schemas (the
 `hub` fixture of tests/conftest.py), with the options build.build passes; the real-size parameter
 trees are shaped with jax.eval_shape (nothing allocated; the LoRA adapter count checked exactly);
