@@ -145,16 +145,7 @@ def local(spec, hub_dir):
 
 def loaded_splits(c, hub_dir, tokenizer):
     """(train, eval) as build.build loads them, from the local hub copies."""
-    options = data.PairOptions(
-        max_length=c.data.max_length,
-        max_prompt_length=c.data.max_prompt_length,
-        template=c.data.template,
-        eval_fraction=c.data.eval_fraction,
-        seed=c.train.seed,
-        max_skip_fraction=c.data.max_skip_fraction,
-        **data_options.fidelity_options(c.data),
-    )
-    eval_opts = dataclasses.replace(options, **data_options.eval_options(c.data))
+    options, eval_opts = data_options.run_pair_options(c)  # as training/setup.build makes them
     train = local(c.data.train, hub_dir)
     if c.data.eval:
         return (
