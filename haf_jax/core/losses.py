@@ -132,22 +132,22 @@ def policy_loss(
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(delta_B) - label_smoothing * jax.nn.log_sigmoid(-delta_B)
 
 
-def _get(out, key: str):
-    """A field of model outputs: a heads.PairOutputs or a Mapping with the same keys."""
-    value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+def _get(scores: Mapping[str, Any], key: str):
+    """One per-pair score array as float32, or None when absent."""
+    value = scores.get(key)
     return None if value is None else _f32(value)
 
 
 def _policy_reward_Bx2(out: Mapping[str, Any], beta: float, policy_kind: str):
     """The reward the policy head implies: SimPO's length-normalised one for 'simpo' when token
     counts are given, else the DPO implicit reward; None when the LM head was not computed."""
-    logp_Bx2 = _get(out, "logp_Bx2")
+    logp_Bx2 = _get(out, "logp")
     if logp_Bx2 is None:
         return None
-    n_tokens_Bx2 = _get(out, "n_tokens_Bx2")
+    n_tokens_Bx2 = _get(out, "n_tokens")
     if policy_kind == "simpo" and n_tokens_Bx2 is not None:
         return _simpo_reward(logp_Bx2, n_tokens_Bx2, beta)
-    ref_logp_Bx2 = _get(out, "ref_logp_Bx2")
+    ref_logp_Bx2 = _get(out, "ref_logp")
     if ref_logp_Bx2 is None:
         return None
     return implicit_reward(logp_Bx2, ref_logp_Bx2, beta)
@@ -171,11 +171,11 @@ def pair_metrics(out: Mapping[str, Any], beta: float = 0.1, *, policy_kind: str 
     Filler pairs are not masked here: multiply by the pair weights before summing.
     """
     _check("policy kind", policy_kind, POLICY_KINDS)
-    reward_Bx2 = _get(out, "reward_Bx2")
+    reward_Bx2 = _get(out, "reward")
     implicit_Bx2 = _policy_reward_Bx2(out, beta, policy_kind)
     some = reward_Bx2 if reward_Bx2 is not None else implicit_Bx2
     if some is None:
-        raise ValueError("pair_metrics needs 'reward_Bx2' or 'logp_Bx2' (+ 'ref_logp_Bx2') in out")
+        raise ValueError("pair_metrics needs 'reward' or 'logp' (+ 'ref_logp') in out")
     zeros_B = jnp.zeros(some.shape[:-1], jnp.float32)
 
     def _margin(x_Bx2):
@@ -184,10 +184,10 @@ def pair_metrics(out: Mapping[str, Any], beta: float = 0.1, *, policy_kind: str 
     margin_B = _margin(reward_Bx2)
     implicit_margin_B = _margin(implicit_Bx2)
     return {
-        "correct_reward_B": zeros_B if reward_Bx2 is None else (margin_B > 0).astype(jnp.float32),
-        "correct_dpo_B": zeros_B if implicit_Bx2 is None else (implicit_margin_B > 0).astype(jnp.float32),
-        "margin_B": margin_B,
-        "implicit_margin_B": implicit_margin_B,
+        "correct_reward": zeros_B if reward_Bx2 is None else (margin_B > 0).astype(jnp.float32),
+        "correct_dpo": zeros_B if implicit_Bx2 is None else (implicit_margin_B > 0).astype(jnp.float32),
+        "margin": margin_B,
+        "implicit_margin": implicit_margin_B,
     }
 
 
@@ -222,19 +222,19 @@ def objective(
     """
     _check("objective", objective, OBJECTIVES)
     _check("policy kind", policy_kind, POLICY_KINDS)
-    reward_Bx2 = _get(out, "reward_Bx2")
-    logp_Bx2 = _get(out, "logp_Bx2")
-    ref_logp_Bx2 = _get(out, "ref_logp_Bx2")
-    n_tokens_Bx2 = _get(out, "n_tokens_Bx2")
+    reward_Bx2 = _get(out, "reward")
+    logp_Bx2 = _get(out, "logp")
+    ref_logp_Bx2 = _get(out, "ref_logp")
+    n_tokens_Bx2 = _get(out, "n_tokens")
 
     need_reward = objective in ("haf", "baseline")
     need_policy = objective in ("haf", "dpo")
     if need_reward and reward_Bx2 is None:
-        raise ValueError(f"objective {objective!r} needs out['reward_Bx2']")
+        raise ValueError(f"objective {objective!r} needs out['reward']")
     if need_policy and (logp_Bx2 is None or (ref_logp_Bx2 is None and policy_kind != "simpo")):
-        raise ValueError(f"objective {objective!r} needs out['logp_Bx2'] and out['ref_logp_Bx2']")
+        raise ValueError(f"objective {objective!r} needs out['logp'] and out['ref_logp']")
     if need_policy and policy_kind == "simpo" and n_tokens_Bx2 is None:
-        raise ValueError("policy kind 'simpo' needs out['n_tokens_Bx2']")
+        raise ValueError("policy kind 'simpo' needs out['n_tokens']")
     have_policy = logp_Bx2 is not None and (
         (ref_logp_Bx2 is not None) if policy_kind != "simpo" else (n_tokens_Bx2 is not None)
     )
@@ -257,8 +257,8 @@ def objective(
         reward_loss = mean(bradley_terry(reward_Bx2, margin_B=margin or None, centering=centering))
         metrics.update(
             reward_loss=reward_loss,
-            reward_accuracy=mean(pm["correct_reward_B"]),
-            reward_margin=mean(pm["margin_B"]),
+            reward_accuracy=mean(pm["correct_reward"]),
+            reward_margin=mean(pm["margin"]),
             reward_chosen=mean(reward_Bx2[..., 0]),
             reward_rejected=mean(reward_Bx2[..., 1]),
         )
@@ -280,8 +280,8 @@ def objective(
         )
         metrics.update(
             policy_loss=p_loss,
-            dpo_accuracy=mean(pm["correct_dpo_B"]),
-            implicit_margin=mean(pm["implicit_margin_B"]),
+            dpo_accuracy=mean(pm["correct_dpo"]),
+            implicit_margin=mean(pm["implicit_margin"]),
         )
         if need_policy:
             scaled = objective == "haf" or dpo_scale_by_alpha
@@ -319,7 +319,7 @@ def calibration(margin_N, *, outcome_N=None, n_bins: int = ECE_BINS):
                   as in the usual top-label ECE.
       brier:      mean (p - outcome)^2.
       log_loss:   mean -log P(outcome), from the margin (stable for any margin).
-      bin_confidence_K, bin_accuracy_K, bin_count_K: per bin (NaN where a bin is empty) for the
+      bin_confidence, bin_accuracy, bin_count: [I] per bin (NaN where a bin is empty) for the
                   reliability diagram.
     """
     margin_N = _f32(margin_N)
@@ -328,23 +328,23 @@ def calibration(margin_N, *, outcome_N=None, n_bins: int = ECE_BINS):
     predicts_first_N = margin_N > 0
     confidence_N = jnp.where(predicts_first_N, p_N, 1.0 - p_N)
     correct_N = (predicts_first_N == (y_N > 0.5)).astype(jnp.float32)
-    # Bin k holds confidence in [k / K, (k + 1) / K); confidence 1.0 goes to the last bin.
+    # Bin i holds confidence in [i / I, (i + 1) / I); confidence 1.0 goes to the last bin.
     bin_N = jnp.clip(jnp.floor(confidence_N * n_bins).astype(jnp.int32), 0, n_bins - 1)
-    count_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(1.0)
-    conf_sum_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(confidence_N)
-    acc_sum_K = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(correct_N)
+    count_I = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(1.0)
+    conf_sum_I = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(confidence_N)
+    acc_sum_I = jnp.zeros(n_bins, jnp.float32).at[bin_N].add(correct_N)
     n = jnp.maximum(jnp.float32(margin_N.shape[0]), 1.0)
-    ece = jnp.sum(jnp.abs(acc_sum_K - conf_sum_K)) / n  # = sum_k (n_k / N) |acc_k - conf_k|
-    safe_K = jnp.maximum(count_K, 1.0)
-    empty_K = count_K == 0
+    ece = jnp.sum(jnp.abs(acc_sum_I - conf_sum_I)) / n  # = sum_i (n_i / N) |acc_i - conf_i|
+    safe_I = jnp.maximum(count_I, 1.0)
+    empty_I = count_I == 0
     log_p_outcome_N = y_N * jax.nn.log_sigmoid(margin_N) + (1.0 - y_N) * jax.nn.log_sigmoid(-margin_N)
     return {
         "ece": ece,
         "brier": jnp.sum(jnp.square(p_N - y_N)) / n,
         "log_loss": -jnp.sum(log_p_outcome_N) / n,
-        "bin_confidence_K": jnp.where(empty_K, jnp.nan, conf_sum_K / safe_K),
-        "bin_accuracy_K": jnp.where(empty_K, jnp.nan, acc_sum_K / safe_K),
-        "bin_count_K": count_K,
+        "bin_confidence": jnp.where(empty_I, jnp.nan, conf_sum_I / safe_I),
+        "bin_accuracy": jnp.where(empty_I, jnp.nan, acc_sum_I / safe_I),
+        "bin_count": count_I,
     }
 
 
@@ -371,11 +371,7 @@ def evaluation_summary(
       reward: dpo_accuracy, implicit_margin, and dpo_ece, dpo_brier, dpo_log_loss of
       sigmoid(implicit margin).
     """
-    arrays = {
-        k: _f32(v)
-        for k in ("reward_Bx2", "logp_Bx2", "ref_logp_Bx2", "n_tokens_Bx2")
-        if (v := _get(out, k)) is not None
-    }
+    arrays = {k: _f32(v) for k in ("reward", "logp", "ref_logp", "n_tokens") if (v := _get(out, k)) is not None}
     some = next(iter(arrays.values()), None)
     n = 0 if some is None else int(some.shape[0])
     if n == 0:
@@ -388,12 +384,12 @@ def evaluation_summary(
 def _summary(out: dict, *, beta: float, policy_kind: str, n_bins: int) -> dict:
     pm = pair_metrics(out, beta, policy_kind=policy_kind)
     result = {}
-    reward_Bx2, n_tokens_Bx2 = out.get("reward_Bx2"), out.get("n_tokens_Bx2")
+    reward_Bx2, n_tokens_Bx2 = out.get("reward"), out.get("n_tokens")
     if reward_Bx2 is not None:
-        cal = calibration(pm["margin_B"], n_bins=n_bins)
+        cal = calibration(pm["margin"], n_bins=n_bins)
         result.update(
-            reward_accuracy=jnp.mean(pm["correct_reward_B"]),
-            reward_margin=jnp.mean(pm["margin_B"]),
+            reward_accuracy=jnp.mean(pm["correct_reward"]),
+            reward_margin=jnp.mean(pm["margin"]),
             reward_chosen=jnp.mean(reward_Bx2[:, 0]),
             reward_rejected=jnp.mean(reward_Bx2[:, 1]),
             ece=cal["ece"],
@@ -403,10 +399,10 @@ def _summary(out: dict, *, beta: float, policy_kind: str, n_bins: int) -> dict:
         if n_tokens_Bx2 is not None:
             result["reward_length_corr"] = pearson(reward_Bx2.reshape(-1), n_tokens_Bx2.reshape(-1))
     if _policy_reward_Bx2(out, beta, policy_kind) is not None:
-        cal = calibration(pm["implicit_margin_B"], n_bins=n_bins)
+        cal = calibration(pm["implicit_margin"], n_bins=n_bins)
         result.update(
-            dpo_accuracy=jnp.mean(pm["correct_dpo_B"]),
-            implicit_margin=jnp.mean(pm["implicit_margin_B"]),
+            dpo_accuracy=jnp.mean(pm["correct_dpo"]),
+            implicit_margin=jnp.mean(pm["implicit_margin"]),
             dpo_ece=cal["ece"],
             dpo_brier=cal["brier"],
             dpo_log_loss=cal["log_loss"],

@@ -26,8 +26,6 @@ from haf_jax.core import distributed, forward, losses, params as params_lib, sha
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
-# Per-pair score names (arrays [N, 2]) -> the model-output fields losses.py reads them as.
-OUTPUT_FIELDS = {"reward": "reward_Bx2", "logp": "logp_Bx2", "ref_logp": "ref_logp_Bx2", "n_tokens": "n_tokens_Bx2"}
 
 
 @dataclasses.dataclass
@@ -36,10 +34,6 @@ class Result:
 
     scores: dict[str, np.ndarray]
     summary: dict
-
-    def outputs(self) -> dict[str, np.ndarray]:
-        """The scores under the names losses.py reads: the fields of heads.PairOutputs."""
-        return {OUTPUT_FIELDS[k]: v for k, v in self.scores.items()}
 
 
 def pair_scores(params, batch, ref_params, frozen, *, cfg: forward.StepConfig, reward: bool, policy: bool):
@@ -124,7 +118,7 @@ class Evaluator:
                 scores["ref_logp"] = np.zeros((n, 2), np.float32)
         result = Result(scores, {})
         lc = self.cfg.loss
-        result.summary = losses.evaluation_summary(result.outputs(), beta=lc.beta, policy_kind=lc.policy)
+        result.summary = losses.evaluation_summary(result.scores, beta=lc.beta, policy_kind=lc.policy)
         return result
 
     def _names(self):

@@ -28,10 +28,10 @@ def reliability_diagram(margin_N, *, title: str = "", n_bins: int = losses.ECE_B
     cal = {k: np.asarray(v) for k, v in losses.calibration(margin_N, n_bins=n_bins).items()}
     fig, ax = _figure()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    used = cal["bin_count_K"] > 0
+    used = cal["bin_count"] > 0
     ax.bar(
         edges[:-1][used],
-        cal["bin_accuracy_K"][used],
+        cal["bin_accuracy"][used],
         width=1.0 / n_bins,
         align="edge",
         alpha=0.7,
@@ -39,10 +39,10 @@ def reliability_diagram(margin_N, *, title: str = "", n_bins: int = losses.ECE_B
         label="accuracy in bin",
     )
     ax.plot(
-        cal["bin_confidence_K"][used], cal["bin_accuracy_K"][used], "o", color="tab:red", label="mean confidence in bin"
+        cal["bin_confidence"][used], cal["bin_accuracy"][used], "o", color="tab:red", label="mean confidence in bin"
     )
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    for left, acc, count in zip(edges[:-1][used], cal["bin_accuracy_K"][used], cal["bin_count_K"][used]):
+    for left, acc, count in zip(edges[:-1][used], cal["bin_accuracy"][used], cal["bin_count"][used]):
         ax.annotate(f"{int(count)}", (left + 0.5 / n_bins, min(float(acc), 0.97) + 0.015), ha="center", fontsize=7)
     ax.set_xlim(0.45, 1.0)
     ax.set_ylim(0.0, 1.05)

@@ -210,7 +210,7 @@ def _rewardbench_entry(rb, ds, result, model) -> dict:
     heads = {}
     if "reward" in result.scores:
         heads["reward"] = result.scores["reward"]
-    implicit = losses.policy_reward(result.outputs(), model.step_cfg.loss.beta, policy_kind=model.step_cfg.loss.policy)
+    implicit = losses.policy_reward(result.scores, model.step_cfg.loss.beta, policy_kind=model.step_cfg.loss.policy)
     if implicit is not None:
         heads["dpo"] = np.asarray(implicit)
     out = {"rows": len(rows)}

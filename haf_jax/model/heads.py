@@ -94,22 +94,33 @@ class PairOutputs:
     ref_logp_Bx2: jax.Array | None = None
     logprob_chunks: jax.Array | None = None  # float32 scalar: LM-head chunks run (response_logprobs)
 
+    def scores(self) -> dict[str, jax.Array]:
+        """The per-pair scores computed, keyed as core/losses.py reads them: "reward", "logp",
+        "n_tokens", "ref_logp" ([B, 2] each; absent when not computed)."""
+        named = {
+            "reward": self.reward_Bx2,
+            "logp": self.logp_Bx2,
+            "n_tokens": self.n_tokens_Bx2,
+            "ref_logp": self.ref_logp_Bx2,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
 
 class PairRows(NamedTuple):
-    """B pairs as rows of the trunk: R rows of T tokens holding S = 2B / R sequences each; sequence s
-    of row r is pair (r S + s) // 2's chosen (s even) or rejected (s odd) sequence.
+    """B pairs as rows of the trunk: R rows of T tokens holding C = 2B / R sequences each; sequence c
+    of row r is pair (r C + c) // 2's chosen (c even) or rejected (c odd) sequence.
 
     tokens_RxT, positions_RxT: int32. segments_RxT: bool for plain rows (True on the row's one
-    sequence, False on padding) or int32 ids for packed rows (sequence s is segment s + 1, padding 0,
+    sequence, False on padding) or int32 ids for packed rows (sequence c is segment c + 1, padding 0,
     a shared prompt < 0: data/packing.py); the trunk's attention and the log-probs take either.
-    response_mask_RxT: response tokens non-zero. last_index_RxS: each sequence's last real token (its
+    response_mask_RxT: response tokens non-zero. last_index_RxC: each sequence's last real token (its
     EOS) in its row."""
 
     tokens_RxT: jax.Array
     positions_RxT: jax.Array
     segments_RxT: jax.Array
     response_mask_RxT: jax.Array
-    last_index_RxS: jax.Array
+    last_index_RxC: jax.Array
 
 
 def _plain_layout(tokens_NxL, last_index_N):
@@ -123,7 +134,7 @@ def pair_rows(batch) -> PairRows:
     """The rows of a pair batch: plain (tokens, response_mask [B, 2, L], last_index [B, 2]) -> 2B rows
     of one sequence (row 2b + j: pair b's side j), nothing copied but reshapes; packed (data/packing.py:
     tokens, positions, segment_ids, response_mask [R, T], last_index [B, 2] within row b // (B / R))
-    -> its own R rows, S = 2B / R."""
+    -> its own R rows, C = 2B / R."""
     tokens, last_Bx2 = batch["tokens"], batch["last_index"]
     pairs = last_Bx2.shape[0]
     if "segment_ids" in batch:
@@ -155,12 +166,12 @@ def hidden_states(params, config: ModelConfig, tokens_RxT, positions_RxT, segmen
     return hidden
 
 
-def rewards(reward_kernel_Dx1, hidden_RxTxD, last_index_RxS):
-    """Reward of each of a row's S sequences, read at its last real token -> float32 [R, S]."""
-    if last_index_RxS.ndim != 2 or last_index_RxS.shape[0] != hidden_RxTxD.shape[0]:
-        raise ValueError(f"last_index {last_index_RxS.shape} is not [R, S] for hidden states {hidden_RxTxD.shape}")
-    h_last_RxSxD = jnp.take_along_axis(hidden_RxTxD, last_index_RxS[..., None], axis=1)
-    return h_last_RxSxD.astype(jnp.float32) @ reward_kernel_Dx1[:, 0].astype(jnp.float32)
+def rewards(reward_kernel_Dx1, hidden_RxTxD, last_index_RxC):
+    """Reward of each of a row's C sequences, read at its last real token -> float32 [R, C]."""
+    if last_index_RxC.ndim != 2 or last_index_RxC.shape[0] != hidden_RxTxD.shape[0]:
+        raise ValueError(f"last_index {last_index_RxC.shape} is not [R, C] for hidden states {hidden_RxTxD.shape}")
+    h_last_RxCxD = jnp.take_along_axis(hidden_RxTxD, last_index_RxC[..., None], axis=1)
+    return h_last_RxCxD.astype(jnp.float32) @ reward_kernel_Dx1[:, 0].astype(jnp.float32)
 
 
 def response_logprobs(
@@ -175,11 +186,11 @@ def response_logprobs(
     final_logit_softcap: float | None = None,
     chunk: int = 128,
 ):
-    """Summed log-probs of the response tokens of each row's sequences under the LM head -> (logp_NxS,
-    n_tokens_NxS, chunks run), float32, S = num_segments: the one log-prob entry point.
+    """Summed log-probs of the response tokens of each row's sequences under the LM head -> (logp_NxC,
+    n_tokens_NxC, chunks run), float32, C = num_segments: the one log-prob entry point.
 
-    `segments_NxL` as in PairRows: bool (one sequence a row: column 0) or int32 ids (sequence id s in
-    column s - 1; padding 0 and shared prompts < 0 have none). Position i of a row predicts token
+    `segments_NxL` as in PairRows: bool (one sequence a row: column 0) or int32 ids (sequence id c in
+    column c - 1; padding 0 and shared prompts < 0 have none). Position i of a row predicts token
     i + 1; it counts when `response_mask_NxL[n, i + 1]` is set and tokens i and i + 1 are in one
     segment (a sequence's last token never predicts the next sequence's first), and adds to the
     column of token i + 1's segment: each sequence's sum is that of the sequence alone in a row.
@@ -235,10 +246,10 @@ def response_logprobs(
     )
     # Each token's log-prob back at its position, then summed per (row, column) in position order:
     # a row's sum does not depend on the other rows of its batch (how the chunks fell).
-    hit_NxTxS = predicted_NxT[..., None] & (column_NxT[..., None] == jnp.arange(num_segments))
+    hit_NxTxC = predicted_NxT[..., None] & (column_NxT[..., None] == jnp.arange(num_segments))
     logp_NxT = logp_ZxF.reshape(n, length - 1)
-    logp = jnp.sum(jnp.where(hit_NxTxS, logp_NxT[..., None], 0.0), axis=1)
-    count = jnp.sum(hit_NxTxS, axis=1, dtype=jnp.float32)
+    logp = jnp.sum(jnp.where(hit_NxTxC, logp_NxT[..., None], 0.0), axis=1)
+    count = jnp.sum(hit_NxTxC, axis=1, dtype=jnp.float32)
     return logp, count, lm_logprobs.chunks_run(count_Z, block).astype(jnp.float32)
 
 
@@ -272,7 +283,7 @@ def forward_pairs(
     hidden = hidden_states(cast, config, rows.tokens_RxT, rows.positions_RxT, rows.segments_RxT)
     out = PairOutputs()
     if reward:
-        out = out.replace(reward_Bx2=rewards(params["reward_head"], hidden, rows.last_index_RxS).reshape(pairs, 2))
+        out = out.replace(reward_Bx2=rewards(params["reward_head"], hidden, rows.last_index_RxC).reshape(pairs, 2))
     if policy:
         head, bias = lm_head(params, config)
         logp, n_tok, chunks = response_logprobs(
@@ -281,7 +292,7 @@ def forward_pairs(
             rows.tokens_RxT,
             rows.response_mask_RxT,
             rows.segments_RxT,
-            rows.last_index_RxS.shape[1],
+            rows.last_index_RxC.shape[1],
             bias_V=bias,
             final_logit_softcap=config.final_logit_softcap,
             chunk=chunk,

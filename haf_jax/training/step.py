@@ -59,7 +59,7 @@ def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
     out = _outputs(model_params(params, frozen, cfg), cfg, batch, ref_params)
     lc = cfg.loss
     loss, metrics = losses.objective(
-        out,
+        out.scores(),
         objective=lc.objective,
         alpha=lc.alpha,
         beta=lc.beta,

@@ -36,7 +36,7 @@ def test_ece_brier_log_loss_equal_numpy_on_fixed_inputs():
     assert float(got["ece"]) == pytest.approx(ece, abs=1e-5)
     assert float(got["brier"]) == pytest.approx(brier, abs=1e-5)
     assert float(got["log_loss"]) == pytest.approx(log_loss, rel=1e-5)
-    assert int(np.asarray(got["bin_count_K"]).sum()) == 1000 and np.asarray(got["bin_count_K"])[:7].sum() == 0
+    assert int(np.asarray(got["bin_count"]).sum()) == 1000 and np.asarray(got["bin_count"])[:7].sum() == 0
     # Preference data (all outcomes 1) is the default.
     default, ones = losses.calibration(margin), losses.calibration(margin, outcome_N=np.ones(1000))
     assert float(default["ece"]) == float(ones["ece"]) and float(default["log_loss"]) == float(ones["log_loss"])
@@ -72,9 +72,7 @@ def test_pearson_and_summary_match_numpy():
     reward = rng.normal(size=(50, 2)).astype(np.float32)
     n_tokens = rng.integers(1, 100, size=(50, 2)).astype(np.float32)
     logp, ref = rng.normal(-50, 5, size=(50, 2)), rng.normal(-50, 5, size=(50, 2))
-    s = losses.evaluation_summary(
-        {"reward_Bx2": reward, "n_tokens_Bx2": n_tokens, "logp_Bx2": logp, "ref_logp_Bx2": ref}, beta=0.1
-    )
+    s = losses.evaluation_summary({"reward": reward, "n_tokens": n_tokens, "logp": logp, "ref_logp": ref}, beta=0.1)
     margin = reward[:, 0] - reward[:, 1]
     implicit = 0.1 * ((logp[:, 0] - ref[:, 0]) - (logp[:, 1] - ref[:, 1]))
     assert s["pairs"] == 50 and s["reward_accuracy"] == pytest.approx(np.mean(margin > 0))

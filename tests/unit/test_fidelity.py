@@ -160,7 +160,7 @@ def test_degenerate_keep_vs_skip(tok, tmp_path, tiny_model):
     # ... so its rewards are equal and strict accuracy counts it wrong, whatever the model
     params, fwd = tiny_model
     out = fwd(params, {k: jnp.asarray(b[k]) for k in ("tokens", "response_mask", "last_index")})
-    correct = np.asarray(losses.pair_metrics({"reward_Bx2": out.reward_Bx2})["correct_reward_B"])[:5]
+    correct = np.asarray(losses.pair_metrics({"reward": out.reward_Bx2})["correct_reward"])[:5]
     r = np.asarray(out.reward_Bx2)
     assert r[3, 0] == r[3, 1] and correct[3] == 0.0
     assert len(set(np.round(r[:5, 0], 5))) == 5  # a real reward head: not all ties
@@ -231,7 +231,7 @@ def test_dpo_scale_by_alpha_golden():
     alpha, beta = 0.2, 0.1
     l_p = np.mean(-np_log_sigmoid(beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))))
     l_r = np.mean(-np_log_sigmoid(r[:, 0] - r[:, 1]))
-    out = {"reward_Bx2": r, "logp_Bx2": lp, "ref_logp_Bx2": ref}
+    out = {"reward": r, "logp": lp, "ref_logp": ref}
     want = {
         ("dpo", False): l_p,
         ("dpo", True): alpha * l_p,

@@ -44,7 +44,7 @@ def np_objective(inp, objective, kind, alpha, beta, margin, centering, ls, gamma
     def mean(x):
         return float(np.sum(w * x) / max(np.sum(w), 1.0))
 
-    r, lp, ref, n = inp["reward_Bx2"], inp["logp_Bx2"], inp["ref_logp_Bx2"], inp["n_tokens_Bx2"]
+    r, lp, ref, n = inp["reward"], inp["logp"], inp["ref_logp"], inp["n_tokens"]
     m = dict.fromkeys(losses.METRIC_KEYS, 0.0)
     m["num_pairs"] = float(np.sum(w))
     loss = 0.0
@@ -72,12 +72,12 @@ def make_inputs(seed, objective):
     lp = -rng.uniform(5.0, 80.0, (B, 2))
     ref = lp + rng.normal(0.0, 3.0, (B, 2))
     n = rng.integers(1, 40, (B, 2)).astype(np.float64)
-    full = {"reward_Bx2": r, "logp_Bx2": lp, "ref_logp_Bx2": ref, "n_tokens_Bx2": n}
+    full = {"reward": r, "logp": lp, "ref_logp": ref, "n_tokens": n}
     out = {k: jnp.asarray(v, jnp.float32) for k, v in full.items()}
     if objective == "dpo":
-        out["reward_Bx2"] = None
+        out["reward"] = None
     if objective == "baseline":
-        out["logp_Bx2"] = out["ref_logp_Bx2"] = out["n_tokens_Bx2"] = None
+        out["logp"] = out["ref_logp"] = out["n_tokens"] = None
     # the float32 values are what both implementations see
     full = {k: np.asarray(jnp.asarray(v, jnp.float32), np.float64) for k, v in full.items()}
     return out, full
@@ -137,15 +137,15 @@ def test_policy_loss_per_pair(kind):
     _, full = make_inputs(3, "haf")
     ls = 0.2 if kind in ("sigmoid", "simpo") else 0.0
     got = losses.policy_loss(
-        full["logp_Bx2"],
-        full["ref_logp_Bx2"],
+        full["logp"],
+        full["ref_logp"],
         kind=kind,
         beta=0.3,
         label_smoothing=ls,
-        n_tokens_Bx2=full["n_tokens_Bx2"],
+        n_tokens_Bx2=full["n_tokens"],
         simpo_gamma=0.4,
     )
-    want = np_policy_loss(full["logp_Bx2"], full["ref_logp_Bx2"], kind, 0.3, ls, full["n_tokens_Bx2"], 0.4)
+    want = np_policy_loss(full["logp"], full["ref_logp"], kind, 0.3, ls, full["n_tokens"], 0.4)
     assert got.shape == (B,) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, **TOL)
 
@@ -153,8 +153,8 @@ def test_policy_loss_per_pair(kind):
 def test_bradley_terry_per_pair_margin_and_bf16_input():
     _, full = make_inputs(4, "haf")
     m = np.linspace(-1, 1, B)
-    got = losses.bradley_terry(jnp.asarray(full["reward_Bx2"], jnp.bfloat16), margin_B=m, centering=0.05)
-    r16 = np.asarray(jnp.asarray(full["reward_Bx2"], jnp.bfloat16).astype(jnp.float32), np.float64)
+    got = losses.bradley_terry(jnp.asarray(full["reward"], jnp.bfloat16), margin_B=m, centering=0.05)
+    r16 = np.asarray(jnp.asarray(full["reward"], jnp.bfloat16).astype(jnp.float32), np.float64)
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np_reward_loss(r16, m, 0.05), **TOL)
 
@@ -169,17 +169,17 @@ def test_extreme_values_are_finite():
 def test_step_one_property():
     """Zero reward head and policy == reference: both losses are ln 2, accuracies 0 (strict)."""
     lp = -jnp.abs(jax.random.normal(jax.random.key(0), (8, 2))) * 30
-    out = {"reward_Bx2": jnp.zeros((8, 2)), "logp_Bx2": lp, "ref_logp_Bx2": lp}
+    out = {"reward": jnp.zeros((8, 2)), "logp": lp, "ref_logp": lp}
     loss, m = losses.objective(out, objective="haf", alpha=0.2)
     np.testing.assert_allclose(float(m["reward_loss"]), math.log(2), rtol=1e-6)
     np.testing.assert_allclose(float(m["policy_loss"]), math.log(2), rtol=1e-6)
     np.testing.assert_allclose(float(loss), 1.2 * math.log(2), rtol=1e-6)
     assert float(m["reward_accuracy"]) == 0.0 and float(m["dpo_accuracy"]) == 0.0
     # also for the single-part objectives
-    _, mb = losses.objective({"reward_Bx2": jnp.zeros((8, 2))}, objective="baseline")
+    _, mb = losses.objective({"reward": jnp.zeros((8, 2))}, objective="baseline")
     np.testing.assert_allclose(float(mb["reward_loss"]), math.log(2), rtol=1e-6)
     assert float(mb["policy_loss"]) == 0.0 and float(mb["dpo_accuracy"]) == 0.0
-    _, md = losses.objective({"logp_Bx2": lp, "ref_logp_Bx2": lp}, objective="dpo")
+    _, md = losses.objective({"logp": lp, "ref_logp": lp}, objective="dpo")
     np.testing.assert_allclose(float(md["policy_loss"]), math.log(2), rtol=1e-6)
     assert float(md["reward_loss"]) == 0.0 and float(md["reward_accuracy"]) == 0.0
 
@@ -187,15 +187,15 @@ def test_step_one_property():
 def test_accuracy_is_strict():
     r = jnp.array([[1.0, 1.0], [2.0, 1.0], [0.0, 3.0], [5.0, 5.0]])
     lp = jnp.array([[-3.0, -3.0], [-1.0, -2.0], [-1.0, -2.0], [-4.0, -1.0]])
-    out = {"reward_Bx2": r, "logp_Bx2": lp, "ref_logp_Bx2": jnp.zeros((4, 2))}
+    out = {"reward": r, "logp": lp, "ref_logp": jnp.zeros((4, 2))}
     _, m = losses.objective(out)
     assert float(m["reward_accuracy"]) == 0.25
     assert float(m["dpo_accuracy"]) == 0.5
     pm = losses.pair_metrics(out, 0.1)
-    np.testing.assert_array_equal(np.asarray(pm["correct_reward_B"]), [0, 1, 0, 0])
-    np.testing.assert_array_equal(np.asarray(pm["correct_dpo_B"]), [0, 1, 1, 0])
-    np.testing.assert_allclose(np.asarray(pm["margin_B"]), [0, 1, -3, 0])
-    np.testing.assert_allclose(np.asarray(pm["implicit_margin_B"]), [0, 0.1, 0.1, -0.3], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pm["correct_reward"]), [0, 1, 0, 0])
+    np.testing.assert_array_equal(np.asarray(pm["correct_dpo"]), [0, 1, 1, 0])
+    np.testing.assert_allclose(np.asarray(pm["margin"]), [0, 1, -3, 0])
+    np.testing.assert_allclose(np.asarray(pm["implicit_margin"]), [0, 0.1, 0.1, -0.3], rtol=1e-6)
 
 
 def test_pair_metrics_sum_to_batch_metrics():
@@ -204,12 +204,12 @@ def test_pair_metrics_sum_to_batch_metrics():
     _, m = losses.objective(out, weight_B=w)
     pm = losses.pair_metrics(out, 0.1)
     n = float(jnp.sum(w))
-    np.testing.assert_allclose(float(jnp.sum(w * pm["correct_reward_B"])) / n, float(m["reward_accuracy"]), **TOL)
-    np.testing.assert_allclose(float(jnp.sum(w * pm["correct_dpo_B"])) / n, float(m["dpo_accuracy"]), **TOL)
-    np.testing.assert_allclose(float(jnp.sum(w * pm["margin_B"])) / n, float(m["reward_margin"]), **TOL)
+    np.testing.assert_allclose(float(jnp.sum(w * pm["correct_reward"])) / n, float(m["reward_accuracy"]), **TOL)
+    np.testing.assert_allclose(float(jnp.sum(w * pm["correct_dpo"])) / n, float(m["dpo_accuracy"]), **TOL)
+    np.testing.assert_allclose(float(jnp.sum(w * pm["margin"])) / n, float(m["reward_margin"]), **TOL)
     # without a part, its per-pair metrics are zeros
-    pm_b = losses.pair_metrics({"reward_Bx2": out["reward_Bx2"]}, 0.1)
-    assert float(jnp.sum(pm_b["correct_dpo_B"])) == 0.0
+    pm_b = losses.pair_metrics({"reward": out["reward"]}, 0.1)
+    assert float(jnp.sum(pm_b["correct_dpo"])) == 0.0
 
 
 def test_all_filler_batch_is_zero_not_nan():
@@ -232,14 +232,14 @@ def test_gradients_finite(objective, kind):
     for k, g in grads.items():
         if out[k] is not None:
             assert np.all(np.isfinite(np.asarray(g))), k
-    if out["reward_Bx2"] is not None:
-        g = np.asarray(grads["reward_Bx2"])
+    if out["reward"] is not None:
+        g = np.asarray(grads["reward"])
         # filler pairs get no gradient; the chosen reward is pushed up, the rejected one down
         assert np.all(g[WEIGHTS["zeros"] == 0] == 0)
         real = WEIGHTS["zeros"] == 1
         assert np.all(g[real, 0] < 0) and np.all(g[real, 1] > 0)
-    if out["logp_Bx2"] is not None and kind != "hinge":  # hinge has zero gradient past the margin
-        assert np.any(np.asarray(grads["logp_Bx2"]) != 0)
+    if out["logp"] is not None and kind != "hinge":  # hinge has zero gradient past the margin
+        assert np.any(np.asarray(grads["logp"]) != 0)
 
 
 def test_unknown_names_and_missing_parts_raise():
@@ -248,11 +248,11 @@ def test_unknown_names_and_missing_parts_raise():
         losses.objective(out, objective="orpo")
     with pytest.raises(ValueError, match="sigmoid, hinge, ipo, simpo"):
         losses.objective(out, policy_kind="kto")
-    with pytest.raises(ValueError, match="reward_Bx2"):
-        losses.objective({"logp_Bx2": out["logp_Bx2"], "ref_logp_Bx2": out["ref_logp_Bx2"]})
-    with pytest.raises(ValueError, match="logp_Bx2"):
-        losses.objective({"reward_Bx2": out["reward_Bx2"]}, objective="dpo")
+    with pytest.raises(ValueError, match="reward"):
+        losses.objective({"logp": out["logp"], "ref_logp": out["ref_logp"]})
+    with pytest.raises(ValueError, match="logp"):
+        losses.objective({"reward": out["reward"]}, objective="dpo")
     with pytest.raises(ValueError, match="n_tokens"):
-        losses.policy_loss(out["logp_Bx2"], None, kind="simpo")
+        losses.policy_loss(out["logp"], None, kind="simpo")
     with pytest.raises(ValueError, match="label_smoothing"):
-        losses.policy_loss(out["logp_Bx2"], out["ref_logp_Bx2"], kind="ipo", label_smoothing=0.1)
+        losses.policy_loss(out["logp"], out["ref_logp"], kind="ipo", label_smoothing=0.1)

@@ -162,8 +162,8 @@ def test_rewards_and_logprobs_match_transformers(ckpt):
     # padding changes nothing: the short pair alone (its own width) vs inside the long batch
     alone = {k: v[:1, :, :10] if v.ndim == 3 else v[:1] for k, v in batch.items()}
     out_alone = jax.tree.map(np.asarray, _pairs(params, ckpt.config, alone))
-    for key in ("reward_Bx2", "logp_Bx2", "n_tokens_Bx2"):
-        np.testing.assert_allclose(getattr(out_alone, key), getattr(out, key)[:1], atol=1e-5, rtol=1e-6, err_msg=key)
+    for key in ("reward", "logp", "n_tokens"):
+        np.testing.assert_allclose(out_alone.scores()[key], out.scores()[key][:1], atol=1e-5, rtol=1e-6, err_msg=key)
 
     # transformers' own sequence classifier on the same right-padded batch reads the last real token
     tokens = torch.tensor(batch["tokens"].reshape(6, 40), dtype=torch.long)

@@ -117,17 +117,17 @@ def test_packed_equals_unpacked_on_real_pairs(hh, layout):
 
     def loss(p, batch):  # what step._loss computes, keeping the per-pair outputs
         out = step_lib._outputs(p, cfg, batch, None)
-        return losses.objective(out, objective="haf", weight_B=batch["valid"].astype(jnp.float32))[0], out
+        return losses.objective(out.scores(), objective="haf", weight_B=batch["valid"].astype(jnp.float32))[0], out
 
     run = jax.jit(jax.value_and_grad(loss, has_aux=True))
     with_ref = lambda b: {**{k: v for k, v in b.items() if k != "index"}, "ref_logp": ref[b["index"]]}
     (loss_p, out_p), grad_p = run(params, with_ref(packed))
     (loss_u, out_u), grad_u = run(params, with_ref(unpacked))
     valid = packed["valid"]
-    for field in ("reward_Bx2", "logp_Bx2", "n_tokens_Bx2"):
+    for field in ("reward", "logp", "n_tokens"):
         np.testing.assert_allclose(
-            np.asarray(getattr(out_p, field))[valid],
-            np.asarray(getattr(out_u, field)),
+            np.asarray(out_p.scores()[field])[valid],
+            np.asarray(out_u.scores()[field]),
             rtol=2e-5,
             atol=2e-4,
             err_msg=field,
@@ -155,7 +155,7 @@ def test_pair_rows_read_plain_and_packed_batches_as_rows():
         "last_index": np.array([[5, 3], [2, 4], [1, 0]]),
     }
     rows = heads.pair_rows(plain)
-    assert rows.tokens_RxT.shape == (2 * b, length) and rows.last_index_RxS.shape == (2 * b, 1)
+    assert rows.tokens_RxT.shape == (2 * b, length) and rows.last_index_RxC.shape == (2 * b, 1)
     np.testing.assert_array_equal(rows.tokens_RxT[3], plain["tokens"][1, 1])  # row 2b + j: pair b, side j
     np.testing.assert_array_equal(rows.segments_RxT[3], np.arange(length) <= 4)
     assert rows.segments_RxT.dtype == bool
@@ -168,8 +168,8 @@ def test_pair_rows_read_plain_and_packed_batches_as_rows():
         "last_index": np.arange(2 * r * k).reshape(r * k, 2),
     }
     rows = heads.pair_rows(packed)
-    assert rows.segments_RxT is packed["segment_ids"] and rows.last_index_RxS.shape == (r, 2 * k)
-    np.testing.assert_array_equal(rows.last_index_RxS[1], np.arange(6, 12))  # row 1: pairs 3..5, chosen first
+    assert rows.segments_RxT is packed["segment_ids"] and rows.last_index_RxC.shape == (r, 2 * k)
+    np.testing.assert_array_equal(rows.last_index_RxC[1], np.arange(6, 12))  # row 1: pairs 3..5, chosen first
     with pytest.raises(ValueError, match="do not fill 2 rows"):
         heads.pair_rows({**packed, "last_index": packed["last_index"][:5]})
     with pytest.raises(ValueError, match=r"is not \[B, 2, L\]"):
