@@ -150,6 +150,7 @@ class SamplingFlags:
     batch_size: flags.FlagHolder
     dtype: flags.FlagHolder
     step: flags.FlagHolder
+    distinct: flags.FlagHolder
 
     def kwargs(self) -> dict:
         """Keyword arguments of `generation.candidates.sample` (all but the model and prompt file)."""
@@ -166,18 +167,21 @@ class SamplingFlags:
             batch_size=self.batch_size.value,
             dtype=self.dtype.value,
             step=self.step.value,
+            distinct=self.distinct.value,
         )
 
 
-def define_sampling_flags() -> SamplingFlags:
+def define_sampling_flags(*, n_default: int | None = 4, distinct_default: bool = False) -> SamplingFlags:
     """Defines the sampling flags (defaults: the paper's Best-of-N sampler, N = 4, top_p 0.85,
-    T ~ U(0.5, 1.2))."""
+    T ~ U(0.5, 1.2)); `bon` defaults --n from its reward model's config and --distinct on."""
     from haf_jax.generation.candidates import PAPER_TEMPERATURE_RANGE, PAPER_TOP_P
 
     f = flags
     return SamplingFlags(
         prompts=f.DEFINE_string("prompts", None, "JSON-lines file with a string field `prompt` per line."),
-        n=f.DEFINE_integer("n", 4, "Candidates per prompt."),
+        n=f.DEFINE_integer(
+            "n", n_default, "Candidates per prompt." + ("" if n_default else " Default: the reward model's bon.n.")
+        ),
         temperature=f.DEFINE_float(
             "temperature", None, "Fixed temperature for every candidate (0 = greedy); overrides --temperature_range."
         ),
@@ -195,6 +199,11 @@ def define_sampling_flags() -> SamplingFlags:
         batch_size=f.DEFINE_integer("batch_size", 8, "Prompts per batch (each with N candidate rows)."),
         dtype=f.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the sampler."),
         step=define_step_flag(),
+        distinct=f.DEFINE_bool(
+            "distinct",
+            distinct_default,
+            "Draw until N candidates with distinct texts, at most 2N draws (the paper's Best-of-N rule).",
+        ),
     )
 
 

@@ -30,4 +30,5 @@ def get_config(arg: str | None = None):
     c.model.lora.targets = r"mlp\.(gate_proj|up_proj|down_proj)\.weight$"  # MLP projections only
     c.model.lora.train_lm_head = False
     c.model.lora.train_embeddings = False
+    c.bon.n = 8  # Best-of-N candidates per prompt (the authors' Mistral runs: result_1..result_8)
     return c

@@ -22,4 +22,5 @@ def get_config(arg: str | None = None):
         learning_rate=1e-5,
     )
     c.model.lora.rank = 0  # full fine-tune: every weight is trained
+    c.bon.n = 4  # Best-of-N candidates per prompt (the authors' Phi-2 runs: result_1..result_4)
     return c

@@ -115,6 +115,9 @@ def base_config() -> ConfigDict:
     c.checkpoint.every_steps = 50  # save every N steps (and at the end); full size: 400
     c.checkpoint.every_minutes = 0.0  # also save when this many minutes passed (0 = off)
     c.checkpoint.keep = 2  # last K checkpoints kept, plus the best by eval accuracy
+
+    c.bon = ConfigDict()  # Best-of-N with this run as the reward model (python -m haf_jax.bon)
+    c.bon.n = 4  # candidates per prompt when bon's --n is not given (paper: 4 for Phi-2, 8 for Mistral-7B)
     return c
 
 
@@ -166,6 +169,7 @@ ADDED_LATER = (
     "loss.dpo_scale_by_alpha",
     "train.profile_steps",
     "optim.moment_dtype",
+    "bon.n",
 )
 
 

@@ -65,7 +65,9 @@ class PairDataset:
     pairs: list of N dicts {prompt, chosen, rejected, chat, id?} (text, all processes);
     tokens: `tokenize.TokenizedPairs` of the owned pairs; local_indices: int64 [n_local];
     all_lengths: int32 [N, 2] token lengths (prompt + response) of chosen/rejected of ALL pairs;
-    prompt_lengths: int32 [N] their prompts' token lengths (a shared-prompt row's size needs both).
+    prompt_lengths: int32 [N] their prompts' token lengths (a shared-prompt row's size needs both);
+    all_raw_lengths: int32 [N, 2] the same as all_lengths before truncation (a pair was cut where
+    they differ).
     """
 
     pairs: list
@@ -83,6 +85,7 @@ class PairDataset:
     skipped: list = dataclasses.field(default_factory=list)  # (source row, reason) of skipped pairs
     batching: str = "length_grouped"  # how a PairLoader over this split batches by default (batching.py)
     prompt_lengths: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+    all_raw_lengths: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), np.int32))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -251,6 +254,7 @@ def load_pairs(source, tokenizer, options: PairOptions | None = None, *, split: 
         skipped=[(g, r) for g, r in conv.skipped if in_split[g]],
         batching=o.batching,
         prompt_lengths=prompt_lengths,
+        all_raw_lengths=raw,
     )
 
 

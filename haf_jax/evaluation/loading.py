@@ -78,6 +78,15 @@ def is_run_dir(path) -> bool:
     return (p / "checkpoints").is_dir() and (p / "model_config.json").is_file()
 
 
+def saved_run_config(path) -> ml_collections.ConfigDict | None:
+    """The config a run directory's last checkpoint recorded (keys added since then at their
+    defaults); None for anything that is not a run directory (an export, a Hugging Face model)."""
+    if not is_run_dir(path):
+        return None
+    with Checkpointer(paths.path(path) / "checkpoints", every_steps=0, read_only=True) as ckpt:
+        return ml_collections.ConfigDict(with_added_defaults(ckpt.read_config()))
+
+
 def load_model(
     path: str,
     mesh,

@@ -9,6 +9,7 @@ template's response prefix), `candidate_ids`, `temperatures` and `stopped` ("eos
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -108,6 +109,8 @@ def generate_candidates(
     max_prompt_length: int | None = None,
     mesh=None,
     progress: bool = True,
+    prompt_index: np.ndarray | None = None,
+    first_candidate: int = 0,
 ):
     """Candidates of every prompt: list (prompt) of list (candidate) of (ids int32 [T_j], eos bool).
 
@@ -116,8 +119,10 @@ def generate_candidates(
     `batch_size` prompts; each batch is padded to a full batch (filler rows generate nothing) and
     to a length bucket, `length_buckets(max_prompt_length)` from 16 up (the longest prompt when
     None), so the jitted loop compiles once per bucket, whatever the prompts of the file. Candidate j of prompt i
-    draws with the key fold_in(fold_in(key(seed), i), j). With `mesh`, rows are split over its
-    data x fsdp axes when they divide them.
+    draws with the key fold_in(fold_in(key(seed), i), j), where i is `prompt_index[k]` for the k-th
+    prompt given (default k) and j counts from `first_candidate`: a later round of draws for some
+    prompts (the distinct-candidate rule) continues each prompt's stream. With `mesh`, rows are
+    split over its data x fsdp axes when they divide them.
     """
     import jax
     import jax.numpy as jnp
@@ -136,6 +141,7 @@ def generate_candidates(
     buckets = length_buckets(max(16, max_prompt_length or 0, int(lengths.max())), min_bucket=16)
     base = jax.random.key(seed)
     row_keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base, i), j))
+    index = np.arange(n_prompts) if prompt_index is None else np.asarray(prompt_index)
     order = np.argsort(lengths, kind="stable")
     rows = batch_size * n
     row_sharding = None
@@ -150,12 +156,13 @@ def generate_candidates(
         length = np.ones(rows, np.int32)
         temps = np.zeros(rows, np.float32)
         active = np.zeros(rows, bool)
-        prompt_index = np.zeros(rows, np.int32)
+        row_prompt = np.zeros(rows, np.int32)
         for k, i in enumerate(members):
             block = slice(k * n, (k + 1) * n)
             tokens[block, : lengths[i]] = prompt_ids[i]
-            length[block], temps[block], active[block], prompt_index[block] = lengths[i], temperatures[i], True, i
-        keys = row_keys(jnp.asarray(prompt_index), jnp.tile(jnp.arange(n, dtype=jnp.int32), batch_size))
+            length[block], temps[block], active[block], row_prompt[block] = lengths[i], temperatures[i], True, index[i]
+        columns = jnp.tile(jnp.arange(first_candidate, first_candidate + n, dtype=jnp.int32), batch_size)
+        keys = row_keys(jnp.asarray(row_prompt), columns)
         args = (tokens, length, temps, keys, active)
         if row_sharding is not None:
             args = tuple(jax.device_put(a, row_sharding(a.ndim)) for a in args)
@@ -163,6 +170,26 @@ def generate_candidates(
         for k, i in enumerate(members):
             out[i] = [(new[k * n + j, : n_new[k * n + j]].astype(np.int32), bool(eos[k * n + j])) for j in range(n)]
     return out
+
+
+def distinct_indices(texts: list[str], n: int) -> list[int]:
+    """Indices of the first n texts (in draw order) distinct from every earlier one, compared with
+    surrounding whitespace stripped (the authors strip their decoded samples before comparing)."""
+    seen, keep = set(), []
+    for j, text in enumerate(texts):
+        if len(keep) == n:
+            break
+        if text.strip() not in seen:
+            seen.add(text.strip())
+            keep.append(j)
+    return keep
+
+
+def draws_needed(texts: list[str], n: int) -> int:
+    """Draws a one-at-a-time loop over `texts` makes before it holds n distinct ones (all when it
+    never does)."""
+    keep = distinct_indices(texts, n)
+    return keep[-1] + 1 if len(keep) == n else len(texts)
 
 
 def candidate_text(tokenizer, ids: np.ndarray, eos: bool, response_prefix: str) -> str:
@@ -190,8 +217,15 @@ def sample(
     step: str = "best",
     mesh=None,
     progress: bool = True,
+    distinct: bool = False,
 ) -> tuple[list[dict], dict]:
     """(output rows, summary) of sampling `n` candidates for every prompt of `prompts_path`.
+
+    distinct: the paper's Best-of-N rule (the authors' `sample_n_topk`): draw until n candidates
+    with distinct texts (compared without surrounding whitespace), at most 2n draws; a row then also
+    holds `draws` (how many a one-at-a-time loop makes: up to the n-th distinct text, or 2n) and
+    `short_of_n: true` when fewer than n distinct texts came out of 2n draws (it keeps those). Draws
+    run batched in two rounds: n per prompt, then n more for the prompts that drew a repeat.
 
     The model is loaded float32 (loading.load_model) and cast whole to `dtype`; the summary holds
     the settings used, the model's source and step, and how many candidates stopped at an EOS."""
@@ -206,8 +240,10 @@ def sample(
     from haf_jax.evaluation.loading import load_model
     from haf_jax.generation import decode as sampling
 
+    # 2n columns with the distinct rule: a prompt's first n temperatures are the same either way
+    # (one seeded stream per prompt), so the rule only adds draws, it changes none.
     temps = candidate_temperatures(
-        len(prompts), n, seed=seed, temperature=temperature, temperature_range=temperature_range
+        len(prompts), 2 * n if distinct else n, seed=seed, temperature=temperature, temperature_range=temperature_range
     )
     mesh = mesh or sharding.make_mesh((-1, 1, 1))
     m = load_model(model, mesh, which=step, float32=True)
@@ -229,30 +265,54 @@ def sample(
             f"warning: prompts + max_new_tokens reach {longest} positions, beyond the model's "
             f"max_position_embeddings={model_cfg.max_position_embeddings}"
         )
-    generated = generate_candidates(
+    draw = functools.partial(
+        generate_candidates,
         params,
         model_cfg,
-        ids,
-        temps,
         settings=settings,
         seed=seed,
-        batch_size=min(batch_size, len(ids)),
         max_prompt_length=max_prompt_length,
         mesh=mesh,
         progress=progress,
     )
     prefix = TEMPLATES[template][1]
+
+    def texts(cands):
+        return [candidate_text(tokenizer, c, e, prefix) for c, e in cands]
+
+    rows_per_batch = min(batch_size, len(ids))  # both rounds: one batch shape, no second compile
+    generated = draw(ids, temps[:, :n], batch_size=rows_per_batch)
+    drawn = [texts(c) for c in generated]
+    if distinct:
+        # Second round, only for the prompts with a repeat among their first n: candidates n..2n-1,
+        # each prompt's own stream continued (keys and temperatures), as a one-at-a-time loop would go on.
+        again = [i for i, t in enumerate(drawn) if len(distinct_indices(t, n)) < n]
+        if again:
+            more = draw(
+                [ids[i] for i in again],
+                temps[again, n:],
+                batch_size=rows_per_batch,
+                prompt_index=np.asarray(again),
+                first_candidate=n,
+            )
+            for i, cands in zip(again, more):
+                generated[i] = generated[i] + cands
+                drawn[i] = drawn[i] + texts(cands)
     rows = []
-    for p, cands, t in zip(prompts, generated, temps):
-        rows.append(
-            {
-                **p,
-                "candidates": [candidate_text(tokenizer, c, e, prefix) for c, e in cands],
-                "candidate_ids": [c.tolist() for c, _ in cands],
-                "temperatures": [float(x) for x in t],
-                "stopped": ["eos" if e else "length" for _, e in cands],
-            }
-        )
+    for p, cands, t, words in zip(prompts, generated, temps, drawn):
+        keep = distinct_indices(words, n) if distinct else list(range(n))
+        row = {
+            **p,
+            "candidates": [words[j] for j in keep],
+            "candidate_ids": [cands[j][0].tolist() for j in keep],
+            "temperatures": [float(t[j]) for j in keep],
+            "stopped": ["eos" if cands[j][1] else "length" for j in keep],
+        }
+        if distinct:
+            row["draws"] = draws_needed(words, n)
+            if len(keep) < n:
+                row["short_of_n"] = True
+        rows.append(row)
     summary = {
         "prompts": len(rows),
         "n": n,
@@ -269,5 +329,8 @@ def sample(
         "eos_ids": list(settings.eos_ids),
         "dtype": dtype,
         "stopped_at_eos": sum(s == "eos" for r in rows for s in r["stopped"]),
+        "distinct": distinct,
     }
+    if distinct:
+        summary.update(draws=sum(r["draws"] for r in rows), short_of_n=sum(bool(r.get("short_of_n")) for r in rows))
     return rows, summary

@@ -1,7 +1,10 @@
 """haf_jax.bon: Best-of-N scores equal what haf_jax.score gives the same text as a chosen response
 and what transformers' sequence classifier gives the token sequence of the data contract; the
 pick is the argmax (lowest index on ties); two reward models' agreement on a constructed case;
-bad candidate files; the command end to end (sampling from a policy, two reward models)."""
+the paper's length rule (a prompt with an over-long candidate dropped, the others scored whole) at
+its boundary; the judge's wins / ties / losses on cases whose answer follows from how the models
+were built, and its Wilson intervals against SciPy; bad candidate files; the command end to end
+(sampling from a policy with the distinct rule, two reward models and a judge)."""
 
 import json
 
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from absl import app
 from helpers.commands import command
 from helpers.parity import perturb
 from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
@@ -90,6 +94,7 @@ def test_scores_equal_score_and_transformers_and_pick_is_argmax(rms, mesh, tmp_p
     out, summary = bon.best_of_n(
         [str(rm_dir)],
         ROWS,
+        length_rule="truncate",  # score's cut: every prompt kept (the paper's "drop": the next test)
         template=TEMPLATE,
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT,
@@ -146,6 +151,7 @@ def test_two_reward_models_agreement(rms, mesh):
     out, summary = bon.best_of_n(
         [str(rms["rm"][0]), str(rms["neg"][0])],
         rows,
+        length_rule="truncate",
         template="none",
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT,
@@ -157,6 +163,103 @@ def test_two_reward_models_agreement(rms, mesh):
     assert [r["pick"] == r["pick2"] for r in out] == [True, False, False]
     assert summary["picks_agree"] == pytest.approx(1 / 3) and summary["picks_agree_count"] == 1
     assert summary["mean_score2_of_pick"] == pytest.approx(-summary["mean_best_score"], abs=1e-6)
+
+
+def test_length_rule_drops_prompts_with_an_over_long_candidate(rms, mesh):
+    """The paper's rule at its boundary: "w100" is BOS + Instruct: w100 Output: (4 tokens), a
+    candidate of k words adds k + 1 (the EOS), so 19 words make 24 = MAX_LENGTH tokens (kept) and
+    20 make 25 (the prompt is dropped). A 10-word prompt (13 tokens, more than MAX_PROMPT) is scored
+    whole, not cut as with length_rule="truncate"; a row short of n distinct candidates is dropped
+    too."""
+    rm_dir, rm_torch = rms["rm"]
+    words = lambda k, start: " ".join(f"w{i}" for i in range(start, start + k))
+    long_prompt = words(10, 40)
+    rows = [
+        {"prompt": "w100", "candidates": [words(19, 200), "w5"]},
+        {"prompt": "w100", "candidates": ["w5", words(20, 200)]},
+        {"prompt": long_prompt, "candidates": ["w50 w51", "w52"]},
+        {"prompt": "w101", "candidates": ["w6"], "short_of_n": True},
+    ]
+    out, summary = bon.best_of_n(
+        [str(rm_dir)], rows, template=TEMPLATE, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, mesh=mesh
+    )
+    assert [r.get("dropped") for r in out] == [None, "over_max_length", None, "short_of_n"]
+    assert "scores" not in out[1] and "pick" not in out[3] and out[1]["candidates"] == rows[1]["candidates"]
+    assert summary["scored_prompts"] == 2 and summary["dropped_over_max_length"] == 1
+    assert summary["dropped_short_of_n"] == 1 and "truncated_pairs" not in summary
+
+    ids = lambda prompt, c: (
+        [BOS] + [int(w[1:]) if w.startswith("w") else 0 for w in f"Instruct: {prompt}\nOutput: {c}".split()] + [EOS]
+    )
+    for r in (out[0], out[2]):
+        with torch.no_grad():
+            want = [
+                rm_torch(input_ids=torch.tensor([ids(r["prompt"], c)])).logits[0, 0].item() for c in r["candidates"]
+            ]
+        np.testing.assert_allclose(r["scores"], want, atol=2e-5, rtol=1e-5)
+    assert len(ids(rows[0]["prompt"], rows[0]["candidates"][0])) == MAX_LENGTH  # the boundary case is kept
+    assert len(ids(long_prompt, "w52")) > MAX_PROMPT + 2  # that prompt would have been cut by "truncate"
+    with pytest.raises(ValueError, match="every prompt was dropped"):
+        bon.best_of_n([str(rm_dir)], rows[1:2], template=TEMPLATE, max_length=MAX_LENGTH, mesh=mesh)
+
+
+JUDGED_ROWS = [
+    {"prompt": "w10", "candidates": ["w5 w6", "w5 w6"]},  # one text twice: the picks are the same text
+    {"prompt": "w11 w12", "candidates": ["w20 w21", "w22", "w23 w24 w25"]},
+    {"prompt": "w13", "candidates": ["w30", "w31 w32"]},
+    {"prompt": "w14 w15", "candidates": ["w40", "w41", "w42 w43", "w44"]},
+]
+
+
+@pytest.mark.parametrize("order", ["rm_first", "neg_first"])
+def test_judge_counts_on_a_case_with_a_known_answer(rms, mesh, order):
+    """The judge is `rm` itself and the other model is `rm` with its head negated: `rm`'s pick is
+    the judge's favourite and `neg`'s its least liked, so `rm` wins every prompt whose candidates
+    differ and ties the one whose two candidates are the same text; swapping the models turns every
+    win into a loss."""
+    rm, neg = str(rms["rm"][0]), str(rms["neg"][0])
+    models = [rm, neg] if order == "rm_first" else [neg, rm]
+    out, summary = bon.best_of_n(
+        models, JUDGED_ROWS, judge=rm, template="none", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, mesh=mesh
+    )
+    first_wins = order == "rm_first"
+    want = ["tie"] + ["win" if first_wins else "loss"] * 3
+    assert [r["judge_verdict"] for r in out] == want
+    for r in out:
+        assert r["judge_scores"] == r["scores" if first_wins else "scores2"]  # the judge is rm, scored alike
+        assert len(set(r["judge_scores"])) == len(set(r["candidates"]))  # distinct texts, distinct scores
+    judged = summary["judge"]
+    assert (judged["wins"], judged["ties"], judged["losses"]) == ((3, 1, 0) if first_wins else (0, 1, 3))
+    assert judged["judged"] == 4 and judged["model"] == rm and judged["interval"] == "Wilson score interval, 95%"
+    assert judged["decisive_win_rate"] == (1.0 if first_wins else 0.0)
+    # a margin wider than every judge score gap turns every verdict into a tie
+    gap = max(max(r["judge_scores"]) - min(r["judge_scores"]) for r in out)
+    wide, _ = bon.best_of_n(
+        models, JUDGED_ROWS, judge=rm, judge_margin=gap, template="none", max_length=MAX_LENGTH, mesh=mesh
+    )
+    assert [r["judge_verdict"] for r in wide] == ["tie"] * 4
+
+
+def test_judge_summary_and_wilson_interval_against_scipy():
+    from scipy.stats import binomtest
+
+    verdicts = ["win"] * 7 + ["tie"] * 2 + ["loss"] * 3
+    got = bon.judge_summary(verdicts)
+    assert (got["wins"], got["ties"], got["losses"], got["judged"]) == (7, 2, 3, 12)
+    for key, k, n in (("win", 7, 12), ("tie", 2, 12), ("loss", 3, 12)):
+        assert got[f"{key}_fraction"] == pytest.approx(k / n)
+        want = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        np.testing.assert_allclose(got[f"{key}_fraction_ci"], [want.low, want.high], rtol=1e-9)
+    want = binomtest(7, 10).proportion_ci(method="wilson")
+    assert got["decisive_win_rate"] == pytest.approx(0.7)
+    np.testing.assert_allclose(got["decisive_win_rate_ci"], [want.low, want.high], rtol=1e-9)
+    for k, n in ((0, 5), (5, 5), (1, 1), (40, 1000)):  # the edges keep a width
+        want = binomtest(k, n).proportion_ci(method="wilson")
+        np.testing.assert_allclose(bon.wilson_interval(k, n), [want.low, want.high], rtol=1e-9, atol=1e-12)
+    assert "decisive_win_rate" not in bon.judge_summary(["tie", "tie"])
+    assert bon.verdict("a", "a", 0.0, 5.0) == "tie"  # the same text: no judging
+    assert bon.verdict("a", "b", 1.0, 0.5) == "win" and bon.verdict("a", "b", 0.5, 1.0) == "loss"
+    assert bon.verdict("a", "b", 1.0, 0.5, margin=0.5) == "tie"
 
 
 @pytest.mark.parametrize(
@@ -184,30 +287,40 @@ def test_bad_candidates_file(tmp_path, row, message):
 
 @pytest.mark.slow
 def test_bon_cli_samples_and_scores(rms, one_device, tmp_path, capsys):
-    """The command (in this process, on one device) samples from a policy (as haf_jax.sample does)
-    and scores with two models."""
+    """The command (in this process, on one device) samples from a policy (as haf_jax.sample does,
+    distinct candidates by default) and scores with two models and a judge; --judge alone is a
+    usage error."""
     policy = tmp_path / "policy"
     build_causal_lm("llama", policy)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("w5 w6", "w7 w8 w9 w10", "w11")))
     out = tmp_path / "bon.jsonl"
-    command("haf_jax.bon").invoke(
-        [
-            "haf_jax.bon",
-            f"--reward_model={rms['rm'][0]}",
-            f"--reward_model2={rms['neg'][0]}",
-            f"--prompts={prompts}",
-            f"--policy={policy}",
-            "--n=3",
-            "--max_new_tokens=5",
-            f"--out={out}",
-        ]
-    )  # exit 0: no SystemExit
+    argv = [
+        "haf_jax.bon",
+        f"--reward_model={rms['rm'][0]}",
+        f"--reward_model2={rms['neg'][0]}",
+        f"--judge={rms['rm'][0]}",
+        f"--prompts={prompts}",
+        f"--policy={policy}",
+        "--n=3",
+        "--max_new_tokens=5",
+        f"--out={out}",
+    ]
+    command("haf_jax.bon").invoke(argv)  # exit 0: no SystemExit
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["w5 w6", "w7 w8 w9 w10", "w11"]
-    for r in rows:
+    assert summary["sampling"]["n"] == 3 and summary["sampling"]["distinct"] is True
+    kept = [r for r in rows if "dropped" not in r]
+    assert summary["scored_prompts"] == len(kept) >= 1 and summary["length_rule"] == "drop"
+    for r in kept:
         assert len(r["candidates"]) == len(r["candidate_ids"]) == len(r["scores"]) == len(r["scores2"]) == 3
+        assert len({c.strip() for c in r["candidates"]}) == 3 and 3 <= r["draws"] <= 6
         assert r["pick"] == int(np.argmax(r["scores"])) and r["best"] == r["candidates"][r["pick"]]
-    agree = np.mean([r["pick"] == r["pick2"] for r in rows])
-    assert summary["picks_agree"] == pytest.approx(agree) and summary["sampling"]["n"] == 3
+        assert r["judge_verdict"] == ("tie" if r["pick"] == r["pick2"] else "win")  # the judge is rm
+    agree = np.mean([r["pick"] == r["pick2"] for r in kept])
+    assert summary["picks_agree"] == pytest.approx(agree)
+    assert summary["judge"]["wins"] + summary["judge"]["ties"] == len(kept) and summary["judge"]["losses"] == 0
+
+    with pytest.raises(app.UsageError, match="--judge compares two reward models' picks"):
+        command("haf_jax.bon").invoke([a for a in argv if not a.startswith("--reward_model2")])

@@ -346,3 +346,42 @@ def test_sample_cli(tiny, one_device, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "Traceback" not in err
     assert f"error: {bad} line 2, field 'prompt': expected a string, got null" in err
+
+
+def test_distinct_candidates_are_the_first_n_distinct_of_2n_draws(tiny, tmp_path, one_device_mesh):
+    """The paper's rule (--distinct): each row holds the first n distinct texts (stripped) of its
+    2n-draw stream, which is what n = 2n plain draws give with the same seed (keys and temperatures
+    per prompt and candidate index); `draws` counts what a one-at-a-time loop makes, and a prompt
+    without n distinct texts in 2n draws is `short_of_n`. One-token candidates from the top 5
+    tokens repeat often: with this seed draws are [7, 7, 8, 8, 5, 4], one prompt short (both rounds,
+    both outcomes); greedy draws repeat always."""
+    prompts = tmp_path / "p.jsonl"
+    texts = prompt_texts(np.random.default_rng(11), (1, 3, 5, 2, 4, 6))
+    prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    common = dict(max_new_tokens=1, top_k=5, top_p=1.0, seed=0, mesh=one_device_mesh, progress=False)
+    model = str(tiny["llama"][0])
+    # 2 prompts x 4 candidates and 1 prompt x 8: one batch shape, one compile for the three calls
+    rows, summary = sample_lib.sample(model, str(prompts), n=4, distinct=True, batch_size=2, **common)
+    stream, _ = sample_lib.sample(model, str(prompts), n=8, batch_size=1, **common)
+    shorts = 0
+    for row, full in zip(rows, stream):
+        keep = sample_lib.distinct_indices(full["candidates"], 4)
+        assert row["candidates"] == [full["candidates"][j] for j in keep]
+        assert row["candidate_ids"] == [full["candidate_ids"][j] for j in keep]
+        assert row["temperatures"] == [full["temperatures"][j] for j in keep]
+        assert len({c.strip() for c in row["candidates"]}) == len(row["candidates"])
+        assert row["draws"] == sample_lib.draws_needed(full["candidates"], 4)
+        assert row.get("short_of_n", False) == (len(keep) < 4)
+        shorts += len(keep) < 4
+    draws = [r["draws"] for r in rows]
+    assert min(draws) == 4 < max(draws) and 0 < shorts < len(rows), (draws, shorts)  # both rounds, both outcomes
+    assert summary["short_of_n"] == shorts and summary["draws"] == sum(draws) and summary["distinct"] is True
+
+    greedy, summary = sample_lib.sample(
+        model, str(prompts), n=4, distinct=True, batch_size=2, **{**common, "temperature": 0.0}
+    )
+    assert all(len(r["candidates"]) == 1 and r["draws"] == 8 and r["short_of_n"] for r in greedy)
+    assert summary["short_of_n"] == len(texts)
+    assert sample_lib.distinct_indices(["a", " a", "b", "a ", "c"], 3) == [0, 2, 4]
+    assert sample_lib.draws_needed(["a", " a", "b", "a ", "c", "d"], 3) == 5
+    assert sample_lib.draws_needed(["a", "a"], 2) == 2
