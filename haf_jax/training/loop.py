@@ -24,7 +24,7 @@ from haf_jax.core.logs import log
 from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
 from haf_jax.evaluation import evaluator as evaluation, plots
 from haf_jax.training import fit, flops, reference, step as step_lib
-from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
+from haf_jax.training.metrics import MetricsLog, Throughput, is_new_best, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
 from haf_jax.training.resume import RunError, check_resumable, config_dict
 from haf_jax.training.setup import Setup, build, split_trainable, train_loader
@@ -241,8 +241,11 @@ def train(config, workdir) -> dict:
                 last_eval, result = evaluate(s, evaluator, state["params"], ref_params, refs.get("eval"), frozen)
                 metrics_log.write(step, last_eval, split="eval")
                 metrics_log.write_figures(step, functools.partial(plots.eval_figures, result.scores), split="eval")
-                if best is None or last_eval[best_metric] > best[1][best_metric]:
-                    best = (step, last_eval)
+                # "best" is one step everywhere: summary.json's, and the checkpoint --step=best loads,
+                # so a new best is saved now and the checkpoint policy keeps it. Process 0 decides
+                # (only it read the resumed history; a save is a collective).
+                if distributed.decided_by_process_0(is_new_best(best, last_eval, best_metric)):
+                    best, save = (step, last_eval), True
                 log(
                     f"\neval @ step {step}: "
                     + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())
