@@ -26,7 +26,7 @@ from haf_jax.evaluation import evaluator as evaluation, plots
 from haf_jax.training import fit, flops, reference, step as step_lib
 from haf_jax.training.metrics import MetricsLog, Throughput, is_new_best, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
-from haf_jax.training.resume import RunError, check_resumable, config_dict
+from haf_jax.training.resume import RunError, check_resumable, config_dict, keep_old_split_seed
 from haf_jax.training.setup import Setup, build, split_trainable, train_loader
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
@@ -121,6 +121,7 @@ def train(config, workdir) -> dict:
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     profiler = StepProfiler(config.train.profile_steps, workdir / "profile")  # checks the key first
+    keep_old_split_seed(config, workdir)
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
