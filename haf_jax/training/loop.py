@@ -170,7 +170,11 @@ def train(config, workdir) -> dict:
     trainable0, frozen = split_trainable(s, params0) if params0 is not None else (None, None)
     base = base_fingerprint(frozen)
     state, start = resume(s, ckpt, loader, config, workdir, base)
-    refs = reference.for_run(s, params0, workdir, load_params0) if lc.needs_reference and not live else {}
+    refs = {}
+    if lc.needs_reference and not live:  # only the pairs steps start+1..train.steps visit (deterministic order)
+        visited = loader.pairs_of_steps(start + 1, c.train.steps)
+        steps = (start + 1, c.train.steps)
+        refs = reference.for_run(s, params0, workdir, load_params0, train_pairs=visited, steps=steps)
     ref_params = params0 if live else None
     if start == 0:  # the state is donated: copy what the live reference or the frozen base shares with it
         state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
@@ -216,7 +220,7 @@ def train(config, workdir) -> dict:
         for step in range(start + 1, c.train.steps + 1):
             batch = next(loader)
             if "ref_logp" in train_keys:
-                batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
+                batch = {**batch, "ref_logp": reference.lookup(refs["train"], batch["index"])}
             profiler.before(step)
             state, metrics = train_fn(state, forward.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
             compiles = meter.dispatched(batch["tokens"].shape, metrics)
