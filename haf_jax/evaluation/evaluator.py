@@ -165,9 +165,7 @@ def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str, indices=Non
 
     out: dict[str, np.ndarray] = {}
     wanted = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
-    batches = (
-        dataset.batches(batch_size) if indices is None else subset_batches(dataset, wanted, batch_size)
-    )
+    batches = dataset.batches(batch_size) if indices is None else subset_batches(dataset, wanted, batch_size)
     n_batches = -(-len(wanted) // batch_size)
     bar = tqdm(
         batches,
@@ -196,5 +194,5 @@ def compute(
 ) -> np.ndarray:
     """Reference log-probs of `params` for every pair of `dataset`, or only the pairs `indices` (int64
     [K], sorted; the other rows NaN) -> float32 [len(dataset), 2]."""
-    fn = lambda b: {"logp": ref_fn(params, b)}  # noqa: E731
+    fn = lambda b: {"logp": ref_fn(params, b)}
     return pair_pass(dataset, fn, put_batch, batch_size=batch_size, desc=desc, indices=indices)["logp"]

@@ -31,7 +31,9 @@ def score(
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict.
 
     truncation / degenerate: the fidelity options (data.truncation / data.degenerate); None keeps a
-    run's own (a Hugging Face model: always / skip). The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
+    run's own (a Hugging Face model: always / skip).
+
+    The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
     parameters only are loaded (loading.load_model), its trunk in the compute dtype. On several
     processes each scores its share of every batch; process 0 writes the gathered rows.
 

@@ -61,7 +61,7 @@ def _read(path, shape) -> np.ndarray | None:
 
 def cached(key_parts: dict, compute_fn, needed: np.ndarray, n: int, *, known=None, cache_dir=None):
     """Rows `needed` (int64 [K]) of the [n, 2] array cached under `hash(key_parts)`: the rows the
-    cache (or `known`, an [n, 2] array with NaN rows) lacks are computed by `compute_fn(indices)` ->
+    cache (or `known`, an [n, 2] array with NaN rows) lacks are computed by `compute_fn(indices=...)` ->
     [n, 2] (NaN elsewhere) and the cache is extended with them. Returns (array [n, 2], NaN where
     nothing was computed, and how many rows were computed now)."""
     path = _cache_path(key_parts, cache_dir)
@@ -71,7 +71,7 @@ def cached(key_parts: dict, compute_fn, needed: np.ndarray, n: int, *, known=Non
         array = np.where(np.isnan(array), known, array)
     missing = needed[np.isnan(array[needed]).any(axis=1)]
     if len(missing):
-        fresh = compute_fn(missing)
+        fresh = compute_fn(indices=missing)
         array[missing] = fresh[missing]
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def for_run(s, params0, workdir, load_params0=None, *, train_pairs=None, steps=N
             batch_size=s.config.train.eval_batch_size,
             desc=f"reference log-probs ({name})",
         )
-        array, computed = cached(key, lambda idx: compute_fn(indices=idx), needed, len(ds), known=array)
+        array, computed = cached(key, compute_fn, needed, len(ds), known=array)
         which = (
             f"the {len(needed)} of {len(ds)} pairs steps {steps[0]}-{steps[1]} visit"
             if name == "train" and train_pairs is not None and steps is not None

@@ -35,9 +35,9 @@ def test_step_best_loads_the_step_summary_names(small_data, one_device, tmp_path
 
 def test_reference_pass_covers_the_visited_pairs_and_extends(small_data, one_device, tmp_path, capsys):
     """3 steps of 4 pairs visit 12 of the 48 train pairs: only those get reference log-probs; a 6-step
-    run on the same data and weights computes the pairs of steps 4-6 alone and extends the cache; every computed row equals a
-    full in-order pass of the initial model (bit for bit: each pair is computed in the batch shape
-    the full pass gives it)."""
+    run on the same data and weights computes the pairs of steps 4-6 alone and extends the cache;
+    every computed row equals a full in-order pass of the initial model (bit for bit: each pair is
+    computed in the batch shape the full pass gives it)."""
     from haf_jax.core import forward
     from haf_jax.core.model_setup import initial_params
     from haf_jax.evaluation.evaluator import compute
@@ -70,7 +70,7 @@ def test_reference_pass_covers_the_visited_pairs_and_extends(small_data, one_dev
 
     params0 = initial_params(config, s.model_config, s.model_path, s.mesh)
     ref_fn, keys = forward.jit_reference(s.step_cfg, s.mesh, s.param_shardings)
-    put = lambda b: forward.put_batch(b, keys=keys, mesh=s.mesh)  # noqa: E731
+    put = lambda b: forward.put_batch(b, keys=keys, mesh=s.mesh)
     full = compute(s.train_ds, params0, ref_fn, put, batch_size=config.train.eval_batch_size)
     rows = sorted(visited[6])
     np.testing.assert_array_equal(second[rows], full[rows])

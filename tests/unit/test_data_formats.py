@@ -280,7 +280,5 @@ def test_hh_prompts_on_real_file(shared_data, tok):
         if len(cs) == 2 and len(rs) == 2:
             cs, rs = cs[1].split("\n\nAssistant: "), rs[1].split("\n\nAssistant: ")
             authors.append((f"Instruct: {cs[0].strip()}\nOutput:", " " + cs[1].strip(), " " + rs[1].strip()))
-    keep = load_pairs(
-        f"recipe:hh_harmless:{path}", tok, PairOptions(template="phi2", degenerate="keep"), split="all"
-    )
+    keep = load_pairs(f"recipe:hh_harmless:{path}", tok, PairOptions(template="phi2", degenerate="keep"), split="all")
     assert len(authors) == 662 and triples(keep) == authors  # 661 before: one response quotes an Assistant turn
