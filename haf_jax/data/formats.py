@@ -215,11 +215,7 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
             p, c, j = c[:-1], c[-1:], j[-1:]
         return [_render_chat(tokenizer, p, c, j, r)]
     if form == "labelled":
-        label = r.get("label")
-        if isinstance(label, str) and label.strip() in ("0", "1"):
-            label = int(label)
-        if label not in (0, 1) or isinstance(label, bool):
-            raise r.error("label", f"expected 0 or 1, got {label!r}")
+        label = _zero_or_one(r, "label")
         y = (r.str("response_0"), r.str("response_1"))
         return [_apply(template, r.str("prompt"), y[label], y[1 - label])]
     if form == "ranking":
@@ -250,6 +246,16 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
                 out.append(_apply(template, x, ys[win], ys[lose], f"#{win}>{lose}"))
         return out
     raise AssertionError(form)
+
+
+def _zero_or_one(r: _Row, key: str) -> int:
+    """Field `key` as 0 or 1 (also the strings "0" / "1"), else a DataError naming it and the value."""
+    value = r.get(key)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        value = int(value)
+    if value not in (0, 1) or isinstance(value, bool):
+        raise r.error(key, f"expected 0 or 1, got {value!r}")
+    return value
 
 
 def _apply(template, x, yc, yr, suffix=""):
@@ -323,14 +329,7 @@ def _beavertails(row: dict, r: _Row, *, label: str = "safer_response_id"):
     if safe[0] == safe[1]:
         return "not_exactly_one_safe"
     y = (r.str("response_0"), r.str("response_1"))
-    if label == "safer_response_id":
-        s = r.get("safer_response_id")
-        if isinstance(s, str) and s.strip() in ("0", "1"):
-            s = int(s)
-        if s not in (0, 1) or isinstance(s, bool):
-            raise r.error("safer_response_id", f"expected 0 or 1, got {s!r}")
-    else:
-        s = 0 if safe[0] else 1
+    s = _zero_or_one(r, "safer_response_id") if label == "safer_response_id" else 0 if safe[0] else 1
     return r.str("prompt"), y[s], y[1 - s]
 
 
