@@ -1,7 +1,7 @@
 """Score preference pairs with a trained run or a Hugging Face reward/causal model.
 
   python -m haf_jax.score --model=DIR [--reference=DIR] --data=FILE --out=FILE \
-      [--batch_size=N] [--max_length=N] [--beta=0.1]
+      [--batch_size=N] [--max_length=N] [--beta=0.1] [--truncation=always|trl] [--degenerate=skip|keep]
 
 Writes one JSON object per pair, in input order: reward_chosen, reward_rejected, logp_chosen,
 logp_rejected (summed response log-probs under the model's LM head) and, with --reference,
@@ -37,6 +37,12 @@ _MAX_PROMPT = flags.DEFINE_integer(
 )
 _TEMPLATE = flags.DEFINE_string("template", "none", "Prompt template: none | phi2 | mistral.")
 _BETA = flags.DEFINE_float("beta", 0.1, "DPO temperature of the implicit reward beta * (logp - ref_logp).")
+_TRUNCATION = flags.DEFINE_string(
+    "truncation", "", 'data.truncation: always | trl ("": a run\'s own, else always; docs/REPRODUCE.md).'
+)
+_DEGENERATE = flags.DEFINE_string(
+    "degenerate", "", 'data.degenerate: skip | keep empty/identical pairs ("": a run\'s own, else skip).'
+)
 _STEP = cli.define_step_flag()
 _CHUNK = cli.define_chunk_flag()
 
@@ -63,6 +69,8 @@ def main(argv) -> None:
         beta=_BETA.value,
         step=_STEP.value,
         chunk=_CHUNK.value,
+        truncation=_TRUNCATION.value or None,
+        degenerate=_DEGENERATE.value or None,
     )
     if jax.process_index() == 0:
         print(json.dumps(summary))

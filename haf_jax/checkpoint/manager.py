@@ -8,10 +8,10 @@ Policies (each tested in tests/unit/test_checkpoint.py):
 - When: every `every_steps` steps, after `every_minutes` (process 0 decides, all hosts follow),
   or `save(force=True)` (preemption, end of run).  Saves are async:
   `save` returns after the device-to-host copy; `wait_until_finished()`/`close()` before exit.
-- Keep: the last `keep` steps AND the best by `best_metric` (orbax
+- Keep: the last `keep` steps AND the best by `best_metric` (ties: the earliest step; orbax
   `AnyPreservationPolicy([LatestN(keep), BestN(n=1)])`; orbax's `max_to_keep` + `best_fn` alone
   would keep the best `keep` by metric and could drop the newest).  orbax's `metrics` item holds
-  only {best_metric: value} (empty when the step has none) for that policy; all eval metrics are
+  only {best_metric: value, "step": step} (empty when the step has none) for that policy; all eval metrics are
   kept in `meta`.  Steps without that item (written before it was used) are kept, never deleted
   unranked.
 - NaN/Inf: `save` raises FloatingPointError naming the step instead of writing such a state.
@@ -119,12 +119,18 @@ class Checkpointer:
         }
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def _rank(self, metrics: dict) -> float:
-        """orbax's sort key of a step's metrics item: its best_metric value; the worst when absent."""
+    def _rank(self, metrics: dict) -> tuple[float, int]:
+        """orbax's sort key of a step's metrics item: (its best_metric value, the step's tie-break);
+        the worst when absent. orbax keeps the LAST after sorting, so among equal values the earliest
+        step (the first to reach the value, as the training loop's summary and TRL pick) ranks last:
+        -step for max, +step for min (sorted in reverse). Items written before the step was recorded
+        in them tie-break as step 0."""
         value = metrics.get(self.best_metric)
+        step = metrics.get("step", 0)
+        step = int(step) if isinstance(step, int) else 0
         if isinstance(value, (int, float)):
-            return float(value)
-        return -np.inf if self.best_mode == "max" else np.inf
+            return float(value), -step if self.best_mode == "max" else step
+        return (-np.inf, 0) if self.best_mode == "max" else (np.inf, 0)
 
     def should_save(self, step: int) -> bool:
         """every_steps or the every_minutes timer (same on all hosts); preemption is the caller's (loop.Preemption)."""
@@ -174,7 +180,7 @@ class Checkpointer:
             "checksums": checksums,
             "layout": integrity.layout(state),
         }
-        ranked = {} if self._scores[step] is None else {self.best_metric: self._scores[step]}
+        ranked = {} if self._scores[step] is None else {self.best_metric: self._scores[step], "step": int(step)}
         self._mngr.save(
             step,
             args=ocp.args.Composite(
@@ -275,10 +281,11 @@ class Checkpointer:
         return None
 
     def best_step(self) -> int | None:
-        """Step with the best `best_metric` (ties: the newest); None when no step has one."""
+        """Step with the best `best_metric` (ties: the earliest, the step the training loop's summary
+        names, and the one the keep policy keeps); None when no step has one."""
         scored = [(self._score_of(s), s) for s in self.all_steps()]
-        scored = [(v if self.best_mode == "max" else -v, s) for v, s in scored if v is not None]
-        return max(scored)[1] if scored else None
+        scored = [(v if self.best_mode == "max" else -v, -s) for v, s in scored if v is not None]
+        return -max(scored)[1] if scored else None
 
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with `step` (default: the latest good step); reads only JSON."""

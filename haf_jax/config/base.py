@@ -53,6 +53,10 @@ def base_config() -> ConfigDict:
     c.data.train = ""  # file path or dataset spec (see haf_jax.data); "" = bundled HH-RLHF sample
     c.data.eval = ""  # same; "" = carve data.eval_fraction out of data.train deterministically
     c.data.eval_fraction = 0.1  # used only when data.eval is ""; full size: 0.05
+    # Seed of that eval carve, apart from train.seed so that a seed sweep trains on different orders
+    # and inits but evaluates on the same pairs. Runs written before the key carved with train.seed
+    # (ADDED_LATER_FROM: they keep doing so on resume and evaluation).
+    c.data.split_seed = 0
     c.data.template = "none"  # prompt template: none | phi2 | mistral
     c.data.max_length = 256  # prompt + response tokens; full size: 512 (docs/REPRODUCE.md)
     c.data.max_prompt_length = 128  # the prompt keeps its END when cut
@@ -170,15 +174,27 @@ ADDED_LATER = (
     "train.profile_steps",
     "optim.moment_dtype",
     "bon.n",
+    "data.split_seed",
 )
+
+
+# Keys added later whose older runs did what another key of theirs says, not a fixed default:
+# "section.key" -> the "section.key" whose saved value it takes (before data.split_seed, the eval
+# carve was seeded with train.seed).
+ADDED_LATER_FROM = {"data.split_seed": "train.seed"}
 
 
 def with_added_defaults(saved: dict) -> dict:
     """A copy of `saved` (a run config as a checkpoint records it, JSON types) with every ADDED_LATER
-    key it lacks taken from `base_config()`. Other keys, and keys it has, are left as they are: a
-    key missing for another reason still shows up when resume compares the configs."""
+    key it lacks taken from `base_config()` (an ADDED_LATER_FROM key: from the saved key it names).
+    Other keys, and keys it has, are left as they are: a key missing for another reason still shows
+    up when resume compares the configs."""
     defaults = json.loads(base_config().to_json_best_effort())
     out = copy.deepcopy(saved)
+    for key, source in ADDED_LATER_FROM.items():
+        (section, name), (from_section, from_name) = key.split("."), source.split(".")
+        if name not in out.get(section, {}) and from_name in out.get(from_section, {}):
+            out.setdefault(section, {})[name] = copy.deepcopy(out[from_section][from_name])
     for key in ADDED_LATER:
         section, name = key.split(".")
         if section not in out:

@@ -34,7 +34,7 @@ def run_pair_options(config) -> tuple[PairOptions, PairOptions]:
         max_prompt_length=d.max_prompt_length,
         template=d.template,
         eval_fraction=d.eval_fraction,
-        seed=config.train.seed,
+        seed=config.data.split_seed,  # the eval carve's seed (train.seed orders the batches)
         max_skip_fraction=d.max_skip_fraction,
         process_index=jax.process_index(),
         process_count=jax.process_count(),

@@ -103,6 +103,30 @@ def in_order_batches(ds, batch_size: int):
         yield make_batch(ds, local, bucket_for(int(pair_len[start:stop].max()), ds.buckets))
 
 
+def subset_batches(ds, indices: np.ndarray, batch_size: int):
+    """Global batches of `batch_size` pairs holding only the pairs `indices` (int64 [K], sorted), each
+    padded to the length `in_order_batches` gives it (the bucket of its in-order batch): a pair is
+    computed in the same [B, 2, L] shape as in a full in-order pass, so a partial pass (the reference
+    of only the pairs a run visits) gives the full pass's numbers. Process-local batches, rows
+    process-major as in `in_order_batches`; the last batch of each length is completed with filler."""
+    p, n_proc = ds.process_index, ds.process_count
+    b_local = _local_size(batch_size, n_proc)
+    pair_len = ds.all_lengths.max(axis=1)
+    indices = np.asarray(indices, np.int64)
+    starts = (indices // batch_size) * batch_size  # the in-order batch each pair is in
+    lengths = np.array(
+        [bucket_for(int(pair_len[s : s + batch_size].max()), ds.buckets) for s in starts], np.int64
+    ).reshape(-1)
+    for length in sorted(set(lengths.tolist())):
+        same = indices[lengths == length]
+        for start in range(0, len(same), batch_size):
+            idx = same[start : start + batch_size]
+            mine = idx[idx % n_proc == p]
+            local = np.full(b_local, -1, np.int64)
+            local[: len(mine)] = mine
+            yield make_batch(ds, local, length)
+
+
 def _local_size(batch_size: int, process_count: int) -> int:
     if batch_size <= 0 or batch_size % process_count:
         raise DataError(
@@ -183,6 +207,22 @@ class PairLoader:
     def epoch_steps(self, epoch: int) -> int:
         """Batches in `epoch` (the same every epoch here; packing.PackedLoader's vary)."""
         return self.steps_per_epoch
+
+    def pairs_of_steps(self, first: int, last: int) -> np.ndarray:
+        """Sorted global indices (all processes) of the pairs in batches `first`..`last` (1-based steps
+        counted from epoch 0, position 0; one batch a step): int64 [K]. A pure function of the seed,
+        so a run knows before its first step which pairs it will visit."""
+        seen, epoch, step = [], 0, 0
+        while step < last:
+            n = self.epoch_steps(epoch)
+            lo, hi = max(first - 1 - step, 0), min(last - step, n)
+            if lo < hi:
+                seen.append(self.plan(epoch)[0][lo:hi].ravel())
+            step, epoch = step + n, epoch + 1
+            if len(seen) and step < last and len(np.unique(np.concatenate(seen))) >= len(self.ds):
+                break  # every pair already visited: later epochs add none
+        out = np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+        return out[out >= 0]
 
     def padding(self, epoch: int = 0) -> dict:
         """Token counts of one epoch of this loader: padding fraction, pairs a step, batch shapes, and

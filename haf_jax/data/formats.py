@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -214,11 +215,7 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
             p, c, j = c[:-1], c[-1:], j[-1:]
         return [_render_chat(tokenizer, p, c, j, r)]
     if form == "labelled":
-        label = r.get("label")
-        if isinstance(label, str) and label.strip() in ("0", "1"):
-            label = int(label)
-        if label not in (0, 1) or isinstance(label, bool):
-            raise r.error("label", f"expected 0 or 1, got {label!r}")
+        label = _zero_or_one(r, "label")
         y = (r.str("response_0"), r.str("response_1"))
         return [_apply(template, r.str("prompt"), y[label], y[1 - label])]
     if form == "ranking":
@@ -251,6 +248,16 @@ def _triples(form: str, r: _Row, template: str, tokenizer):
     raise AssertionError(form)
 
 
+def _zero_or_one(r: _Row, key: str) -> int:
+    """Field `key` as 0 or 1 (also the strings "0" / "1"), else a DataError naming it and the value."""
+    value = r.get(key)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        value = int(value)
+    if value not in (0, 1) or isinstance(value, bool):
+        raise r.error(key, f"expected 0 or 1, got {value!r}")
+    return value
+
+
 def _apply(template, x, yc, yr, suffix=""):
     fmt, pre = TEMPLATES[template]
     return fmt.format(x=x), pre + yc, pre + yr, False, suffix
@@ -280,16 +287,39 @@ def _render_chat(tokenizer, prompt_msgs, chosen_msgs, rejected_msgs, r: _Row):
 
 
 # ----------------------------------------------------------------------------- recipes
+def hh_authors_turn(text: str) -> tuple[str, str] | None:
+    """The paper authors' single-turn split of an HH dialogue (their get_anthropic_hh): single-turn
+    when the text holds exactly one "\n\nHuman: "; the query is what follows it up to the first
+    "\n\nAssistant: ", the response what follows that up to a second "\n\nAssistant: " if the response
+    itself holds one (the rest is dropped). -> (query, response), unstripped, or None (multi-turn)."""
+    human = text.split(HH_HUMAN + " ")
+    if len(human) != 2:
+        return None
+    turn = human[1].split(HH_ASSISTANT + " ")
+    return (turn[0], turn[1]) if len(turn) >= 2 else None
+
+
 def _hh_recipe(row: dict, r: _Row):
-    sc, sj = split_hh(r.str("chosen")), split_hh(r.str("rejected"))
-    if sc is None or sj is None:
+    """The authors' rule (hh_authors_turn): it keeps a single-turn dialogue whose response quotes a
+    second "\n\nAssistant: " (1 of 2,312 rows of harmless-base test: 662 kept, as theirs)."""
+    c, j = r.str("chosen"), r.str("rejected")
+    if split_hh(c) is None or split_hh(j) is None:
         return "no_assistant_turn"
-    if hh_single_turn_query(sc[0]) is None or hh_single_turn_query(sj[0]) is None:
+    tc, tj = hh_authors_turn(c), hh_authors_turn(j)
+    if tc is None or tj is None:
         return "multi_turn"
-    return None  # handled by the hh form
+    if tc[0].strip() != tj[0].strip():
+        return "prompt_mismatch"
+    return tc[0], tc[1], tj[1]
 
 
-def _beavertails(row: dict, r: _Row):
+BEAVERTAILS_LABELS = ("safer_response_id", "safety_flags")
+
+
+def _beavertails(row: dict, r: _Row, *, label: str = "safer_response_id"):
+    """Pairs with exactly one safe response (is_response_*_safe). chosen: the `safer_response_id`
+    response (the authors' get_data_beaver), or with label="safety_flags" the flagged-safe one. Texts
+    pass through unstripped, as the authors'."""
     safe = []
     for k in ("is_response_0_safe", "is_response_1_safe"):
         v = r.get(k)
@@ -299,17 +329,18 @@ def _beavertails(row: dict, r: _Row):
     if safe[0] == safe[1]:
         return "not_exactly_one_safe"
     y = (r.str("response_0"), r.str("response_1"))
-    s = 0 if safe[0] else 1
+    s = _zero_or_one(r, "safer_response_id") if label == "safer_response_id" else 0 if safe[0] else 1
     return r.str("prompt"), y[s], y[1 - s]
 
 
 def _alpaca(row: dict, r: _Row):
+    """The authors' prompt (their train_rm.py): instruction + "\n" + input for every row, also when
+    the input is empty or missing (then the prompt ends in "\n")."""
     x = r.str("instruction")
-    extra = r.get("input") if r.row.get(r.name("input")) is not None else None
-    if extra is not None and not isinstance(extra, str):
+    extra = r.get("input") if r.row.get(r.name("input")) is not None else ""
+    if not isinstance(extra, str):
         raise r.error("input", f"expected a string, got {type_name(extra)}")
-    if extra and extra.strip():
-        x = f"{x}\n\n{extra}"
+    x = f"{x}\n{extra}"
     pref = r.get("preference")
     if pref not in (1, 2) or isinstance(pref, bool):
         raise r.error("preference", f"expected 1 or 2, got {pref!r}")
@@ -338,6 +369,10 @@ RECIPES = {
     "hh_helpful": Recipe(_hh_recipe, "hf:Anthropic/hh-rlhf:data_dir=helpful-base:train"),
     "hh_harmless": Recipe(_hh_recipe, "hf:Anthropic/hh-rlhf:data_dir=harmless-base:train"),
     "beavertails_safe": Recipe(_beavertails, "hf:PKU-Alignment/PKU-SafeRLHF:train"),
+    # the same pairs, chosen = the response flagged safe (is_response_*_safe) instead of safer_response_id
+    "beavertails_safe_flags": Recipe(
+        functools.partial(_beavertails, label="safety_flags"), "hf:PKU-Alignment/PKU-SafeRLHF:train"
+    ),
     "alpaca_human_pref": Recipe(
         _alpaca, "hf:tatsu-lab/alpaca_farm:alpaca_human_preference:preference", first_eval_fraction=0.10
     ),
@@ -369,11 +404,15 @@ def convert_rows(
         out.rows_read += 1
         r = _Row(row, source, where, fields)
         if rec is not None and recipe.startswith("hh_"):
-            reason = rec.convert(row, r)
-            if reason:
-                out.filtered[reason] += 1
+            got = rec.convert(row, r)
+            if isinstance(got, str):
+                out.filtered[got] += 1
                 continue
-            result = _triples("hh", r, template, tokenizer)
+            q, yc, yr = got
+            if template == "none":  # the dialogue's own text: "\n\nHuman: q\n\nAssistant:" + " response"
+                result = [(f"{HH_HUMAN} {q}{HH_ASSISTANT}", " " + yc, " " + yr, False, "")]
+            else:  # the authors strip the HH texts
+                result = [_apply(template, q.strip(), yc.strip(), yr.strip())]
         elif rec is not None:
             got = rec.convert(row, r)
             if isinstance(got, str):

@@ -22,11 +22,13 @@ def load_data(
     max_prompt_length: int | None = None,
     template: str | None = None,
     degenerate: str | None = None,
+    truncation: str | None = None,
     report: bool = True,
 ):
     """`source` (a data spec, or `data.Records` in memory) tokenised for `model`: a run's data settings
-    unless overridden; `run:eval` is the run's own eval split, built exactly as training built it.
-    report: log the data report."""
+    unless overridden (degenerate / truncation: the fidelity options data.degenerate / data.truncation;
+    None keeps the run's, or the project defaults for a Hugging Face model); `run:eval` is the run's own
+    eval split, built exactly as training built it. report: log the data report."""
     c = model.run_config
     d = c.data if c is not None else None
     if source == RUN_EVAL:
@@ -45,6 +47,8 @@ def load_data(
         fidelity = data_options.fidelity_options(d) if d is not None else {}
         if degenerate:
             fidelity["degenerate"] = degenerate
+        if truncation:
+            fidelity["truncation"] = truncation
         options = data.PairOptions(
             max_length=max_length,
             max_prompt_length=max_prompt_length,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from haf_jax.core import distributed, forward, losses, params as params_lib, sharding
+from haf_jax.data.batching import subset_batches
 from haf_jax.model.heads import forward_pairs
 
 BATCH_KEYS = ["tokens", "response_mask", "last_index"]
@@ -146,18 +147,22 @@ def _jitted_pair_scores(cfg: forward.StepConfig, mesh, reward: bool, policy: boo
     )
 
 
-def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str, np.ndarray]:
+def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str, indices=None) -> dict[str, np.ndarray]:
     """One in-order pass of `dataset`: fn(device batch) -> {name: [B, 2]} gives {name: float32 [N, 2]}.
 
     Rows land by the dataset's pair index (filler pairs dropped), also when each host holds only
-    its slice of every batch. Used for the reference pass and by haf_jax.score.
+    its slice of every batch. With `indices` (int64 [K], sorted) only those pairs are computed, each
+    in the batch shape the full pass gives it (data.batching.subset_batches), the other rows NaN.
+    Used for the reference pass and by haf_jax.score.
     """
     from tqdm import tqdm
 
     out: dict[str, np.ndarray] = {}
-    n_batches = -(-len(dataset) // batch_size)
+    wanted = np.arange(len(dataset)) if indices is None else np.asarray(indices, np.int64)
+    batches = dataset.batches(batch_size) if indices is None else subset_batches(dataset, wanted, batch_size)
+    n_batches = -(-len(wanted) // batch_size)
     bar = tqdm(
-        dataset.batches(batch_size),
+        batches,
         total=n_batches,
         desc=desc,
         unit="batch",
@@ -173,13 +178,15 @@ def pair_pass(dataset, fn, put_batch, *, batch_size: int, desc: str) -> dict[str
             column = out.setdefault(name, np.full((len(dataset), 2), np.nan, np.float32))
             column[index[valid]] = np.asarray(value)[valid]
     for name, column in out.items():
-        if np.isnan(column).any():
-            raise RuntimeError(f"{desc}: {int(np.isnan(column).any(axis=1).sum())} pairs got no {name}")
+        if np.isnan(column[wanted]).any():
+            raise RuntimeError(f"{desc}: {int(np.isnan(column[wanted]).any(axis=1).sum())} pairs got no {name}")
     return out
 
 
-def compute(dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference") -> np.ndarray:
-    """Reference log-probs of `params` for every pair of `dataset` -> float32 [len(dataset), 2]."""
-    return pair_pass(dataset, lambda b: {"logp": ref_fn(params, b)}, put_batch, batch_size=batch_size, desc=desc)[
-        "logp"
-    ]
+def compute(
+    dataset, params, ref_fn, put_batch, *, batch_size: int, desc: str = "reference", indices=None
+) -> np.ndarray:
+    """Reference log-probs of `params` for every pair of `dataset`, or only the pairs `indices` (int64
+    [K], sorted; the other rows NaN) -> float32 [len(dataset), 2]."""
+    fn = lambda b: {"logp": ref_fn(params, b)}
+    return pair_pass(dataset, fn, put_batch, batch_size=batch_size, desc=desc, indices=indices)["logp"]

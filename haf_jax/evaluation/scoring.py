@@ -25,8 +25,13 @@ def score(
     beta: float = 0.1,
     step: str = "best",
     chunk: int = 128,
+    truncation: str | None = None,
+    degenerate: str | None = None,
 ) -> dict:
     """Scores every pair of `data_spec`; writes `out_path`; returns the summary dict.
+
+    truncation / degenerate: the fidelity options (data.truncation / data.degenerate); None keeps a
+    run's own (a Hugging Face model: always / skip).
 
     The pass is evaluation.Evaluator, the one the training loop evaluates with; the model's
     parameters only are loaded (loading.load_model), its trunk in the compute dtype. On several
@@ -38,7 +43,15 @@ def score(
     """
     mesh = default_mesh()
     m = load_model(model, mesh, which=step, beta=beta, chunk=chunk)
-    ds = datasets.load_data(data_spec, m, max_length=max_length, max_prompt_length=max_prompt_length, template=template)
+    ds = datasets.load_data(
+        data_spec,
+        m,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        template=template,
+        truncation=truncation,
+        degenerate=degenerate,
+    )
     batch_size = datasets.round_batch(batch_size, mesh)
     ref_logp = None
     if reference:  # score's implicit reward needs an explicit --reference (a model, "initial" or "free")

@@ -24,9 +24,9 @@ from haf_jax.core.logs import log
 from haf_jax.core.model_setup import base_fingerprint, initial_params, layout_options
 from haf_jax.evaluation import evaluator as evaluation, plots
 from haf_jax.training import fit, flops, reference, step as step_lib
-from haf_jax.training.metrics import MetricsLog, Throughput, past_metrics, summary_table
+from haf_jax.training.metrics import MetricsLog, Throughput, is_new_best, past_metrics, summary_table
 from haf_jax.training.profile import StepProfiler
-from haf_jax.training.resume import RunError, check_resumable, config_dict
+from haf_jax.training.resume import RunError, check_resumable, config_dict, keep_old_split_seed
 from haf_jax.training.setup import Setup, build, split_trainable, train_loader
 
 EVAL_KEYS = ("reward_accuracy", "dpo_accuracy", "reward_margin", "implicit_margin", "pairs")
@@ -121,6 +121,7 @@ def train(config, workdir) -> dict:
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     profiler = StepProfiler(config.train.profile_steps, workdir / "profile")  # checks the key first
+    keep_old_split_seed(config, workdir)
     s = build(config, workdir)
     c, lc = config, s.step_cfg.loss
     best_metric = "dpo_accuracy" if lc.objective == "dpo" else "reward_accuracy"
@@ -169,7 +170,11 @@ def train(config, workdir) -> dict:
     trainable0, frozen = split_trainable(s, params0) if params0 is not None else (None, None)
     base = base_fingerprint(frozen)
     state, start = resume(s, ckpt, loader, config, workdir, base)
-    refs = reference.for_run(s, params0, workdir, load_params0) if lc.needs_reference and not live else {}
+    refs = {}
+    if lc.needs_reference and not live:  # only the pairs steps start+1..train.steps visit (deterministic order)
+        visited = loader.pairs_of_steps(start + 1, c.train.steps)
+        steps = (start + 1, c.train.steps)
+        refs = reference.for_run(s, params0, workdir, load_params0, train_pairs=visited, steps=steps)
     ref_params = params0 if live else None
     if start == 0:  # the state is donated: copy what the live reference or the frozen base shares with it
         state = s.init_state(jax.tree.map(jnp.copy, trainable0) if (live or lora) else trainable0)
@@ -215,7 +220,7 @@ def train(config, workdir) -> dict:
         for step in range(start + 1, c.train.steps + 1):
             batch = next(loader)
             if "ref_logp" in train_keys:
-                batch = {**batch, "ref_logp": refs["train"][batch["index"]]}
+                batch = {**batch, "ref_logp": reference.lookup(refs["train"], batch["index"])}
             profiler.before(step)
             state, metrics = train_fn(state, forward.put_batch(batch, train_keys, s.mesh), ref_params, frozen)
             compiles = meter.dispatched(batch["tokens"].shape, metrics)
@@ -241,8 +246,11 @@ def train(config, workdir) -> dict:
                 last_eval, result = evaluate(s, evaluator, state["params"], ref_params, refs.get("eval"), frozen)
                 metrics_log.write(step, last_eval, split="eval")
                 metrics_log.write_figures(step, functools.partial(plots.eval_figures, result.scores), split="eval")
-                if best is None or last_eval[best_metric] > best[1][best_metric]:
-                    best = (step, last_eval)
+                # "best" is one step everywhere: summary.json's, and the checkpoint --step=best loads,
+                # so a new best is saved now and the checkpoint policy keeps it. Process 0 decides
+                # (only it read the resumed history; a save is a collective).
+                if distributed.decided_by_process_0(is_new_best(best, last_eval, best_metric)):
+                    best, save = (step, last_eval), True
                 log(
                     f"\neval @ step {step}: "
                     + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())

@@ -191,6 +191,12 @@ def summary_table(rows: dict[str, dict], keys: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def is_new_best(best: tuple[int, dict] | None, metrics: dict, metric: str) -> bool:
+    """True when eval `metrics` beat `best` = (step, metrics) strictly: a tie keeps the earlier step, as
+    TRL's load_best_model_at_end does (checkpoint.Checkpointer.best_step breaks ties the same way)."""
+    return best is None or metrics[metric] > best[1][metric]
+
+
 def past_metrics(workdir, upto: int, best_metric: str):
     """(best, last_eval, last_train) as metrics.jsonl records them up to step `upto`, so that a resumed
     run's summary covers the evaluations made before the restart: (None, None, {}) on a fresh run."""
@@ -204,9 +210,7 @@ def past_metrics(workdir, upto: int, best_metric: str):
         step, values = row["step"], {k: v for k, v in row.items() if k not in ("step", "split")}
         if row.get("split") == "eval":
             last_eval = values
-            if isinstance(values.get(best_metric), (int, float)) and (
-                best is None or values[best_metric] > best[1][best_metric]
-            ):
+            if isinstance(values.get(best_metric), (int, float)) and is_new_best(best, values, best_metric):
                 best = (step, values)
         elif "split" not in row and step == upto:
             last_train = values

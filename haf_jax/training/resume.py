@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 
+from haf_jax.checkpoint.manager import Checkpointer
 from haf_jax.config.base import with_added_defaults
+from haf_jax.core import paths
+from haf_jax.core.logs import log
 
 
 class RunError(RuntimeError):
@@ -105,3 +108,22 @@ def check_resumable(saved: dict, config, base: dict, workdir, *, scan_layers: bo
             + "\nuse a new --workdir or restore the old settings"
         )
     return harmless
+
+
+def keep_old_split_seed(config, workdir) -> None:
+    """Sets `config.data.split_seed` to the run's `train.seed` when `workdir` holds a run written
+    before data.split_seed existed: it carved its eval split with train.seed, and resuming it must
+    train and evaluate on the same pairs (a new run, or one that records the key, is left alone)."""
+    directory = paths.path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return
+    with Checkpointer(directory, every_steps=0, read_only=True) as ckpt:
+        if ckpt.latest_step() is None:
+            return
+        saved = ckpt.read_config()
+    if "split_seed" in saved.get("data", {}):
+        return
+    seed = with_added_defaults(saved)["data"]["split_seed"]
+    if seed != config.data.split_seed:
+        log(f"{workdir} was written before data.split_seed: its eval carve keeps train.seed, split_seed={seed}")
+        config.data.split_seed = seed

@@ -312,6 +312,7 @@ OLDER_RUNS = {
         "pack_length": 0,
         "pack_rows": 0,
         "share_prompt": False,
+        "split_seed": 0,  # ADDED_LATER_FROM: the run's train.seed (0 in this config)
     },
     "loss": {"dpo_scale_by_alpha": False},
     "train": {"profile_steps": ""},

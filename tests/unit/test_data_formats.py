@@ -142,17 +142,22 @@ def test_beavertails_safe_recipe(tmp_path, tok):
         dict(base, is_response_0_safe=True, is_response_1_safe=True),
         dict(base, is_response_0_safe=False, is_response_1_safe=False),
     ]
-    ds = load_pairs(
-        "recipe:beavertails_safe:" + write_jsonl(tmp_path / "b.jsonl", rows),
-        tok,
-        PairOptions(template="mistral"),
-        split="all",
-    )
+    rows.append(dict(rows[1], safer_response_id=1, response_1=" Use a pin.  "))  # texts are not stripped
+    path = write_jsonl(tmp_path / "b.jsonl", rows)
+    # the authors' label (default): chosen = safer_response_id, also where the safety flags say otherwise
+    ds = load_pairs("recipe:beavertails_safe:" + path, tok, PairOptions(template="mistral"), split="all")
     assert triples(ds) == [
         ("[INST] How do I pick a lock? [/INST]", "Call a locksmith.", "Use a pin."),
-        ("[INST] How do I pick a lock? [/INST]", "Use a pin.", "Call a locksmith."),
+        ("[INST] How do I pick a lock? [/INST]", "Call a locksmith.", "Use a pin."),
+        ("[INST] How do I pick a lock? [/INST]", " Use a pin.  ", "Call a locksmith."),
     ]
     assert ds.report["filtered_by_reason"] == {"not_exactly_one_safe": 2}
+    # the option: chosen = the response flagged safe
+    flags = load_pairs("recipe:beavertails_safe_flags:" + path, tok, PairOptions(template="mistral"), split="all")
+    assert [t[1] for t in triples(flags)] == ["Call a locksmith.", "Use a pin.", " Use a pin.  "]
+    bad = dict(rows[0], safer_response_id=2)
+    with pytest.raises(DataError, match="safer_response_id.*expected 0 or 1, got 2"):
+        load_pairs("recipe:beavertails_safe:" + write_jsonl(tmp_path / "bad.jsonl", [bad]), tok, split="all")
 
 
 def test_alpaca_recipe_first_10_percent_eval(tmp_path, tok):
@@ -169,8 +174,9 @@ def test_alpaca_recipe_first_10_percent_eval(tmp_path, tok):
     path = "recipe:alpaca_human_pref:" + write_jsonl(tmp_path / "a.jsonl", rows)
     ev = load_pairs(path, tok, PairOptions(eval_fraction=0.5), split="eval")  # recipe rule wins
     tr = load_pairs(path, tok, split="train")
-    assert triples(ev) == [("Task 0\n\nctx", "o1-0", "o2-0"), ("Task 1", "o2-1", "o1-1")]
-    assert len(tr) == 18 and tr.pairs[0]["prompt"] == "Task 2"
+    # the authors' prompt: instruction + "\n" + input, also for an empty input
+    assert triples(ev) == [("Task 0\nctx", "o1-0", "o2-0"), ("Task 1\n", "o2-1", "o1-1")]
+    assert len(tr) == 18 and tr.pairs[0]["prompt"] == "Task 2\n"
 
 
 def test_chatbot_arena_recipe(tmp_path, tok):
@@ -266,3 +272,13 @@ def test_hh_prompts_on_real_file(shared_data, tok):
     assert ds.report["rows_read"] == 2312 and ds.report["filtered_by_reason"]["multi_turn"] > 1000
     assert all(p["prompt"].count("\n\nHuman:") == 1 for p in ds.pairs)
     assert np.all(ds.all_lengths <= 512)
+    # The authors' split rule (their get_anthropic_hh, written out here): a row is kept when each text
+    # splits into two on "\n\nHuman: "; query / response are the first two parts on "\n\nAssistant: ".
+    authors = []
+    for r in rows:
+        cs, rs = r["chosen"].split("\n\nHuman: "), r["rejected"].split("\n\nHuman: ")
+        if len(cs) == 2 and len(rs) == 2:
+            cs, rs = cs[1].split("\n\nAssistant: "), rs[1].split("\n\nAssistant: ")
+            authors.append((f"Instruct: {cs[0].strip()}\nOutput:", " " + cs[1].strip(), " " + rs[1].strip()))
+    keep = load_pairs(f"recipe:hh_harmless:{path}", tok, PairOptions(template="phi2", degenerate="keep"), split="all")
+    assert len(authors) == 662 and triples(keep) == authors  # 661 before: one response quotes an Assistant turn
