@@ -97,12 +97,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fit_only: bool = Fal
     summary = json.loads(summary_path.read_text()) if summary_path.exists() and start else {}
     if "heldout_reward_initial" not in summary and eval_prompts:
         summary["heldout_reward_initial"] = heldout_reward(cluster, reward, eval_prompts, config)
+        summary_path.write_text(json.dumps(summary, indent=1))  # a resumed run keeps the initial policy's
     metrics = MetricsLog(workdir, resume_step=start)
     cluster.with_external_metrics_logger(_row_writer(metrics, cluster))
     try:
         learner.train(_dataset(train_prompts, config))
     finally:
         metrics.close()
+        cluster.close()  # waits for Tunix's asynchronous checkpoint writes
     summary.update(
         algorithm=config.algorithm,
         steps=int(cluster.global_steps),
@@ -182,7 +184,7 @@ def _learner(config, policy_dir, tokenizer, reward, workdir):
         from tunix.rl.ppo import ppo_learner
 
         algo = ppo_learner.PPOConfig(num_iterations=config.num_iterations, beta=config.beta, epsilon=config.epsilon)
-        learner = ppo_learner.PPOLearner(rl_cluster=cluster, reward_fns=reward_fns, algo_config=algo)
+        learner = ppo_learner.PPOLearner(rl_cluster=cluster, ppo_config=algo, reward_fns=reward_fns)
     else:
         from tunix.rl.grpo import grpo_learner
 
@@ -223,14 +225,19 @@ def _row_writer(metrics: MetricsLog, cluster):
         if str(getattr(buffer, "mode", "train")) not in ("train", "Mode.TRAIN"):
             return
         m = buffer.metrics
+        if "rewards/sum" not in m:  # Tunix also flushes buffers of other metrics (timings)
+            return
         rewards = np.concatenate([np.ravel(np.asarray(v)) for v in m["rewards/sum"][0]])
         lengths = [float(np.mean(v)) for v in m.get("completions/mean_length", ([np.nan],))[0]]
-        kl = _history(cluster.actor_trainer.metrics_logger, "kl")
+        # GRPO: the actor's KL term; PPO puts the KL into the reward, logged with the rollout metrics
+        in_buffer = [np.mean(np.asarray(v[0], np.float64)) for k, v in m.items() if k.split("/")[-1] == "kl"]
+        kl = in_buffer or _history(cluster.actor_trainer.metrics_logger, "kl")
         row = {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "kl": float(np.asarray(kl[-1])) if len(kl) else 0.0,
-            "response_length": float(np.mean(lengths)),
+            # Tunix 0.1.7's PPO logs no completion lengths: None there
+            "response_length": None if np.isnan(np.mean(lengths)) else float(np.mean(lengths)),
         }
         metrics.write(int(buffer.global_steps) + 1, row)
 
@@ -243,6 +250,6 @@ def _history(logger, name: str) -> list:
     for prefix in ("", "actor"):
         try:
             return list(logger.get_metric_history(prefix, name, "train"))
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: the trainer logs no such metric (PPO's actor: no kl)
             continue
     return []
