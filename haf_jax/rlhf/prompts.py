@@ -6,7 +6,6 @@ from __future__ import annotations
 from haf_jax import data
 from haf_jax.data.formats import TEMPLATES
 
-
 TEMPLATE_ALLOWANCE = 16  # tokens kept free for a template's words around a cut prompt
 
 
