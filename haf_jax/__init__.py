@@ -12,6 +12,7 @@ from haf_jax.model.heads import forward_pairs, response_logprobs, rewards
 
 __all__ = [
     "ModelConfig",
+    "RewardFunction",
     "bradley_terry",
     "forward_pairs",
     "objective",
@@ -21,3 +22,13 @@ __all__ = [
     "response_logprobs",
     "rewards",
 ]
+
+
+def __getattr__(name):
+    # RewardFunction loads models (orbax, the evaluation path): imported on first use, so that
+    # `import haf_jax` and every command's flag checks stay light.
+    if name == "RewardFunction":
+        from haf_jax.evaluation.reward_function import RewardFunction
+
+        return RewardFunction
+    raise AttributeError(f"module 'haf_jax' has no attribute {name!r}")

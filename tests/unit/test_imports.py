@@ -59,7 +59,8 @@ def test_no_import_cycle():
 
 
 COMMANDS = {f"haf_jax.{c}" for c in ("train", "score", "evaluate", "export", "plan", "sample", "bon", "cli")} | {
-    "haf_jax.data.__main__"
+    "haf_jax.data.__main__",
+    "haf_jax.rlhf.__main__",
 }
 
 
@@ -90,6 +91,8 @@ def test_layering():
                 problems.append(f"{name} (core, shared by every room) imports {dep}")
             if room == "checkpoint" and dep_room not in ("checkpoint", "core"):
                 problems.append(f"{name} (checkpoint) imports {dep}")
+            if room != "rlhf" and dep_room == "rlhf" and room != "command":
+                problems.append(f"{name} ({room}) imports {dep}: RLHF (Tunix, an extra) is a leaf room")
             if room == "config" and dep_room != "config":
                 problems.append(f"{name} (config: the defaults, read by every room) imports {dep}")
             if room == "data" and dep_room == "config":
