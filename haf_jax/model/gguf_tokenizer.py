@@ -20,9 +20,7 @@ from typing import Any
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # Llama 3 and Qwen2 differ in the digit run: up to 3 digits a word, or one.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 # pre name -> (split digits one by one first, the word-split regex)
 BPE_PRE = {
@@ -43,8 +41,7 @@ def _byte_level(meta: dict[str, Any], where: str):
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in BPE_PRE:
         raise ValueError(
-            f"{where}: tokenizer.ggml.pre={pre!r} is a pre-tokenizer haf_jax does not know; "
-            f"known: {sorted(BPE_PRE)}"
+            f"{where}: tokenizer.ggml.pre={pre!r} is a pre-tokenizer haf_jax does not know; known: {sorted(BPE_PRE)}"
         )
     if "tokenizer.ggml.merges" not in meta:
         raise ValueError(f"{where}: a gpt2 (byte-level BPE) tokenizer without tokenizer.ggml.merges")
