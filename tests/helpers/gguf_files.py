@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import transformers as T
 from gguf import GGMLQuantizationType, GGUFWriter, quants
+
 from helpers.parity import perturb
 
 # HF per-layer name -> llama.cpp name, per architecture
