@@ -38,10 +38,15 @@ _OFFLINE_VALUES = ("1", "true", "yes", "on")
 
 
 def resolve_checkpoint(path_or_hub_id) -> pathlib.Path:
-    """A local checkpoint directory, or a hub snapshot (config, safetensors, tokenizer) when online."""
+    """A local checkpoint directory, a .gguf file (its cached conversion, see model/gguf.py), or a hub
+    snapshot (config, safetensors, tokenizer) when online."""
     path = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
     if path.is_dir():
         return path
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        from haf_jax.model import gguf  # the gguf package is an optional extra
+
+        return gguf.cached_conversion(path)
     name = str(path_or_hub_id)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise FileNotFoundError(f"checkpoint {name!r} is not a directory (nor a hub id of the form 'org/name')")

@@ -297,16 +297,11 @@ def _hf_pieces(pieces: list[str], path="tokenizer") -> list[str]:
 
 
 def bpe_merges(hf_pieces: list[str], scores) -> list[tuple[str, str]]:
-    """Merges for `tokenizers`' BPE: every split of a normal piece into two normal pieces, ranked by
-    the merged piece's score (highest first; ties by piece id, then by split position)."""
-    normal = {p: i for i, p in enumerate(hf_pieces) if i >= _FIRST_BYTE_ID + 256}
-    ranked = []
-    for piece, i in normal.items():
-        for k in range(1, len(piece)):
-            if piece[:k] in normal and piece[k:] in normal:
-                ranked.append((-float(scores[i]), i, k, piece[:k], piece[k:]))
-    ranked.sort()
-    return [(a, b) for *_, a, b in ranked]
+    """Merges for `tokenizers`' BPE: every split of a normal piece (not a special or byte token) into
+    two normal pieces, ranked by the merged piece's score (gguf_tokenizer.sentencepiece_merges)."""
+    from haf_jax.model.gguf_tokenizer import sentencepiece_merges
+
+    return sentencepiece_merges(hf_pieces, scores, [i >= _FIRST_BYTE_ID + 256 for i in range(len(hf_pieces))])
 
 
 def build_tokenizer(pieces: list[str], scores, path="tokenizer"):
