@@ -50,6 +50,7 @@ def main(argv) -> None:
         raise app.UsageError("give either --candidates or --prompts (with --policy)")
     if _SAMPLING.prompts.value and not _POLICY.value:
         raise app.UsageError("--prompts needs --policy, the model that samples the candidates")
+    cli.output_file(_OUT)
     from haf_jax.data import jsonl
     from haf_jax.generation.best_of_n import best_of_n, read_candidates
     from haf_jax.generation.candidates import sample
