@@ -107,9 +107,7 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
         )
         denom = jnp.maximum(metrics["num_pairs"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        metrics = {
-            k: v if k == "num_pairs" else v / a if k in UNWEIGHTED else v / denom for k, v in metrics.items()
-        }
+        metrics = {k: v if k == "num_pairs" else v / a if k in UNWEIGHTED else v / denom for k, v in metrics.items()}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 

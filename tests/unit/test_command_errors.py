@@ -153,7 +153,10 @@ def test_bon_errors(args, message, files, capsys):
     "args, message",
     [
         ([TINY, "--topology=cpu:64"], r"cpu:64 needs 64 CPU devices, this process has 8"),
-        ([TINY, "--topology=cpu:8", "--config.train.batch_size=3"], r"train.batch_size=3 must be a multiple of the data-parallel size 8"),
+        (
+            [TINY, "--topology=cpu:8", "--config.train.batch_size=3"],
+            r"batch_size=3 must be a multiple of the data-parallel size 8",
+        ),
         ([TINY, "--topology=v9-8"], r"unknown topology 'v9-8'"),
     ],
     ids=["cpu-over-devices", "batch-split", "topology"],
