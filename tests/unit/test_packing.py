@@ -1,6 +1,7 @@
 """Packed batches (haf_jax/data/packing.py): on real tokenised HH pairs (the bundled sample and
-tokenizer), a packed batch gives the per-pair rewards, log-probs, token counts, loss and gradients of the same pairs unpacked;
-the packing loader is deterministic, resumable, covers each epoch without repeats, and pads little."""
+tokenizer), a packed batch gives the per-pair rewards, log-probs, token counts, loss and gradients of
+the same pairs unpacked; the packing loader is deterministic, resumable, covers each epoch without
+repeats, and pads little."""
 
 import dataclasses
 
