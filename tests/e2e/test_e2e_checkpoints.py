@@ -308,7 +308,7 @@ def test_export_round_trip_with_transformers(run_a, small_data, one_device, tmp_
     for i, row in enumerate(ours):
         reward, logp = got[i]
         for j, side in enumerate(("chosen", "rejected")):
-            # vs transformers (float32 eager): unit parity measured <= 2.2e-6 (rewards) and 1.4e-5 at |logp| ~ 190
+            # vs transformers (float32 eager): unit parity measured <= 2.2e-6 (rewards) and 2.0e-5 at |logp| ~ 200
             # (test_model_hf.py); here 10x the unit tolerances (longer trained sequences)
             assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=1e-4), (i, side)
             assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=5e-6), (i, side)

@@ -197,7 +197,7 @@ def test_haf_from_checkpoint_export_and_score(family, data32, one_device, tmp_pa
     for row in ours:
         reward, logp = got[row["row"]]
         for j, side in enumerate(("chosen", "rejected")):
-            # 10x the unit parity tolerances (test_model_hf.py: measured <= 2.2e-6 / 1.4e-5 at |logp| ~ 190)
+            # 10x the unit parity tolerances (test_model_hf.py: measured <= 2.2e-6 / 2.0e-5 at |logp| ~ 200)
             assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=1e-4), (row, side)
             assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=5e-6), (row, side)
             worst["reward"] = max(worst["reward"], abs(float(reward[j]) - row[f"reward_{side}"]))

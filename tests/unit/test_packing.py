@@ -210,7 +210,9 @@ def test_packed_loader_deterministic_covering_and_low_padding(hh):
     assert len(seen) == len(set(seen.tolist())) > 0.95 * len(hh)  # no repeats; only the tail is dropped
     report = a.padding()
     assert report["padding_fraction"] < 0.1 < report["unpacked_padding_fraction"]
-    assert 13 <= report["pairs_per_step"] <= 16
+    # measured 12.31 with the bundled 2,048-token tokenizer (its longer sequences fill rows sooner than
+    # GPT-2's did, which gave >= 13)
+    assert 12 <= report["pairs_per_step"] <= 16, report
 
 
 def test_packed_loader_resumes_across_an_epoch(hh):
