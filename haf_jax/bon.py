@@ -73,6 +73,7 @@ def main(argv) -> None:
         raise app.UsageError("--judge compares two reward models' picks: give --reward_model2 too")
     if _SAMPLING.n.value is not None and _SAMPLING.n.value < 1:
         raise app.UsageError(f"--n must be >= 1, got {_SAMPLING.n.value}")
+    cli.output_file(_OUT)
     from haf_jax.data import jsonl
     from haf_jax.generation.best_of_n import best_of_n, default_n, read_candidates
     from haf_jax.generation.candidates import sample

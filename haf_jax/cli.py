@@ -100,6 +100,24 @@ def require(*holders: flags.FlagHolder) -> None:
             raise app.UsageError(f"--{holder.name} is required")
 
 
+def output_file(holder: flags.FlagHolder) -> None:
+    """Bad input naming `holder` (an --out written as one file) when its value is an existing directory:
+    checked before any model is loaded, so a run does not compute everything and fail at the end."""
+    from haf_jax.core import paths
+
+    if holder.value and paths.path(holder.value).is_dir():
+        raise ValueError(f"--{holder.name}={holder.value} is a directory; it names the file to write")
+
+
+def output_dir(holder: flags.FlagHolder) -> None:
+    """Bad input naming `holder` (an --out or --workdir written as a directory) when its value is an
+    existing file."""
+    from haf_jax.core import paths
+
+    if holder.value and paths.path(holder.value).is_file():
+        raise ValueError(f"--{holder.name}={holder.value} is a file; it names the directory to write into")
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
     """absl flag parsing where config-override errors (unknown keys, wrong types, a config file that
     raises) are one clear message and exit 2 instead of a traceback."""

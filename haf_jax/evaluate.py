@@ -73,6 +73,7 @@ def _split(value: str) -> list[str]:
 def main(argv) -> None:
     cli.no_arguments(argv)
     cli.require(_MODEL, _DATA, _OUT)
+    cli.output_dir(_OUT)
     from haf_jax.core import paths
     from haf_jax.core.logs import log
     from haf_jax.evaluation.report import evaluate

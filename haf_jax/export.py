@@ -31,6 +31,7 @@ def main(argv) -> None:
     cli.no_arguments(argv)
     if not _WORKDIR.value or not _OUT.value:
         raise app.UsageError("--workdir and --out are required")
+    cli.output_dir(_OUT)
     import jax
 
     from haf_jax.core.distributed import maybe_initialize

@@ -40,6 +40,7 @@ _OUT = flags.DEFINE_string("out", None, "Output JSON-lines file, one row per pro
 def main(argv) -> None:
     cli.no_arguments(argv)
     cli.require(_MODEL, _SAMPLING.prompts, _OUT)
+    cli.output_file(_OUT)
     from haf_jax.data import jsonl
     from haf_jax.generation.candidates import sample
 

@@ -51,6 +51,7 @@ _CHUNK = cli.define_chunk_flag()
 def main(argv) -> None:
     cli.no_arguments(argv)
     cli.require(_MODEL, _DATA, _OUT)
+    cli.output_file(_OUT)
     import jax
 
     from haf_jax.core.distributed import maybe_initialize

@@ -28,6 +28,7 @@ def main(argv) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/gemma.py")
+    cli.output_dir(_WORKDIR)
     train(config, _WORKDIR.value)
 
 

@@ -147,6 +147,16 @@ def cast_trunk(params, dtype):
     return cast(params)
 
 
+def parse_step(which: str | int) -> str | int:
+    """A --step value checked: "best", "last", "initial" as they are, a step number as an int."""
+    if str(which) in ("best", "last", INITIAL):
+        return str(which)
+    try:
+        return int(which)
+    except ValueError:
+        raise ValueError(f"--step must be best, last, initial or a step number, got {which!r}") from None
+
+
 def select_step(ckpt: Checkpointer, which: str | int) -> int:
     """'best' (falls back to the latest when no eval was recorded), 'last', or a step number."""
     if str(which) == "best":
@@ -154,7 +164,7 @@ def select_step(ckpt: Checkpointer, which: str | int) -> int:
     elif str(which) == "last":
         step = ckpt.latest_step()
     else:
-        step = int(which)
+        step = parse_step(which)
         if step not in ckpt.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step}; available: {ckpt.all_steps()}")
     if step is None:
@@ -257,6 +267,11 @@ def _read_hf(path_or_id: str, mesh) -> _Read:
         with paths.local_dir(path_or_id) as local:  # the weights are on the devices when it goes
             return _read_hf(local, mesh)._replace(source=str(path_or_id))
     path = hf.resolve_checkpoint(path_or_id)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path_or_id} is neither a haf_jax run directory (checkpoints/ and model_config.json) nor a "
+            "Hugging Face model directory such as an export's reward_model/ or policy/ (config.json)"
+        )
     model_cfg, _ = hf.load_hf_config(path)
     params, _ = hf.load_params(path, model_cfg, shardings=params_lib.param_shardings(model_cfg, mesh))
     return _Read(path, "hf", params, model_cfg, load_tokenizer(str(path)), None, None, None)

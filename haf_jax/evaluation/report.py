@@ -21,7 +21,7 @@ from haf_jax.core import losses, paths
 from haf_jax.evaluation import plots, rewardbench
 from haf_jax.evaluation.datasets import load_data, round_batch
 from haf_jax.evaluation.evaluator import Evaluator
-from haf_jax.evaluation.loading import default_mesh, is_run_dir, load_model
+from haf_jax.evaluation.loading import default_mesh, is_run_dir, load_model, parse_step
 from haf_jax.evaluation.references import reference_logprobs
 
 TABLE_KEYS = (
@@ -90,6 +90,8 @@ def evaluate(
     figures: bool = True,
 ) -> dict:
     """Evaluates every model (and checkpoint) on every dataset; writes the report; returns report.json's dict."""
+    for step in steps or []:  # a bad one fails before any model is loaded
+        parse_step(step)
     out = paths.path(out_dir)  # local or remote (gs://...)
     out.mkdir(parents=True, exist_ok=True)
     mesh = default_mesh()

@@ -76,6 +76,11 @@ def _loss(params, cfg: StepConfig, batch, ref_params, frozen):
     return loss, metrics
 
 
+# Metrics that are not means over the pairs: summed (num_pairs) or averaged per micro-batch (logprob_chunks,
+# the LM-head chunks one micro-batch ran) under gradient accumulation.
+UNWEIGHTED = ("num_pairs", "logprob_chunks")
+
+
 def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: optax.GradientTransformation):
     """One optimizer step; with grad_accum > 1 the batch is split into micro-batches (lax.scan)."""
     params = state["params"]
@@ -87,16 +92,22 @@ def train_step(state, batch, ref_params, frozen, *, cfg: StepConfig, optimizer: 
         micro = micro_batches(batch, a)
 
         def micro_step(mb):
+            # A micro-batch's loss is a mean over its real pairs; weighted by their count and divided by
+            # the batch's count below, the sum is the full batch's mean also when filler rows (valid=False)
+            # leave the micro-batches unequal (a plain mean over micro-batches would not be).
             (_, m), g = grad_fn(params, cfg, mb, ref_params, frozen)
-            return g, m
+            n = m["num_pairs"]
+            weighted = {k: v if k in UNWEIGHTED else v * n for k, v in m.items()}
+            return jax.tree.map(lambda x: x * n, g), weighted
 
         shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, metrics), _ = jax.lax.scan(
             lambda acc, mb: (jax.tree.map(jnp.add, acc, micro_step(mb)), None), zeros, micro
         )
-        grads = jax.tree.map(lambda g: g / a, grads)
-        metrics = {k: v if k == "num_pairs" else v / a for k, v in metrics.items()}
+        denom = jnp.maximum(metrics["num_pairs"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        metrics = {k: v if k == "num_pairs" else v / a if k in UNWEIGHTED else v / denom for k, v in metrics.items()}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 

@@ -296,9 +296,10 @@ def test_export_round_trip_with_transformers(run_a, small_data, one_device, tmp_
     assert "dpo_accuracy" in s_hf and s_hf["dpo_accuracy"] == 0.0  # reference == policy: zero implicit margin
     for a, b in zip(ours, ours_hf):
         for k in ("reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected"):
-            assert b[k] == pytest.approx(a[k], abs=2e-3, rel=1e-4), (k, a, b)
+            # the same scorer on the same weights: measured 0.0 (test_e2e_objectives.py); ~3 float32 ulps
+            assert b[k] == pytest.approx(a[k], rel=2e-7, abs=1e-6), (k, a, b)
         for side in ("chosen", "rejected"):  # the exported policy is the same network
-            assert b[f"ref_logp_{side}"] == pytest.approx(b[f"logp_{side}"], abs=2e-3, rel=1e-4)
+            assert b[f"ref_logp_{side}"] == pytest.approx(b[f"logp_{side}"], rel=2e-7, abs=1e-6)
     assert s_hf["reward_accuracy"] == s_run["reward_accuracy"]
 
     # transformers on exactly the tokens the data layer makes
@@ -307,8 +308,10 @@ def test_export_round_trip_with_transformers(run_a, small_data, one_device, tmp_
     for i, row in enumerate(ours):
         reward, logp = got[i]
         for j, side in enumerate(("chosen", "rejected")):
-            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3, rel=1e-4), (i, side)
-            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=2e-3, rel=1e-4), (i, side)
+            # vs transformers (float32 eager): unit parity measured <= 2.2e-6 (rewards) and 2.0e-5 at |logp| ~ 200
+            # (test_model_hf.py); here 10x the unit tolerances (longer trained sequences)
+            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=1e-4), (i, side)
+            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=5e-6), (i, side)
     assert info["step"] in committed_steps(run_a)
 
 

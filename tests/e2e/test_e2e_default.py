@@ -79,8 +79,9 @@ def test_offline_default_run(tmp_path):
     assert trained["pairs"] == untrained["pairs"] == summary["last"]["pairs"]
     for key in ("reward_accuracy", "dpo_accuracy", "ece", "brier", "log_loss", "dpo_brier", "dpo_log_loss"):
         assert trained[key] == pytest.approx(summary["last"][key], abs=1e-6), key
-    assert trained["reward_accuracy"] >= untrained["reward_accuracy"] + 0.5, (trained, untrained)
-    assert trained["dpo_accuracy"] >= untrained["dpo_accuracy"] + 0.5, (trained, untrained)
+    # The trained accuracies are the summary's (>= 0.56 above); the untrained model's are exactly 0: its
+    # zero reward head ties every pair and its policy is its reference (every implicit margin 0).
+    assert untrained["reward_accuracy"] == untrained["dpo_accuracy"] == 0.0, untrained
     assert untrained["log_loss"] == pytest.approx(math.log(2)) and untrained["brier"] == pytest.approx(0.25)
     # Calibration improves on the policy head (implicit reward); the reward head's log loss drifted
     # around ln 2 from run to run at the former lr 1e-3 (float reduction order changes the trajectory

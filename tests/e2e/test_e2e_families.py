@@ -44,7 +44,11 @@ CONFIGS = {"llama": "configs/llama.py", "qwen2": "configs/qwen2.py", "phi": "con
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """Tiny models: torch's 2 intra-op threads only contend with XLA and the other test worker on 2 cores."""
-    torch = pytest.importorskip("torch")
+    try:
+        import torch
+    except ImportError:  # only the tests that use torch need it (they import or skip it themselves)
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -156,7 +160,8 @@ def build_checkpoint(family, out):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi"])
 def test_haf_from_checkpoint_export_and_score(family, data32, one_device, tmp_path):
     """Train from a tiny <family> checkpoint; export; transformers scores the export like `score`
-    scores the run (rewards and log-probs within 2e-3)."""
+    scores the run (rewards within 1e-4, log-probs within 1e-4 + 5e-6 relative)."""
+    pytest.importorskip("torch")  # the tiny checkpoint is built with transformers
     from safetensors.numpy import load_file
 
     from haf_jax.evaluation.export import export
@@ -192,8 +197,9 @@ def test_haf_from_checkpoint_export_and_score(family, data32, one_device, tmp_pa
     for row in ours:
         reward, logp = got[row["row"]]
         for j, side in enumerate(("chosen", "rejected")):
-            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3, rel=1e-4), (row, side)
-            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=2e-3, rel=1e-4), (row, side)
+            # 10x the unit parity tolerances (test_model_hf.py: measured <= 2.2e-6 / 2.0e-5 at |logp| ~ 200)
+            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=1e-4), (row, side)
+            assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=5e-6), (row, side)
             worst["reward"] = max(worst["reward"], abs(float(reward[j]) - row[f"reward_{side}"]))
             worst["logp"] = max(worst["logp"], abs(float(logp[j]) - row[f"logp_{side}"]))
     assert max(abs(r["reward_chosen"]) + abs(r["reward_rejected"]) for r in ours) > 1e-2  # not a trivial 0 == 0

@@ -110,7 +110,8 @@ def test_lora_exports_score_like_the_run(lora_run, lora_base, small_data, one_de
     for i, row in enumerate(ours):
         reward, logp = got[i]
         for j, side in enumerate(("chosen", "rejected")):
-            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=2e-3), (i, side)
+            # 10x the unit parity tolerances (test_model_hf.py: measured <= 2.2e-6 / 2.0e-5 at |logp| ~ 200)
+            assert float(reward[j]) == pytest.approx(row[f"reward_{side}"], abs=1e-4), (i, side)
             assert float(logp[j]) == pytest.approx(row[f"logp_{side}"], abs=1e-4, rel=1e-5), (i, side)
 
     # the PEFT adapter on the base classifier gives the same rewards

@@ -141,7 +141,8 @@ def test_paths_and_checkpoints_in_a_bucket(in_emulator, tmp_path):
     c = Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
     assert c.all_steps() == [1, 3] and c.best_step() == 1 and c.latest_step() == 3
     restored, data_state, _ = c.restore(None, abstract(mesh_of(1), states[3]))
-    assert_same(restored, states[3]) and data_state["position"] == 12
+    assert_same(restored, states[3])
+    assert data_state["position"] == 12, data_state
     paths.path("gs://bucket/t/ckpt/3/meta/metadata").write_text("{garbage")
     c = Checkpointer("gs://bucket/t/ckpt", every_steps=1, read_only=True)
     restored, _, _ = c.restore(None, abstract(mesh_of(1), states[3]))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from haf_jax.data import DataError, PairOptions, load_pairs
+from haf_jax.data import DataError, PairOptions, load_pairs, sample_paths
 from haf_jax.data.formats import convert_rows
 
 
@@ -246,8 +246,8 @@ def test_fingerprint_tracks_rows_tokenizer_and_settings(tmp_path, tok):
     assert fa != load_pairs(a, tok, PairOptions(template="phi2"), split="all").fingerprint
 
 
-def test_hh_prompts_on_real_file(shared_data, tok):
-    path = shared_data / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+def test_hh_prompts_on_real_file(tok):
+    path = sample_paths()["data"]  # the bundled HH-RLHF harmless-base test file (2,312 rows)
     rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
     conv = convert_rows(((f"line {i + 1}", r) for i, r in enumerate(rows)), source=str(path))
     by_group = {p["group"]: p for p in conv.pairs}

@@ -2,6 +2,9 @@
 
 import gzip
 import json
+import os
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +12,8 @@ from helpers.commands import command
 
 from haf_jax.data import DataError, load_pairs
 from haf_jax.data.sources import Source, parse_source, read_rows
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 ROWS = [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
 
@@ -151,7 +156,7 @@ def test_bad_input_messages(tmp_path, tok, name, data, pattern):
     with pytest.raises(DataError) as e:
         load_pairs(str(path), tok, split="all")
     assert re.search(pattern.format(f=re.escape(str(path))), str(e.value)), str(e.value)
-    assert "Traceback" not in str(e.value)
+    assert "\n" not in str(e.value), str(e.value)  # one line (a traceback is the CLI's, see below)
 
 
 def test_missing_file_and_directory(tmp_path, tok):
@@ -195,3 +200,17 @@ def test_cli_reports_and_fails_cleanly(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == f"data error: {bad} line 1, field 'chosen': expected a value, got null"
+
+
+def test_cli_bad_data_in_a_child_process_is_one_line_without_traceback(tmp_path):
+    """`python -m haf_jax.data` as a user runs it: what reaches the terminal is the one message and
+    exit status 2 (an in-process run cannot show a traceback that Python's top level would print)."""
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run(
+        [sys.executable, "-m", "haf_jax.data", str(bad)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert p.returncode == 2, p.stderr[-4000:]
+    assert "Traceback" not in p.stderr, p.stderr[-4000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"data error: {bad} line 2"), p.stderr[-4000:]

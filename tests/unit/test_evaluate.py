@@ -49,7 +49,10 @@ def run(tmp_path_factory, load_config):
     try:
         train(_config(load_config, root / "train.jsonl", root / "eval.jsonl"), root / "run")
     finally:
-        os.environ.pop("HAF_JAX_CACHE") if old is None else os.environ.__setitem__("HAF_JAX_CACHE", old)
+        if old is None:
+            os.environ.pop("HAF_JAX_CACHE")
+        else:
+            os.environ["HAF_JAX_CACHE"] = old
     return root
 
 

@@ -242,8 +242,9 @@ def test_dpo_scale_by_alpha_golden():
     }
     for (objective, flag), value in want.items():
         loss, metrics = losses.objective(out, objective=objective, alpha=alpha, beta=beta, dpo_scale_by_alpha=flag)
-        np.testing.assert_allclose(float(loss), value, rtol=1e-5, err_msg=str((objective, flag)))
-        np.testing.assert_allclose(float(metrics["policy_loss"]), l_p, rtol=1e-5)  # logged unscaled
+        # float32 against float64 NumPy: measured relative error <= 1.3e-7
+        np.testing.assert_allclose(float(loss), value, rtol=1e-6, err_msg=str((objective, flag)))
+        np.testing.assert_allclose(float(metrics["policy_loss"]), l_p, rtol=1e-6)  # logged unscaled
     assert abs(l_p - alpha * l_p) > 0.1
 
 
@@ -284,11 +285,11 @@ def test_dpo_scale_by_alpha_reaches_the_step(tiny_model):
     (l0, _), g0 = got[False]
     (l1, _), g1 = got[True]
     assert not forward.LossConfig.from_config(OLDER_RUN.loss).dpo_scale_by_alpha  # runs from before the key
-    np.testing.assert_allclose(float(l1), 0.2 * float(l0), rtol=1e-5)
+    np.testing.assert_allclose(float(l1), 0.2 * float(l0), rtol=1e-6)  # measured: equal
     a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g1)])  # the gradient scales with the loss
     b = 0.2 * np.concatenate([np.ravel(x) for x in jax.tree.leaves(g0)])
     assert np.abs(b).max() > 0
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * np.abs(b).max())
+    np.testing.assert_allclose(a, b, rtol=0, atol=5e-6 * np.abs(b).max())  # measured 2.3e-8 = 5.8e-7 x max
 
 
 # ----------------------------------------------------------------------------- loop wiring

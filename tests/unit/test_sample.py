@@ -188,6 +188,36 @@ def test_allowed_tokens_equal_numpy():
             assert 1 <= got.sum(-1).min() and got.sum(-1).max() < logits.shape[1]  # the filters cut
 
 
+# Upper 1e-6 quantiles of the chi-square distribution with 1..7 degrees of freedom
+# (scipy.stats.chi2.isf(1e-6, df)): a correct sampler fails a check about once in a million runs.
+CHI2_1E6 = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.85])
+def test_draws_follow_the_tempered_and_renormalised_distribution(top_p):
+    """40,000 draws per temperature from one row of 8 logits: each token's count against
+    softmax(z / T), restricted to the top-p nucleus and renormalised there (numpy_allowed, float64),
+    by a chi-square test; a token outside the nucleus is never drawn. At top_p 0.85 the nucleus holds
+    2, 3, 4 and 6 tokens at T = 0.5, 0.7, 1.0, 2.0; a sampler that ignored T or did not renormalise
+    would be off by thousands of draws."""
+    z = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0], np.float32)
+    temps, n = (0.5, 0.7, 1.0, 2.0), 40_000
+    temperature_N = np.repeat(np.asarray(temps, np.float32), n)
+    keys = jax.random.split(jax.random.key(7), len(temperature_N))
+    draw = jax.jit(sampling.next_tokens)  # top_k, top_p traced: one compile for both cases
+    tokens = np.asarray(draw(keys, jnp.broadcast_to(z, (len(temperature_N), len(z))), temperature_N, 0, top_p))
+    for i, t in enumerate(temps):
+        counts = np.bincount(tokens[i * n : (i + 1) * n], minlength=len(z))
+        inside = numpy_allowed(z, t, 0, top_p)
+        p = np.exp(z.astype(np.float64) / t) * inside
+        expected = n * p / p.sum()
+        assert counts[~inside].sum() == 0, (t, counts)
+        chi2 = float(np.sum((counts[inside] - expected[inside]) ** 2 / expected[inside]))
+        assert chi2 < CHI2_1E6[int(inside.sum()) - 1], (t, chi2, counts, expected.round(1))
+    if top_p < 1.0:
+        assert [int(numpy_allowed(z, t, 0, top_p).sum()) for t in temps] == [2, 3, 4, 6]
+
+
 @pytest.fixture(scope="module")
 def sampled(tiny):
     """Candidates of three prompts (n = 4, the paper's temperatures) under several settings."""
