@@ -147,7 +147,7 @@ def authors_rate(args, model_dir, files, tokenizer, cfg, mode: str, peak: float)
     ds = data.load_pairs(str(files["pairs"]), tokenizer, options, split="all")
     batches = list(ds.batches(args.pairs))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lora = args.lora_rank if mode == "lora" else 0
     runner = vs_pytorch.TorchHaF(model, "haf", live_reference=True, lora_rank=lora)
     times, flops = [], []
@@ -195,7 +195,7 @@ def sampler_rows(args, model_dir, mesh) -> list[dict]:
     nucleus = decode.DecodeSettings(
         max_new_tokens=args.new_tokens, eos_ids=eos, pad_id=pad, top_p=candidates.PAPER_TOP_P
     )
-    t_model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    t_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     t_tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if t_tok.pad_token is None:
         t_tok.pad_token = t_tok.eos_token

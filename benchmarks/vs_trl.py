@@ -124,7 +124,7 @@ def run_trl(model_dir, data_file, outdir, steps, skip, *, pairs=PAIRS, max_lengt
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, torch_dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     config = dict(per_device_train_batch_size=pairs, max_length=max_length)
     return _run_trl_trainer(
         RewardTrainer, RewardConfig, model, model_dir, data_file, outdir, steps, skip, config, lora_rank
@@ -142,7 +142,7 @@ def run_trl_dpo(
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = dict(
         per_device_train_batch_size=pairs,
         max_length=max_length,
