@@ -73,21 +73,31 @@ def random_batch(vocab: int, pairs: int, length: int, prompt: int, seed: int = 0
 
 
 class TorchHaF:
-    """The authors' way in PyTorch: one trunk, a reward head, full-vocabulary log-softmax."""
+    """The authors' way in PyTorch: one trunk, a reward head, full-vocabulary log-softmax.
 
-    def __init__(self, config, objective: str, live_reference: bool):
+    model: a transformers *ForCausalLM (its `.model` the trunk, `.lm_head` the LM head), trained in
+    float32. lora_rank > 0: peft LoRA adapters (alpha `lora_alpha`) injected in place on the MLP
+    projections (haf_jax's model.lora default targets), only they and the reward head trained. The
+    live reference is a frozen copy of the model as given (before the adapters)."""
+
+    def __init__(self, model, objective: str, live_reference: bool, lora_rank: int = 0, lora_alpha: float = 16.0):
         import copy
 
         import torch
-        from transformers import GemmaForCausalLM
 
-        torch.manual_seed(0)
         self.torch, self.objective = torch, objective
-        self.model = GemmaForCausalLM(config).float().train()
-        self.reward_head = torch.nn.Linear(config.hidden_size, 1, bias=False)
-        torch.nn.init.zeros_(self.reward_head.weight)
+        self.model = model.float().train()
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if live_reference else None
-        params = list(self.model.parameters()) + list(self.reward_head.parameters())
+        if lora_rank:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = ["gate_proj", "up_proj", "down_proj"]
+            inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=targets), model)
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+        self.reward_head = torch.nn.Linear(model.config.hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.reward_head.weight)
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.reward_head.parameters())
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0)
 
@@ -212,7 +222,10 @@ def main():
         ("HaF, precomputed reference", "haf", False),
         ("Baseline (no LM head)", "baseline", False),
     ):
-        runner = TorchHaF(config, objective, live)
+        from transformers import GemmaForCausalLM
+
+        torch.manual_seed(0)
+        runner = TorchHaF(GemmaForCausalLM(config), objective, live)
         runner.step(data)  # warm-up
         run_jax, _ = jax_bench.warm_step(cfg, objective, args.pairs, args.length, live_reference=live, data=data)
         t_torch, t_jax = time_side_by_side([functools.partial(runner.step, data), run_jax], args.iters)

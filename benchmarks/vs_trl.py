@@ -100,9 +100,16 @@ def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> tuple[flo
     done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode:
         raise SystemExit(f"haf_jax.train failed:\n{done.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return steady_rate(pathlib.Path(workdir) / "metrics.jsonl", skip)
+
+
+def steady_rate(metrics_file, skip: int) -> tuple[float, float]:
+    """(pairs/s, MFU) of a haf_jax run after step `skip`, from its metrics.jsonl: each train row
+    covers the non-compiling steps of its log interval (pairs = rate x time)."""
+    rows = [json.loads(line) for line in pathlib.Path(metrics_file).read_text().splitlines()]
     rows = [r for r in rows if "pairs_per_s" in r and r.get("split") is None and r["step"] > skip]
-    # each row covers the non-compiling steps of its interval: pairs = rate x time
+    if not rows:
+        raise SystemExit(f"{metrics_file}: no timed step after step {skip} (more --steps than --skip needed)")
     time = sum(r["step_s"] for r in rows)
     return (
         sum(r["pairs_per_s"] * r["step_s"] for r in rows) / time,
@@ -110,17 +117,53 @@ def run_haf_jax(model_dir, data_file, workdir, steps, skip, *extra) -> tuple[flo
     )
 
 
-def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
-    import datasets
+def run_trl(model_dir, data_file, outdir, steps, skip, *, pairs=PAIRS, max_length=MAX_LENGTH, lora_rank=0) -> float:
+    """Steady-state pairs/s of TRL's RewardTrainer (AutoModelForSequenceClassification) after step `skip`."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
+    config = dict(per_device_train_batch_size=pairs, max_length=max_length)
+    return _run_trl_trainer(
+        RewardTrainer, RewardConfig, model, model_dir, data_file, outdir, steps, skip, config, lora_rank
+    )
+
+
+def run_trl_dpo(
+    model_dir, data_file, outdir, steps, skip, *, pairs, max_length, max_prompt_length, lora_rank=0, precompute=False
+) -> float:
+    """Steady-state pairs/s of TRL's DPOTrainer (live reference: a frozen copy, or the adapters
+    switched off with LoRA; `precompute`: precompute_ref_log_probs, its pass not timed) after step `skip`.
+    `data_file`: {"prompt", "chosen", "rejected"} rows (explicit prompts)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = dict(
+        per_device_train_batch_size=pairs,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        beta=0.1,
+        loss_type="sigmoid",
+        precompute_ref_log_probs=precompute,
+    )
+    lora = (lora_rank, "CAUSAL_LM")
+    return _run_trl_trainer(DPOTrainer, DPOConfig, model, model_dir, data_file, outdir, steps, skip, config, lora)
+
+
+def _run_trl_trainer(trainer_cls, config_cls, model, model_dir, data_file, outdir, steps, skip, config, lora):
+    """Trains `model` with a TRL trainer on the JSON-lines `data_file`; pairs/s from step-end times after
+    `skip`. lora: (rank, peft task type); rank 0 = full fine-tuning."""
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, torch_dtype=torch.float32)
+        tok.pad_token = tok.eos_token  # GPT-2 has none; TRL's collators need one
     model.config.pad_token_id = tok.pad_token_id
     ends: list[float] = []
 
@@ -128,10 +171,15 @@ def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
-    args = RewardConfig(
+    peft_config = None
+    if lora[0]:
+        from peft import LoraConfig
+
+        targets = ["gate_proj", "up_proj", "down_proj"]  # haf_jax's model.lora default targets
+        peft_config = LoraConfig(r=lora[0], lora_alpha=16, target_modules=targets, task_type=lora[1])
+    args = config_cls(
         output_dir=str(outdir),
-        per_device_train_batch_size=PAIRS,
-        max_length=MAX_LENGTH,
+        **config,
         max_steps=steps,
         learning_rate=1e-5,
         warmup_steps=0,
@@ -150,9 +198,18 @@ def run_trl(model_dir, data_file, outdir, steps, skip) -> float:
         fp16=False,
     )
     train = datasets.load_dataset("json", data_files=str(data_file), split="train")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok, callbacks=[StepTimes()])
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[StepTimes()],
+        peft_config=peft_config,
+    )
     trainer.train()
-    return PAIRS * (len(ends) - 1 - skip) / (ends[-1] - ends[skip])
+    if len(ends) < skip + 2:
+        raise SystemExit(f"{trainer_cls.__name__}: {len(ends)} steps, need more than --skip + 1 = {skip + 1}")
+    return config["per_device_train_batch_size"] * (len(ends) - 1 - skip) / (ends[-1] - ends[skip])
 
 
 def main():
