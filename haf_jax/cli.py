@@ -4,7 +4,8 @@ it `@cli.command(...)` and ends with `main.run()`.
 What every command gets from here:
 - bad input (DataError, ValueError, FileNotFoundError, and what a command adds, e.g. train's
   RunError) is one line `error: MESSAGE` on stderr, no traceback, exit status 2;
-- a missing or wrong flag is absl's `app.UsageError`: the usage text and exit status 1;
+- a missing, unknown or wrong flag (absl's flag errors, `app.UsageError`) is the same: one line
+  `error: MESSAGE` naming the flag, a pointer to --helpfull, exit status 2;
 - absl logging at WARNING, set once here (orbax logs every file it reads or writes at INFO);
   messages go through `core.logs.log` (stderr, process 0);
 - the flags several commands share: the sampling flags (`sample`, `bon`), the checkpoint and
@@ -26,6 +27,7 @@ from haf_jax.data.errors import DataError
 
 BAD_INPUT = (DataError, ValueError, FileNotFoundError)  # a clear message, exit 2 (PlanError is a ValueError)
 STEP_HELP = "For run directories: best | last | a step number."
+HELP_HINT = "Pass --helpfull to see the flags."
 
 
 # ----------------------------------------------------------------------------- running a command
@@ -53,13 +55,13 @@ class Command:
         except (*BAD_INPUT, *self.errors) as e:
             print(f"{self.prefix}: {e}", file=sys.stderr)
             sys.exit(2)
+        except app.UsageError as e:
+            print(f"{self.prefix}: {e}\n{HELP_HINT}", file=sys.stderr)
+            sys.exit(2)
 
     def run(self) -> None:
         """`python -m`: absl parses sys.argv, then the guarded main."""
-        if self.config_flags:
-            app.run(self, flags_parser=parse_config_flags)
-        else:
-            app.run(self)
+        app.run(self, flags_parser=parse_config_flags if self.config_flags else parse_flags)
 
     def invoke(self, argv: list[str]) -> None:
         """The command in this process: every flag back to its default, `argv` ([program, args...])
@@ -68,7 +70,7 @@ class Command:
         _drop_config_overrides()
         saved, sys.argv = sys.argv, list(argv)  # config_flags reads --config.key overrides from sys.argv
         try:
-            rest = parse_config_flags(list(argv)) if self.config_flags else flags.FLAGS(list(argv))
+            rest = (parse_config_flags if self.config_flags else parse_flags)(list(argv))
         finally:
             sys.argv = saved
         self(rest)
@@ -118,6 +120,15 @@ def output_dir(holder: flags.FlagHolder) -> None:
         raise ValueError(f"--{holder.name}={holder.value} is a file; it names the directory to write into")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing where a flag error (unknown flag, bad value) is one line and exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}\n{HELP_HINT}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
     """absl flag parsing where config-override errors (unknown keys, wrong types, a config file that
     raises) are one clear message and exit 2 instead of a traceback."""
@@ -127,7 +138,7 @@ def parse_config_flags(argv: list[str]) -> list[str]:
         lines = [line for line in str(e).splitlines() if line.strip()]
         if any(line.startswith("Traceback") for line in lines):  # the config file raised: keep its message
             lines = [lines[0], lines[-1]]
-        print("error: " + "\n".join(lines) + "\nPass --helpfull to see the flags.", file=sys.stderr)
+        print("error: " + "\n".join(lines) + "\n" + HELP_HINT, file=sys.stderr)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         bad = [a for a in argv[1:] if a.startswith("--config.")]
         print(

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from absl import app
 from helpers.commands import command
 from helpers.parity import perturb
 from helpers.word_models import BOS, EOS, V, build_causal_lm, word_tokenizer
@@ -322,5 +321,8 @@ def test_bon_cli_samples_and_scores(rms, one_device, tmp_path, capsys):
     assert summary["picks_agree"] == pytest.approx(agree)
     assert summary["judge"]["wins"] + summary["judge"]["ties"] == len(kept) and summary["judge"]["losses"] == 0
 
-    with pytest.raises(app.UsageError, match="--judge compares two reward models' picks"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
         command("haf_jax.bon").invoke([a for a in argv if not a.startswith("--reward_model2")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "error: --judge compares two reward models' picks" in err, err

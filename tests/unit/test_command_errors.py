@@ -1,7 +1,7 @@
 """Every command's error paths (issue 23 item 16), each command in this process (helpers.commands):
-bad input is one `error:` line naming the bad value and exit status 2, never a traceback (an exception
-other than SystemExit would fail the test); a missing required flag is absl's usage error (the
-documented contract of haf_jax.cli: `python -m` prints the usage and exits 1), naming the flag.
+bad input, a missing required flag and an unknown flag alike are one `error:` line naming the bad
+value or the flag and exit status 2, never a traceback (an exception other than SystemExit would fail
+the test).
 
 The run-directory cases read tests/data/run_8302abb (a small run of an older version, kept read-only);
 none loads weights, so nothing compiles.
@@ -14,7 +14,6 @@ import pathlib
 import re
 
 import pytest
-from absl import app
 from helpers.commands import command
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -208,6 +207,11 @@ def test_data_errors(args, message, files, capsys):
         ("data.__main__", [], "expected one SPEC"),
     ],
 )
-def test_missing_required_flags_are_usage_errors(name, args, flag):
-    with pytest.raises(app.UsageError, match=re.escape(flag)):
-        command(f"haf_jax.{name}").invoke([f"haf_jax.{name}", *args])
+def test_missing_required_flags_are_one_error_line(name, args, flag, files, capsys):
+    prefix = "data error" if name == "data.__main__" else "error"
+    check_one_error_line(name, args, re.escape(flag), files, capsys, prefix=prefix)
+
+
+@pytest.mark.parametrize("name", ["score", "train", "data.__main__"])
+def test_unknown_flags_are_one_error_line(name, files, capsys):
+    check_one_error_line(name, ["--no_such_flag=1"], "no_such_flag", files, capsys)
