@@ -3,6 +3,12 @@
 OUT/reward_model: a *ForSequenceClassification checkpoint (num_labels=1, safetensors, tokenizer
 with a pad token distinct from EOS); OUT/policy: a *ForCausalLM checkpoint (the trained LM head);
 for a LoRA run also OUT/adapter, its adapters in the PEFT layout (merged into the other two).
+
+Both tokenizers render conversations in the run's training format (data.chat_template: BOS, the
+run's data.template, the response, EOS): a PyTorch trainer that scores [user prompt, assistant
+completion] through the reward tokenizer's chat template (TRL's GRPOTrainer, ...) reads the reward
+where `score` reads it, and the policy is prompted as `sample` prompts it. A chat template the
+tokenizer had stays available by the name "tokenizer".
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import pathlib
 
 import jax
 
+from haf_jax import data
 from haf_jax.core import distributed, paths
 from haf_jax.evaluation.loading import default_mesh, is_run_dir, load_model
 from haf_jax.model import hf
@@ -31,10 +38,11 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
         result["adapter"] = str(target / "adapter")
     if jax.process_index() != 0:
         return result
+    tokenizer = data.with_training_format(m.tokenizer, m.run_config.data.template)
     with paths.writable_dir(target) as local:
         local = pathlib.Path(local)
         for kind in ("reward_model", "policy"):
-            hf.save_hf(params, m.model_cfg, local / kind, kind=kind, tokenizer=m.tokenizer)
+            hf.save_hf(params, m.model_cfg, local / kind, kind=kind, tokenizer=tokenizer)
         if adapters is not None:
             trained = {
                 k: params[k]
