@@ -2,7 +2,7 @@
 directory as its reward model, and the rewards it computes equal `haf_jax.score`'s reward_chosen
 for the same prompt and completion texts.
 
-The export's tokenizers render conversations in the run's training format (haf_jax/data/chat_template.py),
+The export's tokenizers render conversations in the run's training format (haf_jax/data/chat_format.py),
 so TRL's conversational path (prompts as chat messages) reads the reward where the data layer does: at
 the EOS after BOS + prompt + response. The policy is the export's own policy head (the tiny Gemma of
 run A, float32), two GRPO steps of 4 prompts x 2 completions of at most 8 tokens, on CPU, offline.

@@ -69,8 +69,40 @@ def with_training_format(tokenizer, template: str):
     out = copy.deepcopy(tokenizer)
     own = getattr(tokenizer, "chat_template", None)
     named = dict(own) if isinstance(own, dict) else {"default": own} if own else {}
-    if "default" in named:
-        named[OWN_TEMPLATE_NAME] = named.pop("default")
+    previous = named.pop("default", None)
+    if previous and OWN_TEMPLATE_NAME not in named:  # an export exported again keeps its first own template
+        named[OWN_TEMPLATE_NAME] = previous
     rendered = chat_template(template)
     out.chat_template = {"default": rendered, **named} if named else rendered
     return out
+
+
+# (prompt, response) probes of `format_mismatch`: an HH turn (the response starts with its space) and a bare
+# question (the response glued to the template's end, as mistral's "[/INST]" + "It ...")
+PROBES = (("\n\nHuman: What is two plus two?\n\nAssistant:", " It is four."), ("What is two plus two?", "It is four."))
+
+
+def format_mismatch(tokenizer, template: str, probes=PROBES) -> str | None:
+    """None when `chat_template(template)` rendered by `tokenizer` tokenises every probe (prompt,
+    response) to the data layer's ids (tokenize.encode_pairs: BOS + prompt + response + EOS); else a
+    message naming the first that does not and both token lists (e.g. Llama 2 / Mistral SentencePiece
+    tokenizers: the data layer tokenises the response alone, which starts it with a "▁" token)."""
+    from haf_jax.data.tokenize import encode_pairs
+
+    rendered = chat_template(template)
+    fmt, prefix = TEMPLATES[template]
+    for prompt, response in probes:
+        chosen = response if response.startswith(prefix) else prefix + response  # the template's rule
+        pair = {"prompt": fmt.format(x=prompt), "chosen": chosen, "rejected": chosen}
+        enc = encode_pairs(tokenizer, [pair], max_length=1 << 20, max_prompt_length=1 << 19)
+        want = [*enc.prompt[0].tolist(), *enc.chosen[0].tolist()]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=rendered)
+        got = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            show = tokenizer.convert_ids_to_tokens
+            return (
+                f"the chat template of template {template!r} tokenises {prompt!r} + {response!r} as {show(got)}, "
+                f"the data layer as {show(want)}: rewards read through it differ from haf_jax's"
+            )
+    return None
