@@ -29,7 +29,8 @@ repository on disk in the hub layout (parquet/jsonl shards, data_dir folders, RE
 read offline. tfds reads prepared array_record datasets through tfds.data_source, without
 TensorFlow (extra haf_jax[tfds]), from DIR or $TFDS_DATA_DIR; nothing is downloaded. Hub and TFDS
 SPLITs may be sliced: train[:10%]. Details: sources.py.
-Record forms and recipes: formats.py. Sources and errors: sources.py. Contract: tokenize.py.
+Record forms and recipes: formats.py. Sources and errors: sources.py. Contract: tokenize.py; the
+same contract as a chat template for PyTorch trainers (an export's tokenizer): chat_format.py.
 
 Train/eval wiring for the trainer (config keys data.train / data.eval):
 - data.eval == "": train = load_pairs(T, split="train"), eval = load_pairs(T, split="eval") with
@@ -43,6 +44,7 @@ print it and exit 2; `python -m haf_jax.data SPEC` checks a spec that way.
 """
 
 from haf_jax.data.batching import PairLoader, length_buckets
+from haf_jax.data.chat_format import chat_template, format_mismatch, with_training_format
 from haf_jax.data.dataset import PairDataset, format_report, load_pairs
 from haf_jax.data.errors import DataError
 from haf_jax.data.formats import RECIPES, TEMPLATES
@@ -61,6 +63,8 @@ __all__ = [
     "RECIPES",
     "Records",
     "TEMPLATES",
+    "chat_template",
+    "format_mismatch",
     "format_report",
     "length_buckets",
     "load_pairs",
@@ -69,4 +73,5 @@ __all__ = [
     "sample_paths",
     "tokenizer_fingerprint",
     "train_loader",
+    "with_training_format",
 ]

@@ -3,6 +3,13 @@
 OUT/reward_model: a *ForSequenceClassification checkpoint (num_labels=1, safetensors, tokenizer
 with a pad token distinct from EOS); OUT/policy: a *ForCausalLM checkpoint (the trained LM head);
 for a LoRA run also OUT/adapter, its adapters in the PEFT layout (merged into the other two).
+
+Both tokenizers render conversations in the run's training format (data.chat_format: BOS, the
+run's data.template, the response, EOS): a PyTorch trainer that scores [user prompt, assistant
+completion] through the reward tokenizer's chat template (TRL's GRPOTrainer, ...) reads the reward
+where `score` reads it, and the policy is prompted as `sample` prompts it. A chat template the
+tokenizer had stays available by the name "tokenizer". A tokenizer that splits prompt | response
+elsewhere than the data layer (Llama 2 / Mistral SentencePiece) gets a warning naming the tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ import pathlib
 
 import jax
 
+from haf_jax import data
 from haf_jax.core import distributed, paths
+from haf_jax.core.logs import log
 from haf_jax.evaluation.loading import default_mesh, is_run_dir, load_model
 from haf_jax.model import hf
 
@@ -31,10 +40,14 @@ def export(workdir: str, out: str, *, which: str = "best") -> dict:
         result["adapter"] = str(target / "adapter")
     if jax.process_index() != 0:
         return result
+    tokenizer = data.with_training_format(m.tokenizer, m.run_config.data.template)
+    problem = data.format_mismatch(m.tokenizer, m.run_config.data.template)
+    if problem:  # the export is still right for transformers and `score`; only chat-template readers differ
+        log(f"warning: {problem}")
     with paths.writable_dir(target) as local:
         local = pathlib.Path(local)
         for kind in ("reward_model", "policy"):
-            hf.save_hf(params, m.model_cfg, local / kind, kind=kind, tokenizer=m.tokenizer)
+            hf.save_hf(params, m.model_cfg, local / kind, kind=kind, tokenizer=tokenizer)
         if adapters is not None:
             trained = {
                 k: params[k]
