@@ -5,7 +5,8 @@ Scoring: `haf_jax.RewardFunction` (evaluation/reward_function.py) over the (prom
 texts: each is tokenised by the data layer exactly as a training pair's chosen response (the
 template given, the reward model's truncation rule, EOS appended, empty or identical candidates
 kept), and the reward head reads the final EOS, so a candidate's score is the `reward_chosen` that
-`haf_jax.score` gives a pair with that text as its chosen response. The pick is the argmax of the scores; ties go to the lowest candidate index.
+`haf_jax.score` gives a pair with that text as its chosen response. The pick is the argmax of the
+scores; ties go to the lowest candidate index.
 
 The paper's protocol (the authors' src/inference.py and src/gpt_judge.py; docs/REPRODUCE.md
 "Best-of-N"): a prompt is dropped, and counted, when one of its candidates does not fit whole

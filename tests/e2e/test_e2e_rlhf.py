@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.runs import REPO, child_env, committed_steps, wait_until
+from helpers.runs import REPO, child_env, wait_until
 
 pytest.importorskip("tunix")
 
@@ -37,6 +37,13 @@ def _rows(workdir) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def _actor_checkpoints(workdir) -> list[int]:
+    """Steps of the committed actor checkpoints (orbax renames a step's directory into place when
+    it is complete)."""
+    d = workdir / "checkpoints" / "actor"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def _kill_after_checkpoint(workdir, args) -> int:
     """Starts `python -m haf_jax.rlhf args` and SIGKILLs it once an actor checkpoint is committed;
     returns that checkpoint's step."""
@@ -45,13 +52,13 @@ def _kill_after_checkpoint(workdir, args) -> int:
     with open(workdir.parent / "killed.log", "w") as log:  # a file, not a pipe nobody reads while we wait
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: committed_steps(workdir / "checkpoints" / "actor"), proc)
+            wait_until(lambda: _actor_checkpoints(workdir), proc)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
         finally:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, (workdir.parent / "killed.log").read_text()[-3000:]
-    return max(committed_steps(workdir / "checkpoints" / "actor"))
+    return max(_actor_checkpoints(workdir))
 
 
 def test_grpo_killed_resumes_and_raises_heldout_reward(rlhf_demo, load_config, one_device, tmp_path):
@@ -82,7 +89,10 @@ def test_ppo_runs_and_its_critic_learns(rlhf_demo, load_config, one_device, tmp_
     from haf_jax.rlhf.run import run
 
     steps = 8
-    config = load_config(f"{CONFIG}:ppo", *_models(rlhf_demo), f"--config.train.steps={steps}", *HELDOUT)
+    # no held-out prompts: a few PPO steps do not move the held-out reward reliably (not asserted)
+    config = load_config(
+        f"{CONFIG}:ppo", *_models(rlhf_demo), f"--config.train.steps={steps}", "--config.data.eval_prompts=0"
+    )
     summary = run(config, str(tmp_path / "ppo"))
     assert summary["algorithm"] == "ppo" and summary["steps"] == steps
     rows = _rows(tmp_path / "ppo")
@@ -92,4 +102,3 @@ def test_ppo_runs_and_its_critic_learns(rlhf_demo, load_config, one_device, tmp_
     # the critic starts from the policy with a random value head: its error on fresh rollouts falls
     loss = [r["value_loss"] for r in rows]
     assert np.mean(loss[-3:]) < 0.5 * np.mean(loss[:2]), loss
-    print("ppo", summary["heldout_reward_initial"], summary["heldout_reward_final"], [r["reward_mean"] for r in rows])
