@@ -24,11 +24,14 @@ def load_data(
     degenerate: str | None = None,
     truncation: str | None = None,
     report: bool = True,
+    whole_prompts: bool = False,
 ):
     """`source` (a data spec, or `data.Records` in memory) tokenised for `model`: a run's data settings
     unless overridden (degenerate / truncation: the fidelity options data.degenerate / data.truncation;
     None keeps the run's, or the project defaults for a Hugging Face model); `run:eval` is the run's own
-    eval split, built exactly as training built it. report: log the data report."""
+    eval split, built exactly as training built it. report: log the data report. whole_prompts: the
+    prompt budget is max_prompt_length as given (up to max_length - 2), not capped at half of
+    max_length as `score` caps it: only prompt + response + EOS > max_length cuts (Best-of-N's rule)."""
     c = model.run_config
     d = c.data if c is not None else None
     if source == RUN_EVAL:
@@ -43,7 +46,8 @@ def load_data(
         )
     else:
         max_length = max_length or (d.max_length if d is not None else 512)
-        max_prompt_length = min(max_prompt_length or (d.max_prompt_length if d is not None else 128), max_length // 2)
+        max_prompt_length = max_prompt_length or (d.max_prompt_length if d is not None else 128)
+        max_prompt_length = min(max_prompt_length, max_length - 2 if whole_prompts else max_length // 2)
         fidelity = data_options.fidelity_options(d) if d is not None else {}
         if degenerate:
             fidelity["degenerate"] = degenerate

@@ -32,6 +32,15 @@ KINDS = ("head", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
+class Scored:
+    """What `RewardFunction.score` gives for N (prompt, completion) inputs, in input order."""
+
+    rewards: np.ndarray  # float32 [N], every option applied (what __call__ returns)
+    truncated: np.ndarray  # bool [N]: the data layer had to cut that prompt + completion
+    report: dict  # the data layer's report of the scored pairs (two completions a pair)
+
+
+@dataclasses.dataclass(frozen=True)
 class Normalization:
     """reward -> (reward - mean) / std; `pairs` is how many reference pairs measured it (0: given)."""
 
@@ -55,6 +64,9 @@ class RewardFunction:
         mean and std, or an explicit (mean, std).
       batch_size: pairs per batch (two completions a pair), rounded up to the mesh's data shards.
       max_length, max_prompt_length, template: override the run's data settings (as `score`'s flags).
+      whole_prompts: the prompt keeps up to max_prompt_length tokens (at most max_length - 2) instead of
+        `score`'s half of max_length: only prompt + completion + EOS > max_length cuts (Best-of-N's
+        length rule, `generation/best_of_n`).
       mesh: device mesh (default: every device on the fsdp axis, as `score`).
     """
 
@@ -74,6 +86,7 @@ class RewardFunction:
         max_length: int | None = None,
         max_prompt_length: int | None = None,
         template: str | None = None,
+        whole_prompts: bool = False,
         mesh=None,
     ):
         if kind not in KINDS:
@@ -81,7 +94,9 @@ class RewardFunction:
         self.mesh = mesh or default_mesh()
         self.model = model if isinstance(model, LoadedModel) else load_model(model, self.mesh, which=step, beta=beta)
         self.kind, self.length_penalty = kind, float(length_penalty)
-        self.data_settings = dict(max_length=max_length, max_prompt_length=max_prompt_length, template=template)
+        self.data_settings = dict(
+            max_length=max_length, max_prompt_length=max_prompt_length, template=template, whole_prompts=whole_prompts
+        )
         self.batch_size = datasets.round_batch(batch_size, self.mesh)
         self.reference = None
         if kind == "dpo":
@@ -107,14 +122,19 @@ class RewardFunction:
 
     def rewards(self, prompts: Sequence, completions: Sequence) -> np.ndarray:
         """float32 [N]: the rewards of __call__ as an array."""
+        return self.score(prompts, completions).rewards
+
+    def score(self, prompts: Sequence, completions: Sequence) -> Scored:
+        """The rewards of __call__ with which inputs the data layer cut and its report."""
         pairs, where = _pairs(list(prompts), list(completions))
         if not pairs:
-            return np.zeros(0, np.float32)
-        raw_Px2 = self._raw(self._load(data.Records("reward function input", pairs), expected=len(pairs)))
-        out_N = raw_Px2[where[:, 0], where[:, 1]]
+            return Scored(np.zeros(0, np.float32), np.zeros(0, bool), {})
+        ds = self._load(data.Records("reward function input", pairs), expected=len(pairs))
+        out_N = self._raw(ds)[where[:, 0], where[:, 1]]
         if self.normalization is not None:
             out_N = (out_N - self.normalization.mean) / self.normalization.std
-        return out_N.astype(np.float32)
+        cut_N = (ds.all_lengths != ds.all_raw_lengths)[where[:, 0], where[:, 1]]
+        return Scored(out_N.astype(np.float32), cut_N, ds.report)
 
     def _load(self, source, expected: int | None = None):
         """`source` tokenised as `score` tokenises it (the run's data settings), degenerate pairs kept."""

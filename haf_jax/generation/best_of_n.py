@@ -1,11 +1,12 @@
 """Best-of-N: N candidates per prompt scored with a reward model, the best picked; the library of
 `python -m haf_jax.bon`.
 
-Scoring: every (prompt, candidate) is tokenised by the data layer exactly as a training pair's
-chosen response (`data.load_pairs` with the same template, truncation "always", EOS appended,
-empty or identical candidates kept), and the reward head reads the final EOS, so a candidate's
-score is the `reward_chosen` that `haf_jax.score` gives a pair with that text as its chosen
-response. The pick is the argmax of the scores; ties go to the lowest candidate index.
+Scoring: `haf_jax.RewardFunction` (evaluation/reward_function.py) over the (prompt, candidate)
+texts: each is tokenised by the data layer exactly as a training pair's chosen response (the
+template given, the reward model's truncation rule, EOS appended, empty or identical candidates
+kept), and the reward head reads the final EOS, so a candidate's score is the `reward_chosen` that
+`haf_jax.score` gives a pair with that text as its chosen response. The pick is the argmax of the
+scores; ties go to the lowest candidate index.
 
 The paper's protocol (the authors' src/inference.py and src/gpt_judge.py; docs/REPRODUCE.md
 "Best-of-N"): a prompt is dropped, and counted, when one of its candidates does not fit whole
@@ -17,7 +18,6 @@ model) then compares the two models' picks of every remaining prompt.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 
 import numpy as np
@@ -61,21 +61,6 @@ def read_candidates(path: str) -> list[dict]:
     return rows
 
 
-def candidate_pairs(rows: list[dict]) -> tuple[list[dict], list[tuple[int, int, int]]]:
-    """Explicit pairs holding every candidate once, two per pair (the last one twice when a row has
-    an odd count), and where each candidate went: (row, pair index, side 0 | 1) per candidate."""
-    pairs, where = [], []
-    for i, row in enumerate(rows):
-        cands = row["candidates"]
-        for j in range(0, len(cands), 2):
-            k = min(j + 1, len(cands) - 1)
-            where.append((i, len(pairs), 0))
-            if k != j:
-                where.append((i, len(pairs), 1))
-            pairs.append({"prompt": row["prompt"], "chosen": cands[j], "rejected": cands[k]})
-    return pairs, where
-
-
 def score_candidates(
     reward_model: str,
     rows: list[dict],
@@ -91,52 +76,31 @@ def score_candidates(
     """(scores per row, float32 [n_i] each; over-long per row, bool [n_i] each; data report) of
     every candidate under the model's reward head.
 
-    The candidates go through the data layer as (prompt, candidate) pairs and the pass is
-    evaluation.Evaluator with the reward head only: the path `score` and the loop evaluate with,
+    The scoring is `evaluation.reward_function.RewardFunction` (the data layer, then
+    evaluation.Evaluator with the reward head only: the path `score` and the loop evaluate with),
     so a candidate's score is `score`'s reward_chosen for the same text. A candidate is over-long
-    when its pair had to be cut: with length_rule "truncate" `score`'s cut (the prompt keeps at
-    most min(max_prompt_length, max_length // 2) tokens, the candidate what is left); with "drop"
-    the prompt may take up to max_length - 2 tokens, so only prompt + candidate + EOS > max_length
-    cuts (the paper's rule)."""
-    from haf_jax import data  # here, not above: a bad candidates file fails before jax is imported
-    from haf_jax.evaluation.datasets import round_batch
-    from haf_jax.evaluation.evaluator import Evaluator
-    from haf_jax.evaluation.loading import default_mesh, load_model
+    when it had to be cut: with length_rule "truncate" `score`'s cut (the prompt keeps at most
+    min(max_prompt_length, max_length // 2) tokens, the candidate what is left); with "drop" the
+    prompt may take up to max_length - 2 tokens, so only prompt + candidate + EOS > max_length cuts
+    (the paper's rule)."""
+    from haf_jax.evaluation.reward_function import RewardFunction  # here: a bad file fails before jax loads
 
-    mesh = mesh or default_mesh()
-    model = load_model(reward_model, mesh, which=step)
-    pairs, where = candidate_pairs(rows)
     if length_rule not in LENGTH_RULES:
         raise ValueError(f"length_rule must be one of {LENGTH_RULES}, got {length_rule!r}")
-    # "truncate": score's settings (the prompt gets at most half of max_length); nothing may be dropped
-    prompt_budget = max_length - 2 if length_rule == "drop" else min(max_prompt_length, max_length // 2)
-    options = data.PairOptions(
+    drop = length_rule == "drop"
+    fn = RewardFunction(
+        reward_model,
+        step=step,
+        batch_size=batch_size,
         max_length=max_length,
-        max_prompt_length=prompt_budget,
+        max_prompt_length=max_length - 2 if drop else max_prompt_length,
         template=template,
-        eval_fraction=0.0,
-        degenerate="keep",
-        max_skip_fraction=0.0,
+        whole_prompts=drop,
+        mesh=mesh,
     )
-    ds = data.load_pairs(data.Records("candidates", pairs), model.tokenizer, options, split="all")
-    if len(ds) != len(pairs):
-        raise RuntimeError(f"the data layer kept {len(ds)} of {len(pairs)} candidate pairs")
-    evaluator = Evaluator(model.step_cfg, mesh, policy=False)
-    reward = evaluator(
-        model.params,
-        ds,
-        batch_size=round_batch(batch_size, mesh),
-        desc=f"score {os.path.basename(str(reward_model).rstrip('/'))}",
-    ).scores["reward"]
-    cut = ds.all_lengths != ds.all_raw_lengths  # [pairs, 2]: the pair lost tokens on that side
-    scores = [np.zeros(len(r["candidates"]), np.float32) for r in rows]
-    over = [np.zeros(len(r["candidates"]), bool) for r in rows]
-    counters = [0] * len(rows)
-    for i, pair, side in where:
-        scores[i][counters[i]] = reward[pair, side]
-        over[i][counters[i]] = cut[pair, side]
-        counters[i] += 1
-    return scores, over, ds.report
+    scored = fn.score([r["prompt"] for r in rows for _ in r["candidates"]], [c for r in rows for c in r["candidates"]])
+    bounds = np.cumsum([len(r["candidates"]) for r in rows])[:-1]
+    return np.split(scored.rewards, bounds), np.split(scored.truncated, bounds), scored.report
 
 
 def pick(scores: np.ndarray) -> int:

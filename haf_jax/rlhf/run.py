@@ -2,7 +2,8 @@
 `RewardFunction` with GRPO or PPO, KL to the frozen initial policy as reference.
 
 The workdir gets `metrics.jsonl` (one row per step: reward_mean, reward_std over the step's
-completions, kl (the actor's KL to the reference), response_length (mean generated tokens)),
+completions, kl (the actor's KL to the reference), response_length (mean generated tokens), and for
+PPO value_loss (the critic's loss on the step's fresh rollouts, before its update)),
 TensorBoard events in `tensorboard/`, Tunix's orbax checkpoints in `checkpoints/` and `summary.json`
 (the held-out mean reward of the initial and the final policy, measured with the same reward
 function on the same held-out prompts). Starting again on a workdir with a checkpoint resumes: Tunix
@@ -99,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, fit_only: bool = Fal
         summary["heldout_reward_initial"] = heldout_reward(cluster, reward, eval_prompts, config)
         summary_path.write_text(json.dumps(summary, indent=1))  # a resumed run keeps the initial policy's
     metrics = MetricsLog(workdir, resume_step=start)
-    cluster.with_external_metrics_logger(_row_writer(metrics, cluster))
+    _write_rows_before_checkpoints(metrics, cluster, config.algorithm == "ppo")
     try:
         learner.train(_dataset(train_prompts, config))
     finally:
@@ -218,38 +219,54 @@ def _dataset(prompts: list[dict], config):
     return grain.MapDataset.source(rows).shuffle(seed=config.train.seed).repeat(epochs).batch(config.train.batch_size)
 
 
-def _row_writer(metrics: MetricsLog, cluster):
-    """Tunix's external metrics logger -> one metrics.jsonl row per train step."""
+def _write_rows_before_checkpoints(metrics: MetricsLog, cluster, ppo: bool) -> None:
+    """Writes step K's metrics.jsonl row from inside Tunix's checkpoint call of step K, before the
+    save: the actor's call for GRPO; for PPO the critic's, whose update follows the actor's (its
+    value loss is part of the row). A checkpoint then never holds a step whose row is not on disk,
+    so a run killed at any moment resumes at its checkpoint's step with every row up to it (Tunix's
+    own metrics flush comes after its weight sync, when the checkpoint may already be committed).
+    Tunix 0.1.7 has no hook between an update and its save, hence the wrapped `save`."""
+    manager = (cluster.critic_trainer if ppo else cluster.actor_trainer).checkpoint_manager
+    save, written = manager.save, set()
 
-    def write(buffer, *args, **kwargs):
-        if str(getattr(buffer, "mode", "train")) not in ("train", "Mode.TRAIN"):
-            return
-        m = buffer.metrics
-        if "rewards/sum" not in m:  # Tunix also flushes buffers of other metrics (timings)
-            return
-        rewards = np.concatenate([np.ravel(np.asarray(v)) for v in m["rewards/sum"][0]])
-        lengths = [float(np.mean(v)) for v in m.get("completions/mean_length", ([np.nan],))[0]]
-        # GRPO: the actor's KL term; PPO puts the KL into the reward, logged with the rollout metrics
-        in_buffer = [np.mean(np.asarray(v[0], np.float64)) for k, v in m.items() if k.split("/")[-1] == "kl"]
-        kl = in_buffer or _history(cluster.actor_trainer.metrics_logger, "kl")
-        row = {
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            "kl": float(np.asarray(kl[-1])) if len(kl) else 0.0,
-            # Tunix 0.1.7's PPO logs no completion lengths: None there
-            "response_length": None if np.isnan(np.mean(lengths)) else float(np.mean(lengths)),
-        }
-        metrics.write(int(buffer.global_steps) + 1, row)
+    def save_after_row(*args, **kwargs):
+        rollout = cluster._buffered_train_metrics[0] if cluster._buffered_train_metrics else None
+        # the rollout buffer of the step being trained (the closing save comes after the last weight
+        # sync, when the current buffer holds only timings: no row then)
+        step = int(cluster.global_steps) + 1  # several saves a step with num_iterations > 1: the first writes
+        current = rollout is not None and rollout.global_steps == cluster.global_steps
+        if current and "rewards/sum" in rollout.metrics and step not in written:
+            written.add(step)
+            metrics.write(step, _row(rollout.metrics, cluster, ppo))
+        return save(*args, **kwargs)
 
-    return write
+    manager.save = save_after_row
 
 
-def _history(logger, name: str) -> list:
-    """The actor's train history of `name` (Tunix files it under the trainer's metrics prefix, "" by
-    default); [] before its first step."""
-    for prefix in ("", "actor"):
-        try:
-            return list(logger.get_metric_history(prefix, name, "train"))
-        except (KeyError, ValueError):  # ValueError: the trainer logs no such metric (PPO's actor: no kl)
-            continue
-    return []
+def _row(m: dict, cluster, ppo: bool) -> dict:
+    """reward_mean, reward_std, kl, response_length (+ value_loss for PPO) of one step from Tunix's
+    rollout buffer `m` ({name: ([values], op)}) and the trainers' buffers of that step."""
+    rewards = np.concatenate([np.ravel(np.asarray(v)) for v in m["rewards/sum"][0]])
+    # GRPO logs "completions/mean_length", PPO "generation/completions/mean_length"
+    lengths = [np.mean(v) for k, (vs, _) in m.items() if k.endswith("completions/mean_length") for v in vs]
+    if ppo:  # PPO puts the KL into the reward: the per-sequence mean KL of the rollout (absent when beta = 0)
+        kl = [np.mean(v) for v in m.get("rewards/reward_kl_penalty", ([],))[0]]
+    else:  # GRPO: the KL term of the actor's loss
+        kl = [np.mean(v) for v in _step_buffer(cluster.actor_trainer).additional_metrics.get("kl", ([],))[0]]
+    row = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "kl": float(np.mean(kl)) if kl else 0.0,
+        "response_length": float(np.mean(lengths)) if lengths else None,
+    }
+    if ppo:
+        # the critic's loss on this step's fresh rollouts, the first mini-batch measured before any
+        # update: how well the value model predicts returns it has not been trained on
+        row["value_loss"] = float(np.asarray(_step_buffer(cluster.critic_trainer).losses[0]))
+    return row
+
+
+def _step_buffer(trainer):
+    """A Tunix trainer's metrics buffer of the step it has just trained (Tunix writes each step's
+    metrics one step late, so at its checkpoint call the step's buffer is the "previous" one)."""
+    return trainer._prev_buffered_train_metrics

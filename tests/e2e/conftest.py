@@ -14,7 +14,7 @@ import shutil
 
 import jax
 import pytest
-from helpers.runs import LORA, SAMPLE, Runner
+from helpers.runs import LORA, REPO, SAMPLE, Runner
 
 
 def pytest_collection_modifyitems(config, items):
@@ -172,3 +172,21 @@ def smollm2():
         if not (hf_dir / "config.json").is_file():
             gguf.to_hf(model, hf_dir)
     return model, hf_dir
+
+
+@pytest.fixture(scope="session")
+def rlhf_demo(shared_root):
+    """configs/rlhf.py's offline demo models, trained once per session (also across xdist workers) on
+    one device: {"policy", "reward_model", "prompts"} (haf_jax.rlhf.demo.prepare: a tiny Qwen2 HaF
+    reward model trained on the marker rule, its export, the rule pairs). Tests must not modify them."""
+    pytest.importorskip("tunix")
+    from filelock import FileLock
+    from helpers.runs import load_config
+
+    from haf_jax.rlhf import demo
+
+    with FileLock(str(shared_root / "rlhf_demo.lock")), pytest.MonkeyPatch.context() as mp:
+        devices = jax.devices()[:1]  # as the `one_device` fixture: the demo's run as a user's one-device run
+        mp.setattr(jax, "devices", lambda *args, **kwargs: devices)
+        mp.setenv("HAF_JAX_CACHE", str(shared_root / "rlhf_demo.cache"))
+        return demo.prepare(load_config(str(REPO / "configs" / "rlhf.py")), shared_root / "rlhf_demo")

@@ -19,23 +19,46 @@ PROMPTS = ["Human: how do I bake bread?\n\nAssistant:"] * 3 + ["Human: hi\n\nAss
 COMPLETIONS = [" Mix flour, water and yeast.", " Use an oven.", " Yes.", " Hello! " * 30, " Blue."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_device_module(tmp_path_factory):
+    """The module on one device (as `one_device`, for module-scoped fixtures): sharding is not the
+    point here, and one device compiles and runs fastest; its own reference cache."""
+    import jax
+
+    devices = jax.devices()[:1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "devices", lambda *args, **kwargs: devices)
+        mp.setenv("HAF_JAX_CACHE", str(tmp_path_factory.mktemp("haf_jax_cache")))
+        yield devices[0]
+
+
 @pytest.fixture(scope="module")
-def fn():
+def fn(one_device_module):
     return haf_jax.RewardFunction(str(RUN), batch_size=4, **SETTINGS)
 
 
-def _score(tmp_path, rows, **kw):
-    """score's rows for explicit pairs whose chosen responses are the texts (rejected: a filler)."""
-    path = tmp_path / "pairs.jsonl"
+def _score(directory, rows, **kw):
+    """score's rows for explicit pairs `rows`."""
+    path = directory / "pairs.jsonl"
     jsonl.write(str(path), rows)
-    out = tmp_path / "scores.jsonl"
+    out = directory / "scores.jsonl"
     scoring.score(str(RUN), str(path), str(out), batch_size=4, **SETTINGS, **kw)
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def test_equals_score_reward_chosen(fn, tmp_path):
-    rows = [{"prompt": p, "chosen": c, "rejected": " filler"} for p, c in zip(PROMPTS, COMPLETIONS)]
-    expected = np.array([r["reward_chosen"] for r in _score(tmp_path, rows)])
+# Pairs whose chosen responses are the completions (rejected: the completion and more words): one
+# `score --reference=initial --beta=0.5` pass gives every number the string tests compare with
+# (reward_chosen, reward_rejected for the normalisation's reference set, the log-probs of both).
+REF_ROWS = [{"prompt": p, "chosen": c, "rejected": c + " and more."} for p, c in zip(PROMPTS, COMPLETIONS)]
+
+
+@pytest.fixture(scope="module")
+def scored(one_device_module, tmp_path_factory):
+    return _score(tmp_path_factory.mktemp("scored"), REF_ROWS, reference="initial", beta=0.5)
+
+
+def test_equals_score_reward_chosen(fn, scored):
+    expected = np.array([r["reward_chosen"] for r in scored])
     got = fn(PROMPTS, COMPLETIONS, answer=["ignored"] * 5)  # RL libraries pass extra keywords
     assert isinstance(got, list) and all(isinstance(x, float) for x in got)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -62,9 +85,7 @@ def test_chat_messages(fn, tmp_path):
     assert abs(plain[0] - expected[0]) > 1e-5
 
 
-def test_implicit_reward_and_length_penalty(tmp_path):
-    rows = [{"prompt": p, "chosen": c, "rejected": " filler"} for p, c in zip(PROMPTS, COMPLETIONS)]
-    scored = _score(tmp_path, rows, reference="initial", beta=0.5)
+def test_implicit_reward_and_length_penalty(scored):
     implicit = np.array([0.5 * (r["logp_chosen"] - r["ref_logp_chosen"]) for r in scored])
     dpo = haf_jax.RewardFunction(str(RUN), kind="dpo", beta=0.5, length_penalty=0.25, batch_size=4, **SETTINGS)
     tokens = dpo.model.tokenizer
@@ -77,9 +98,8 @@ def test_implicit_reward_and_length_penalty(tmp_path):
     assert np.abs(implicit).max() > 1e-3  # two training steps moved the LM head: the reference matters
 
 
-def test_normalisation(fn, tmp_path):
-    ref = [{"prompt": p, "chosen": c, "rejected": c + " and more."} for p, c in zip(PROMPTS, COMPLETIONS)]
-    scored = _score(tmp_path, ref)
+def test_normalisation(fn, scored, tmp_path):
+    ref = REF_ROWS
     raw = np.array([[r["reward_chosen"], r["reward_rejected"]] for r in scored]).ravel()
     path = tmp_path / "ref.jsonl"
     jsonl.write(str(path), ref)
