@@ -1,4 +1,4 @@
-"""HaF reward-model training on a Mistral backbone (7B v0.1 with its sliding window, 7B v0.3).
+"""HaF reward-model training on a Mistral backbone (7B v0.1 with its sliding window, 7B v0.2, 7B v0.3).
 
 Run (offline default: tiny random Mistral-architecture model with a 64-token sliding window on
 every layer, on the bundled HH-RLHF sample; a few minutes on a 2-core CPU):

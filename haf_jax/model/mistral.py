@@ -1,6 +1,7 @@
 """Mistral: Llama's layers with grouped-query attention and, when `sliding_window` is set, a
-sliding window on every layer. Presets: mistral-7b (v0.1, 32k vocabulary, window 4096) and
-mistral-7b-v0.3 (32,768 vocabulary, rope base 1e6, no window)."""
+sliding window on every layer. Presets: mistral-7b (v0.1, 32k vocabulary, window 4096), mistral-7b-v0.2
+(32k vocabulary, rope base 1e6, no window: the HaF-RM authors' backbone) and mistral-7b-v0.3 (32,768
+vocabulary, rope base 1e6, no window)."""
 
 from __future__ import annotations
 
@@ -86,5 +87,7 @@ PRESETS: dict[str, ModelConfig] = {
         pad_token_id=0,
     ),
     "mistral-7b": _mistral(32_000, 10_000.0, 4096),
+    # v0.2 (base and Instruct share the shapes): v0.1's vocabulary with v0.3's rope base and full attention
+    "mistral-7b-v0.2": _mistral(32_000, 1_000_000.0, None),
     "mistral-7b-v0.3": _mistral(32_768, 1_000_000.0, None),
 }

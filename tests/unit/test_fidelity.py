@@ -202,6 +202,7 @@ def test_eval_subsample_is_datasets_shuffle_select(tok, tmp_path):
             "response_1": f"b{i}",
             "is_response_0_safe": i % 3 != 1,
             "is_response_1_safe": i % 3 == 1 or i % 5 == 0,
+            "safer_response_id": 1 if i % 3 == 1 else 0,  # the recipe's chosen label (the hub schema has it)
         }
         for i in range(60)
     ]

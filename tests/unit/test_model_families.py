@@ -583,6 +583,7 @@ PUBLISHED = {
     "llama3.2-1b": 1_235_814_400,
     "llama3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,
+    "mistral-7b-v0.2": 7_241_732_096,  # v0.1's shapes: the window and rope base hold no parameters
     "mistral-7b-v0.3": 7_248_023_552,
     "qwen2-0.5b": 494_032_768,
     "qwen2-1.5b": 1_543_714_304,
@@ -606,6 +607,36 @@ def test_preset_parameter_count(name):
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(hf_config)
     assert model.num_parameters() == PUBLISHED[name]
+
+
+# mistralai/Mistral-7B-Instruct-v0.2's config.json as published on the hub (the architecture fields; the
+# HaF-RM authors' `Mistral-7B-v02`): the preset must be what loading that file gives
+MISTRAL_V02_CONFIG_JSON = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "vocab_size": 32000,
+}
+
+
+def test_mistral_v02_preset_is_the_published_config():
+    loaded = families.from_hf(MISTRAL_V02_CONFIG_JSON)
+    assert loaded == dataclasses.replace(PRESETS["mistral-7b-v0.2"], scan_layers=False)
+    # and it is neither neighbour: v0.1 has a 4096 window and rope base 1e4, v0.3 a 32,768 vocabulary
+    assert loaded != dataclasses.replace(PRESETS["mistral-7b"], scan_layers=False)
+    assert loaded != dataclasses.replace(PRESETS["mistral-7b-v0.3"], scan_layers=False)
 
 
 # ----------------------------------------------------------------------------- (5) model_type checks

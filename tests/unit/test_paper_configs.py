@@ -35,8 +35,8 @@ SETUPS = {
     "phi2_full": ("configs/paper/phi2_full.py", "phi-2", "microsoft/phi-2", "phi2", 1e-5, 0),
     "mistral7b_lora": (
         "configs/paper/mistral7b_lora.py",
-        "mistral-7b-v0.3",
-        "mistralai/Mistral-7B-v0.3",
+        "mistral-7b-v0.2",
+        "mistralai/Mistral-7B-Instruct-v0.2",
         "mistral",
         3e-5,
         64,
@@ -208,7 +208,7 @@ def test_real_size_parameter_trees(configs):
     n_adapters = params_lib.param_count(trained["lora"])
     assert n_adapters == MISTRAL_LORA_PARAMS == 113_246_208
     assert params_lib.param_count(trained) == n_adapters + 4096  # + the reward head
-    assert full == 7_248_023_552 + 4096, full  # Mistral-7B-v0.3 as published + head
+    assert full == 7_241_732_096 + 4096, full  # Mistral-7B-v0.2 as published + head
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trained))
 
 
