@@ -71,12 +71,9 @@ def one_device(monkeypatch, tmp_path):
     a child would, with their own reference cache (HAF_JAX_CACHE), as helpers.runs.Runner gives a
     child. Their numbers equal a child's to float rounding, not bit for bit (XLA still has 8 devices
     here): compare bit for bit only runs made the same way."""
-    import jax
+    from helpers.runs import restrict_to_one_device
 
-    devices = jax.devices()[:1]
-    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
-    monkeypatch.setenv("HAF_JAX_CACHE", str(tmp_path / "haf_jax_cache"))
-    return devices[0]
+    return restrict_to_one_device(monkeypatch, tmp_path / "haf_jax_cache")
 
 
 @pytest.fixture(scope="session")

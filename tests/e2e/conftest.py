@@ -14,7 +14,7 @@ import shutil
 
 import jax
 import pytest
-from helpers.runs import LORA, REPO, SAMPLE, Runner
+from helpers.runs import LORA, REPO, SAMPLE, SMOLLM2_LORA, Runner, restrict_to_one_device
 
 
 def pytest_collection_modifyitems(config, items):
@@ -214,3 +214,79 @@ def rlhf_demo(shared_root):
         mp.setattr(jax, "devices", lambda *args, **kwargs: devices)
         mp.setenv("HAF_JAX_CACHE", str(shared_root / "rlhf_demo.cache"))
         return demo.prepare(load_config(str(REPO / "configs" / "rlhf.py")), shared_root / "rlhf_demo")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pairs(shared_root):
+    """The 8 shortest pairs (in characters; 26-41 SmolLM2 tokens) of the bundled sample's first 200
+    records as {prompt, chosen, rejected}: real HH-RLHF prompts that fit 64 tokens uncut (6 train /
+    2 eval with eval_fraction 0.25)."""
+    import json
+
+    from filelock import FileLock
+
+    path = shared_root / "smollm2_pairs.jsonl"
+    with FileLock(str(shared_root / "smollm2_pairs.lock")):
+        if not path.exists():
+            with gzip.open(SAMPLE, "rt") as f:
+                rows = [json.loads(line) for _, line in zip(range(200), f)]
+            rows.sort(key=lambda r: max(len(r["chosen"]), len(r["rejected"])))
+            pairs = []
+            for r in rows[:8]:  # the prompt: up to the last assistant turn's tag, as the data layer cuts it
+                cut = r["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+                assert r["rejected"][:cut] == r["chosen"][:cut]
+                pairs.append(
+                    {"prompt": r["chosen"][:cut], "chosen": r["chosen"][cut:], "rejected": r["rejected"][cut:]}
+                )
+            path.with_suffix(".tmp").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+            path.with_suffix(".tmp").rename(path)
+    return path
+
+
+def _in_process_on_one_device(module: str, argv: list[str], cache_dir) -> None:
+    """`python -m MODULE ARGV...` run in this process (helpers.commands) on one device, the fake
+    8 devices of tests/conftest.py restored afterwards for the tests around it."""
+    from helpers.commands import command
+
+    with pytest.MonkeyPatch.context() as mp:
+        restrict_to_one_device(mp, cache_dir)
+        command(module).invoke([module, *argv])
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2, smollm2_pairs, shared_root):
+    """A LoRA HaF run from SmolLM2-135M-Instruct (helpers.runs.SMOLLM2_LORA: 3 steps), trained in this
+    process on one device, once per session (also across xdist workers, under a file lock). Tests
+    must not modify it: copy it first."""
+    from filelock import FileLock
+
+    workdir = shared_root / "smollm2_run"
+    with FileLock(str(shared_root / "smollm2_run.lock")):
+        if not (workdir / "summary.json").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            argv = [
+                f"--config={REPO / 'configs' / 'llama.py'}",
+                f"--workdir={workdir}",
+                f"--config.model.checkpoint={smollm2[1]}",
+                f"--config.data.train={smollm2_pairs}",
+                *SMOLLM2_LORA,
+            ]
+            _in_process_on_one_device("haf_jax.train", argv, shared_root / "smollm2_run.cache")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_run, shared_root):
+    """`haf_jax.export` of smollm2_run's last step (merged reward_model/ and policy/, the PEFT adapter),
+    in this process, once per session."""
+    from filelock import FileLock
+
+    out = shared_root / "smollm2_export"
+    with FileLock(str(shared_root / "smollm2_export.lock")):
+        if not out.is_dir():
+            part = out.with_suffix(".part")  # renamed when whole: an interrupted export is not reused
+            shutil.rmtree(part, ignore_errors=True)
+            argv = [f"--workdir={smollm2_run}", f"--out={part}", "--step=last"]
+            _in_process_on_one_device("haf_jax.export", argv, shared_root / "smollm2_export.cache")
+            part.rename(out)
+    return out

@@ -51,6 +51,26 @@ LORA = [
     "--config.optim.learning_rate=0.01",
 ]
 
+# The SmolLM2-135M LoRA HaF run (tests/e2e/test_e2e_smollm2.py, fixture `smollm2_run`): 3 steps of 2
+# pairs at 64 tokens; scanned layers (the 30-layer stack compiles as one block); rank-8 adapters at
+# lr 1e-3, so that two updates move them enough for the merged export to differ from the base; a
+# checkpoint every step (steps 2 and 3 kept), one eval (2 pairs) at the end.
+SMOLLM2_STEPS, SMOLLM2_MAX_LENGTH, SMOLLM2_MAX_PROMPT = 3, 64, 48
+SMOLLM2_LORA = [
+    "--config.model.lora.rank=8",
+    "--config.model.scan_layers=True",
+    "--config.optim.learning_rate=1e-3",
+    "--config.train.batch_size=2",
+    f"--config.train.steps={SMOLLM2_STEPS}",
+    f"--config.train.eval_every={SMOLLM2_STEPS}",
+    "--config.train.eval_batch_size=2",
+    "--config.train.log_every=1",
+    "--config.checkpoint.every_steps=1",
+    f"--config.data.max_length={SMOLLM2_MAX_LENGTH}",
+    f"--config.data.max_prompt_length={SMOLLM2_MAX_PROMPT}",
+    "--config.data.eval_fraction=0.25",
+]
+
 
 def load_config(spec: str, *overrides: str):
     """A run config parsed by config_flags exactly as `python -m haf_jax.train --config=SPEC OVERRIDES...`
@@ -64,6 +84,20 @@ def load_config(spec: str, *overrides: str):
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)
     return fv.config
+
+
+def restrict_to_one_device(monkeypatch, cache_dir):
+    """Through `monkeypatch`: jax.devices() lists only the first device (this process seen as the
+    one-device machine a child is; tests/conftest.py fakes 8) and HAF_JAX_CACHE (the reference
+    log-prob cache) is `cache_dir`. Returns the device. The `one_device` fixture (tests/conftest.py)
+    is this for one test; a session fixture that trains in-process calls it inside
+    `pytest.MonkeyPatch.context()`, so the tests around it keep their 8 devices."""
+    import jax
+
+    devices = jax.devices()[:1]
+    monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: devices)
+    monkeypatch.setenv("HAF_JAX_CACHE", str(cache_dir))
+    return devices[0]
 
 
 def train_in_process(workdir, *overrides: str, config: str = "configs/gemma.py") -> dict:
