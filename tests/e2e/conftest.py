@@ -14,7 +14,7 @@ import shutil
 
 import jax
 import pytest
-from helpers.runs import LORA, REPO, SAMPLE, SMOLLM2_LORA, Runner, restrict_to_one_device
+from helpers.runs import LORA, SAMPLE, Runner, restrict_to_one_device, smollm2_train_argv
 
 
 def pytest_collection_modifyitems(config, items):
@@ -264,13 +264,7 @@ def smollm2_run(smollm2, smollm2_pairs, shared_root):
     with FileLock(str(shared_root / "smollm2_run.lock")):
         if not (workdir / "summary.json").exists():
             shutil.rmtree(workdir, ignore_errors=True)
-            argv = [
-                f"--config={REPO / 'configs' / 'llama.py'}",
-                f"--workdir={workdir}",
-                f"--config.model.checkpoint={smollm2[1]}",
-                f"--config.data.train={smollm2_pairs}",
-                *SMOLLM2_LORA,
-            ]
+            argv = smollm2_train_argv(workdir, smollm2[1], smollm2_pairs)
             _in_process_on_one_device("haf_jax.train", argv, shared_root / "smollm2_run.cache")
     return workdir
 

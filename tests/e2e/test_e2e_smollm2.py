@@ -33,13 +33,12 @@ import torch
 import transformers as T
 from helpers.commands import command
 from helpers.runs import (
-    REPO,
-    SMOLLM2_LORA,
     SMOLLM2_MAX_LENGTH,
     SMOLLM2_MAX_PROMPT,
     SMOLLM2_STEPS,
     rows,
     score_rows,
+    smollm2_train_argv,
     train_rows,
     transformers_scores,
 )
@@ -219,15 +218,8 @@ def test_lora_run_resumes_exactly(smollm2, smollm2_run, smollm2_pairs, one_devic
     workdir = tmp_path / "resumed"
     shutil.copytree(smollm2_run, workdir)
     shutil.rmtree(workdir / "checkpoints" / str(SMOLLM2_STEPS))
-    argv = [
-        f"--config={REPO / 'configs' / 'llama.py'}",
-        f"--workdir={workdir}",
-        f"--config.model.checkpoint={smollm2[1]}",
-        f"--config.data.train={smollm2_pairs}",
-        *SMOLLM2_LORA,
-    ]
     capsys.readouterr()
-    command("haf_jax.train").invoke(["haf_jax.train", *argv])
+    command("haf_jax.train").invoke(["haf_jax.train", *smollm2_train_argv(workdir, smollm2[1], smollm2_pairs)])
     assert f"at step {SMOLLM2_STEPS - 1}" in capsys.readouterr().err
     # steps 1-2 kept, step 3 and the eval computed again; the timings (compile_s, step_s, the rates) differ
     timing = {"compile_s", "step_s", "pairs_per_s", "tokens_per_s", "mfu"}

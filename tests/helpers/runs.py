@@ -72,6 +72,17 @@ SMOLLM2_LORA = [
 ]
 
 
+def smollm2_train_argv(workdir, model_dir, pairs) -> list[str]:
+    """`haf_jax.train`'s flags of the SmolLM2 LoRA run (configs/llama.py by absolute path)."""
+    return [
+        f"--config={REPO / 'configs' / 'llama.py'}",
+        f"--workdir={workdir}",
+        f"--config.model.checkpoint={model_dir}",
+        f"--config.data.train={pairs}",
+        *SMOLLM2_LORA,
+    ]
+
+
 def load_config(spec: str, *overrides: str):
     """A run config parsed by config_flags exactly as `python -m haf_jax.train --config=SPEC OVERRIDES...`
     parses it (file loaded by path, `--config.KEY=VALUE` overrides)."""
