@@ -14,7 +14,7 @@ import shutil
 
 import jax
 import pytest
-from helpers.runs import LORA, SAMPLE, Runner, restrict_to_one_device, smollm2_train_argv
+from helpers.runs import LORA, REPO, SAMPLE, Runner, restrict_to_one_device, smollm2_train_argv
 
 
 def pytest_collection_modifyitems(config, items):
