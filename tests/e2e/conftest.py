@@ -210,9 +210,7 @@ def rlhf_demo(shared_root):
     from haf_jax.rlhf import demo
 
     with FileLock(str(shared_root / "rlhf_demo.lock")), pytest.MonkeyPatch.context() as mp:
-        devices = jax.devices()[:1]  # as the `one_device` fixture: the demo's run as a user's one-device run
-        mp.setattr(jax, "devices", lambda *args, **kwargs: devices)
-        mp.setenv("HAF_JAX_CACHE", str(shared_root / "rlhf_demo.cache"))
+        restrict_to_one_device(mp, shared_root / "rlhf_demo.cache")  # the demo as a user's one-device run
         return demo.prepare(load_config(str(REPO / "configs" / "rlhf.py")), shared_root / "rlhf_demo")
 
 
