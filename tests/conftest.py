@@ -47,6 +47,24 @@ def hub(tmp_path_factory):
     return write_hub(tmp_path_factory.mktemp("hub"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module (restored after): the parity models are tiny, and on
+    2 shared cores torch's own pool only contends with XLA and the other xdist worker (a 59-step
+    greedy loop took 10-20 s instead of 0.2 s; `generate` ran 3-10x slower). Modules that use torch
+    mark themselves `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; without torch it
+    does nothing (the tests that need torch import or skip it themselves)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_network(monkeypatch):
     """Every connection attempt is refused and recorded: reading a local repository makes none."""

@@ -41,18 +41,7 @@ CONFIGS = {"llama": "configs/llama.py", "qwen2": "configs/qwen2.py", "phi": "con
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's 2 intra-op threads only contend with XLA and the other test worker on 2 cores."""
-    try:
-        import torch
-    except ImportError:  # only the tests that use torch need it (they import or skip it themselves)
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(config, workdir, checkpoint, data):

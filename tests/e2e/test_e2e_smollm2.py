@@ -54,14 +54,7 @@ NEW = 48
 ALPHA = 0.2  # loss.alpha of configs/llama.py (base config): HaF = L_R + alpha L_P
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on 2 shared cores torch's own pool oversubscribes them (generate ran 3-10x
-    slower with 2 threads beside the JAX and xdist processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextlib.contextmanager

@@ -34,19 +34,7 @@ def converted(files, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These models are tiny: with 2 intra-op threads on a busy 2-core machine torch's thread pool
-    made the 59-step greedy loop take 10-20 s instead of 0.2 s. Restored afterwards."""
-    try:
-        import torch
-    except ImportError:  # only the tests that use torch need it (they import or skip it themselves)
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

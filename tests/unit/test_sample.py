@@ -36,13 +36,7 @@ def prompt_texts(rng, counts=PROMPT_WORDS):
     return [" ".join(f"w{i}" for i in rng.integers(3, V, c)) for c in counts]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: torch's thread pool only adds contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
