@@ -317,6 +317,7 @@ OLDER_RUNS = {
     "loss": {"dpo_scale_by_alpha": False},
     "train": {"profile_steps": ""},
     "optim": {"moment_dtype": "float32"},
+    "bon": {"n": 4},  # Best-of-N's N: the paper's N for Phi-2 (before the key, bon drew 4)
 }
 
 

@@ -61,8 +61,13 @@ def test_records_in_other_forms_splits_and_recipes(tok):
         },
         {"prompt": "q", "response_0": " a", "response_1": " b", "is_response_0_safe": True, "is_response_1_safe": True},
     ]
+    # pairs with exactly one safe response (both safe: dropped); chosen is the safer_response_id one by
+    # default (the authors'), the flagged-safe one with the flags recipe: here they disagree
+    safe = [{**row, "safer_response_id": 1} for row in safe]
     ds = load_pairs(Records("bt", safe, recipe="beavertails_safe"), tok, split="all")
-    assert len(ds) == 1 and ds.report["recipe"] == "beavertails_safe"
+    assert len(ds) == 1 and ds.report["recipe"] == "beavertails_safe" and ds.pairs[0]["chosen"] == " b"
+    ds = load_pairs(Records("bt", safe, recipe="beavertails_safe_flags"), tok, split="all")
+    assert len(ds) == 1 and ds.report["recipe"] == "beavertails_safe_flags" and ds.pairs[0]["chosen"] == " a"
 
 
 @pytest.mark.parametrize(

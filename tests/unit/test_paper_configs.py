@@ -283,5 +283,10 @@ def test_train_step_compiles_on_a_shrunken_model(setup, objective, configs):
     inputs = (abstract, {k: batch[k] for k in keys}, frozen)
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(inputs))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    assert memory.argument_size_in_bytes == nbytes, (memory.argument_size_in_bytes, nbytes)
-    assert memory.alias_size_in_bytes == state_bytes, (memory.alias_size_in_bytes, state_bytes)
+    if objective != "baseline":
+        assert memory.argument_size_in_bytes == nbytes, (memory.argument_size_in_bytes, nbytes)
+        assert memory.alias_size_in_bytes == state_bytes, (memory.alias_size_in_bytes, state_bytes)
+    else:  # baseline never reads the LM head, and jit drops unused arguments (measured: phi2_full 1,660,828
+        # of 1,726,364 bytes; mistral7b_lora 1,362,076 of 1,558,684: its frozen [V, D] head)
+        assert state_bytes <= memory.argument_size_in_bytes < nbytes, (memory.argument_size_in_bytes, nbytes)
+        assert 0 < memory.alias_size_in_bytes <= state_bytes, (memory.alias_size_in_bytes, state_bytes)
