@@ -70,8 +70,13 @@ def cached(key_parts: dict, compute_fn, needed: np.ndarray, n: int, *, known=Non
     if known is not None:
         array = np.where(np.isnan(array), known, array)
     missing = needed[np.isnan(array[needed]).any(axis=1)]
+    if len(missing) and jax.process_count() > 1:
+        # Several processes compute the whole split, in the full pass's process layout: a partial pass
+        # (data.batching.subset_batches) deals a batch's pairs to processes by index, which can hand one
+        # process more than its share, and the processes must run the same batches (collectives).
+        missing = np.arange(n)
     if len(missing):
-        fresh = compute_fn(indices=missing)
+        fresh = compute_fn(indices=None if len(missing) == n else missing)
         array[missing] = fresh[missing]
         if jax.process_index() == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
