@@ -12,13 +12,12 @@ body once, whatever its trip count: scanned layers would be undercounted by thei
 (tests/unit/test_mfu.py shows it), and the chunk loops cannot be known before the step runs.
 
 Peaks are dense bfloat16 FLOP/s per device from the vendors' data sheets; on CPU the peak is
-measured once (a float32 matmul's FLOPs per CPU-second x the usable cores), and the log says which.
+measured once (a float32 matmul on this host), and the log says which.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import jax
@@ -96,8 +95,7 @@ def peak_flops(devices) -> tuple[float | None, str]:
         per_host = measured_cpu_flops()
         return (
             per_host * hosts,
-            f"measured on this CPU host: {per_host / 1e9:.1f} GFLOP/s (float32 matmul per CPU-second x cores)"
-            f" x {hosts} host(s)",
+            f"measured on this CPU host: {per_host / 1e9:.1f} GFLOP/s float32 matmul x {hosts} host(s)",
         )
     for name, peak in PEAK_BF16_FLOPS:
         if name.lower() in kind.lower():
@@ -106,23 +104,19 @@ def peak_flops(devices) -> tuple[float | None, str]:
 
 
 def measured_cpu_flops(n: int = 1024, repeats: int = 25) -> float:
-    """FLOP/s of this host's usable cores: the float32 [n, n] x [n, n] matmul's FLOPs per CPU-second
-    of this process (best of `repeats`) x the cores it may run on.
+    """FLOP/s of a float32 [n, n] x [n, n] matmul on the default CPU device, best of `repeats`.
 
-    CPU time, not wall time: another process on the same cores stretches the matmul's wall time
-    (halving a wall-clock peak, so MFU came out above 1 with two pytest-xdist workers) but not the
-    CPU time it takes (measured here: 104 GFLOP/s per core alone, 103 beside a busy NumPy process,
-    where the wall-clock rate fell from 122 to 73). Per core x cores is also the peak an ideal
-    multi-threaded matmul would reach; XLA's two-thread matmul reached ~60% of it."""
+    Best of 25 (~0.3 s here) rather than 5: another process busy on the same cores during the whole
+    window halves the measured peak and puts MFU above 1 (seen with two pytest-xdist workers)."""
     a = jnp.ones((n, n), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
-        t0 = time.process_time()
+        t0 = time.perf_counter()
         matmul(a).block_until_ready()
-        best = min(best, time.process_time() - t0)
-    return 2.0 * n**3 / max(best, 1e-9) * len(os.sched_getaffinity(0))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
 
 class CountedStep:
