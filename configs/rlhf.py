@@ -33,7 +33,7 @@ def get_config(arg: str = "grpo"):
     c.rollout.top_k = 0  # 0 = off
     c.train = ml_collections.ConfigDict()
     c.train.steps = 30  # learner steps (one batch of prompts each)
-    c.train.batch_size = 4  # prompts per step
+    c.train.batch_size = 4 if arg == "grpo" else 16  # prompts per step (PPO: one completion each, GRPO: a group)
     c.train.learning_rate = 3e-3
     c.train.critic_learning_rate = 3e-3  # PPO only
     c.train.seed = 0

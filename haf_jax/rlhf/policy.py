@@ -16,6 +16,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 TUNIX_VERSION = "0.1.7"  # the version pinned by the rlhf extra; its limits are the ones named here
 
@@ -85,22 +86,36 @@ def load_policy(directory: str, mesh):
         return params.create_model_from_safe_tensors(str(directory), spec.tunix_config, mesh), spec
 
 
-def make_critic(actor, spec: PolicySpec, seed: int = 0):
+def make_critic(actor, spec: PolicySpec, seed: int = 0, scale: float = 1.0):
     """A PPO value model initialised from the policy: a copy of its trunk with a random [embed_dim, 1]
     head in place of the LM head (Tunix's create_critic_model; a tied-embedding policy has no lm_head
-    to replace, so its copy is switched to an untied head first). Tunix 0.1.7 cannot start the critic
-    from the reward model: that is a haf_jax model, not one of Tunix's modules."""
-    from flax import nnx
+    to replace, so its copy is switched to an untied head first), its output times `scale` (values in
+    the scaled reward's unit, run.PPO_REWARD_SCALE, while its weights learn at the unscaled one's
+    pace). Tunix 0.1.7 cannot start the critic from the reward model: that is a haf_jax model, not
+    one of Tunix's modules."""
     from tunix.rl import utils
 
     if not spec.tied:
-        return utils.create_critic_model(actor, seed=seed)
-    graph, state = nnx.split(actor)
-    critic = nnx.merge(graph, jax.tree.map(jnp.copy, state))
-    untie = {"use_tied_embedding": False} if spec.family == "qwen2" else {"weight_tying": False}
-    critic.config = dataclasses.replace(critic.config, **untie)
-    critic.lm_head = nnx.Linear(spec.tunix_config.embed_dim, 1, use_bias=False, rngs=nnx.Rngs(seed))
+        critic = utils.create_critic_model(actor, seed=seed)
+    else:
+        graph, state = nnx.split(actor)
+        critic = nnx.merge(graph, jax.tree.map(jnp.copy, state))
+        untie = {"use_tied_embedding": False} if spec.family == "qwen2" else {"weight_tying": False}
+        critic.config = dataclasses.replace(critic.config, **untie)
+        critic.lm_head = nnx.Linear(spec.tunix_config.embed_dim, 1, use_bias=False, rngs=nnx.Rngs(seed))
+    if scale != 1.0:
+        critic.lm_head = ScaledHead(critic.lm_head, scale)
     return critic
+
+
+class ScaledHead(nnx.Module):
+    """`head`'s output times a constant (a float attribute, not a parameter)."""
+
+    def __init__(self, head, scale: float):
+        self.head, self.scale = head, scale
+
+    def __call__(self, x):
+        return self.scale * self.head(x)
 
 
 class TunixTokenizer:

@@ -29,6 +29,14 @@ from haf_jax.rlhf.prompts import load_prompts
 from haf_jax.training.metrics import MetricsLog
 
 ALGORITHMS = ("grpo", "ppo")
+# Tunix 0.1.7's PPO adds each sequence's reward into an integer array (jnp.zeros_like of the
+# completion ids), which truncates it toward zero: rewards of -0.9..0.9 all become 0. haf_jax hands
+# PPO the reward times PPO_REWARD_SCALE (resolution 1 / scale) and scales everything else that the
+# reward's unit reaches the same way, so the run is the unscaled problem: the KL coefficient, the
+# critic's output (policy.make_critic(scale=)) and its value clip range. Advantages are whitened, so
+# the actor's update is unchanged; Adam makes the critic's scaled loss a no-op too (see _row for the
+# metrics, which are reported in the reward's own unit).
+PPO_REWARD_SCALE = 1000.0
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -176,15 +184,20 @@ def _learner(config, policy_dir, tokenizer, reward, workdir):
     cluster = rlc.RLCluster(
         actor=actor,
         reference=reference,
-        critic=policy_lib.make_critic(actor, spec, seed=config.train.seed) if ppo else None,
+        critic=policy_lib.make_critic(actor, spec, seed=config.train.seed, scale=PPO_REWARD_SCALE) if ppo else None,
         tokenizer=policy_lib.TunixTokenizer(tokenizer),
         cluster_config=cluster_config,
     )
-    reward_fns = [_reward_fn(reward)]
+    reward_fns = [_reward_fn(reward, scale=PPO_REWARD_SCALE if ppo else 1.0)]
     if ppo:
         from tunix.rl.ppo import ppo_learner
 
-        algo = ppo_learner.PPOConfig(num_iterations=config.num_iterations, beta=config.beta, epsilon=config.epsilon)
+        algo = ppo_learner.PPOConfig(
+            num_iterations=config.num_iterations,
+            beta=config.beta * PPO_REWARD_SCALE,
+            epsilon=config.epsilon,
+            clip_range_value=ppo_learner.PPOConfig().clip_range_value * PPO_REWARD_SCALE,
+        )
         learner = ppo_learner.PPOLearner(rl_cluster=cluster, ppo_config=algo, reward_fns=reward_fns)
     else:
         from tunix.rl.grpo import grpo_learner
@@ -199,13 +212,13 @@ def _learner(config, policy_dir, tokenizer, reward, workdir):
     return learner, cluster
 
 
-def _reward_fn(reward: RewardFunction):
+def _reward_fn(reward: RewardFunction, scale: float = 1.0):
     """Tunix's reward callable: the records' own prompts (the template is the reward model's to add)
-    and the completions' texts."""
+    and the completions' texts; rewards times `scale` (PPO_REWARD_SCALE for PPO)."""
 
     def haf_reward(prompts, completions, raw_prompts=None, **kwargs):
         given = prompts if raw_prompts is None else raw_prompts
-        return reward([str(p) for p in given], [str(c) for c in completions])
+        return [scale * r for r in reward([str(p) for p in given], [str(c) for c in completions])]
 
     return haf_reward
 
@@ -246,7 +259,8 @@ def _write_rows_before_checkpoints(metrics: MetricsLog, cluster, ppo: bool) -> N
 def _row(m: dict, cluster, ppo: bool) -> dict:
     """reward_mean, reward_std, kl, response_length (+ value_loss for PPO) of one step from Tunix's
     rollout buffer `m` ({name: ([values], op)}) and the trainers' buffers of that step."""
-    rewards = np.concatenate([np.ravel(np.asarray(v)) for v in m["rewards/sum"][0]])
+    scale = PPO_REWARD_SCALE if ppo else 1.0  # back to the reward's unit
+    rewards = np.concatenate([np.ravel(np.asarray(v)) for v in m["rewards/sum"][0]]) / scale
     # GRPO logs "completions/mean_length", PPO "generation/completions/mean_length"
     lengths = [np.mean(v) for k, (vs, _) in m.items() if k.endswith("completions/mean_length") for v in vs]
     if ppo:  # PPO puts the KL into the reward: the per-sequence mean KL of the rollout (absent when beta = 0)
@@ -262,7 +276,7 @@ def _row(m: dict, cluster, ppo: bool) -> dict:
     if ppo:
         # the critic's loss on this step's fresh rollouts, the first mini-batch measured before any
         # update: how well the value model predicts returns it has not been trained on
-        row["value_loss"] = float(np.asarray(_step_buffer(cluster.critic_trainer).losses[0]))
+        row["value_loss"] = float(np.asarray(_step_buffer(cluster.critic_trainer).losses[0])) / scale**2
     return row
 
 
