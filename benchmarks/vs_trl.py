@@ -126,9 +126,8 @@ def run_trl(model_dir, data_file, outdir, steps, skip, *, pairs=PAIRS, max_lengt
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     config = dict(per_device_train_batch_size=pairs, max_length=max_length)
-    return _run_trl_trainer(
-        RewardTrainer, RewardConfig, model, model_dir, data_file, outdir, steps, skip, config, lora_rank
-    )
+    lora = (lora_rank, "SEQ_CLS")
+    return _run_trl_trainer(RewardTrainer, RewardConfig, model, model_dir, data_file, outdir, steps, skip, config, lora)
 
 
 def run_trl_dpo(
