@@ -34,6 +34,7 @@ from haf_jax.model.config import ModelConfig
 
 _NEG_INF = -jnp.inf
 MAX_EOS_IDS = 8
+NUCLEUS_CANDIDATES = 64  # largest logits a row's top-k / top-p filters are read from first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,31 +62,61 @@ class DecodeSettings:
 def allowed_tokens(logits_NxV, temperature_N, top_k=0, top_p=1.0):
     """bool [N, V]: the tokens a row may draw after temperature, top-k and top-p (all True when
     both filters are off). A row's temperature must be > 0; top_k (int) and top_p (float) may be
-    traced scalars."""
-    scaled = logits_NxV.astype(jnp.float32) / temperature_N[:, None]
-    n, vocab = scaled.shape
-    sorted_NxV = -jnp.sort(-scaled, axis=-1)  # descending
+    traced scalars.
+
+    The filters are thresholds read off each row's largest logits in descending order. The
+    NUCLEUS_CANDIDATES largest (lax.top_k) decide them whenever the top-k set and the nucleus end
+    inside those; only a batch where they do not (a flat distribution, a large top_k) sorts whole
+    rows. A full sort of a 50k vocabulary costs ~50x a decode step's top_k on CPU."""
+    scaled_NxV = logits_NxV.astype(jnp.float32) / temperature_N[:, None]
+    n, vocab = scaled_NxV.shape
     k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    kth_Nx1 = jnp.take_along_axis(sorted_NxV, jnp.full((n, 1), k - 1), axis=-1)
-    in_top_k = sorted_NxV >= kth_Nx1
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_NxV, _NEG_INF), axis=-1)  # renormalised after top-k
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
-    needed = (mass_before < top_p) & in_top_k  # the most likely token is always needed
-    last_needed_Nx1 = jnp.take_along_axis(sorted_NxV, jnp.sum(needed, axis=-1, keepdims=True) - 1, axis=-1)
-    threshold_Nx1 = jnp.where(top_p < 1.0, jnp.maximum(last_needed_Nx1, kth_Nx1), kth_Nx1)
-    return scaled >= threshold_Nx1
+    # the normaliser of the renormalised top-k distribution, over every token of the top-k set
+    largest_NxC = jax.lax.top_k(scaled_NxV, min(vocab, NUCLEUS_CANDIDATES))[0]
+
+    def thresholds(descending_NxS):
+        """[N, 1] threshold from a descending prefix of each row that holds the top-k set and the nucleus."""
+        width = descending_NxS.shape[1]
+        kth_Nx1 = jnp.where(
+            k == vocab,
+            jnp.min(scaled_NxV, axis=-1, keepdims=True),
+            jnp.take_along_axis(descending_NxS, jnp.full((n, 1), jnp.minimum(k, width) - 1), axis=-1),
+        )
+        in_top_k = descending_NxS >= kth_Nx1
+        log_z_Nx1 = jax.nn.logsumexp(jnp.where(scaled_NxV >= kth_Nx1, scaled_NxV, _NEG_INF), axis=-1, keepdims=True)
+        probs = jnp.where(in_top_k, jnp.exp(descending_NxS - log_z_Nx1), 0.0)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        needed = (mass_before < top_p) & in_top_k  # the most likely token is always needed
+        count_Nx1 = jnp.sum(needed, axis=-1, keepdims=True)
+        last_needed_Nx1 = jnp.take_along_axis(descending_NxS, count_Nx1 - 1, axis=-1)
+        threshold_Nx1 = jnp.where(top_p < 1.0, jnp.maximum(last_needed_Nx1, kth_Nx1), kth_Nx1)
+        # the prefix decided it: no top-k tie and no needed token can lie past its end
+        k_inside = (k == vocab) | ((k < width) & (descending_NxS[:, -1:] < kth_Nx1))
+        p_inside = (top_p >= 1.0) | (count_Nx1 < width)
+        return threshold_Nx1, jnp.all(k_inside & p_inside)
+
+    threshold_Nx1, decided = thresholds(largest_NxC)
+    if largest_NxC.shape[1] < vocab:  # else the prefix is the whole sorted row
+        threshold_Nx1 = jax.lax.cond(
+            decided, lambda: threshold_Nx1, lambda: thresholds(-jnp.sort(-scaled_NxV, axis=-1))[0]
+        )
+    return scaled_NxV >= threshold_Nx1
 
 
 def next_tokens(key_N, logits_NxV, temperature_N, top_k=0, top_p=1.0):
     """One token per row, int32 [N]: greedy where temperature_N == 0, else a draw from the
-    filtered distribution with the row's own key."""
+    filtered distribution with the row's own key (the filters are skipped when every row is greedy)."""
     logits = logits_NxV.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     hot = temperature_N > 0
-    safe_t = jnp.where(hot, temperature_N, 1.0)
-    keep = allowed_tokens(logits, safe_t, top_k, top_p)
-    filtered = jnp.where(keep, logits / safe_t[:, None], _NEG_INF)
-    drawn = jax.vmap(jax.random.categorical)(key_N, filtered).astype(jnp.int32)
+
+    def draw():
+        safe_t = jnp.where(hot, temperature_N, 1.0)
+        keep = allowed_tokens(logits, safe_t, top_k, top_p)
+        filtered = jnp.where(keep, logits / safe_t[:, None], _NEG_INF)
+        return jax.vmap(jax.random.categorical)(key_N, filtered).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
     return jnp.where(hot, drawn, greedy)
 
 

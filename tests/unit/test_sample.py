@@ -182,6 +182,24 @@ def test_allowed_tokens_equal_numpy():
             assert 1 <= got.sum(-1).min() and got.sum(-1).max() < logits.shape[1]  # the filters cut
 
 
+@pytest.mark.parametrize("spread", [8.0, 0.3])
+def test_allowed_tokens_past_the_nucleus_candidates_equal_numpy(spread):
+    """A 1,000-token vocabulary: peaked rows (spread 8) whose top-k sets and nuclei end inside the
+    NUCLEUS_CANDIDATES largest logits (read from lax.top_k), and flat rows (spread 0.3) whose do not
+    (the rows are sorted whole): both equal NumPy."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, spread, (4, 1000)).astype(np.float32)
+    temps = np.array([0.5, 1.0, 1.2, 0.8], np.float32)
+    allowed = jax.jit(sampling.allowed_tokens)
+    c = sampling.NUCLEUS_CANDIDATES
+    for top_k, top_p in [(0, 0.85), (8, 1.0), (0, 0.6), (200, 1.0), (200, 0.9)]:
+        got = np.asarray(allowed(jnp.asarray(logits), jnp.asarray(temps), top_k, top_p))
+        want = np.stack([numpy_allowed(row, t, top_k, top_p) for row, t in zip(logits, temps)])
+        np.testing.assert_array_equal(got, want, err_msg=str((top_k, top_p)))
+        if top_p < 1.0:  # which way the rows went: all nuclei inside the candidates, or one past them
+            assert (want.sum(-1).max() < c) == (spread > 1), want.sum(-1)
+
+
 # Upper 1e-6 quantiles of the chi-square distribution with 1..7 degrees of freedom
 # (scipy.stats.chi2.isf(1e-6, df)): a correct sampler fails a check about once in a million runs.
 CHI2_1E6 = {1: 23.93, 2: 27.63, 3: 30.66, 4: 33.38, 5: 35.89, 6: 38.26, 7: 40.52}
