@@ -321,7 +321,7 @@ def main(argv=None) -> int:
                 add(f"Baseline {mode}, {v} vs TRL RewardTrainer", other, rate, other_mfu, mfu)
         if "dpo" in sections:
             for precompute in (False, True) if "precomputed" in variants else (False,):
-                dpo_kw = dict(trl_kw, max_prompt_length=args.length // 2, precompute=precompute)
+                dpo_kw = dict(trl_kw, precompute=precompute)  # TRL 1.x cuts at max_length only; these pairs fit
                 out = root / f"trl-dpo-{mode}-{precompute}"
                 other = vs_trl.run_trl_dpo(model_dir, files["dpo"], out, args.steps, args.skip, **dpo_kw)
                 work = trl_flops(cfg, args, lm_head=True, live=not precompute, lora=lora)

@@ -131,7 +131,7 @@ def run_trl(model_dir, data_file, outdir, steps, skip, *, pairs=PAIRS, max_lengt
 
 
 def run_trl_dpo(
-    model_dir, data_file, outdir, steps, skip, *, pairs, max_length, max_prompt_length, lora_rank=0, precompute=False
+    model_dir, data_file, outdir, steps, skip, *, pairs, max_length, lora_rank=0, precompute=False
 ) -> float:
     """Steady-state pairs/s of TRL's DPOTrainer (live reference: a frozen copy, or the adapters
     switched off with LoRA; `precompute`: precompute_ref_log_probs, its pass not timed) after step `skip`.
@@ -145,7 +145,6 @@ def run_trl_dpo(
     config = dict(
         per_device_train_batch_size=pairs,
         max_length=max_length,
-        max_prompt_length=max_prompt_length,
         beta=0.1,
         loss_type="sigmoid",
         precompute_ref_log_probs=precompute,
