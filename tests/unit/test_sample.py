@@ -184,19 +184,19 @@ def test_allowed_tokens_equal_numpy():
 
 @pytest.mark.parametrize("spread", [8.0, 0.3])
 def test_allowed_tokens_past_the_nucleus_candidates_equal_numpy(spread):
-    """A 1,000-token vocabulary: peaked rows (spread 8) whose top-k sets and nuclei end inside the
+    """A 2,000-token vocabulary: peaked rows (spread 8) whose top-k sets and nuclei end inside the
     NUCLEUS_CANDIDATES largest logits (read from lax.top_k), and flat rows (spread 0.3) whose do not
     (the rows are sorted whole): both equal NumPy."""
     rng = np.random.default_rng(1)
-    logits = rng.normal(0, spread, (4, 1000)).astype(np.float32)
+    logits = rng.normal(0, spread, (4, 2000)).astype(np.float32)
     temps = np.array([0.5, 1.0, 1.2, 0.8], np.float32)
     allowed = jax.jit(sampling.allowed_tokens)
     c = sampling.NUCLEUS_CANDIDATES
-    for top_k, top_p in [(0, 0.85), (8, 1.0), (0, 0.6), (200, 1.0), (200, 0.9)]:
+    for top_k, top_p in [(0, 0.85), (8, 1.0), (0, 0.6), (200, 1.0), (200, 0.9), (1000, 1.0)]:
         got = np.asarray(allowed(jnp.asarray(logits), jnp.asarray(temps), top_k, top_p))
         want = np.stack([numpy_allowed(row, t, top_k, top_p) for row, t in zip(logits, temps)])
         np.testing.assert_array_equal(got, want, err_msg=str((top_k, top_p)))
-        if top_p < 1.0:  # which way the rows went: all nuclei inside the candidates, or one past them
+        if top_k == 0 and top_p < 1.0:  # which way the rows went: all nuclei inside the candidates or not
             assert (want.sum(-1).max() < c) == (spread > 1), want.sum(-1)
 
 
