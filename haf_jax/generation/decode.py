@@ -71,7 +71,6 @@ def allowed_tokens(logits_NxV, temperature_N, top_k=0, top_p=1.0):
     scaled_NxV = logits_NxV.astype(jnp.float32) / temperature_N[:, None]
     n, vocab = scaled_NxV.shape
     k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    # the normaliser of the renormalised top-k distribution, over every token of the top-k set
     largest_NxC = jax.lax.top_k(scaled_NxV, min(vocab, NUCLEUS_CANDIDATES))[0]
 
     def thresholds(descending_NxS):
@@ -83,6 +82,7 @@ def allowed_tokens(logits_NxV, temperature_N, top_k=0, top_p=1.0):
             jnp.take_along_axis(descending_NxS, jnp.full((n, 1), jnp.minimum(k, width) - 1), axis=-1),
         )
         in_top_k = descending_NxS >= kth_Nx1
+        # the normaliser of the renormalised top-k distribution, over every token of the top-k set
         log_z_Nx1 = jax.nn.logsumexp(jnp.where(scaled_NxV >= kth_Nx1, scaled_NxV, _NEG_INF), axis=-1, keepdims=True)
         probs = jnp.where(in_top_k, jnp.exp(descending_NxS - log_z_Nx1), 0.0)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
