@@ -186,7 +186,7 @@ def test_allowed_tokens_equal_numpy():
 def test_allowed_tokens_past_the_nucleus_candidates_equal_numpy(spread):
     """A 2,000-token vocabulary: peaked rows (spread 8) whose top-k sets and nuclei end inside the
     NUCLEUS_CANDIDATES largest logits (read from lax.top_k), and flat rows (spread 0.3) whose do not
-    (the rows are sorted whole): both equal NumPy."""
+    (their thresholds bisected for): both equal NumPy."""
     rng = np.random.default_rng(1)
     logits = rng.normal(0, spread, (4, 2000)).astype(np.float32)
     temps = np.array([0.5, 1.0, 1.2, 0.8], np.float32)
@@ -198,6 +198,39 @@ def test_allowed_tokens_past_the_nucleus_candidates_equal_numpy(spread):
         np.testing.assert_array_equal(got, want, err_msg=str((top_k, top_p)))
         if top_k == 0 and top_p < 1.0:  # which way the rows went: all nuclei inside the candidates or not
             assert (want.sum(-1).max() < c) == (spread > 1), want.sum(-1)
+
+
+def test_allowed_tokens_bisected_past_the_candidates_equal_numpy():
+    """A 6,000-token vocabulary: flat rows whose nuclei and top-k sets (600, 3,000) reach far past
+    the NUCLEUS_CANDIDATES largest logits, so their thresholds are bisected for over order keys,
+    one with masked (-inf) tokens, beside a peaked row the candidates decide (with top_k off):
+    equal to NumPy, with top_k off and on and several top_p. A row of equal logits keeps every
+    token (ties at the threshold go together; NumPy's stable order would cut them). The compiled
+    function sorts no row (XLA's CPU TopK, not a full sort behind lax.top_k).
+
+    The k-th largest is found exactly, and the nucleus's boundary is where the mass of the more
+    likely tokens crosses top_p in both; the bisection only sums that mass in another order than
+    NumPy's float64 running sum, so a token could flip only if its mass sat within float32 rounding
+    of top_p: with this seed none does, and the comparison is exact."""
+    rng = np.random.default_rng(3)
+    vocab, c = 6000, sampling.NUCLEUS_CANDIDATES
+    logits = rng.normal(0, [[0.3], [0.5], [1.0], [8.0], [0.4]], (5, vocab)).astype(np.float32)
+    logits[4, rng.choice(vocab, 500, replace=False)] = -np.inf
+    temps = np.array([1.2, 0.5, 1.0, 0.7, 0.9], np.float32)
+    tied_and_logits = np.r_[np.full((1, vocab), 0.25, np.float32), logits]
+    allowed = jax.jit(sampling.allowed_tokens)
+    args = (jnp.asarray(tied_and_logits), jnp.asarray(np.r_[np.float32(1.0), temps]))
+    hlo = allowed.lower(*args, 0, 0.85).compile().as_text()
+    assert "sort(" not in hlo
+    for top_k, top_p in [(0, 0.85), (0, 0.6), (0, 0.97), (600, 1.0), (3000, 1.0), (600, 0.9), (3000, 0.5)]:
+        got = np.asarray(allowed(*args, top_k, top_p))
+        want = np.stack([numpy_allowed(row, t, top_k, top_p) for row, t in zip(logits, temps)])
+        np.testing.assert_array_equal(got[1:], want, err_msg=str((top_k, top_p)))
+        assert got[0].all()
+        sizes = want.sum(-1)
+        # the flat rows' nuclei (or top-k sets) past the candidates, the peaked row's inside; every row cut
+        assert c < (top_k or sizes[[0, 1, 2, 4]].min()) and (top_k > 0 or sizes[3] < c), sizes
+        assert (sizes < np.isfinite(logits).sum(-1)).all(), sizes
 
 
 # Upper 1e-6 quantiles of the chi-square distribution with 1..7 degrees of freedom
