@@ -34,30 +34,6 @@ def shared_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def compile_cache(shared_root):
-    """JAX's persistent compilation cache on for this test (a directory shared by the session's in-process
-    runs; children have their own, Runner.env): an in-process run whose programs an earlier run already
-    compiled (same config but train.steps, a constant learning rate) loads them instead of compiling. The
-    executables are the ones a compile gives, so numbers do not change; the previous settings come back after."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": str(shared_root / "jax_compile_cache_in_process"),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # JAX decides once per process whether the cache is on: decide again
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 def sample_slice(path, n: int):
     """The first n records of the bundled sample as a JSON-lines file at `path` (written atomically)."""
     with gzip.open(SAMPLE, "rt") as f:

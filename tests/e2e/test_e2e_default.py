@@ -13,13 +13,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers.runs import child_xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_offline_default_run(tmp_path):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = child_xla_flags(env.get("XLA_FLAGS", ""))
     for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")]:
         env.pop(key)
     env.update(

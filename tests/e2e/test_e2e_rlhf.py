@@ -48,7 +48,7 @@ def _kill_after_checkpoint(workdir, args) -> int:
     """Starts `python -m haf_jax.rlhf args` and SIGKILLs it once an actor checkpoint is committed;
     returns that checkpoint's step."""
     cmd = [sys.executable, "-m", "haf_jax.rlhf", f"--config={CONFIG}", f"--workdir={workdir}", *args]
-    env = child_env(workdir.parent / "haf_jax_cache", None)
+    env = child_env(workdir.parent / "haf_jax_cache", compile_cache=False)
     with open(workdir.parent / "killed.log", "w") as log:  # a file, not a pipe nobody reads while we wait
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

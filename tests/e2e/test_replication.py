@@ -2,7 +2,7 @@
 reference pass covers only the pairs the run's steps visit, extended when a longer run needs more.
 Tiny in-process runs (tests/helpers/runs.py SMALL settings, 48 train / 16 eval pairs) that differ in
 train.steps alone: a constant learning rate keeps the step count out of the compiled train step, so
-with the persistent compilation cache (`compile_cache`) the module compiles each program once."""
+with the session's persistent compilation cache (tests/conftest.py) the module compiles each program once."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ RUN = [
     "--config.checkpoint.every_steps=100",
     "--config.checkpoint.keep=1",
 ]
-pytestmark = pytest.mark.usefixtures("one_device", "compile_cache")
+pytestmark = pytest.mark.usefixtures("one_device")
 
 
 def test_step_best_loads_the_step_summary_names(small_data, tmp_path):

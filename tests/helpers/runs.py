@@ -119,12 +119,19 @@ def train_in_process(workdir, *overrides: str, config: str = "configs/gemma.py")
     return train(load_config(str(REPO / config), *overrides), str(workdir))
 
 
-def child_env(cache_dir: pathlib.Path, compile_cache: pathlib.Path | None, **extra) -> dict:
-    """The environment of a training child: one CPU device, offline, its own reference cache and
-    (when given) the session's persistent JAX compilation cache."""
+def child_xla_flags(flags: str) -> str:
+    """XLA_FLAGS for a child process: tests/conftest.py's flags of the test processes removed (8 fake
+    devices, the backend's optimisation level 0), so the child is a one-device machine compiling as a
+    user's run does."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    return re.sub(r"--xla_backend_optimization_level=\d+", "", flags).strip()
+
+
+def child_env(cache_dir: pathlib.Path, compile_cache: bool = True, **extra) -> dict:
+    """The environment of a training child: one CPU device, offline, its own reference cache and the
+    session's persistent JAX compilation cache (tests/conftest.py), or none when not `compile_cache`."""
     env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
-    env["XLA_FLAGS"] = flags
+    env["XLA_FLAGS"] = child_xla_flags(env.get("XLA_FLAGS", ""))
     env.update(
         JAX_PLATFORMS="cpu",
         HF_HUB_OFFLINE="1",
@@ -134,12 +141,9 @@ def child_env(cache_dir: pathlib.Path, compile_cache: pathlib.Path | None, **ext
         TQDM_DISABLE="1",
         PYTHONUNBUFFERED="1",
     )
-    if compile_cache is not None:
-        env.update(
-            JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-        )
+    if not compile_cache:
+        for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
+            del env[key]
     env.update(extra)
     return env
 
@@ -153,7 +157,7 @@ class Runner:
 
     def env(self, workdir, **extra):
         cache = pathlib.Path(str(workdir) + ".cache")
-        return child_env(cache, self.shared_root / "jax_compile_cache", **extra)
+        return child_env(cache, **extra)
 
     def train_cmd(self, workdir, *overrides):
         return [
