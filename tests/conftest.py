@@ -129,7 +129,36 @@ def load_config():
     return lambda spec, *overrides: load(str(REPO / spec), *overrides)
 
 
+# The longest single tests outside tests/e2e (seconds on one worker of the 2-core machine, from
+# `--durations=0`): scheduled right after the end-to-end tests rather than where their module sorts,
+# so that neither worker is left running one of them alone at the end (tpu_aot sorted last).
+LONG_UNIT_TESTS = (
+    "test_tpu_aot.py::test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8",  # 58
+    "test_evaluate.py::test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report",  # 27
+    "test_scan.py::test_three_train_steps_equal_and_a_per_layer_state_resumes_scanned",  # 22
+    "test_step.py::test_bf16_compute_with_remat_tracks_float32",  # 21
+    "test_plan.py::test_state_is_sharded_over_v5e_2x4",  # 18
+)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, work stealing instead of plain load balancing: an idle worker takes half of
+    the other's queued tests, where `load` leaves the tests first handed to the worker that runs the
+    README default run (minutes) queued behind it."""
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "worksteal"
+
+
 def pytest_collection_modifyitems(config, items):
     """The offline-default run takes minutes: start it first so that, under pytest-xdist, the
-    other worker runs the rest of the suite meanwhile instead of waiting on it at the end."""
-    items.sort(key=lambda item: 0 if item.name == "test_offline_default_run" else 1)
+    other worker runs the rest of the suite meanwhile instead of waiting on it at the end. Then the
+    end-to-end tests, LONG_UNIT_TESTS, and the other unit tests, each in collection order."""
+
+    def rank(item):
+        if item.name == "test_offline_default_run":
+            return 0
+        if "/e2e/" in item.nodeid:
+            return 1
+        return 2 if item.nodeid.split("/")[-1] in LONG_UNIT_TESTS else 3
+
+    items.sort(key=rank)
