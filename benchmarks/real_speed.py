@@ -2,7 +2,7 @@
 
   pip install -e '.[bench,gguf]'     # torch (CPU build is enough), trl, peft; gguf for the conversion
   python benchmarks/real_speed.py [--sections=haf,baseline,dpo,sample] [--modes=lora,full]
-      [--variants=plain,shared,packing,precomputed] [--steps=10] [--skip=4] [--pairs=4] [--length=256]
+      [--variants=plain,shared,packing,precomputed,all] [--steps=10] [--skip=4] [--pairs=4] [--length=256]
       [--lora_rank=16] [--prompts=8] [--new_tokens=64] [--n=4] [--model=DIR|FILE.gguf] [--out=real_speed.json]
 
 Rows (pairs/s after --skip warm-up steps, compilation excluded; ratio = haf_jax / the other side):
@@ -17,8 +17,9 @@ Rows (pairs/s after --skip warm-up steps, compilation excluded; ratio = haf_jax 
 haf_jax variants (each its own `haf_jax.training.loop.train` run, in this process): plain = the other
 side's semantics (live reference, padded [B, 2, L] batches); shared = data.share_prompt; packing =
 data.packing; precomputed = loss.reference=precompute (its one pass before step 1 not timed; haf and
-dpo only). The same --steps x --pairs HH-RLHF pairs for every side (the first bundled pairs whose texts
-fit --length tokens: TRL drops longer pairs where haf_jax cuts them), float32, lr 1e-5, scanned layers.
+dpo only); all = the three together, what a user after speed turns on (Baseline: shared + packing).
+The same --steps x --pairs HH-RLHF pairs for every side (the first bundled pairs whose texts fit
+--length tokens: TRL drops longer pairs where haf_jax cuts them), float32, lr 1e-5, scanned layers.
 
 MFU next to each: FLOPs / (time x peak), the peak one float32 matmul measured in this run
 (haf_jax.training.flops.measured_cpu_flops; on an accelerator its table); haf_jax's FLOPs are its own
@@ -47,7 +48,8 @@ import vs_trl  # TRL trainers, haf_jax's steady-state rate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("haf", "baseline", "dpo", "sample")
-VARIANTS = ("plain", "shared", "packing", "precomputed")
+VARIANTS = ("plain", "shared", "packing", "precomputed", "all")
+PRECOMPUTED = ("precomputed", "all")  # the variants whose reference is precomputed
 LR = vs_pytorch.LR
 
 
@@ -107,10 +109,10 @@ def haf_jax_rate(args, model_dir, files, root, objective: str, mode: str, varian
     c.model.lora.rank = args.lora_rank if mode == "lora" else 0
     c.data.train, c.data.eval = str(files["pairs"]), str(files["eval"])
     c.data.max_length, c.data.max_prompt_length = args.length, args.length // 2
-    c.data.share_prompt = variant == "shared"
-    c.data.packing = variant == "packing"
+    c.data.share_prompt = variant in ("shared", "all")
+    c.data.packing = variant in ("packing", "all")
     c.loss.objective = objective
-    c.loss.reference = "precompute" if variant == "precomputed" else "live"
+    c.loss.reference = "precompute" if variant in PRECOMPUTED else "live"
     c.optim.learning_rate, c.optim.warmup_steps = LR, 0
     c.train.steps, c.train.batch_size, c.train.log_every = args.steps, args.pairs, 1
     c.train.eval_every, c.train.eval_batch_size = args.steps, 1
@@ -316,19 +318,19 @@ def main(argv=None) -> int:
         if "baseline" in sections:
             other = vs_trl.run_trl(model_dir, files["pairs"], root / f"trl-rm-{mode}", args.steps, args.skip, **trl_kw)
             other_mfu = other / args.pairs * trl_flops(cfg, args, lm_head=False, live=False, lora=lora) / peak
-            for v in (v for v in variants if v != "precomputed"):
+            for v in (v for v in variants if v != "precomputed"):  # "all": shared + packing
                 rate, mfu = haf_jax_rate(args, model_dir, files, root, "baseline", mode, v)
                 add(f"Baseline {mode}, {v} vs TRL RewardTrainer", other, rate, other_mfu, mfu)
         if "dpo" in sections:
-            for precompute in (False, True) if "precomputed" in variants else (False,):
+            for precompute in (False, True) if set(PRECOMPUTED) & set(variants) else (False,):
                 dpo_kw = dict(trl_kw, precompute=precompute)  # TRL 1.x cuts at max_length only; these pairs fit
                 out = root / f"trl-dpo-{mode}-{precompute}"
                 other = vs_trl.run_trl_dpo(model_dir, files["dpo"], out, args.steps, args.skip, **dpo_kw)
                 work = trl_flops(cfg, args, lm_head=True, live=not precompute, lora=lora)
                 other_mfu = other / args.pairs * work / peak
                 label = "DPOTrainer precompute_ref_log_probs" if precompute else "DPOTrainer"
-                for v in variants if not precompute else ("precomputed",):
-                    if precompute == (v == "precomputed"):
+                for v in variants:
+                    if precompute == (v in PRECOMPUTED):
                         rate, mfu = haf_jax_rate(args, model_dir, files, root, "dpo", mode, v)
                         add(f"DPO {mode}, {v} vs TRL {label}", other, rate, other_mfu, mfu)
     if "sample" in sections:
