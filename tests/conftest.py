@@ -130,8 +130,9 @@ def load_config():
 
 
 # The longest single tests outside tests/e2e (seconds on one worker of the 2-core machine, from
-# `--durations=0`): scheduled right after the end-to-end tests rather than where their module sorts,
-# so that neither worker is left running one of them alone at the end (tpu_aot sorted last).
+# `--durations=0`): queued right after the end-to-end tests rather than where their module sorts
+# (tpu_aot sorted last). Work stealing splits the queue in two contiguous halves, so they end the
+# first worker's half, the part the other worker steals from once its own half is done.
 LONG_UNIT_TESTS = (
     "test_tpu_aot.py::test_haf_step_state_is_sharded_like_the_parameters_on_v5e_8",  # 58
     "test_evaluate.py::test_loop_score_and_evaluate_agree_and_evaluate_writes_its_report",  # 27

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.runs import child_xla_flags
+from helpers.runs import child_xla_flags, drop_compile_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -21,8 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_offline_default_run(tmp_path):
     env = dict(os.environ)
     env["XLA_FLAGS"] = child_xla_flags(env.get("XLA_FLAGS", ""))
-    for key in [k for k in env if k.startswith("JAX_COMPILATION_CACHE") or k.startswith("JAX_PERSISTENT_CACHE")]:
-        env.pop(key)
+    drop_compile_cache(env)
     env.update(
         HAF_JAX_CACHE=str(tmp_path / "cache"),
         HF_HUB_OFFLINE="1",

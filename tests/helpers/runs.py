@@ -127,6 +127,13 @@ def child_xla_flags(flags: str) -> str:
     return re.sub(r"--xla_backend_optimization_level=\d+", "", flags).strip()
 
 
+def drop_compile_cache(env: dict) -> dict:
+    """`env` without JAX's persistent compilation cache settings (tests/conftest.py sets them), in place."""
+    for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
+        del env[key]
+    return env
+
+
 def child_env(cache_dir: pathlib.Path, compile_cache: bool = True, **extra) -> dict:
     """The environment of a training child: one CPU device, offline, its own reference cache and the
     session's persistent JAX compilation cache (tests/conftest.py), or none when not `compile_cache`."""
@@ -142,8 +149,7 @@ def child_env(cache_dir: pathlib.Path, compile_cache: bool = True, **extra) -> d
         PYTHONUNBUFFERED="1",
     )
     if not compile_cache:
-        for key in [k for k in env if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))]:
-            del env[key]
+        drop_compile_cache(env)
     env.update(extra)
     return env
 
